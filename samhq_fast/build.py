@@ -1,0 +1,99 @@
+"""`load` (any checkpoint source -> ready model) and the segment_anything_hq-style registry."""
+
+import os
+
+import torch
+
+from .checkpoint import CheckpointError, hf_to_original, infer_config, is_hf_layout, load_state_dict_strict, read_state_dict
+from .modeling import SamHQ, SamHQConfig
+
+BACKENDS = ("auto", "eager", "fused")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of float32/float16/bfloat16 (or 'fp32'/'fp16'/'bf16'), got {dtype!r}")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but torch sees no CUDA device here")
+    return device
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "fused":
+        raise NotImplementedError("backend='fused' (Triton kernels) is not built yet; use backend='eager' or 'auto'")
+    return "eager"  # "auto" picks the fused backend on CUDA once it exists
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str = "auto",
+) -> SamHQ:
+    """Load a SAM-HQ model in eval mode.
+
+    source: original SAM-HQ .pth (flat state dict), .safetensors in the original or HF
+    `SamHQModel` key layout, an HF folder (config.json + model.safetensors), or a hub id
+    (needs huggingface_hub). The architecture is inferred from tensor shapes; `model.variant`
+    says which ("vit_b", "vit_l", "vit_h" or "custom") and `model.config` holds the rest.
+    device: default CUDA when available, else CPU. dtype: default float32.
+    Raises CheckpointError (a ValueError) listing every missing, unexpected or mis-shaped key.
+    """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    backend = _resolve_backend(backend, device)
+    state_dict = read_state_dict(source)
+    if is_hf_layout(state_dict):
+        state_dict = hf_to_original(state_dict)
+    with torch.device("meta"):
+        model = SamHQ(infer_config(state_dict))
+    load_state_dict_strict(model, state_dict)
+    model.backend = backend
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def build_sam_hq(config: SamHQConfig | str, *, device=None, dtype=None) -> SamHQ:
+    """A randomly initialised model of a variant name or config (for tests and benchmarks)."""
+    config = SamHQConfig.from_variant(config) if isinstance(config, str) else config
+    model = SamHQ(config)
+    model.backend = "eager"
+    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
+
+
+def _registry_builder(variant: str):
+    def build(checkpoint: str | os.PathLike | None = None) -> SamHQ:
+        if checkpoint is None:
+            return build_sam_hq(variant, device="cpu")
+        model = load(checkpoint, device="cpu", backend="eager")
+        if model.variant != variant:
+            raise CheckpointError(f"sam_model_registry[{variant!r}] was given a {model.variant} checkpoint: {checkpoint}")
+        return model
+
+    return build
+
+
+# Drop-in for segment_anything_hq.sam_model_registry: builds on the CPU like the original;
+# move it with .to(device) or use `load` directly.
+sam_model_registry = {name: _registry_builder(name) for name in ("vit_b", "vit_l", "vit_h")}
+sam_model_registry["default"] = sam_model_registry["vit_h"]

@@ -1,0 +1,254 @@
+"""Reading SAM-HQ checkpoints (original .pth, safetensors in either key layout, HF folders, hub ids),
+inferring the architecture from tensor shapes, and strict loading."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .modeling import SamHQ, SamHQConfig, ViTConfig
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be read, or does not describe a SAM-HQ model."""
+
+
+# (original prefix, HF SamHQModel prefix); "{}" stands for a block / layer index. First match wins.
+_KEY_PREFIXES = [
+    ("image_encoder.patch_embed.proj.", "vision_encoder.patch_embed.projection."),
+    ("image_encoder.blocks.{}.norm1.", "vision_encoder.layers.{}.layer_norm1."),
+    ("image_encoder.blocks.{}.norm2.", "vision_encoder.layers.{}.layer_norm2."),
+    ("image_encoder.blocks.{}.", "vision_encoder.layers.{}."),
+    ("image_encoder.neck.0.", "vision_encoder.neck.conv1."),
+    ("image_encoder.neck.1.", "vision_encoder.neck.layer_norm1."),
+    ("image_encoder.neck.2.", "vision_encoder.neck.conv2."),
+    ("image_encoder.neck.3.", "vision_encoder.neck.layer_norm2."),
+    ("image_encoder.", "vision_encoder."),
+    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
+    ("prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
+    ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
+    ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
+    ("prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
+    ("prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
+    ("prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    ("mask_decoder.transformer.layers.{}.norm", "mask_decoder.transformer.layers.{}.layer_norm"),
+    ("mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
+    ("mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
+    ("mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
+    ("mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
+    ("mask_decoder.hf_token.", "mask_decoder.hq_token."),
+    ("mask_decoder.hf_mlp.", "mask_decoder.hq_mask_mlp."),
+    ("mask_decoder.compress_vit_feat.0.", "mask_decoder.compress_vit_conv1."),
+    ("mask_decoder.compress_vit_feat.1.", "mask_decoder.compress_vit_norm."),
+    ("mask_decoder.compress_vit_feat.3.", "mask_decoder.compress_vit_conv2."),
+    ("mask_decoder.embedding_encoder.0.", "mask_decoder.encoder_conv1."),
+    ("mask_decoder.embedding_encoder.1.", "mask_decoder.encoder_norm."),
+    ("mask_decoder.embedding_encoder.3.", "mask_decoder.encoder_conv2."),
+    ("mask_decoder.embedding_maskfeature.0.", "mask_decoder.mask_conv1."),
+    ("mask_decoder.embedding_maskfeature.1.", "mask_decoder.mask_norm."),
+    ("mask_decoder.embedding_maskfeature.3.", "mask_decoder.mask_conv2."),
+]
+# The 3-layer MLPs (hypernetworks, HQ MLP, IoU head) are `layers.0/1/2` in the original and
+# `proj_in`, `layers.0`, `proj_out` in HF.
+_MLP_LAYERS = [("layers.0.", "proj_in."), ("layers.1.", "layers.0."), ("layers.2.", "proj_out.")]
+_MLP_PREFIX = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head|hf_mlp|hq_mask_mlp)\.)(.*)$")
+# HF keeps a tied copy of the gaussian matrix inside its prompt encoder.
+_HF_TIED_COPY = "prompt_encoder.shared_embedding.positional_embedding"
+
+
+def _compile(prefix: str) -> re.Pattern:
+    return re.compile("^" + re.escape(prefix).replace(r"\{\}", r"(\d+)"))
+
+
+_TO_HF = [(_compile(a), b) for a, b in _KEY_PREFIXES]
+_TO_ORIGINAL = [(_compile(b), a) for a, b in _KEY_PREFIXES]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]], mlp_from: int) -> str:
+    match = _MLP_PREFIX.match(key)
+    if match:
+        head, rest = match.groups()
+        for pair in _MLP_LAYERS:
+            if rest.startswith(pair[mlp_from]):
+                rest = pair[1 - mlp_from] + rest[len(pair[mlp_from]) :]
+                break
+        key = head + rest
+    for pattern, template in rules:
+        m = pattern.match(key)
+        if m:
+            return template.format(*m.groups()) + key[m.end() :]
+    return key
+
+
+def is_hf_layout(state_dict: dict) -> bool:
+    return any(k.startswith(("vision_encoder.", "shared_image_embedding.")) for k in state_dict)
+
+
+def original_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original SAM-HQ keys -> HF `SamHQModel` keys (both copies of the tied gaussian matrix)."""
+    out = {_rename(k, _TO_HF, mlp_from=0): v for k, v in state_dict.items()}
+    gaussian = out.get("shared_image_embedding.positional_embedding")
+    if gaussian is not None:
+        out[_HF_TIED_COPY] = gaussian.clone()
+    return out
+
+
+def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF `SamHQModel` keys -> original keys; accepts either copy of the tied gaussian matrix."""
+    state_dict = dict(state_dict)
+    tied = state_dict.pop(_HF_TIED_COPY, None)
+    if tied is not None:
+        shared = state_dict.setdefault("shared_image_embedding.positional_embedding", tied)
+        if not torch.equal(shared, tied):
+            raise CheckpointError(f"{_HF_TIED_COPY} and shared_image_embedding.positional_embedding differ")
+    return {_rename(k, _TO_ORIGINAL, mlp_from=1): v for k, v in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _read_pth(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle / zip / EOF errors from a truncated or foreign file
+        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e} (truncated, corrupt, or not a weights-only .pth file)") from e
+    # Training checkpoints sometimes wrap the weights.
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict) and len(obj) <= 3:
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors (found {type(obj).__name__})")
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)  # memory-mapped
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"could not read safetensors file {path}: {e} (truncated or corrupt?)") from e
+
+
+def _read_folder(path: Path) -> dict:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state_dict = {}
+        for shard in shards:
+            state_dict.update(_read_safetensors(path / shard))
+        return state_dict
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return read_state_dict(path / name)
+    raise CheckpointError(f"folder {path} has no model.safetensors (or model.safetensors.index.json / pytorch_model.bin)")
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise CheckpointError(
+            f"{repo_id!r} is not a local file or folder; to download it from the Hugging Face hub install "
+            "huggingface_hub (pip install 'samhq-fast[hub]')"
+        ) from e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:
+        raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub (no network, or no such repo?): {e}") from e
+
+
+def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint in its own key layout. source: .pth/.pt/.bin, .safetensors,
+    an HF-style folder, or a hub id like "syscv-community/sam-hq-vit-base"."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"checkpoint source must be a path or hub id string, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path)
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+        return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pth(path)
+    if isinstance(source, str) and _HUB_ID.match(source) and not path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        return _read_folder(_download(source))
+    raise FileNotFoundError(f"checkpoint not found: {source!s} (expected a .pth or .safetensors file, an HF model folder, or a hub id)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture from shapes
+
+
+def _shape(state_dict: dict, key: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise CheckpointError(f"checkpoint has no {key!r}: not a SAM-HQ checkpoint with a ViT image encoder")
+    return tuple(state_dict[key].shape)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
+    """Architecture from tensor shapes (original key layout); see REFERENCE.md."""
+    if not any(k.startswith("mask_decoder.hf_token") for k in state_dict) and "mask_decoder.iou_token.weight" in state_dict:
+        raise CheckpointError(
+            "this is a plain SAM checkpoint without the HQ keys (mask_decoder.hf_token, hf_mlp, compress_vit_feat, "
+            "embedding_encoder, embedding_maskfeature): samhq-fast needs a SAM-HQ checkpoint"
+        )
+    embed_dim, _, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight")
+    _, grid, _, _ = _shape(state_dict, "image_encoder.pos_embed")
+    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
+    if depth == 0:
+        raise CheckpointError("checkpoint has no image_encoder.blocks.*: not a ViT SAM-HQ checkpoint")
+    rows = [_shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
+    head_dim = rows[0][1]
+    global_rows = 2 * grid - 1
+    global_idx = tuple(i for i, r in enumerate(rows) if r[0] == global_rows)
+    window_rows = {r[0] for r in rows if r[0] != global_rows}
+    if len(window_rows) > 1 or (window_rows and min(window_rows) % 2 == 0):
+        raise CheckpointError(f"inconsistent rel_pos_h tables across blocks: rows {sorted({r[0] for r in rows})}")
+    if not global_idx:
+        raise CheckpointError(f"no global-attention block (rel_pos_h with {global_rows} rows for a {grid}x{grid} grid)")
+    window = (window_rows.pop() + 1) // 2 if window_rows else 14
+    if embed_dim % head_dim:
+        raise CheckpointError(f"embed dim {embed_dim} is not a multiple of head_dim {head_dim}")
+    mlp_dim = _shape(state_dict, "image_encoder.blocks.0.mlp.lin1.weight")[0]
+    out_chans = _shape(state_dict, "image_encoder.neck.0.weight")[0]
+    encoder = ViTConfig(
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=embed_dim // head_dim,
+        mlp_dim=mlp_dim,
+        window_size=window,
+        global_attn_indexes=global_idx,
+        out_chans=out_chans,
+    )
+    return SamHQConfig(encoder=encoder)
+
+
+def load_state_dict_strict(model: SamHQ, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load with assign=True after checking every key and shape; one error lists every problem."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped tensors", misshaped)):
+        if items:
+            shown = "\n    ".join(items[:40]) + (f"\n    ... and {len(items) - 40} more" if len(items) > 40 else "")
+            problems.append(f"  {len(items)} {title}:\n    {shown}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint does not match the inferred {model.variant} architecture {model.config.to_dict()['encoder']}:\n" + "\n".join(problems)
+        )
+    model.load_state_dict(state_dict, strict=True, assign=True)

@@ -1,0 +1,94 @@
+"""HQ mask decoder: SAM's decoder plus the HQ output token and the fused HQ feature path."""
+
+import torch
+from torch import nn
+
+from .common import MLP, LayerNorm2d
+from .transformer import TwoWayTransformer
+
+
+def _upsample_x4(in_dim: int, mid_dim: int, out_dim: int) -> nn.Sequential:
+    """ConvT 2x2 s2 -> LN2d -> GELU -> ConvT 2x2 s2 (x4 spatially)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(in_dim, mid_dim, kernel_size=2, stride=2),
+        LayerNorm2d(mid_dim),
+        nn.GELU(),
+        nn.ConvTranspose2d(mid_dim, out_dim, kernel_size=2, stride=2),
+    )
+
+
+class MaskDecoderHQ(nn.Module):
+    num_mask_tokens = 4  # SAM's single-mask token + 3 multimask tokens; the HQ token comes after them
+
+    def __init__(self, vit_dim: int, dim: int = 256):
+        super().__init__()
+        self.transformer = TwoWayTransformer(depth=2, dim=dim, num_heads=8, mlp_dim=2048, downsample_rate=2)
+        self.iou_token = nn.Embedding(1, dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
+        self.output_upscaling = nn.Sequential(*_upsample_x4(dim, dim // 4, dim // 8), nn.GELU())
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(dim, 256, self.num_mask_tokens, 3)
+        self.hf_token = nn.Embedding(1, dim)
+        self.hf_mlp = MLP(dim, dim, dim // 8, 3)
+        self.compress_vit_feat = _upsample_x4(vit_dim, dim, dim // 8)
+        self.embedding_encoder = _upsample_x4(dim, dim // 4, dim // 8)
+        self.embedding_maskfeature = nn.Sequential(
+            nn.Conv2d(dim // 8, dim // 4, kernel_size=3, padding=1),
+            LayerNorm2d(dim // 4),
+            nn.GELU(),
+            nn.Conv2d(dim // 4, dim // 8, kernel_size=3, padding=1),
+        )
+
+    def hq_features(self, image_embeddings: torch.Tensor, early_vit_features: torch.Tensor) -> torch.Tensor:
+        """Per-image HQ features, cacheable across prompts.
+
+        image_embeddings [B, 256, h, w], early_vit_features [B, h, w, vit_dim] (first global block)
+        -> [B, 32, 4h, 4w].
+        """
+        return self.embedding_encoder(image_embeddings) + self.compress_vit_feat(early_vit_features.permute(0, 3, 1, 2))
+
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features) -> tuple[torch.Tensor, torch.Tensor]:
+        """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
+
+        image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
+        dense [P, 256, h, w], hq_features [1 or P, 32, 4h, 4w].
+        """
+        num_prompts = sparse.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
+        tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
+        src = image_embeddings + dense  # broadcasts one image over all its prompts
+        b, c, h, w = src.shape
+        hs, src = self.transformer(src, image_pe, tokens)
+
+        upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [P, 32, 4h, 4w]
+        upscaled_hq = self.embedding_maskfeature(upscaled_sam) + hq_features
+        mlps = [*self.output_hypernetworks_mlps, self.hf_mlp]
+        hyper_in = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(mlps)], dim=1)  # [P, 5, 32]
+        masks_sam = hyper_in[:, :4] @ upscaled_sam.flatten(2)
+        masks_hq = hyper_in[:, 4:] @ upscaled_hq.flatten(2)
+        masks = torch.cat([masks_sam, masks_hq], dim=1).view(b, 5, *upscaled_sam.shape[-2:])
+        return masks, self.iou_prediction_head(hs[:, 0])
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        hq_features: torch.Tensor,
+        multimask_output: bool,
+        hq_token_only: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mask logits [P, 1, 4h, 4w], IoU score [P, 1]): always one mask per prompt.
+
+        multimask_output picks the multimask token (1..3) with the best predicted IoU instead of
+        token 0; the HQ mask is then added to it (or returned alone with hq_token_only).
+        """
+        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features)
+        if multimask_output:
+            iou, best = iou[:, 1:4].max(dim=1, keepdim=True)
+            sam_mask = masks[:, 1:4].gather(1, best[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
+        else:
+            iou, sam_mask = iou[:, :1], masks[:, :1]
+        hq_mask = masks[:, 4:5]
+        return (hq_mask if hq_token_only else sam_mask + hq_mask), iou

@@ -1,0 +1,74 @@
+"""Shared fixtures: random-weight SAM-HQ models of real and small architectures, and their checkpoints."""
+
+import os
+
+# The Triton interpreter must be chosen before any kernel module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from samhq_fast.checkpoint import original_to_hf
+from torch import nn
+
+from samhq_fast.modeling import SamHQ, SamHQConfig, ViTConfig
+from samhq_fast.modeling.common import LayerNorm2d
+from samhq_fast.modeling.image_encoder import Attention as ImageAttention
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+# 256 input -> 16x16 grid: windowed blocks pad it to 28x28 (4 windows of 14x14); head_dim 80 as vit_h.
+TINY_CONFIG = SamHQConfig(
+    ViTConfig(img_size=256, patch_size=16, embed_dim=160, depth=4, num_heads=2, mlp_dim=320, global_attn_indexes=(1, 3))
+)
+
+
+def randomize_(model: SamHQ, seed: int = 0) -> SamHQ:
+    """Give every parameter a non-trivial random value (PyTorch's init leaves pos_embed, rel-pos
+    tables and norms at 0/1, which would hide bugs in the parts they feed)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(p: torch.Tensor, scale: float, offset: float = 0.0) -> None:
+        p.copy_(offset + scale * torch.randn(p.shape, generator=gen))
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+                draw(module.weight, 0.1, 1.0)
+                draw(module.bias, 0.1)
+            elif isinstance(module, nn.Embedding):
+                draw(module.weight, 1.0)
+            elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                draw(module.weight, module.weight.std().item())  # PyTorch's fan-in scale, fresh values
+                if module.bias is not None:
+                    draw(module.bias, 0.02)
+            elif isinstance(module, ImageAttention):
+                draw(module.rel_pos_h, 0.5)
+                draw(module.rel_pos_w, 0.5)
+        draw(model.image_encoder.pos_embed, 0.1)
+        draw(model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix, 1.0)
+    return model
+
+
+def make_model(config: SamHQConfig, seed: int = 0) -> SamHQ:
+    model = randomize_(SamHQ(config), seed).eval()
+    model.backend = "eager"
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> SamHQ:
+    return make_model(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_model, tmp_path_factory) -> dict:
+    """The tiny model saved as original .pth, original-layout and HF-layout safetensors."""
+    folder = tmp_path_factory.mktemp("tiny_ckpt")
+    state_dict = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    paths = {"pth": folder / "sam_hq_tiny.pth", "original_st": folder / "original.safetensors", "hf_st": folder / "hf.safetensors"}
+    torch.save(state_dict, paths["pth"])
+    save_file(state_dict, paths["original_st"])
+    save_file(original_to_hf(state_dict), paths["hf_st"])
+    return paths
