@@ -4,6 +4,7 @@ inferring the architecture from tensor shapes, and strict loading."""
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -112,7 +113,8 @@ def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def _read_pth(path: Path) -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # torch can memory-map only the zip format (torch >= 1.6); older .pth files are read whole.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # pickle / zip / EOF errors from a truncated or foreign file
         raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e} (truncated, corrupt, or not a weights-only .pth file)") from e
     # Training checkpoints sometimes wrap the weights.
@@ -192,9 +194,12 @@ def _shape(state_dict: dict, key: str) -> tuple[int, ...]:
     return tuple(state_dict[key].shape)
 
 
+_HQ_PREFIXES = tuple(f"mask_decoder.{name}." for name in ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature"))
+
+
 def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
     """Architecture from tensor shapes (original key layout); see REFERENCE.md."""
-    if not any(k.startswith("mask_decoder.hf_token") for k in state_dict) and "mask_decoder.iou_token.weight" in state_dict:
+    if not any(k.startswith(_HQ_PREFIXES) for k in state_dict) and "mask_decoder.iou_token.weight" in state_dict:
         raise CheckpointError(
             "this is a plain SAM checkpoint without the HQ keys (mask_decoder.hf_token, hf_mlp, compress_vit_feat, "
             "embedding_encoder, embedding_maskfeature): samhq-fast needs a SAM-HQ checkpoint"
@@ -213,7 +218,14 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
         raise CheckpointError(f"inconsistent rel_pos_h tables across blocks: rows {sorted({r[0] for r in rows})}")
     if not global_idx:
         raise CheckpointError(f"no global-attention block (rel_pos_h with {global_rows} rows for a {grid}x{grid} grid)")
-    window = (window_rows.pop() + 1) // 2 if window_rows else 14
+    if not window_rows and depth > 1:
+        # Every table has 2 * grid - 1 rows: a grid as small as the window (224-pixel input), where
+        # shapes cannot tell windowed from global blocks, and the HQ decoder needs the first global one.
+        raise CheckpointError(
+            f"cannot infer which blocks use global attention: all {depth} blocks have rel_pos tables of "
+            f"{global_rows} rows for a {grid}x{grid} token grid (the window is as large as the grid)"
+        )
+    window = (window_rows.pop() + 1) // 2 if window_rows else grid
     if embed_dim % head_dim:
         raise CheckpointError(f"embed dim {embed_dim} is not a multiple of head_dim {head_dim}")
     mlp_dim = _shape(state_dict, "image_encoder.blocks.0.mlp.lin1.weight")[0]
