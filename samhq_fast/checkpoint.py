@@ -164,7 +164,10 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:
-        raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub (no network, or no such repo?): {e}") from e
+        raise CheckpointError(
+            f"{repo_id!r} is not a local file or folder, and could not be downloaded from the Hugging Face hub "
+            f"(no network, or no such repo?): {e}"
+        ) from e
 
 
 def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -179,7 +182,7 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.stat().st_size == 0:
             raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
         return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pth(path)
-    if isinstance(source, str) and _HUB_ID.match(source) and not path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+    if isinstance(source, str) and _HUB_ID.match(source) and path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
         return _read_folder(_download(source))
     raise FileNotFoundError(f"checkpoint not found: {source!s} (expected a .pth or .safetensors file, an HF model folder, or a hub id)")
 

@@ -541,6 +541,8 @@ def test_hub_id_without_network(monkeypatch):
     monkeypatch.setattr(hub, "snapshot_download", offline)
     message = load_error(HUB_ID)
     assert "<path>" in message and "network is unreachable" in message  # "<path>" is the hub id
+    # A mistyped local folder also looks like a hub id: the message must say it is not local either.
+    assert "not a local file or folder" in message
 
 
 def test_hub_id_downloads_and_loads(tiny_model, tiny_checkpoints, tmp_path, monkeypatch):
