@@ -1,0 +1,254 @@
+"""The `samhq-fast` command line, run in-process on the example photo with the tiny random model;
+the Python API (SamHQPredictor) is the independent reference for masks and scores."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import samhq_fast
+from samhq_fast.cli import main
+from samhq_fast.predictor import SamHQPredictor
+from samhq_fast.transforms import load_image
+
+PHOTO = Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoints) -> str:
+    return str(tiny_checkpoints["pth"])
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return load_image(PHOTO)
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt, photo) -> SamHQPredictor:
+    predictor = SamHQPredictor(samhq_fast.load(ckpt, device="cpu"))
+    predictor.set_image(photo)
+    return predictor
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_png(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.array(img)
+
+
+def test_example_photo():
+    with Image.open(PHOTO) as img:
+        assert img.size[0] != img.size[1] and max(img.size) <= 640
+    assert PHOTO.stat().st_size < 150_000
+    assert "CC0" in (PHOTO.parent / "README.md").read_text()
+
+
+# (CLI prompt options, the same prompt for SamHQPredictor.predict)
+ONE_PROMPT_CASES = {
+    "point": (["--point", "220,150"], dict(point_coords=[[220, 150]], point_labels=[1])),
+    "point_and_negative": (["--point", "220,150", "--point", "40,30,0"], dict(point_coords=[[220, 150], [40, 30]], point_labels=[1, 0])),
+    "box": (["--box", "100,50,350,280"], dict(box=[100, 50, 350, 280])),
+    "multimask": (["--point", "220,150", "--multimask"], dict(point_coords=[[220, 150]], point_labels=[1], multimask_output=True)),
+    # points and one box form one prompt
+    "points_box_hq_only": (["--box", "100,50,350,280", "--point", "220.5,150.25,1", "--point", "120,260,0", "--hq-only"],
+                           dict(point_coords=[[220.5, 150.25], [120, 260]], point_labels=[1, 0], box=[100, 50, 350, 280], hq_token_only=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_PROMPT_CASES))
+def test_segment_one_prompt(case, capsys, tmp_path, ckpt, photo, predictor):
+    options, api_kwargs = ONE_PROMPT_CASES[case]
+    mask_path, overlay_path, json_path = tmp_path / "mask.png", tmp_path / "overlay.png", tmp_path / "out.json"
+    code, out, err = run(capsys, "segment", PHOTO, "--checkpoint", ckpt, *options,
+                         "--output", mask_path, "--overlay", overlay_path, "--json", json_path)
+    assert code == 0, err
+    h, w = photo.shape[:2]
+
+    api_kwargs = {"multimask_output": False, **api_kwargs}
+    masks, scores, _ = predictor.predict(**{k: np.array(v) if isinstance(v, list) else v for k, v in api_kwargs.items()})
+    assert masks.shape == (1, h, w)
+    flags = {k: False for k in ("multimask_output", "hq_token_only") if api_kwargs.get(k)}
+    if flags:  # the flag must matter for this prompt, or the comparison below would not test it
+        other_masks, other_scores, _ = predictor.predict(**{**{k: np.array(v) if isinstance(v, list) else v for k, v in api_kwargs.items()}, **flags})
+        assert not (np.array_equal(other_masks, masks) and np.array_equal(other_scores, scores))
+
+    mask = read_png(mask_path)
+    assert mask.shape == (h, w) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask == 255, masks[0])
+
+    result = json.loads(json_path.read_text())
+    assert result["image_size"] == [h, w] and result["variant"] == "custom"
+    assert result["image"] == str(PHOTO) and result["checkpoint"] == ckpt
+    (prompt,) = result["prompts"]
+    assert prompt["score"] == pytest.approx(float(scores[0]), abs=1e-6)
+    assert prompt["area"] == int(masks[0].sum())
+    ys, xs = np.nonzero(masks[0])
+    if len(xs):
+        assert prompt["bbox_xywh"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    expected_points = np.array(api_kwargs.get("point_coords", np.zeros((0, 2)))).tolist()
+    assert prompt["points"] == expected_points and prompt["labels"] == list(api_kwargs.get("point_labels", []))
+    assert prompt["box"] == api_kwargs.get("box")
+
+    overlay = read_png(overlay_path)
+    assert overlay.shape == (h, w, 3)
+    changed = np.abs(overlay.astype(int) - photo.astype(int)).sum(-1) > 0
+    if masks[0].any():
+        assert changed[masks[0]].mean() > 0.5  # the mask is blended in...
+    if not masks[0].all():
+        assert changed[~masks[0]].mean() < 0.05  # ...elsewhere only the prompts are drawn
+
+    lines = [line for line in out.splitlines() if line.startswith("prompt ")]
+    assert len(lines) == 1 and f"{scores[0]:.3f}" in lines[0]
+
+
+def test_segment_several_boxes_writes_index_mask(capsys, tmp_path, ckpt, photo, predictor):
+    boxes = [[10, 20, 200, 280], [230, 40, 440, 290], [150, 100, 300, 200]]
+    mask_path, json_path = tmp_path / "objects.png", tmp_path / "objects.json"
+    options = [opt for box in boxes for opt in ("--box", ",".join(map(str, box)))]
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, *options, "-o", mask_path, "--json", json_path, "--overlay", tmp_path / "o.jpg")
+    assert code == 0, err
+    h, w = photo.shape[:2]
+
+    masks, scores, _ = predictor.predict(box=np.array(boxes), multimask_output=False)
+    assert masks.shape == (3, 1, h, w)
+    expected = np.zeros((h, w), np.uint8)
+    for i in range(3):
+        expected[masks[i, 0]] = i + 1  # later prompts over earlier ones
+    index = read_png(mask_path)
+    assert index.dtype == np.uint8 and set(np.unique(index)) <= {0, 1, 2, 3}
+    np.testing.assert_array_equal(index, expected)
+
+    result = json.loads(json_path.read_text())
+    assert result["mask_format"] == "index" and len(result["prompts"]) == 3
+    for i, prompt in enumerate(result["prompts"]):
+        assert prompt["box"] == boxes[i] and prompt["points"] == []
+        assert prompt["score"] == pytest.approx(float(scores[i, 0]), abs=1e-6)
+        assert prompt["area"] == int(masks[i, 0].sum())
+    assert read_png(tmp_path / "o.jpg").shape == (h, w, 3)
+    assert len([line for line in out.splitlines() if line.startswith("prompt ")]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+@pytest.mark.parametrize("layout", ["original", "hf"])
+@pytest.mark.parametrize("source", ["pth", "hf_st"])
+def test_convert(layout, source, capsys, tmp_path, tiny_checkpoints, tiny_model):
+    out_path = tmp_path / "converted.safetensors"
+    code, out, err = run(capsys, "convert", tiny_checkpoints[source], out_path, "--layout", layout)
+    assert code == 0, err
+    assert "custom" in out and f"{layout} layout" in out
+    keys = load_file(out_path).keys()
+    prefix = "vision_encoder." if layout == "hf" else "image_encoder."
+    assert any(k.startswith(prefix) for k in keys)
+    loaded = samhq_fast.load(out_path, device="cpu")
+    reference = tiny_model.state_dict()
+    assert loaded.state_dict().keys() == reference.keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model):
+    out_path = tmp_path / "half.safetensors"
+    code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], out_path, "--dtype", "fp16")
+    assert code == 0, err
+    tensors = load_file(out_path)
+    for k, v in tiny_model.state_dict().items():
+        assert tensors[k].dtype == torch.float16 and torch.equal(tensors[k], v.half()), k
+
+
+def test_convert_rejects_bad_input_before_writing(capsys, tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo": torch.zeros(3)}, bad)
+    out_path = tmp_path / "out.safetensors"
+    code, _, err = run(capsys, "convert", bad, out_path)
+    assert code == 2 and "samhq-fast: error:" in err and "Traceback" not in err
+    assert not out_path.exists()
+
+
+def test_convert_needs_safetensors_output(capsys, tmp_path, tiny_checkpoints):
+    code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], tmp_path / "out.pth")
+    assert code == 2 and ".safetensors" in err
+    assert not (tmp_path / "out.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: exit status 2, one message naming the problem, no traceback, no output file
+
+
+ERROR_CASES = {
+    "no_prompt": ([], "at least one prompt"),
+    "point_syntax": (["--point", "12"], "argument --point/-p: expected X,Y"),
+    "point_not_number": (["--point", "a,b"], "argument --point/-p: expected X,Y"),
+    "point_label": (["--point", "10,10,5"], "LABEL must be 1 (foreground) or 0 (background)"),
+    "box_syntax": (["--box", "1,2,3"], "argument --box/-b: expected X1,Y1,X2,Y2"),
+    "box_inverted": (["--box", "300,50,100,200"], "x2 > x1"),
+    "point_outside": (["--point", "5000,100"], "far outside the 451x300"),
+    "bad_device": (["--point", "220,150", "--device", "gpu0"], "device must be like"),
+    "points_with_several_boxes": (["--point", "220,150", "--box", "10,20,200,280", "--box", "230,40,440,290"], "--point cannot be combined with several --box"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_segment_prompt_errors(case, capsys, tmp_path, ckpt):
+    options, message = ERROR_CASES[case]
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, *options, "-o", tmp_path / "m.png")
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_segment_input_errors(capsys, tmp_path, ckpt):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a photo")
+    cases = [
+        ([tmp_path / "missing.jpg", "-c", ckpt], "image file not found"),
+        ([not_an_image, "-c", ckpt], "could not read image"),
+        ([PHOTO, "-c", tmp_path / "missing.pth"], "checkpoint not found"),
+        ([PHOTO, "-c", not_an_image], "could not read checkpoint"),
+    ]
+    for args, message in cases:
+        code, _, err = run(capsys, "segment", *args, "--point", "10,10", "-o", tmp_path / "m.png")
+        assert code == 2 and err.startswith("samhq-fast: error:") and message in err, (args, err)
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "10,10", "-o", tmp_path / "m.jpg")
+    assert code == 2 and "--output must end in .png" in err
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "10,10", "-o", tmp_path / "no_dir" / "m.png")
+    assert code == 2 and "does not exist" in err
+    assert not list(tmp_path.glob("m.*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# help
+
+
+def test_help(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "segment" in out and "convert" in out and "(x, y)" in out
+    code, out, _ = run(capsys, "segment", "--help")
+    assert code == 0
+    for word in ("--checkpoint", "--point", "--box", "--multimask", "--hq-only", "--output", "--overlay", "--json",
+                 "--device", "--dtype", "X,Y[,LABEL]", "index", "example"):
+        assert word in out, word
+    code, out, _ = run(capsys, "convert", "--help")
+    assert code == 0 and "--layout" in out and "--dtype" in out and ".safetensors" in out and "example" in out
+    code, _, err = run(capsys)
+    assert code == 2 and "COMMAND" in err
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "samhq_fast.cli", "segment", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--point" in result.stdout
