@@ -85,12 +85,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
-        # [3, B * heads, H * W, head_dim]
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        # [3, B, heads, H * W, head_dim]
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = decomposed_rel_pos_bias(q.flatten(0, 1), self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
         # SDPA scales q by head_dim ** -0.5 itself; the bias is added after the scaling.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        # 4-D inputs: CPU SDPA is several times slower on 3-D [B * heads, N, d] ones.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(b, self.num_heads, h * w, h * w))
         out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
