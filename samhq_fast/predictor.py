@@ -136,6 +136,8 @@ class SamHQPredictor:
             lbl = _finite_array(point_labels, "point_labels")
             if pts.ndim not in (2, 3):
                 raise ValueError(f"point_coords must be [K, 2] or [N, K, 2], got shape {list(pts.shape)}")
+            if pts.shape[-2] == 0:
+                raise ValueError(f"point_coords is empty (shape {list(pts.shape)}): give at least one point, or None for no points")
             if lbl.shape != pts.shape[:-1]:
                 raise ValueError(f"point_labels must have shape {list(pts.shape[:-1])} to match point_coords, got {list(lbl.shape)}")
             if not np.isin(lbl, (-1, 0, 1)).all():

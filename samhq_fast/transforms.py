@@ -86,6 +86,11 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> [h, w, 3] with max(h, w) == long_side (PIL bilinear, antialiased, as the original)."""
     h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    if min(h, w) < 1:
+        raise ValueError(
+            f"image of {image.shape[1]}x{image.shape[0]} (width x height) is too elongated: "
+            f"its short side would be 0 pixels once the long side is resized to {long_side}"
+        )
     return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 

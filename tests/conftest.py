@@ -16,7 +16,6 @@ from samhq_fast.modeling import SamHQ, SamHQConfig, ViTConfig
 from samhq_fast.modeling.common import LayerNorm2d
 from samhq_fast.modeling.image_encoder import Attention as ImageAttention
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 # 256 input -> 16x16 grid: windowed blocks pad it to 28x28 (4 windows of 14x14); head_dim 80 as vit_h.
 TINY_CONFIG = SamHQConfig(

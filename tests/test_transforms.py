@@ -1,0 +1,238 @@
+"""Image conversion, the longest-side resize and prompt-coordinate scaling (samhq_fast.transforms).
+
+The expected values are derived by hand from the original SamPredictor (ResizeLongestSide):
+new side = int(side * long_side / max(H, W) + 0.5), a PIL bilinear resize, and prompts scaled by
+new_w / W on x and new_h / H on y (two different factors once the rounding kicks in).
+"""
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from samhq_fast.transforms import as_rgb_uint8, load_image, preprocess_shape, resize_longest_side, scale_coords
+
+
+def photo(h: int = 37, w: int = 53, seed: int = 0) -> np.ndarray:
+    """A small RGB uint8 image with all 256 levels likely present (extremes included)."""
+    image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image[0, 0] = (0, 128, 255)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess_shape / scale_coords: hand-derived values
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "height, width, long_side, expected",
+    [
+        (200, 300, 256, (171, 256)),  # 200 * 256/300 = 170.67 -> 171
+        (330, 180, 256, (256, 140)),  # 180 * 256/330 = 139.64 -> 140 (needs the +0.5; int() alone gives 139)
+        (103, 300, 256, (88, 256)),  # 103 * 256/300 = 87.89 -> 88 (int() alone gives 87)
+        (256, 256, 256, (256, 256)),
+        (480, 640, 1024, (768, 1024)),
+        (1080, 1920, 1024, (576, 1024)),
+        (333, 500, 1024, (682, 1024)),  # 681.98 -> 682
+        (1500, 2250, 1024, (683, 1024)),  # 682.67 -> 683
+        (10, 20, 1024, (512, 1024)),  # upscaling small images, as the original does
+    ],
+)
+def test_preprocess_shape_hand_values(height, width, long_side, expected):
+    assert preprocess_shape(height, width, long_side) == expected
+
+
+@given(st.integers(1, 6000), st.integers(1, 6000), st.sampled_from([256, 1024]))
+@settings(max_examples=300, deadline=None)
+def test_preprocess_shape_properties(height, width, long_side):
+    """The longest side lands exactly on long_side and the other is the (float) round-half-up of
+    side * scale, as int(x * scale + 0.5) in the original."""
+    new_h, new_w = preprocess_shape(height, width, long_side)
+    assert max(new_h, new_w) == long_side
+    # exact rational value of side * long_side / max side; the float formula may only differ at an exact .5 tie
+    for old, new in ((height, new_h), (width, new_w)):
+        exact = old * long_side / max(height, width)
+        assert abs(new - exact) <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "original_size, point, expected",
+    [
+        # H=200, W=300 -> 171 x 256: x by 256/300, y by 171/200 (not 256/300: the rounding changes it)
+        ((200, 300), (150.0, 100.0), (128.0, 85.5)),
+        ((200, 300), (300.0, 200.0), (256.0, 171.0)),  # the far corner maps to the resized image's corner
+        ((200, 300), (0.0, 0.0), (0.0, 0.0)),
+        # H=330, W=180 -> 256 x 140: x by 140/180, y by 256/330
+        ((330, 180), (90.0, 165.0), (70.0, 128.0)),
+        ((330, 180), (180.0, 330.0), (140.0, 256.0)),
+        # H=103, W=300 -> 88 x 256
+        ((103, 300), (30.0, 103.0), (25.6, 88.0)),
+        # slightly outside the image (allowed by the predictor): the same linear map
+        ((200, 300), (-3.0, 210.0), (-3 * 256 / 300, 210 * 171 / 200)),
+    ],
+)
+def test_scale_coords_hand_values(original_size, point, expected):
+    out = scale_coords(np.array([point]), original_size, 256)
+    np.testing.assert_allclose(out[0], expected, rtol=0, atol=1e-9)
+
+
+def test_scale_coords_keeps_batch_shape_and_does_not_modify_input():
+    coords = np.array([[[10.0, 20.0], [30.0, 40.0]], [[1.0, 2.0], [3.0, 4.0]]])
+    before = coords.copy()
+    out = scale_coords(coords, (200, 300), 256)
+    assert out.shape == coords.shape and out.dtype == np.float64
+    np.testing.assert_array_equal(coords, before)
+    np.testing.assert_allclose(out[..., 0], coords[..., 0] * 256 / 300)
+    np.testing.assert_allclose(out[..., 1], coords[..., 1] * 171 / 200)
+
+
+# ---------------------------------------------------------------------------------------------
+# resize_longest_side: PIL bilinear, as the original's torchvision resize of a PIL image
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (330, 180), (103, 300), (300, 300)])
+def test_resize_longest_side_is_pil_bilinear(shape):
+    image = photo(*shape)
+    out = resize_longest_side(image, 256)
+    new_h, new_w = preprocess_shape(*shape, 256)
+    expected = np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    assert out.shape == (new_h, new_w, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_resize_longest_side_keeps_an_image_already_at_size():
+    image = photo(171, 256)
+    np.testing.assert_array_equal(resize_longest_side(image, 256), image)
+
+
+def test_resize_longest_side_rejects_an_image_whose_short_side_rounds_to_zero():
+    # 1 x 1000 -> 0.256 x 256: the short side would vanish; the error must say so (not PIL's bare message)
+    with pytest.raises(ValueError, match="elongated"):
+        resize_longest_side(np.zeros((1, 1000, 3), np.uint8), 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# as_rgb_uint8: every accepted input equals the plain RGB uint8 image
+# ---------------------------------------------------------------------------------------------
+
+
+def _conversions(rgb: np.ndarray) -> dict:
+    gray = rgb[..., 1]
+    return {
+        "rgb": (rgb, "RGB", rgb),
+        "bgr": (np.ascontiguousarray(rgb[..., ::-1]), "BGR", rgb),
+        "bgr_view": (rgb[..., ::-1], "BGR", rgb),  # negative strides, as cv2-style img[..., ::-1]
+        "rgba": (np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]), "RGB", rgb),
+        "bgra": (np.dstack([rgb[..., ::-1], np.full(rgb.shape[:2], 7, np.uint8)]), "BGR", rgb),
+        "gray_2d": (gray, "RGB", np.repeat(gray[..., None], 3, axis=2)),
+        "gray_hw1": (gray[..., None], "RGB", np.repeat(gray[..., None], 3, axis=2)),
+        "uint16": (rgb.astype(np.uint16) * 257, "RGB", rgb),
+        "float64_unit": (rgb / 255.0, "RGB", rgb),
+        "float32_unit": ((rgb / 255.0).astype(np.float32), "RGB", rgb),
+        "int64_0_255": (rgb.astype(np.int64), "RGB", rgb),
+        "bool": (rgb > 127, "RGB", (rgb > 127).astype(np.uint8) * 255),
+        "pil_rgb": (Image.fromarray(rgb), "RGB", rgb),
+        "pil_rgba": (Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])), "RGB", rgb),
+        "pil_gray": (Image.fromarray(gray), "RGB", np.repeat(gray[..., None], 3, axis=2)),
+        "pil_uint16": (Image.fromarray(gray.astype(np.uint16) * 257), "RGB", np.repeat(gray[..., None], 3, axis=2)),
+        # a PIL image is RGB by construction: image_format only describes numpy channel order
+        "pil_ignores_bgr": (Image.fromarray(rgb), "BGR", rgb),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_conversions(photo(3, 3))))
+def test_as_rgb_uint8_accepted_inputs(kind):
+    image, image_format, expected = _conversions(photo())[kind]
+    out = as_rgb_uint8(image, image_format)
+    assert out.dtype == np.uint8 and out.shape == expected.shape and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        # uint16 spans 0..65535: nearest uint8 level is round(v / 257) (65535 -> 255, not 256 -> 0)
+        (np.array([0, 128, 129, 385, 386, 32767, 65535], np.uint16), [0, 0, 1, 1, 2, 127, 255]),
+        # float in [0, 1]: round(v * 255)
+        (np.array([0.0, 0.0019, 0.0021, 0.5, 0.998, 1.0]), [0, 0, 1, 128, 254, 255]),
+    ],
+    ids=["uint16", "float"],
+)
+def test_as_rgb_uint8_rounds_to_the_nearest_level(values, expected):
+    out = as_rgb_uint8(values[None, :])  # a 1 x n grayscale image
+    np.testing.assert_array_equal(out[0, :, 0], expected)
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+@pytest.mark.parametrize("image_format", ["RGB", "BGR"])
+def test_as_rgb_uint8_does_not_modify_the_input(image_format):
+    # (an already RGB uint8 contiguous input may come back as the same array, like np.asarray)
+    rgba = np.dstack([photo(), np.full((37, 53), 7, np.uint8)])
+    before = rgba.copy()
+    as_rgb_uint8(rgba, image_format)
+    np.testing.assert_array_equal(rgba, before)
+
+
+@pytest.mark.parametrize(
+    "image, error, message",
+    [
+        (np.full((4, 4, 3), 1.5), ValueError, "[0, 1]"),
+        (np.full((4, 4, 3), -0.1), ValueError, "[0, 1]"),
+        (np.full((4, 4, 3), 255.0), ValueError, "[0, 1]"),  # 0..255 floats: a classic mistake
+        (np.full((4, 4, 3), np.nan), ValueError, "NaN"),
+        (np.full((4, 4, 3), np.inf, np.float32), ValueError, "NaN or infinite"),
+        (np.full((4, 4, 3), 300, np.int32), ValueError, "outside 0..255"),
+        (np.full((4, 4, 3), -1, np.int16), ValueError, "outside 0..255"),
+        (np.zeros((0, 5, 3), np.uint8), ValueError, "empty"),
+        (np.zeros((5, 0, 3), np.uint8), ValueError, "empty"),
+        (np.zeros((0, 5), np.float32), ValueError, "empty"),
+        (np.zeros((1, 4, 4, 3), np.uint8), ValueError, "shape"),
+        (np.zeros((4, 4, 2), np.uint8), ValueError, "shape"),
+        (np.zeros((4, 4, 5), np.uint8), ValueError, "shape"),
+        (np.zeros(4, np.uint8), ValueError, "shape"),
+        (np.zeros((4, 4, 3), np.complex64), TypeError, "dtype"),
+        (np.zeros((4, 4, 3), object), TypeError, "dtype"),
+        ([[0, 1], [2, 3]], TypeError, "numpy array or PIL image"),
+        ("image.png", TypeError, "numpy array or PIL image"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_as_rgb_uint8_rejects_bad_images(image, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        as_rgb_uint8(image)
+
+
+def test_as_rgb_uint8_rejects_an_unknown_image_format():
+    with pytest.raises(ValueError, match="image_format"):
+        as_rgb_uint8(photo(), "RGBA")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_image
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_image_reads_rgb_and_applies_exif_orientation(tmp_path):
+    rgb = photo(20, 30)
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "plain.png"), rgb)
+
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): the loaded image is the displayed one
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rotated.png", exif=exif.tobytes())
+    loaded = load_image(tmp_path / "rotated.png")
+    np.testing.assert_array_equal(loaded, np.rot90(rgb, k=-1))
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "junk.png").write_bytes(b"this is not an image")
+    with pytest.raises(ValueError, match="could not read image"):
+        load_image(tmp_path / "junk.png")
