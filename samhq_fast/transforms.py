@@ -59,10 +59,13 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
     if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            image = np.asarray(image).astype(np.uint16 if image.mode.startswith("I;16") else np.float64)
-            if image.dtype == np.float64 and image.max() > 1:
-                image = image / 65535.0  # 32-bit integer / float grayscale treated as 16-bit range
+        if image.mode.startswith("I"):  # 16-bit grayscale opens as "I;16*" or, in older files, 32-bit "I"
+            image = np.asarray(image)
+            if image.min() < 0 or image.max() > 65535:
+                raise ValueError(f"integer image (PIL mode I) has values outside 0..65535")
+            image = image.astype(np.uint16)
+        elif image.mode == "F":  # float grayscale: must be in [0, 1] like float arrays
+            image = np.asarray(image)
         else:
             image = np.asarray(image.convert("RGB"))
             image_format = "RGB"

@@ -207,6 +207,21 @@ def test_as_rgb_uint8_rejects_bad_images(image, error, message):
         as_rgb_uint8(image)
 
 
+@pytest.mark.parametrize("mode", ["I", "I;16"])
+def test_pil_16_bit_grayscale_is_rescaled(mode):
+    # 16-bit PNGs open as "I;16" (or 32-bit "I" in older Pillow/files): the full 0..65535 range maps to 0..255.
+    levels = np.array([[0, 257, 65535], [128 * 257, 1000, 64000]])
+    image = Image.fromarray(levels.astype(np.int32 if mode == "I" else np.uint16), mode=mode if mode == "I" else None)
+    expected = np.round(levels / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(as_rgb_uint8(image), np.repeat(expected[:, :, None], 3, axis=2))
+
+
+def test_pil_32_bit_integer_beyond_16_bits_is_rejected():
+    image = Image.fromarray(np.array([[0, 70000]], dtype=np.int32), mode="I")
+    with pytest.raises(ValueError, match="outside 0..65535"):
+        as_rgb_uint8(image)
+
+
 def test_as_rgb_uint8_rejects_an_unknown_image_format():
     with pytest.raises(ValueError, match="image_format"):
         as_rgb_uint8(photo(), "RGBA")
