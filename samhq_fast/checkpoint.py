@@ -207,6 +207,11 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
             "this is a plain SAM checkpoint without the HQ keys (mask_decoder.hf_token, hf_mlp, compress_vit_feat, "
             "embedding_encoder, embedding_maskfeature): samhq-fast needs a SAM-HQ checkpoint"
         )
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
+        raise CheckpointError(
+            "this is a Light HQ-SAM (vit_tiny, TinyViT image encoder) checkpoint: samhq-fast loads the ViT "
+            "variants (vit_b, vit_l, vit_h) for now; vit_tiny support is planned"
+        )
     embed_dim, _, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight")
     _, grid, _, _ = _shape(state_dict, "image_encoder.pos_embed")
     depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})

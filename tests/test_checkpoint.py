@@ -328,6 +328,13 @@ def test_custom_architecture(tmp_path, name, suffix):
     assert_same_model(loaded, reference)
 
 
+def test_light_hq_sam_vit_tiny_is_named(tmp_path):
+    # A real Light HQ-SAM key list (TinyViT encoder): the error must say what it is, not "missing keys".
+    state_dict = meta_state_dict(variant_shapes("vit_tiny"))
+    with pytest.raises(CheckpointError, match="Light HQ-SAM .vit_tiny"):
+        infer_config(state_dict)
+
+
 def test_grid_as_small_as_window_is_refused():
     # 224 input -> 14x14 grid: windowed and global tables both have 27 rows, so shapes cannot say
     # which block the HQ decoder must read; guessing would be a silent wrong answer.
