@@ -6,7 +6,7 @@ an explicit `softmax(q k^T * scale + rel_pos) @ v` that shares no kernel with ou
 additive bias), so it also pins down SDPA's mask semantics. The vit_b HF model uses "sdpa" to save
 ~5 s of CPU per encoder run; it still checks HF's own windowing and rel-pos code at the real size.
 
-What HF is (and is not) an oracle for, see /work/shared/REFERENCE.md:
+What HF is (and is not) an oracle for, see the project's shared/REFERENCE.md:
 - encoder (neck output + global-block outputs) and IoU scores: as shipped;
 - mask logits: only after fixing one line of `SamHQMaskDecoder.forward` (it drops the two-way
   transformer's updated image embedding); the fix is applied here, for the duration of a test only;

@@ -1,7 +1,7 @@
 """SamHQPredictor: the original SamPredictor's pipeline, its batched extension, its frames and its errors.
 
 The oracle is `ReferencePredictor` below, an independent re-implementation of the original
-segment_anything_hq SamPredictor written from /work/shared/REFERENCE.md ("Pre- and
+segment_anything_hq SamPredictor written from the project's shared/REFERENCE.md ("Pre- and
 post-processing" and "HQ mask decoder"): it shares only the model's submodules (image encoder,
 prompt encoder, `mask_decoder.predict_masks` giving all 5 masks and 4 IoU scores) with the code
 under test, and redoes everything around them itself: the PIL resize with int(x * scale + 0.5)

@@ -13,6 +13,8 @@ from .prompt_encoder import PromptEncoder
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 scale
 PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_EMBED_DIM = 256
+# Image encoder class per encoder-config type: Light HQ-SAM's TinyViT slots in here.
+IMAGE_ENCODERS = {ViTConfig: ImageEncoderViT}
 
 
 def _vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> ViTConfig:
@@ -69,7 +71,7 @@ class SamHQ(nn.Module):
         super().__init__()
         self.config = config
         grid, size = config.embedding_size, config.img_size
-        self.image_encoder = ImageEncoderViT(config.encoder)
+        self.image_encoder = IMAGE_ENCODERS[type(config.encoder)](config.encoder)
         self.prompt_encoder = PromptEncoder(PROMPT_EMBED_DIM, (grid, grid), (size, size))
         self.mask_decoder = MaskDecoderHQ(vit_dim=config.vit_dim, dim=PROMPT_EMBED_DIM)
 
