@@ -191,6 +191,7 @@ class SamHQPredictor:
         -> masks [N, 1, H, W] (bool, or logits), scores [N, 1], low_res_logits [N, 1, 4G, 4G]."""
         self._require_image()
         model = self.model
+        self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = model.prompt_encoder(points, boxes, mask_input)
         low_res, scores = model.mask_decoder(
@@ -200,3 +201,26 @@ class SamHQPredictor:
         if not return_logits:
             masks = masks > model.mask_threshold
         return masks, scores, low_res
+
+    def _check_torch_prompts(self, point_coords, point_labels, boxes, mask_input) -> None:
+        """Shape checks only: value checks (NaN, ranges) would sync the GPU on every call."""
+        low_res = 4 * self.model.config.embedding_size
+        expected = {"point_coords": "[N, K, 2]", "point_labels": "[N, K]", "boxes": "[N, 4]", "mask_input": f"[N, 1, {low_res}, {low_res}]"}
+        given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        for name, tensor in given.items():
+            if tensor is not None and not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor {expected[name]}, got {type(tensor).__name__}")
+        ok = {
+            "point_coords": point_coords is None or (point_coords.ndim == 3 and point_coords.shape[-1] == 2),
+            "point_labels": point_labels is None or point_labels.shape == point_coords.shape[:2],
+            "boxes": boxes is None or (boxes.ndim == 2 and boxes.shape[-1] == 4),
+            "mask_input": mask_input is None or tuple(mask_input.shape[1:]) == (1, low_res, low_res),
+        }
+        for name, good in ok.items():
+            if not good:
+                raise ValueError(f"{name} must have shape {expected[name]}, got {list(given[name].shape)}")
+        counts = {name: t.shape[0] for name, t in given.items() if t is not None}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"prompt counts disagree: {counts}; every prompt tensor needs the same N")

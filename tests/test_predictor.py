@@ -661,6 +661,26 @@ def test_bad_prompts_raise(prepared, kind):
         predictor.predict(**prompt)
 
 
+BAD_TORCH_PROMPTS = {
+    # predict_torch takes input-frame tensors with a prompt axis; only shapes are checked (no GPU sync).
+    "coords_without_prompt_axis": (dict(point_coords=torch.zeros(3, 2), point_labels=torch.ones(3)), ValueError, "point_coords must have shape [N, K, 2]"),
+    "labels_shape": (dict(point_coords=torch.zeros(2, 3, 2), point_labels=torch.ones(2, 4)), ValueError, "point_labels must have shape [N, K]"),
+    "labels_missing": (dict(point_coords=torch.zeros(1, 3, 2), point_labels=None), ValueError, "given together"),
+    "box_1d": (dict(point_coords=None, point_labels=None, boxes=torch.tensor([1.0, 2.0, 30.0, 40.0])), ValueError, "boxes must have shape [N, 4]"),
+    "mask_size": (dict(point_coords=None, point_labels=None, mask_input=torch.zeros(1, 1, 32, 32)), ValueError, f"mask_input must have shape [N, 1, {LOW}, {LOW}]"),
+    "count_mismatch": (dict(point_coords=torch.zeros(2, 1, 2), point_labels=torch.ones(2, 1), boxes=torch.zeros(3, 4)), ValueError, "prompt counts disagree"),
+    "numpy_box": (dict(point_coords=None, point_labels=None, boxes=np.zeros((1, 4))), TypeError, "boxes must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TORCH_PROMPTS))
+def test_bad_torch_prompts_raise(prepared, kind):
+    predictor, _ = prepared("landscape_200x300")
+    prompt, error, message = BAD_TORCH_PROMPTS[kind]
+    with pytest.raises(error, match=re.escape(message)):
+        predictor.predict_torch(**prompt)
+
+
 def test_points_slightly_outside_are_accepted(prepared):
     """POINT_MARGIN = 10% of the longest side (30 px for 300x200) may lie outside the image; the
     parity test above checks the values of such points (x = -3, x = W + 2.5)."""
