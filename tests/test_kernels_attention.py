@@ -1,0 +1,133 @@
+"""The Triton rel-pos attention kernel against the eager block attention (window partition, padding,
+SDPA with the decomposed bias, unpartition) computed in float64.
+
+Under the interpreter (CPU) only fp32 and fp16: `tl.dot` on bf16 is broken there (triton #11584);
+bf16 runs in the GPU tests. Shapes are small but awkward: padded windows, head_dim 80, grids that
+are not powers of two, several images.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samhq_fast.kernels.attention import rel_pos_attention
+from samhq_fast.modeling.image_encoder import Attention, decomposed_rel_pos_bias, window_partition, window_unpartition
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_attention(dim: int, heads: int, attn_size: int, seed: int) -> Attention:
+    torch.manual_seed(seed)
+    attn = Attention(dim, heads, (attn_size, attn_size))
+    with torch.no_grad():  # rel-pos tables and the qkv bias (= padded tokens' q/k/v) must matter
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+        attn.qkv.bias.normal_(0, 0.5)
+    return attn.eval()
+
+
+def eager_block_attention(attn: Attention, x: torch.Tensor, window: int) -> torch.Tensor:
+    """What Block.forward does around attn (minus the residual): [B, H, W, C] -> [B, H, W, C]."""
+    if window == 0:
+        return attn(x)
+    padded, padded_hw = window_partition(x, window)
+    return window_unpartition(attn(padded), window, padded_hw, x.shape[1:3])
+
+
+def kernel_block_attention(attn: Attention, x: torch.Tensor, window: int) -> torch.Tensor:
+    heads = rel_pos_attention(attn.qkv(x), attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, window)
+    return attn.proj(heads)
+
+
+def check(batch, grid, dim, heads, window, dtype, atol, rtol, device="cpu", seed=0):
+    attn = make_attention(dim, heads, window or grid, seed).to(device)
+    x = torch.randn(batch, grid, grid, dim, device=device)
+    with torch.no_grad():
+        expected = eager_block_attention(attn.double(), x.double(), window)
+        attn = attn.to(dtype)
+        got = kernel_block_attention(attn, x.to(dtype), window)
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol)
+
+
+# (dtype, atol, rtol): fp32 accumulates like the reference up to summation order; fp16 rounds q/k/v,
+# the probabilities and the output to 11 bits.
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 5e-3, 5e-3)]
+
+SHAPES = {
+    # batch, grid, dim, heads, window
+    "window14_pad16_hd80": (1, 16, 160, 2, 14),  # 16x16 grid -> 28x28, 4 windows, 3/4 of them padded
+    "window14_pad16_hd64_3img": (3, 16, 128, 2, 14),
+    "window5_pad12_hd64": (2, 12, 64, 1, 5),  # 12 -> 15: 9 windows of 25 tokens (tail tile)
+    "global9_hd80": (1, 9, 160, 2, 0),  # 81 tokens: not a power of two, tail tiles
+    "global12_hd64_3img": (3, 12, 128, 2, 0),
+    "window_equals_grid": (1, 14, 64, 1, 14),  # one unpadded window == global attention
+}
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_kernel_matches_eager(shape, dtype, atol, rtol):
+    check(*SHAPES[shape], dtype, atol, rtol)
+
+
+def masked_padding_attention(attn: Attention, x: torch.Tensor, window: int) -> torch.Tensor:
+    """The tempting variant the original does NOT compute: padded keys masked out of the softmax."""
+    padded, padded_hw = window_partition(x, window)
+    real = window_partition(torch.ones_like(x[..., :1]), window)[0]  # [nWin, win, win, 1]: 1 = real token
+    n, h, w, _ = padded.shape
+    q, k, v = attn.qkv(padded).reshape(n, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = decomposed_rel_pos_bias(q.flatten(0, 1), attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
+    bias = bias.view(n, attn.num_heads, h * w, h * w).masked_fill(real.reshape(n, 1, 1, h * w) == 0, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = attn.proj(out.view(n, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(n, h, w, -1))
+    return window_unpartition(out, window, padded_hw, x.shape[1:3])
+
+
+def test_padded_keys_stay_in_the_softmax():
+    """Padded tokens (q = k = v = qkv bias) stay in each window's softmax, as in the original. Masking
+    them would move the outputs of padded windows by far more than the tolerance, so the parity test
+    above does tell the two apart; full (unpadded) windows are the same either way."""
+    attn = make_attention(128, 2, 14, seed=1).double()
+    x = torch.randn(1, 16, 16, 128, dtype=torch.float64)
+    with torch.no_grad():
+        kept = eager_block_attention(attn, x, 14)
+        masked = masked_padding_attention(attn, x, 14)
+        got = kernel_block_attention(attn.float(), x.float(), 14).double()
+    torch.testing.assert_close(got, kept, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked[:, :14, :14], kept[:, :14, :14], atol=1e-9, rtol=1e-9)
+    assert (masked[:, 14:] - kept[:, 14:]).abs().max() > 1e-2 * kept.abs().max()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(qkv=torch.zeros(2, 4, 4, 95)), ValueError, "3 * num_heads * head_dim"),
+        (dict(qkv=torch.zeros(4, 4, 96)), ValueError, "qkv must be [B, H, W, 3C]"),
+        (dict(qkv_bias=torch.zeros(95)), ValueError, "qkv_bias must have shape [96]"),
+        (dict(rel_pos_h=torch.zeros(7, 8)), ValueError, "rel_pos_h / rel_pos_w must be [L, 16]"),
+        (dict(qkv=torch.zeros(1, 4, 4, 96, dtype=torch.float64)), TypeError, "float32, float16 or bfloat16"),
+        (dict(window_size=-1), ValueError, "window_size must be >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    args = dict(qkv=torch.zeros(1, 4, 4, 96), qkv_bias=torch.zeros(96), rel_pos_h=torch.zeros(7, 16),
+                rel_pos_w=torch.zeros(7, 16), num_heads=2, window_size=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
+        rel_pos_attention(**args)
+
+
+# Real sizes on the GPU: vit_b (head_dim 64) and vit_h (head_dim 80), windowed and global blocks.
+GPU_DTYPES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 5e-3, 5e-3), (torch.bfloat16, 3e-2, 3e-2)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dim, heads", [(768, 12), (1280, 16)], ids=["vit_b", "vit_h"])
+@pytest.mark.parametrize("window", [14, 0], ids=["windowed", "global"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_kernel_matches_eager_real_sizes_gpu(batch, dim, heads, window, dtype, atol, rtol):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check(batch, 64, dim, heads, window, dtype, atol, rtol, device="cuda")
