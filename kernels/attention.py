@@ -14,12 +14,11 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
   in registers only.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from samhq_fast.kernels import interpreting
 from samhq_fast.modeling.image_encoder import get_rel_pos
 
 LOG2E = 1.4426950408889634
@@ -126,14 +125,6 @@ def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Ten
     return rel_h, rel_w
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    if t.device.type != "cuda":
-        raise RuntimeError("Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 to run them on the CPU, slowly)")
-    return False
-
-
 def rel_pos_attention(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window_size: int
 ) -> torch.Tensor:
@@ -159,7 +150,7 @@ def rel_pos_attention(
         raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
     if window_size < 0:
         raise ValueError(f"window_size must be >= 0 (0 = global), got {window_size}")
-    interpreting = _interpreting(qkv)
+    interpreted = interpreting(qkv, "rel_pos_attention")
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     win_h, win_w = (h, w) if window_size == 0 else (window_size, window_size)
@@ -174,7 +165,7 @@ def rel_pos_attention(
 
     tokens = win_h * win_w
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if interpreting:
+    if interpreted:
         block_m, block_n, launch = 64, 64, {}  # fewer, larger programs: the interpreter pays per op
     else:  # Hopper defaults; tuning on the GPU comes with the benchmark suite
         block_m = 64 if tokens <= 256 else 128

@@ -1,10 +1,12 @@
 """`load` (any checkpoint source -> ready model) and the segment_anything_hq-style registry."""
 
 import os
+import warnings
 
 import torch
 
 from .checkpoint import CheckpointError, hf_to_original, infer_config, is_hf_layout, load_state_dict_strict, read_state_dict
+from .fused import KILL_SWITCH, apply_fused_backend, fused_available, fused_disabled
 from .modeling import SamHQ, SamHQConfig
 
 BACKENDS = ("auto", "eager", "fused")
@@ -37,12 +39,20 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "fused" on CUDA when the kernels can run there, else "eager". "fused" where the kernels
+    cannot run raises, except under the kill switch (SAMHQ_FAST_DISABLE_FUSED=1), which means eager."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "fused":
-        raise NotImplementedError("backend='fused' (Triton kernels) is not built yet; use backend='eager' or 'auto'")
-    return "eager"  # "auto" picks the fused backend on CUDA once it exists
+    available, why = fused_available(device)
+    if backend == "auto":
+        return "fused" if available and device.type == "cuda" else "eager"
+    if backend == "fused" and not available:
+        if fused_disabled():
+            warnings.warn(f"backend='fused' asked for, but {KILL_SWITCH} is set: using the eager reference", stacklevel=3)
+            return "eager"
+        raise ValueError(f"backend='fused' cannot run here: {why}")
+    return backend
 
 
 def load(
@@ -59,26 +69,32 @@ def load(
     (needs huggingface_hub). The architecture is inferred from tensor shapes; `model.variant`
     says which ("vit_b", "vit_l", "vit_h" or "custom") and `model.config` holds the rest.
     device: default CUDA when available, else CPU. dtype: default float32.
+    backend: "eager" (the reference), "fused" (Triton kernels in the image encoder; on the CPU only
+    under TRITON_INTERPRET=1), or "auto" (fused on CUDA, eager on the CPU).
     Raises CheckpointError (a ValueError) listing every missing, unexpected or mis-shaped key.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    backend = _resolve_backend(backend, device)
+    backend = resolve_backend(backend, device)
     state_dict = read_state_dict(source)
     if is_hf_layout(state_dict):
         state_dict = hf_to_original(state_dict)
     with torch.device("meta"):
         model = SamHQ(infer_config(state_dict))
     load_state_dict_strict(model, state_dict)
-    model.backend = backend
-    return model.to(device=device, dtype=dtype).eval()
+    model.backend = "eager"
+    model = model.to(device=device, dtype=dtype).eval()
+    return apply_fused_backend(model) if backend == "fused" else model
 
 
-def build_sam_hq(config: SamHQConfig | str, *, device=None, dtype=None) -> SamHQ:
+def build_sam_hq(config: SamHQConfig | str, *, device=None, dtype=None, backend: str = "eager") -> SamHQ:
     """A randomly initialised model of a variant name or config (for tests and benchmarks)."""
     config = SamHQConfig.from_variant(config) if isinstance(config, str) else config
+    device = resolve_device(device)
+    backend = resolve_backend(backend, device)
     model = SamHQ(config)
     model.backend = "eager"
-    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
+    model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+    return apply_fused_backend(model) if backend == "fused" else model
 
 
 def _registry_builder(variant: str):

@@ -2,7 +2,8 @@
 
 import os
 
-# The Triton interpreter must be chosen before any kernel module is imported.
+# The Triton interpreter must be chosen before any kernel module is imported. On a GPU machine run
+# the compiled kernels with `TRITON_INTERPRET=0 python -m pytest -m gpu`.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
@@ -71,3 +72,13 @@ def tiny_checkpoints(tiny_model, tmp_path_factory) -> dict:
     save_file(state_dict, paths["original_st"])
     save_file(original_to_hf(state_dict), paths["hf_st"])
     return paths
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need a CUDA device and compiled kernels (TRITON_INTERPRET=0)."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and TRITON_INTERPRET=0")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from samhq_fast.kernels.attention import rel_pos_attention
 from samhq_fast.modeling.image_encoder import Attention, decomposed_rel_pos_bias, window_partition, window_unpartition
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def make_attention(dim: int, heads: int, attn_size: int, seed: int) -> Attention:
@@ -123,7 +122,6 @@ GPU_DTYPES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 5e-3, 5e-3), (torch.b
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("dim, heads", [(768, 12), (1280, 16)], ids=["vit_b", "vit_h"])
 @pytest.mark.parametrize("window", [14, 0], ids=["windowed", "global"])

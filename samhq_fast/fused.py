@@ -1,0 +1,74 @@
+"""The fused backend: ViT blocks run by the Triton kernels, sharing the eager model's parameters.
+
+`apply_fused_backend(model)` swaps every image-encoder block for a `FusedBlock` that holds the very
+same submodules under the same names, so state dicts, checkpoints and the rest of the model are
+untouched. Per block (x: [B, H, W, C] channels-last, H = W = 64 at 1024 input):
+  qkv  = norm1(x) @ Wqkv^T + b            cuBLAS, on the 4,096 real tokens only (the original runs
+                                          it on the 70x70 padded grid in windowed blocks)
+  a    = rel_pos_attention(qkv)           Triton: windows, padding, rel-pos bias by index math
+  x    = a @ Wproj^T + b + x              Triton GEMM, bias + residual in the epilogue
+  h    = gelu(norm2(x) @ W1^T + b1)       Triton GEMM, bias + exact GELU in the epilogue
+  x    = h @ W2^T + b2 + x                Triton GEMM, bias + residual in the epilogue
+Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (kill switch).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling import SamHQ
+from .modeling.image_encoder import Block
+
+KILL_SWITCH = "SAMHQ_FAST_DISABLE_FUSED"
+
+
+def fused_disabled() -> bool:
+    return os.environ.get(KILL_SWITCH, "") not in ("", "0")
+
+
+def fused_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on `device`, and why not."""
+    if fused_disabled():
+        return False, f"{KILL_SWITCH} is set"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU, slowly), got {device}"
+
+
+class FusedBlock(nn.Module):
+    """A ViT block computed by the Triton kernels; the same function as `Block`."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.window_size = block.window_size
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from samhq_fast.kernels.attention import rel_pos_attention
+        from samhq_fast.kernels.fused_linear import fused_linear
+
+        attn, mlp = self.attn, self.mlp
+        qkv = F.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)  # [B, H, W, 3C]
+        heads = rel_pos_attention(qkv, attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, self.window_size)
+        x = fused_linear(heads, attn.proj.weight, attn.proj.bias, residual=x)
+        hidden = fused_linear(self.norm2(x), mlp.lin1.weight, mlp.lin1.bias, activation="gelu")  # [B, H, W, 4C]
+        return fused_linear(hidden, mlp.lin2.weight, mlp.lin2.bias, residual=x)
+
+
+def apply_fused_backend(model: SamHQ) -> SamHQ:
+    """Swap the image encoder's blocks for fused ones in place (idempotent); returns the model."""
+    ok, why = fused_available(model.device)
+    if not ok:
+        raise ValueError(f"the fused backend cannot run here: {why}")
+    blocks = model.image_encoder.blocks
+    for i, block in enumerate(blocks):
+        if isinstance(block, Block):
+            blocks[i] = FusedBlock(block)
+    model.backend = "fused"
+    return model

@@ -1,0 +1,116 @@
+"""The fused backend (Triton kernels in the image encoder) against the eager reference.
+
+On the CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) on the
+tiny random model; the GPU tests run real vit_b / vit_h sizes.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import samhq_fast
+from samhq_fast import SamHQPredictor
+from samhq_fast.fused import KILL_SWITCH, FusedBlock, apply_fused_backend
+from samhq_fast.modeling import SamHQConfig
+from conftest import make_model
+
+
+def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max error relative to the tensor's scale (random-weight tensors have values near 0)."""
+    return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (torch.linalg.norm((got.double() - expected.double()).flatten()) / torch.linalg.norm(expected.double().flatten())).item()
+
+
+@pytest.fixture(scope="module")
+def fused_tiny(tiny_model):
+    return apply_fused_backend(copy.deepcopy(tiny_model))
+
+
+def test_fused_swap_keeps_parameters_and_keys(tiny_model, fused_tiny):
+    assert fused_tiny.backend == "fused"
+    assert all(isinstance(block, FusedBlock) for block in fused_tiny.image_encoder.blocks)
+    eager_sd, fused_sd = tiny_model.state_dict(), fused_tiny.state_dict()
+    assert list(eager_sd) == list(fused_sd)
+    assert all(torch.equal(eager_sd[k], fused_sd[k]) for k in eager_sd)
+
+
+def test_fused_encoder_matches_eager_fp32(tiny_model, fused_tiny):
+    images = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny_model.encode_image(images)
+        got = fused_tiny.encode_image(images)
+    for name, g, e in zip(("embeddings", "early ViT features", "HQ features"), got, expected):
+        assert rel_error(g, e) < 1e-4, name
+
+
+def test_fused_predictor_matches_eager(tiny_checkpoints):
+    """load(backend="fused") end to end: same masks and scores as the eager backend."""
+    photo = np.random.default_rng(1).integers(0, 256, (180, 240, 3), dtype=np.uint8)
+    prompts = dict(point_coords=np.array([[[60, 50], [200, 120]], [[150, 100], [20, 170]]]),
+                   point_labels=np.array([[1, 0], [1, 1]]), box=np.array([[10, 20, 150, 160], [90, 40, 235, 175]]))
+    outputs = {}
+    for backend in ("eager", "fused"):
+        model = samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend=backend)
+        assert model.backend == backend
+        predictor = SamHQPredictor(model)
+        predictor.set_image(photo)
+        outputs[backend] = predictor.predict(**prompts, multimask_output=True)
+    (masks_e, scores_e, logits_e), (masks_f, scores_f, logits_f) = outputs["eager"], outputs["fused"]
+    np.testing.assert_allclose(scores_f, scores_e, atol=1e-5)
+    np.testing.assert_allclose(logits_f, logits_e, atol=1e-4 * np.abs(logits_e).max())
+    # Masks may only differ where the logit is within rounding of the threshold.
+    assert (masks_f != masks_e).sum() <= 10
+
+
+def test_kill_switch_falls_back_to_eager(tiny_checkpoints, monkeypatch):
+    monkeypatch.setenv(KILL_SWITCH, "1")
+    with pytest.warns(UserWarning, match=KILL_SWITCH):
+        model = samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="fused")
+    assert model.backend == "eager"
+    assert not any(isinstance(block, FusedBlock) for block in model.image_encoder.blocks)
+
+
+def test_fused_on_cpu_without_interpreter_is_a_clear_error(tiny_checkpoints, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA device"):
+        samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" on the CPU quietly picks eager
+        assert samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="auto").backend == "eager"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sizes on the GPU
+
+
+@pytest.fixture(scope="module")
+def tf32_off():
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["vit_b", "vit_h"])
+def test_fused_encoder_matches_eager_real_size_gpu(variant, tf32_off):
+    eager = make_model(SamHQConfig.from_variant(variant)).cuda()
+    images = torch.randn(2, 3, 1024, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        expected = eager.encode_image(images)
+        fused = apply_fused_backend(copy.deepcopy(eager))
+        got = fused.encode_image(images)
+        for g, e in zip(got, expected):  # fp32, TF32 off: ~1e-4 relative
+            assert rel_error(g, e) < 1e-4
+        # bf16: the fused path must be as accurate as the eager path in bf16, both against fp32.
+        images16 = images.to(torch.bfloat16)
+        got_bf16 = fused.to(torch.bfloat16).encode_image(images16)
+        eager_bf16 = eager.to(torch.bfloat16).encode_image(images16)
+        for g, e16, e in zip(got_bf16, eager_bf16, expected):
+            assert rel_l2(g, e) <= 1.25 * rel_l2(e16, e) + 1e-3
