@@ -39,14 +39,19 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
+# "auto" will mean "fused on CUDA" once the Triton kernels have passed the GPU tests
+# (`TRITON_INTERPRET=0 pytest -m gpu`); so far they are verified under the interpreter only.
+AUTO_PICKS_FUSED_ON_CUDA = False
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "fused" on CUDA when the kernels can run there, else "eager". "fused" where the kernels
-    cannot run raises, except under the kill switch (SAMHQ_FAST_DISABLE_FUSED=1), which means eager."""
+    """"auto" -> eager for now (see AUTO_PICKS_FUSED_ON_CUDA). "fused" where the kernels cannot run
+    raises, except under the kill switch (SAMHQ_FAST_DISABLE_FUSED=1), which means eager."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     available, why = fused_available(device)
     if backend == "auto":
-        return "fused" if available and device.type == "cuda" else "eager"
+        return "fused" if AUTO_PICKS_FUSED_ON_CUDA and available and device.type == "cuda" else "eager"
     if backend == "fused" and not available:
         if fused_disabled():
             warnings.warn(f"backend='fused' asked for, but {KILL_SWITCH} is set: using the eager reference", stacklevel=3)
@@ -70,7 +75,8 @@ def load(
     says which ("vit_b", "vit_l", "vit_h" or "custom") and `model.config` holds the rest.
     device: default CUDA when available, else CPU. dtype: default float32.
     backend: "eager" (the reference), "fused" (Triton kernels in the image encoder; on the CPU only
-    under TRITON_INTERPRET=1), or "auto" (fused on CUDA, eager on the CPU).
+    under TRITON_INTERPRET=1), or "auto" (eager until the kernels are validated on a GPU, then
+    fused on CUDA and eager on the CPU).
     Raises CheckpointError (a ValueError) listing every missing, unexpected or mis-shaped key.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
