@@ -252,6 +252,21 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
     return SamHQConfig(encoder=encoder)
 
 
+def hf_config_kwargs(config: SamHQConfig) -> dict:
+    """Keyword arguments for transformers' `SamHQConfig` of the same architecture. The decoder's
+    LayerNorm eps is set to the original's 1e-5 (HF defaults to 1e-6, see REFERENCE.md)."""
+    enc = config.encoder
+    return dict(
+        vision_config=dict(
+            hidden_size=enc.embed_dim, num_hidden_layers=enc.depth, num_attention_heads=enc.num_heads,
+            image_size=enc.img_size, patch_size=enc.patch_size, window_size=enc.window_size,
+            global_attn_indexes=list(enc.global_attn_indexes), mlp_dim=enc.mlp_dim, output_channels=enc.out_chans,
+        ),
+        prompt_encoder_config=dict(image_size=enc.img_size, patch_size=enc.patch_size),
+        mask_decoder_config=dict(vit_dim=config.vit_dim, layer_norm_eps=1e-5),
+    )
+
+
 def load_state_dict_strict(model: SamHQ, state_dict: dict[str, torch.Tensor]) -> None:
     """Load with assign=True after checking every key and shape; one error lists every problem."""
     expected = model.state_dict()

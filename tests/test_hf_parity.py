@@ -34,7 +34,7 @@ from transformers import SamHQModel
 from transformers.models.sam_hq import modeling_sam_hq
 
 from conftest import TINY_CONFIG, make_model
-from samhq_fast.checkpoint import original_to_hf
+from samhq_fast.checkpoint import hf_config_kwargs, original_to_hf
 from samhq_fast.modeling import SamHQ, SamHQConfig
 
 ENCODER_REL_TOL = 1e-4
@@ -57,24 +57,7 @@ def assert_iou_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def hf_config(config: SamHQConfig, attn_implementation: str) -> HFSamHQConfig:
-    enc = config.encoder
-    return HFSamHQConfig(
-        vision_config=dict(
-            hidden_size=enc.embed_dim,
-            num_hidden_layers=enc.depth,
-            num_attention_heads=enc.num_heads,
-            image_size=enc.img_size,
-            patch_size=enc.patch_size,
-            window_size=enc.window_size,
-            global_attn_indexes=list(enc.global_attn_indexes),
-            mlp_dim=enc.mlp_dim,
-            output_channels=enc.out_chans,
-        ),
-        prompt_encoder_config=dict(image_size=enc.img_size, patch_size=enc.patch_size),
-        # HF's two-way transformer LayerNorms default to eps 1e-6; the original (and ours) use 1e-5.
-        mask_decoder_config=dict(vit_dim=config.vit_dim, layer_norm_eps=1e-5),
-        attn_implementation=attn_implementation,
-    )
+    return HFSamHQConfig(**hf_config_kwargs(config), attn_implementation=attn_implementation)
 
 
 def build_hf(model: SamHQ, attn_implementation: str = "eager") -> SamHQModel:
