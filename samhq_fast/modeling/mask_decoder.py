@@ -47,18 +47,22 @@ class MaskDecoderHQ(nn.Module):
         """
         return self.embedding_encoder(image_embeddings) + self.compress_vit_feat(early_vit_features.permute(0, 3, 1, 2))
 
-    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
 
         image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
-        dense [P, 256, h, w], hq_features [1 or P, 32, 4h, 4w].
+        dense [P, 256, h, w], hq_features [1 or P, 32, 4h, 4w]; sparse_mask [P, T] bool marks the
+        real sparse tokens when prompts are padded to a fixed T (None: all are real).
         """
         num_prompts = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
         tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
         src = image_embeddings + dense  # broadcasts one image over all its prompts
         b, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe, tokens)
+        token_mask = None
+        if sparse_mask is not None:  # the 6 output tokens are always real
+            token_mask = torch.cat([sparse_mask.new_ones(num_prompts, output_tokens.shape[0]), sparse_mask], dim=1)
+        hs, src = self.transformer(src, image_pe, tokens, token_mask)
 
         upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [P, 32, 4h, 4w]
         upscaled_hq = self.embedding_maskfeature(upscaled_sam) + hq_features

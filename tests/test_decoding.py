@@ -1,0 +1,113 @@
+"""The fixed-shape prompt decoder (samhq_fast.decoding) against the eager prompt encoder + HQ decoder.
+
+Padding must be exact: padded prompt rows are independent, and padded point slots are masked out of
+every attention over prompt tokens. The compiled decoder must not recompile while prompt and point
+counts stay within their buckets.
+"""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from samhq_fast import decoding
+from samhq_fast.decoding import PromptDecoder
+
+G = 16  # tiny model: 16x16 embedding grid, 64x64 low-res masks
+
+
+@pytest.fixture(scope="module")
+def image_state(tiny_model):
+    with torch.inference_mode():
+        embeddings, _, hq_features = tiny_model.encode_image(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)))
+    return embeddings, hq_features
+
+
+def make_prompts(kind: str, num: int, points: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.rand(num, points, 2, generator=gen) * 256
+    labels = torch.randint(-1, 2, (num, points), generator=gen)
+    corners = torch.rand(num, 2, 2, generator=gen).sort(dim=1).values * 256
+    boxes = corners.reshape(num, 4) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    mask_input = 4 * torch.randn(num, 1, 4 * G, 4 * G, generator=gen)
+    use_points, use_box, use_mask = ("points" in kind), ("box" in kind), ("mask" in kind)
+    return dict(
+        point_coords=coords if use_points else None, point_labels=labels if use_points else None,
+        boxes=boxes if use_box else None, mask_input=mask_input if use_mask else None,
+    )
+
+
+def eager_decode(model, image_state, prompts, multimask_output, hq_token_only):
+    """The reference: the model's own prompt encoder and HQ decoder, as SamHQPredictor.predict_torch."""
+    embeddings, hq_features = image_state
+    points = None if prompts["point_coords"] is None else (prompts["point_coords"], prompts["point_labels"])
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(points, prompts["boxes"], prompts["mask_input"])
+        return model.mask_decoder(embeddings, model.prompt_encoder.get_dense_pe(), sparse, dense, hq_features,
+                                  multimask_output, hq_token_only)
+
+
+KINDS = ["points", "box", "points+box", "mask", "points+mask", "box+mask", "points+box+mask"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num, points", [(1, 1), (4, 3), (5, 2)])  # bucket edges: 1, 4 (full), 5 (-> 16)
+@pytest.mark.parametrize("multimask_output, hq_token_only", [(True, False), (False, False), (False, True), (True, True)])
+def test_padded_decoder_equals_eager(tiny_model, image_state, kind, num, points, multimask_output, hq_token_only):
+    prompts = make_prompts(kind, num, points)
+    expected = eager_decode(tiny_model, image_state, prompts, multimask_output, hq_token_only)
+    got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=multimask_output,
+                                                   hq_token_only=hq_token_only)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
+
+
+def test_padded_point_slots_are_invisible(tiny_model, image_state):
+    """A point list padded by hand with PAD_LABEL slots gives the unpadded result, while the same slots
+    given label -1 (SAM's "not a point", which IS attended to) change it: the mask is doing the work."""
+    decoder = PromptDecoder(tiny_model, compile=False)
+    prompts = make_prompts("points", 2, 3, seed=3)
+    base = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)[0]
+    coords = torch.cat([prompts["point_coords"], torch.zeros(2, 2, 2)], dim=1)
+    for label, same in ((decoding.PAD_LABEL, True), (-1, False)):
+        labels = torch.cat([prompts["point_labels"], torch.full((2, 2), label)], dim=1)
+        got = decoder(*image_state, point_coords=coords, point_labels=labels, boxes=None, mask_input=None,
+                      multimask_output=False, hq_token_only=False)[0]
+        assert torch.allclose(got, base, atol=1e-5 * base.abs().max().item()) == same
+
+
+def test_more_prompts_than_the_largest_bucket(tiny_model, image_state, monkeypatch):
+    monkeypatch.setattr(decoding, "PROMPT_BUCKETS", (1, 2, 4))
+    prompts = make_prompts("points+box", 9, 2)  # chunks of 4, 4, 1
+    expected = eager_decode(tiny_model, image_state, prompts, True, False)
+    got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=True, hq_token_only=False)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
+
+
+def test_no_recompiles_within_buckets(tiny_model, image_state):
+    """Dynamo traces once per (prompt bucket, point bucket); prompt types, counts inside a bucket and
+    the output flags reuse the graph. aot_eager keeps this test fast: the guards are Dynamo's."""
+    counter = CompileCounterWithBackend("aot_eager")
+    decoder = PromptDecoder(tiny_model, backend=counter)
+    calls = [("points", 4, 3), ("points", 3, 4), ("box", 2, 1), ("points+box", 1, 2), ("mask", 4, 1),
+             ("points+mask", 2, 3)]
+    # point buckets: 3, 4 -> 4; no points / 1 / 2 -> 1 and 2: three point buckets, one prompt bucket (4)
+    for kind, num, points in calls:
+        for flags in ((True, False), (False, True)):
+            decoder(*image_state, **make_prompts(kind, num, points), multimask_output=flags[0], hq_token_only=flags[1])
+    assert counter.frame_count == 3
+    decoder(*image_state, **make_prompts("points", 5, 3), multimask_output=True, hq_token_only=False)
+    assert counter.frame_count == 4  # 5 prompts: the next prompt bucket (16), a new graph
+
+
+def test_compiled_decoder_matches_eager(tiny_model, image_state):
+    """Inductor-compiled (on the CPU: no CUDA graphs) against the eager reference, every prompt type
+    through one graph (4 prompts, up to 2 points)."""
+    decoder = PromptDecoder(tiny_model)
+    for kind in KINDS:
+        prompts = make_prompts(kind, 4, 2, seed=7)
+        expected = eager_decode(tiny_model, image_state, prompts, True, False)
+        got = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
