@@ -1,11 +1,14 @@
 """SamHQPredictor: the original SamPredictor's API (set an image once, prompt it many times),
-plus several prompts per call."""
+plus several prompts per call, torch-tensor images and outputs, and several images at once."""
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .modeling import SamHQ
-from .transforms import as_rgb_uint8, resize_longest_side, scale_coords
+from .transforms import as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
+
+PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
 
 # Points may sit this far outside the image (as a fraction of its longest side): the original
 # accepts points slightly off the border, but a point far outside is almost surely a bug
@@ -29,6 +32,16 @@ class ImageNotSetError(RuntimeError, ValueError):
     """predict / get_image_embedding was called before set_image (a RuntimeError, as in the original)."""
 
 
+def _to_output(tensors: tuple[torch.Tensor, ...], return_torch: bool, batched: bool) -> tuple:
+    """Decoder outputs -> numpy (bool masks, float32 values), or float32 / bool tensors left on their
+    device (no host sync) with return_torch; the prompt axis dropped when the prompt was unbatched."""
+    if return_torch:
+        outputs = tuple(t if t.dtype == torch.bool else t.float() for t in tensors)
+    else:
+        outputs = tuple(t.detach().cpu().numpy() if t.dtype == torch.bool else t.detach().float().cpu().numpy() for t in tensors)
+    return outputs if batched else tuple(o[0] for o in outputs)
+
+
 class SamHQPredictor:
     def __init__(self, model: SamHQ):
         if not isinstance(model, SamHQ):
@@ -41,23 +54,85 @@ class SamHQPredictor:
         return self.model.device
 
     def reset_image(self) -> None:
-        """Forget the current image and its features."""
+        """Forget the current image(s) and their features."""
         self.is_image_set = False
-        self.features = None  # [1, 256, G, G]
-        self.hq_features = None  # [1, 32, 4G, 4G], computed once per image
-        self.original_size = None  # (H, W)
-        self.input_size = None  # (h, w) after the longest-side resize
+        self.features = None  # [B, 256, G, G] (B = 1 after set_image)
+        self.hq_features = None  # [B, 32, 4G, 4G], computed once per image
+        self.original_sizes = []  # (H, W) per image
+        self.input_sizes = []  # (h, w) per image after the longest-side resize
+        self.original_size = None  # (H, W) when ONE image is set (what predict / predict_torch use)
+        self.input_size = None
+
+    @property
+    def num_images(self) -> int:
+        """How many images are set: 1 after set_image, len(images) after set_images, 0 before."""
+        return len(self.original_sizes)
 
     def set_image(self, image, image_format: str = "RGB") -> None:
-        """Compute the image's embeddings once for all later `predict` calls.
+        """Compute the image's embeddings once for all later `predict` calls (= set_images([image])).
 
-        image: numpy [H, W, 3] uint8 (also [H, W] gray, [H, W, 4] with alpha, uint16, float in [0, 1])
-        or a PIL image. image_format: "RGB" or "BGR" channel order of a numpy image.
+        image: numpy [H, W, 3] uint8 (also [H, W] gray, [H, W, 4] with alpha, uint16, float in [0, 1]),
+        a PIL image, or a torch tensor [H, W, 3] (HWC) or [3, H, W] (CHW), uint8 or float in [0, 1],
+        on any device. image_format: "RGB" or "BGR" channel order of a numpy or torch image.
+
+        A tensor image stays on the device: it is moved to the model's device, resized there by
+        `transforms.resize_longest_side_torch` (antialiased bilinear like the original's PIL resize:
+        equal on upscales, at most 1 level off on ~0.1 % of the values on downscales; an image whose
+        longest side already is the model's img_size is used unchanged, bit for bit the numpy
+        path), normalized and padded there. uint8 tensors cost no host sync; float tensors cost one
+        (their NaN / [0, 1] range check).
         """
+        resized, original_size = self._transform_image(image, image_format)
+        self._encode_images([resized], [original_size])
+
+    def set_images(self, images, image_format: str = "RGB") -> None:
+        """Encode several images in ONE image-encoder batch, for `predict_batch`.
+
+        images: a list (or tuple) of images of any sizes, each as `set_image` accepts (numpy, PIL,
+        torch; they may be mixed). Each is resized on its own (longest side to the model's
+        img_size) and zero-padded to a square, then all go through the encoder together: the
+        encoder's memory grows with len(images), so split very long lists. Stores features
+        [B, 256, G, G], hq_features [B, 32, 4G, 4G], original_sizes and input_sizes (one per image).
+        With one image this is set_image; with several, `predict` / `predict_torch` refuse (they
+        are single-image: use predict_batch).
+        """
+        if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)) or not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be a list of images (use set_image for one image), got {type(images).__name__}")
+        if len(images) == 0:
+            raise ValueError("images is empty: give at least one image")
+        transformed = []
+        for i, image in enumerate(images):
+            try:
+                transformed.append(self._transform_image(image, image_format))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"images[{i}]: {e}") from e
+        self._encode_images([t for t, _ in transformed], [size for _, size in transformed])
+
+    def _transform_image(self, image, image_format: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Any accepted image -> (RGB uint8 [1, 3, h, w] resized to the model's input, on the model's
+        device; the original (H, W))."""
+        size = self.model.config.img_size
+        if isinstance(image, torch.Tensor):
+            rgb = as_rgb_uint8_torch(image, image_format, self.device)
+            return resize_longest_side_torch(rgb, size), tuple(rgb.shape[-2:])
+        if not isinstance(image, (np.ndarray, Image.Image)):
+            raise TypeError(f"image must be a numpy array, PIL image or torch tensor, got {type(image).__name__}")
         rgb = as_rgb_uint8(image, image_format)
-        resized = resize_longest_side(rgb, self.model.config.img_size)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None]
-        self.set_torch_image(tensor, rgb.shape[:2])
+        resized = resize_longest_side(rgb, size)
+        return torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None], rgb.shape[:2]
+
+    @torch.inference_mode()
+    def _encode_images(self, resized: list[torch.Tensor], original_sizes: list[tuple[int, int]]) -> None:
+        """resized: [1, 3, h_i, w_i] images on a 0..255 scale (longest side = img_size) -> the
+        predictor's state, from one encoder batch."""
+        self.reset_image()
+        batch = torch.cat([self.model.preprocess(image.to(self.device)) for image in resized])  # normalize + pad each
+        self.features, _, self.hq_features = self.model.encode_image(batch)
+        self.original_sizes = [tuple(int(s) for s in size) for size in original_sizes]
+        self.input_sizes = [tuple(int(s) for s in image.shape[-2:]) for image in resized]
+        if len(resized) == 1:
+            self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
+        self.is_image_set = True
 
     @torch.inference_mode()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
@@ -69,24 +144,24 @@ class SamHQPredictor:
             raise ValueError(f"transformed_image must be a [1, 3, h, w] tensor, got {shape}")
         if max(transformed_image.shape[-2:]) != size:
             raise ValueError(f"transformed_image must have its longest side resized to {size}, got {list(transformed_image.shape[-2:])}")
-        self.reset_image()
-        self.original_size = tuple(int(s) for s in original_image_size)
-        self.input_size = tuple(transformed_image.shape[-2:])
-        images = self.model.preprocess(transformed_image.to(self.device))
-        self.features, _, self.hq_features = self.model.encode_image(images)
-        self.is_image_set = True
+        self._encode_images([transformed_image], [original_image_size])
 
     def get_image_embedding(self) -> torch.Tensor:
-        """Image embedding [1, 256, G, G] of the current image (G = 64 for a 1024 model)."""
-        self._require_image()
+        """Image embeddings [B, 256, G, G] of the images set (B = 1 after set_image; G = 64 for a 1024 model)."""
+        self._require_image(single=False)
         return self.features
 
-    def _require_image(self) -> None:
+    def _require_image(self, single: bool = True) -> None:
         if not self.is_image_set:
-            raise ImageNotSetError("no image is set: call set_image(...) before predict / get_image_embedding")
+            raise ImageNotSetError("no image is set: call set_image(...) or set_images([...]) before predicting / get_image_embedding")
+        if single and self.num_images != 1:
+            raise RuntimeError(
+                f"{self.num_images} images are set (set_images): predict / predict_torch take one image; "
+                "use predict_batch, or set_image for a single image"
+            )
 
-    def _check_in_image(self, coords: np.ndarray, name: str) -> None:
-        h, w = self.original_size
+    def _check_in_image(self, coords: np.ndarray, name: str, original_size: tuple[int, int]) -> None:
+        h, w = original_size
         margin = POINT_MARGIN * max(h, w)
         x, y = coords[..., 0], coords[..., 1]
         bad = (x < -margin) | (x > w + margin) | (y < -margin) | (y > h + margin)
@@ -106,6 +181,7 @@ class SamHQPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         hq_token_only: bool = False,
+        return_torch: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for prompts in the original image's pixel frame.
 
@@ -116,15 +192,99 @@ class SamHQPredictor:
         mask_input [N, 1, 4G, 4G] -> masks [N, 1, H, W], scores [N, 1], low_res_logits [N, 1, 4G, 4G].
         multimask_output picks the best of SAM's 3 multimask outputs (by predicted IoU) before adding
         the HQ mask; hq_token_only returns the HQ mask alone. Masks are bool unless return_logits.
+        return_torch=True returns torch tensors on the model's device instead of numpy (bool masks,
+        float32 scores and logits, same shapes) without reading them back to the host (inference-mode
+        tensors: read-only outside torch.inference_mode, .clone() one to modify it in place). (The prompts
+        are validated on the host: prompts given as GPU tensors are read back for that; predict_torch
+        takes device tensors without any check of their values.)
         """
         self._require_image()
         coords, labels, boxes, masks_in, batched = self._prompts_to_torch(point_coords, point_labels, box, mask_input)
-        masks, scores, low_res = self.predict_torch(coords, labels, boxes, masks_in, multimask_output, return_logits, hq_token_only)
-        outputs = tuple(t.detach().cpu().numpy() if t.dtype == torch.bool else t.detach().float().cpu().numpy() for t in (masks, scores, low_res))
-        return outputs if batched else tuple(o[0] for o in outputs)
+        outputs = self.predict_torch(coords, labels, boxes, masks_in, multimask_output, return_logits, hq_token_only)
+        return _to_output(outputs, return_torch, batched)
 
-    def _prompts_to_torch(self, point_coords, point_labels, box, mask_input):
-        """Validate user prompts, scale them to the input frame, and give them a prompt-batch axis."""
+    def predict_batch(
+        self,
+        prompts,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        hq_token_only: bool = False,
+        return_torch: bool = False,
+    ) -> list:
+        """Prompts for each of the images given to `set_images`, decoded together.
+
+        prompts: a list with one entry per image: a dict with `predict`'s prompt arguments
+        (point_coords, point_labels, box, mask_input; any subset, any number of prompts, batched or
+        not), or None to skip that image. -> a list with, per image, what `predict` on that image
+        alone returns for that dict (same shapes and batching rules, numpy or with return_torch
+        tensors on the model's device), or None for a skipped image. The flags apply to every image.
+
+        All prompts of all images run through one mask-decoder call per sparse-token count (the
+        number of point and box tokens per prompt: prompts with different counts cannot share a
+        batch without padding, which would change their results), each prompt reading its image's
+        features (a per-prompt gather; a group from a single image broadcasts them instead).
+        """
+        self._require_image(single=False)
+        if isinstance(prompts, dict) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of dicts, one per image, got {type(prompts).__name__}")
+        if len(prompts) != self.num_images:
+            raise ValueError(f"got {len(prompts)} prompt dicts for {self.num_images} images: give one per image set by set_images (None skips one)")
+        converted = {}  # image index -> (coords, labels, boxes, masks, batched)
+        for i, prompt in enumerate(prompts):
+            if prompt is None:
+                continue
+            if not isinstance(prompt, dict):
+                raise TypeError(f"prompts[{i}] must be a dict of predict's prompt arguments (or None), got {type(prompt).__name__}")
+            unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+            if unknown:
+                raise ValueError(f"prompts[{i}] has unknown keys {unknown}; allowed: {list(PROMPT_KEYS)}")
+            try:
+                converted[i] = self._prompts_to_torch(**{k: prompt.get(k) for k in PROMPT_KEYS}, original_size=self.original_sizes[i])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prompts[{i}]: {e}") from e
+        results = [None] * len(prompts)
+        if not converted:
+            return results
+        decoded = self._decode_images(converted, multimask_output, hq_token_only)
+        for i, (low_res, scores) in decoded.items():
+            masks = self.model.postprocess_masks(low_res, self.input_sizes[i], self.original_sizes[i])
+            if not return_logits:
+                masks = masks > self.model.mask_threshold
+            results[i] = _to_output((masks, scores, low_res), return_torch, converted[i][4])
+        return results
+
+    @torch.inference_mode()
+    def _decode_images(self, converted: dict, multimask_output: bool, hq_token_only: bool) -> dict:
+        """image index -> input-frame prompt tensors (from _prompts_to_torch) ==> image index ->
+        (low-res logits [P_i, 1, 4G, 4G], scores [P_i, 1]), one decoder call per sparse-token count."""
+        model = self.model
+        groups = {}  # sparse tokens per prompt -> [(image index, sparse, dense)]
+        for i, (coords, labels, boxes, masks, _) in converted.items():
+            points = None if coords is None else (coords, labels)
+            sparse, dense = model.prompt_encoder(points, boxes, masks)
+            groups.setdefault(sparse.shape[1], []).append((i, sparse, dense))
+        image_pe = model.prompt_encoder.get_dense_pe()
+        decoded = {}
+        for members in groups.values():
+            images = [i for i, _, _ in members]
+            counts = [sparse.shape[0] for _, sparse, _ in members]
+            if len(images) == 1:  # one image: broadcast its features over its prompts, as predict_torch
+                features, hq_features = self.features[images[0]][None], self.hq_features[images[0]][None]
+            else:  # per-prompt gather of each prompt's image features
+                # (filled on the device: a host-built index would be a blocking copy, i.e. a stream sync)
+                index = torch.cat([torch.full((n,), i, dtype=torch.long, device=self.device) for i, n in zip(images, counts)])
+                features, hq_features = self.features[index], self.hq_features[index]
+            sparse = torch.cat([s for _, s, _ in members])
+            dense = torch.cat([d for _, _, d in members])
+            low_res, scores = model.mask_decoder(features, image_pe, sparse, dense, hq_features, multimask_output, hq_token_only)
+            for i, low, score in zip(images, low_res.split(counts), scores.split(counts)):
+                decoded[i] = (low, score)
+        return decoded
+
+    def _prompts_to_torch(self, point_coords, point_labels, box, mask_input, original_size=None):
+        """Validate user prompts, scale them to the input frame, and give them a prompt-batch axis.
+        original_size: the (H, W) of the image they refer to (default: the single image set)."""
+        original_size = self.original_size if original_size is None else original_size
         size = self.model.config.img_size
         counts = {}  # prompt count implied by each argument
         batched = False
@@ -142,11 +302,11 @@ class SamHQPredictor:
                 raise ValueError(f"point_labels must have shape {list(pts.shape[:-1])} to match point_coords, got {list(lbl.shape)}")
             if not np.isin(lbl, (-1, 0, 1)).all():
                 raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {sorted(set(lbl.ravel().tolist()))}")
-            self._check_in_image(pts, "point_coords")
+            self._check_in_image(pts, "point_coords", original_size)
             batched |= pts.ndim == 3
             pts, lbl = (pts, lbl) if pts.ndim == 3 else (pts[None], lbl[None])
             counts["point_coords"] = pts.shape[0]
-            coords = torch.as_tensor(scale_coords(pts, self.original_size, size), dtype=torch.float32, device=self.device)
+            coords = torch.as_tensor(scale_coords(pts, original_size, size), dtype=torch.float32, device=self.device)
             labels = torch.as_tensor(lbl, dtype=torch.int64, device=self.device)
         if box is not None:
             bx = _finite_array(box, "box", last_dim=4)
@@ -156,10 +316,10 @@ class SamHQPredictor:
             if ((bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])).any():
                 first = bx[(bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])][0]
                 raise ValueError(f"box must be (x1, y1, x2, y2) with x2 > x1 and y2 > y1, got an empty or inverted box {first.tolist()}")
-            self._check_in_image(bx.reshape(-1, 2, 2), "box")
+            self._check_in_image(bx.reshape(-1, 2, 2), "box", original_size)
             batched |= bx.shape[0] > 1
             counts["box"] = bx.shape[0]
-            boxes = torch.as_tensor(scale_coords(bx.reshape(-1, 2, 2), self.original_size, size).reshape(-1, 4), dtype=torch.float32, device=self.device)
+            boxes = torch.as_tensor(scale_coords(bx.reshape(-1, 2, 2), original_size, size).reshape(-1, 4), dtype=torch.float32, device=self.device)
         if mask_input is not None:
             low_res = 4 * self.model.config.embedding_size
             mk = _finite_array(mask_input, "mask_input")

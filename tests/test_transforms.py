@@ -6,6 +6,7 @@ new_w / W on x and new_h / H on y (two different factors once the rounding kicks
 """
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from samhq_fast.transforms import as_rgb_uint8, load_image, preprocess_shape, resize_longest_side, scale_coords
+import torch
+
+from samhq_fast.transforms import (
+    as_rgb_uint8,
+    as_rgb_uint8_torch,
+    load_image,
+    preprocess_shape,
+    resize_longest_side,
+    resize_longest_side_torch,
+    scale_coords,
+)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def photo(h: int = 37, w: int = 53, seed: int = 0) -> np.ndarray:
@@ -251,3 +264,146 @@ def test_load_image_errors(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"this is not an image")
     with pytest.raises(ValueError, match="could not read image"):
         load_image(tmp_path / "junk.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# resize_longest_side_torch: the device-side resize, against PIL
+# ---------------------------------------------------------------------------------------------
+
+
+def _pil_vs_torch(image: np.ndarray, long_side: int) -> tuple[int, float]:
+    """-> (max abs difference in uint8 levels, fraction of identical values) of the torch resize against PIL."""
+    new_h, new_w = preprocess_shape(*image.shape[:2], long_side)
+    expected = np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR)).astype(np.int64)
+    out = resize_longest_side_torch(torch.from_numpy(image).permute(2, 0, 1)[None], long_side)
+    assert out.dtype == torch.uint8 and out.shape == (1, 3, new_h, new_w)
+    diff = np.abs(out[0].permute(1, 2, 0).numpy().astype(np.int64) - expected)
+    return int(diff.max()), float(np.mean(diff == 0))
+
+
+# Measured with PIL 13 / torch 2.13 on the CPU, sizes W x H (max level difference, identical values):
+#   chelsea 451x300 -> 256: 1, 99.842 %     chelsea -> 200: 1, 99.919 %     noise 640x480 -> 256: 1, 99.959 %
+#   chelsea -> 1024 (upscale), noise 640x480 -> 1024, noise 90x120 -> 256: 0, 100 % (every pixel equal)
+# The bounds below keep the measured maximum (1 level) and leave headroom on the fraction
+# (99.5 % for downscales, 99.9 % for upscales), so a different float kernel may move a few
+# more .5-boundary values without failing; a real change of filter (no antialias, no
+# intermediate rounding: ~80-88 % identical) would fail.
+PIL_CASES = {
+    "chelsea_down_256": ("chelsea", 256, 0.995),
+    "chelsea_down_200": ("chelsea", 200, 0.995),
+    "noise_down_256": ("noise_480x640", 256, 0.995),
+    "chelsea_up_1024": ("chelsea", 1024, 0.999),
+    "noise_up_1024": ("noise_480x640", 1024, 0.999),
+    "small_noise_up_256": ("noise_120x90", 256, 0.999),
+}
+
+
+def _pil_case_image(name: str) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if name == "chelsea":
+        return np.array(Image.open(ASSETS / "chelsea.jpg").convert("RGB"))
+    height, width = {"noise_480x640": (480, 640), "noise_120x90": (120, 90)}[name]
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("case", list(PIL_CASES))
+def test_resize_longest_side_torch_is_close_to_pil(case):
+    name, long_side, min_identical = PIL_CASES[case]
+    max_diff, identical = _pil_vs_torch(_pil_case_image(name), long_side)
+    assert max_diff <= 1, f"{case}: a value is {max_diff} levels away from PIL's"
+    assert identical >= min_identical, f"{case}: only {identical:.4%} of the values equal PIL's"
+
+
+def test_resize_longest_side_torch_keeps_an_image_already_at_size():
+    images = torch.from_numpy(photo(171, 256)).permute(2, 0, 1)[None]
+    assert resize_longest_side_torch(images, 256) is images  # no interpolation at all: exact
+
+
+def test_resize_longest_side_torch_batch_equals_one_by_one():
+    images = [torch.from_numpy(photo(200, 300, seed=s)).permute(2, 0, 1)[None] for s in range(3)]
+    batch = resize_longest_side_torch(torch.cat(images), 256)
+    for i, image in enumerate(images):
+        assert torch.equal(batch[i : i + 1], resize_longest_side_torch(image, 256))
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.zeros(1, 3, 10, 10), "uint8 tensor [B, 3, H, W]"),
+        (torch.zeros(3, 10, 10, dtype=torch.uint8), "uint8 tensor [B, 3, H, W]"),
+        (torch.zeros(1, 10, 10, 3, dtype=torch.uint8), "uint8 tensor [B, 3, H, W]"),
+        (np.zeros((1, 3, 10, 10), np.uint8), "uint8 tensor [B, 3, H, W]"),
+        (torch.zeros(1, 3, 1, 1000, dtype=torch.uint8), "elongated"),
+    ],
+    ids=["float", "3d", "channels_last", "numpy", "elongated"],
+)
+def test_resize_longest_side_torch_rejects_bad_input(images, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resize_longest_side_torch(images, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# as_rgb_uint8_torch: torch images (HWC or CHW, uint8 or float in [0, 1]) -> RGB uint8 [1, 3, H, W]
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_conversions(rgb: np.ndarray) -> dict:
+    hwc = torch.from_numpy(rgb)
+    return {
+        "hwc_uint8": (hwc, "RGB"),
+        "chw_uint8": (hwc.permute(2, 0, 1), "RGB"),  # a non-contiguous view
+        "chw_contiguous": (hwc.permute(2, 0, 1).contiguous(), "RGB"),
+        "hwc_bgr": (hwc.flip(-1), "BGR"),
+        "chw_bgr": (hwc.permute(2, 0, 1).flip(0), "BGR"),
+        "hwc_float32": (hwc.float() / 255, "RGB"),
+        "chw_float64": (hwc.permute(2, 0, 1).double() / 255, "RGB"),
+        "hwc_float16": (hwc.half() / 255, "RGB"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_torch_conversions(photo(2, 2))))
+def test_as_rgb_uint8_torch_accepted_inputs(kind):
+    rgb = photo()
+    image, image_format = _torch_conversions(rgb)[kind]
+    out = as_rgb_uint8_torch(image, image_format)
+    assert out.dtype == torch.uint8 and out.shape == (1, 3, 37, 53) and out.is_contiguous()
+    np.testing.assert_array_equal(out[0].permute(1, 2, 0).numpy(), rgb)
+
+
+def test_as_rgb_uint8_torch_rounds_floats_as_numpy():
+    values = torch.tensor([0.0, 0.0019, 0.0021, 0.5, 0.998, 1.0, 0.5 / 255, 1.5 / 255], dtype=torch.float64)
+    image = values[None, :, None].expand(-1, -1, 3)  # 1 x n, HWC
+    expected = as_rgb_uint8(values.numpy()[None, :])
+    np.testing.assert_array_equal(as_rgb_uint8_torch(image)[0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_as_rgb_uint8_torch_hwc_wins_when_both_dims_are_3():
+    image = torch.arange(3 * 5 * 3, dtype=torch.uint8).reshape(3, 5, 3)  # 3 rows, 5 columns, RGB (as numpy)
+    out = as_rgb_uint8_torch(image)
+    assert out.shape == (1, 3, 3, 5)
+    assert torch.equal(out[0], image.permute(2, 0, 1))
+
+
+@pytest.mark.parametrize(
+    "image, image_format, error, message",
+    [
+        (torch.full((4, 4, 3), 1.5), "RGB", ValueError, "[0, 1]"),
+        (torch.full((3, 4, 4), -0.1), "RGB", ValueError, "[0, 1]"),
+        (torch.full((4, 4, 3), 255.0), "RGB", ValueError, "[0, 1]"),
+        (torch.full((4, 4, 3), float("nan")), "RGB", ValueError, "NaN"),
+        (torch.full((4, 4, 3), float("inf")), "RGB", ValueError, "NaN or infinite"),
+        (torch.zeros(4, 4, 3, dtype=torch.int32), "RGB", TypeError, "uint8"),
+        (torch.zeros(4, 4, 3, dtype=torch.bool), "RGB", TypeError, "uint8"),
+        (torch.zeros(4, 4, dtype=torch.uint8), "RGB", ValueError, "[H, W, 3] (HWC) or [3, H, W] (CHW)"),
+        (torch.zeros(4, 4, 4, dtype=torch.uint8), "RGB", ValueError, "[H, W, 3] (HWC) or [3, H, W] (CHW)"),
+        (torch.zeros(1, 4, 4, 3, dtype=torch.uint8), "RGB", ValueError, "[H, W, 3] (HWC) or [3, H, W] (CHW)"),
+        (torch.zeros(0, 4, 3, dtype=torch.uint8), "RGB", ValueError, "empty"),
+        (torch.zeros(3, 4, 0, dtype=torch.uint8), "RGB", ValueError, "empty"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), "HSV", ValueError, "image_format"),
+        (np.zeros((4, 4, 3), np.uint8), "RGB", TypeError, "torch.Tensor"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_as_rgb_uint8_torch_rejects_bad_images(image, image_format, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        as_rgb_uint8_torch(image, image_format)

@@ -1,0 +1,353 @@
+"""Several images at once (set_images + predict_batch), torch-tensor images and torch outputs.
+
+The oracle is the single-image predictor (set_image + predict), itself checked against the
+original pipeline in test_predictor.py. Everything runs on the tiny random-weight model (256-pixel
+input, 64x64 low-res logits), fp32 on the CPU.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from samhq_fast import SamHQPredictor
+from samhq_fast.predictor import ImageNotSetError
+from test_predictor import LOW, SCORE_TOL, assert_logits_close, assert_masks_match, make_photo
+
+# Three sizes and orientations: landscape and portrait downscales and a small upscale
+# (longest side 300 -> 256, 330 -> 256, 160 -> 256).
+SIZES = [(200, 300), (330, 180), (120, 160)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """As in test_predictor: the tiny model's ops do not gain from threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    return [make_photo(h, w, seed=10 + i) for i, (h, w) in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="module")
+def singles(tiny_model, photos) -> list[SamHQPredictor]:
+    """One single-image predictor per photo (the oracle)."""
+    out = []
+    for photo in photos:
+        predictor = SamHQPredictor(tiny_model)
+        predictor.set_image(photo)
+        out.append(predictor)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model, photos) -> SamHQPredictor:
+    """All three photos in one encoder batch (a PIL image among the numpy ones)."""
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_images([photos[0], Image.fromarray(photos[1]), photos[2]])
+    return predictor
+
+
+def mixed_prompts(singles) -> list[dict]:
+    """Image 0: one box + two points (4 sparse tokens); image 1: a point with a previous low-res mask
+    (2 tokens); image 2: five boxes (2 tokens each). Images 1 and 2 share a decoder call (per-prompt
+    feature gather), image 0 gets its own (broadcast features)."""
+    (h0, w0), (h1, w1), (h2, w2) = SIZES
+    previous = singles[1].predict(point_coords=np.array([[0.5 * w1, 0.4 * h1]]), point_labels=np.array([1]))[2]
+    boxes = np.array([[0.1, 0.1, 0.5, 0.6], [0.4, 0.2, 0.95, 0.9], [0.3, 0.3, 0.7, 0.5], [0.0, 0.0, 1.0, 1.0], [0.6, 0.5, 0.9, 0.99]])
+    return [
+        dict(box=np.array([0.2 * w0, 0.25 * h0, 0.8 * w0, 0.7 * h0]), point_coords=np.array([[0.5 * w0, 0.5 * h0], [0.3 * w0, 0.6 * h0]]), point_labels=np.array([1, 0])),
+        dict(point_coords=np.array([[0.6 * w1, 0.45 * h1]]), point_labels=np.array([1]), mask_input=previous),
+        dict(box=boxes * [w2, h2, w2, h2]),
+    ]
+
+
+def assert_same_as_single(result, expected_prediction) -> None:
+    """result: (masks, scores, low_res) of predict_batch; expected_prediction: the single-image
+    predict of the same prompt with return_logits=True."""
+    masks, scores, low_res = result
+    logits, one_scores, one_low_res = expected_prediction
+    assert masks.shape == logits.shape and scores.shape == one_scores.shape and low_res.shape == one_low_res.shape
+    assert_logits_close(low_res, one_low_res)
+    np.testing.assert_allclose(scores, one_scores, rtol=0, atol=SCORE_TOL)
+    if masks.dtype == np.bool_:
+        assert_masks_match(masks, logits)
+    else:
+        assert_logits_close(masks, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# set_images + predict_batch equal set_image + predict, image by image
+# ---------------------------------------------------------------------------------------------
+
+
+def test_set_images_state(batch, singles):
+    assert batch.num_images == 3 and batch.is_image_set
+    assert batch.features.shape == (3, 256, 16, 16) and batch.hq_features.shape == (3, 32, LOW, LOW)
+    assert batch.original_sizes == SIZES
+    assert batch.input_sizes == [(171, 256), (256, 140), (192, 256)]
+    assert batch.original_size is None and batch.input_size is None  # several images: no single-image state
+    assert batch.get_image_embedding().shape == (3, 256, 16, 16)
+    for i, single in enumerate(singles):  # one encoder batch = the images one by one
+        torch.testing.assert_close(batch.features[i : i + 1], single.features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch.hq_features[i : i + 1], single.hq_features, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "multimask_output, hq_token_only, return_logits",
+    [(True, False, False), (False, False, False), (True, True, True)],
+    ids=["multimask", "single", "hq_only_logits"],
+)
+def test_predict_batch_equals_single_image_predict(batch, singles, multimask_output, hq_token_only, return_logits):
+    prompts = mixed_prompts(singles)
+    flags = dict(multimask_output=multimask_output, hq_token_only=hq_token_only)
+    calls = []  # prompts per decoder call
+    hook = batch.model.mask_decoder.register_forward_hook(lambda module, args, out: calls.append(args[2].shape[0]))
+    try:
+        results = batch.predict_batch(prompts, return_logits=return_logits, **flags)
+    finally:
+        hook.remove()
+    assert sorted(calls) == [1, 6]  # image 0 alone (4 sparse tokens); images 1 and 2 together (2 tokens)
+    assert len(results) == 3
+    (h0, w0), (h1, w1), (h2, w2) = SIZES
+    assert [r[0].shape for r in results] == [(1, h0, w0), (1, h1, w1), (5, 1, h2, w2)]  # unbatched, unbatched, 5 boxes
+    assert [r[1].shape for r in results] == [(1,), (1,), (5, 1)]
+    for result, single, prompt in zip(results, singles, prompts):
+        assert result[0].dtype == (np.float32 if return_logits else np.bool_) and result[1].dtype == np.float32
+        assert_same_as_single(result, single.predict(**prompt, return_logits=True, **flags))
+    # the images' outputs really differ (the comparison above is not vacuous)
+    assert not np.allclose(results[0][2], results[1][2], atol=1e-3)
+
+
+def test_predict_batch_one_shared_decoder_call(batch, singles):
+    """Same prompt structure for every image (1 point per prompt, 2, 1 and 3 prompts): one decoder
+    call gathering each prompt's image features."""
+    prompts = []
+    for (h, w), n in zip(SIZES, (2, 1, 3)):
+        fractions = np.array([[0.3, 0.4], [0.7, 0.6], [0.5, 0.2]])[:n]
+        prompts.append(dict(point_coords=(fractions * [w, h])[:, None, :], point_labels=np.ones((n, 1))))
+    calls = []
+    hook = batch.model.mask_decoder.register_forward_hook(lambda module, args, out: calls.append(args[2].shape[0]))
+    try:
+        results = batch.predict_batch(prompts)
+    finally:
+        hook.remove()
+    assert calls == [6]
+    for result, single, prompt in zip(results, singles, prompts):
+        assert result[0].shape == (len(prompt["point_labels"]), 1, *single.original_size)
+        assert_same_as_single(result, single.predict(**prompt, return_logits=True))
+
+
+def test_predict_batch_skips_none_and_accepts_an_empty_prompt(batch, singles):
+    results = batch.predict_batch([None, {}, None])
+    assert results[0] is None and results[2] is None
+    assert_same_as_single(results[1], singles[1].predict(return_logits=True))  # predict() with no prompt at all
+    assert batch.predict_batch([None, None, None]) == [None, None, None]
+
+
+def test_set_image_equals_set_images_of_one(tiny_model, photos, singles):
+    one = SamHQPredictor(tiny_model)
+    one.set_images([photos[0]])
+    assert one.num_images == 1 and one.original_size == SIZES[0] and one.input_size == (171, 256)
+    assert torch.equal(one.features, singles[0].features) and torch.equal(one.hq_features, singles[0].hq_features)
+    prompt = dict(point_coords=np.array([[100.0, 80.0]]), point_labels=np.array([1]))
+    for a, b in zip(one.predict(**prompt), singles[0].predict(**prompt)):
+        np.testing.assert_array_equal(a, b)
+    # and predict_batch works after set_image too
+    for a, b in zip(singles[0].predict_batch([prompt])[0], singles[0].predict(**prompt)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_set_image_after_set_images_is_single_again(tiny_model, photos):
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_images(photos)
+    predictor.set_image(photos[1])
+    assert predictor.num_images == 1 and predictor.original_size == SIZES[1]
+    assert predictor.predict(box=np.array([10.0, 10.0, 100.0, 200.0]))[0].shape == (1, *SIZES[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# return_torch: the same values as torch tensors on the model's device
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("return_logits", [False, True], ids=["masks", "logits"])
+def test_predict_return_torch_equals_numpy(singles, return_logits):
+    predictor = singles[0]
+    for prompt in (
+        dict(point_coords=np.array([[120.0, 80.0]]), point_labels=np.array([1])),  # one prompt: unbatched
+        dict(box=np.array([[30.0, 40.0, 250.0, 160.0], [10.0, 10.0, 100.0, 100.0]])),  # two: batched
+    ):
+        numpy_out = predictor.predict(**prompt, return_logits=return_logits)
+        torch_out = predictor.predict(**prompt, return_logits=return_logits, return_torch=True)
+        for t, a in zip(torch_out, numpy_out):
+            assert isinstance(t, torch.Tensor) and t.device == predictor.device
+            assert t.dtype == (torch.bool if a.dtype == np.bool_ else torch.float32)
+            assert torch.equal(t, torch.from_numpy(a))
+
+
+def test_predict_batch_return_torch_equals_numpy(batch, singles):
+    prompts = mixed_prompts(singles)
+    numpy_results = batch.predict_batch(prompts)
+    torch_results = batch.predict_batch(prompts, return_torch=True)
+    for torch_out, numpy_out in zip(torch_results, numpy_results):
+        for t, a in zip(torch_out, numpy_out):
+            assert isinstance(t, torch.Tensor) and t.device == batch.device
+            assert torch.equal(t, torch.from_numpy(a))
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch-tensor images
+# ---------------------------------------------------------------------------------------------
+
+
+PROMPT = dict(point_coords=np.array([[0.4, 0.5]]), box=np.array([0.2, 0.2, 0.8, 0.7]))
+
+
+def _prompt(height: int, width: int) -> dict:
+    return dict(point_coords=PROMPT["point_coords"] * [width, height], point_labels=np.array([1]), box=PROMPT["box"] * [width, height, width, height])
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw", "chw_bgr", "float_hwc"])
+def test_torch_image_at_model_size_is_exactly_the_numpy_path(tiny_model, layout):
+    """Longest side already 256: no resize on either path (PIL's resize to the same size is the
+    identity, and the torch path skips interpolate), so features and predictions are bit-identical."""
+    rgb = make_photo(171, 256, seed=7)
+    hwc = torch.from_numpy(rgb)
+    image, image_format = {
+        "hwc": (hwc, "RGB"),
+        "chw": (hwc.permute(2, 0, 1), "RGB"),
+        "chw_bgr": (hwc.permute(2, 0, 1).flip(0), "BGR"),
+        "float_hwc": (hwc.double() / 255, "RGB"),
+    }[layout]
+    from_numpy, from_torch = SamHQPredictor(tiny_model), SamHQPredictor(tiny_model)
+    from_numpy.set_image(rgb)
+    from_torch.set_image(image, image_format=image_format)
+    assert from_torch.original_size == (171, 256) and from_torch.input_size == (171, 256)
+    assert torch.equal(from_torch.features, from_numpy.features) and torch.equal(from_torch.hq_features, from_numpy.hq_features)
+    for a, b in zip(from_torch.predict(**_prompt(171, 256)), from_numpy.predict(**_prompt(171, 256))):
+        np.testing.assert_array_equal(a, b)
+
+
+# Resized torch images differ from PIL's by at most 1 uint8 level on ~0.1 % of the values
+# (downscales; upscales measured identical, see test_transforms.py). Through this random-weight
+# encoder that moved the low-res logits by at most 0.3 % of their max-abs value and the scores by
+# <= 1.3e-5 (measured on 5 photos, chelsea.jpg included). The bounds are ~4x that: a real
+# preprocessing error (e.g. no antialiasing, a one-pixel shift, a wrong channel order) moves them
+# by tens of percent. Mask pixels may flip only where the numpy path's logit is within the
+# logit bound of the threshold.
+TORCH_RESIZE_LOGIT_REL = 1e-2
+TORCH_RESIZE_SCORE_TOL = 5e-5
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+@pytest.mark.parametrize("index", range(len(SIZES)), ids=["landscape_down", "portrait_down", "small_up"])
+def test_resized_torch_image_is_close_to_numpy(singles, photos, tiny_model, index, layout):
+    photo = torch.from_numpy(photos[index])
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_image(photo if layout == "hwc" else photo.permute(2, 0, 1))
+    single = singles[index]
+    assert predictor.original_size == single.original_size and predictor.input_size == single.input_size
+    height, width = SIZES[index]
+    for multimask_output in (True, False):
+        masks, scores, low_res = predictor.predict(**_prompt(height, width), multimask_output=multimask_output)
+        logits, one_scores, one_low_res = single.predict(**_prompt(height, width), multimask_output=multimask_output, return_logits=True)
+        bound = TORCH_RESIZE_LOGIT_REL * float(np.abs(one_low_res).max())
+        np.testing.assert_allclose(low_res, one_low_res, rtol=0, atol=bound)
+        np.testing.assert_allclose(scores, one_scores, rtol=0, atol=TORCH_RESIZE_SCORE_TOL)
+        differ = masks != (logits > 0)
+        assert np.all(np.abs(logits[differ]) < bound), "a mask pixel differs away from the threshold"
+
+
+def test_hwc_and_chw_torch_images_are_identical(tiny_model, photos):
+    hwc, chw = SamHQPredictor(tiny_model), SamHQPredictor(tiny_model)
+    hwc.set_image(torch.from_numpy(photos[1]))
+    chw.set_image(torch.from_numpy(photos[1]).permute(2, 0, 1).contiguous())
+    assert torch.equal(hwc.features, chw.features) and torch.equal(hwc.hq_features, chw.hq_features)
+
+
+def test_set_images_mixes_torch_and_numpy(tiny_model, photos, singles):
+    """A torch image at model size (exact) among numpy ones: the numpy images' results are unchanged."""
+    at_size = make_photo(256, 200, seed=3)
+    mixed = SamHQPredictor(tiny_model)
+    mixed.set_images([photos[0], torch.from_numpy(at_size).permute(2, 0, 1), photos[2]])
+    alone = SamHQPredictor(tiny_model)
+    alone.set_image(at_size)
+    prompts = [_prompt(*SIZES[0]), _prompt(256, 200), _prompt(*SIZES[2])]
+    results = mixed.predict_batch(prompts)
+    for result, oracle, prompt in zip(results, [singles[0], alone, singles[2]], prompts):
+        assert_same_as_single(result, oracle.predict(**prompt, return_logits=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_predict_batch_before_set_images(tiny_model):
+    with pytest.raises(ImageNotSetError, match="set_images"):
+        SamHQPredictor(tiny_model).predict_batch([{}])
+
+
+def test_single_image_calls_refuse_several_images(batch):
+    with pytest.raises(RuntimeError, match="3 images are set.*use predict_batch"):
+        batch.predict(box=np.array([10.0, 10.0, 50.0, 50.0]))
+    with pytest.raises(RuntimeError, match="use predict_batch"):
+        batch.predict_torch(torch.tensor([[[5.0, 5.0]]]), torch.tensor([[1]]))
+
+
+@pytest.mark.parametrize(
+    "prompts, error, message",
+    [
+        ([{}, {}], ValueError, "got 2 prompt dicts for 3 images"),
+        ([{}, {}, {}, {}], ValueError, "got 4 prompt dicts for 3 images"),
+        ({"box": np.array([1.0, 1.0, 5.0, 5.0])}, TypeError, "list of dicts"),
+        ([{}, {"boxes": np.array([1.0, 1.0, 5.0, 5.0])}, {}], ValueError, "prompts[1] has unknown keys ['boxes']"),
+        ([{}, {}, np.array([1.0, 1.0, 5.0, 5.0])], TypeError, "prompts[2] must be a dict"),
+        ([{}, {"box": np.array([5.0, 1.0, 1.0, 5.0])}, {}], ValueError, "prompts[1]: box must be (x1, y1, x2, y2)"),
+        ([{}, {}, {"point_coords": np.array([[1.0, 1.0]])}], ValueError, "prompts[2]: point_coords and point_labels must be given together"),
+        # x = 250 is inside image 0 (300 wide) but far outside image 2 (160 wide): checked per image
+        ([{}, {}, {"point_coords": np.array([[250.0, 50.0]]), "point_labels": np.array([1])}], ValueError, "prompts[2]: point_coords has a coordinate (250, 50) far outside the 160x120"),
+    ],
+    ids=["too_few", "too_many", "a_dict", "unknown_key", "not_a_dict", "bad_box", "labels_missing", "outside_its_image"],
+)
+def test_bad_predict_batch_prompts(batch, prompts, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        batch.predict_batch(prompts)
+
+
+@pytest.mark.parametrize(
+    "images, error, message",
+    [
+        ([], ValueError, "images is empty"),
+        (np.zeros((20, 30, 3), np.uint8), TypeError, "list of images"),
+        (torch.zeros(20, 30, 3, dtype=torch.uint8), TypeError, "list of images"),
+        ([np.zeros((20, 30, 3), np.uint8), np.full((20, 30, 3), 2.0)], ValueError, "images[1]: float images must hold values in [0, 1]"),
+        ([np.zeros((20, 30, 3), np.uint8), torch.full((20, 30, 3), float("nan"))], ValueError, "images[1]: image has NaN"),
+        ([torch.zeros(20, 30, 3, dtype=torch.int64)], TypeError, "images[0]: torch images must be uint8"),
+        ([torch.zeros(4, 20, 30, dtype=torch.uint8)], ValueError, "images[0]: torch images must have shape [H, W, 3] (HWC) or [3, H, W] (CHW)"),
+        ([torch.zeros(3, 1, 2000, dtype=torch.uint8)], ValueError, "images[0]: image of 2000x1 (width x height) is too elongated"),
+        (["image.png"], TypeError, "images[0]: image must be a numpy array, PIL image or torch tensor"),
+    ],
+    ids=["empty", "numpy_image", "tensor_image", "float_range", "tensor_nan", "tensor_int64", "tensor_4_channels", "elongated", "path"],
+)
+def test_bad_set_images_inputs(tiny_model, images, error, message):
+    predictor = SamHQPredictor(tiny_model)
+    with pytest.raises(error, match=re.escape(message)):
+        predictor.set_images(images)
+    assert not predictor.is_image_set
+
+
+def test_failed_set_images_keeps_the_previous_images(tiny_model, photos):
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_images(photos[:2])
+    before = predictor.features
+    with pytest.raises(ValueError):
+        predictor.set_images([photos[2], np.full((5, 5, 3), 7.0)])
+    assert predictor.num_images == 2 and predictor.features is before
