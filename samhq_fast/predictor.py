@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .decoding import PromptDecoder
 from .modeling import SamHQ
 from .transforms import as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
 
@@ -47,6 +48,7 @@ class SamHQPredictor:
         if not isinstance(model, SamHQ):
             raise TypeError(f"SamHQPredictor needs a samhq_fast SamHQ model (from samhq_fast.load), got {type(model).__name__}")
         self.model = model
+        self._prompt_decoder = None  # the fused backend's compiled decoder, built on first use
         self.reset_image()
 
     @property
@@ -352,11 +354,18 @@ class SamHQPredictor:
         self._require_image()
         model = self.model
         self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
-        points = None if point_coords is None else (point_coords, point_labels)
-        sparse, dense = model.prompt_encoder(points, boxes, mask_input)
-        low_res, scores = model.mask_decoder(
-            self.features, model.prompt_encoder.get_dense_pe(), sparse, dense, self.hq_features, multimask_output, hq_token_only
-        )
+        if model.backend == "fused":  # fixed-shape compiled decoder (CUDA graphs on the GPU)
+            if self._prompt_decoder is None:
+                self._prompt_decoder = PromptDecoder(model)
+            low_res, scores = self._prompt_decoder(
+                self.features, self.hq_features, point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only
+            )
+        else:
+            points = None if point_coords is None else (point_coords, point_labels)
+            sparse, dense = model.prompt_encoder(points, boxes, mask_input)
+            low_res, scores = model.mask_decoder(
+                self.features, model.prompt_encoder.get_dense_pe(), sparse, dense, self.hq_features, multimask_output, hq_token_only
+            )
         masks = model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > model.mask_threshold

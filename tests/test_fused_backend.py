@@ -61,6 +61,7 @@ def test_fused_predictor_matches_eager(tiny_checkpoints):
         predictor = SamHQPredictor(model)
         predictor.set_image(photo)
         outputs[backend] = predictor.predict(**prompts, multimask_output=True)
+        assert (predictor._prompt_decoder is not None) == (backend == "fused")  # the compiled decoder
     (masks_e, scores_e, logits_e), (masks_f, scores_f, logits_f) = outputs["eager"], outputs["fused"]
     np.testing.assert_allclose(scores_f, scores_e, atol=1e-5)
     np.testing.assert_allclose(logits_f, logits_e, atol=1e-4 * np.abs(logits_e).max())
@@ -114,3 +115,24 @@ def test_fused_encoder_matches_eager_real_size_gpu(variant, tf32_off):
         eager_bf16 = eager.to(torch.bfloat16).encode_image(images16)
         for g, e16, e in zip(got_bf16, eager_bf16, expected):
             assert rel_l2(g, e) <= 1.25 * rel_l2(e16, e) + 1e-3
+
+
+@pytest.mark.gpu
+def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints):
+    """Frames on the GPU in, tensors out: set_image on a uint8 CUDA tensor and predict_torch with
+    CUDA prompts must not synchronize with the host (after the compile / CUDA-graph warm-up)."""
+    model = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
+    predictor = SamHQPredictor(model)
+    frame = torch.randint(0, 256, (180, 240, 3), dtype=torch.uint8, device="cuda")
+    boxes = torch.tensor([[10.0, 20.0, 150.0, 160.0], [60.0, 5.0, 250.0, 190.0]], device="cuda")  # input frame
+    for _ in range(3):  # warm-up: Triton compiles, torch.compile, CUDA graph recording
+        predictor.set_image(frame)
+        predictor.predict_torch(None, None, boxes)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        predictor.set_image(frame)
+        masks, scores, low_res = predictor.predict_torch(None, None, boxes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert masks.is_cuda and masks.shape == (2, 1, 180, 240)

@@ -35,8 +35,8 @@ class PositionEmbeddingRandom(nn.Module):
 
     def points(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """coords [B, N, 2] in pixels of an image_size (h, w) frame -> [B, N, C]."""
-        scale = torch.tensor([image_size[1], image_size[0]], device=coords.device, dtype=torch.float32)
-        return self.encode(coords.float() / scale)
+        coords = coords.float()  # python-scalar division: no host-to-device copy (and no sync) per call
+        return self.encode(torch.stack([coords[..., 0] / image_size[1], coords[..., 1] / image_size[0]], dim=-1))
 
 
 class PromptEncoder(nn.Module):

@@ -91,9 +91,9 @@ class SamHQ(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Resized RGB images [B, 3, h, w] on a 0..255 scale (h, w <= img_size) -> normalized,
         zero-padded bottom/right to [B, 3, img_size, img_size] in the model dtype."""
-        mean = torch.tensor(PIXEL_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(PIXEL_STD, device=images.device).view(1, 3, 1, 1)
-        images = (images.float() - mean) / std
+        # Per channel with python scalars: no host-to-device copy (and no sync) per call.
+        images = images.float()
+        images = torch.stack([(images[:, c] - PIXEL_MEAN[c]) / PIXEL_STD[c] for c in range(3)], dim=1)
         h, w = images.shape[-2:]
         size = self.config.img_size
         return F.pad(images, (0, size - w, 0, size - h)).to(self.dtype)
