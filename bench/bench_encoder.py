@@ -21,171 +21,49 @@ timings are not speed figures.
 """
 
 import argparse
-import datetime
-import gc
-import json
-import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import samhq_fast  # noqa: F401
-except ImportError:  # run from a checkout that is not pip-installed
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for `common` (tests load this file by path)
+import common  # noqa: E402
+from common import FP32_SLACK, NUMERICS_TOL, SMOKE_CONFIG  # noqa: E402, F401  (module attributes the tests use)
 
-from samhq_fast import build_sam_hq
-from samhq_fast.build import resolve_dtype
-from samhq_fast.checkpoint import hf_config_kwargs
-from samhq_fast.flops import encoder_flops, encoder_flops_breakdown
-from samhq_fast.modeling import SamHQConfig, ViTConfig
+from samhq_fast import build_sam_hq  # noqa: E402
+from samhq_fast.checkpoint import hf_config_kwargs  # noqa: E402
+from samhq_fast.flops import encoder_flops, encoder_flops_breakdown  # noqa: E402
+from samhq_fast.modeling import SamHQConfig  # noqa: E402
 
 ALL_BACKENDS = ("eager", "compile", "fused", "hf")
-# rel L2 of the neck output vs eager in the same dtype above which a backend is suspect.
-NUMERICS_TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-3}
-# ...but bf16 eager is itself far from fp32 with these random weights (rel L2 1.5e-2 on vit_b,
-# 2.5e-2 on vit_h, measured on the CPU), so two correct bf16 implementations can be > 2e-2 apart.
-# A suspect backend still passes when it is as close to the fp32 truth as eager in the same dtype
-# is, with this much slack.
-FP32_SLACK = 1.25
-SMOKE_CONFIG = SamHQConfig(
-    ViTConfig(img_size=256, embed_dim=160, depth=4, num_heads=2, mlp_dim=320, global_attn_indexes=(1, 3))
-)
-SMOKE_NOTE = (
-    "SMOKE RUN ON THE CPU WITH A TINY MODEL: checks that the script works. "
-    "THESE TIMINGS ARE NOT SPEED FIGURES; do not quote them."
-)
+# NUMERICS_TOL and FP32_SLACK (common.py) decide whether a backend's neck output is close enough to
+# eager's (or to eager fp32's) to get a speed figure.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="vit_b,vit_h", help="comma list of vit_b / vit_l / vit_h")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8,32; smoke: 1)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--backends", default=None, help=f"comma list of {','.join(ALL_BACKENDS)} (default all; smoke: eager,compile)")
-    p.add_argument("--output", default=None, help="JSON path (default bench/results/encoder-<date>.json); a .md goes next to it")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the 'compile' backend")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first one (default 3; smoke: 1)")
-    p.add_argument("--min-repeats", type=int, default=None, help="timed calls at least (default 10; smoke: 3)")
-    p.add_argument("--max-repeats", type=int, default=200)
-    p.add_argument("--target-s", type=float, default=None, help="aim for this much timed time per config (default 2; smoke: 0.2)")
-    p.add_argument("--time-budget-s", type=float, default=420.0,
-                   help="start no configuration after this many seconds from the script's start")
     p.add_argument("--compile-reserve-s", type=float, default=150.0,
                    help="start no 'compile' configuration with less than this left of the budget (max-autotune is slow)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: tests the script, not speed")
+    common.add_run_args(p, "encoder", target_s=2.0, time_budget_s=420.0)
     args = p.parse_args(argv)
 
     smoke = args.smoke
-    args.batches = [int(b) for b in (args.batch or ("1" if smoke else "1,8,32")).split(",")]
-    args.backend_list = [b.strip() for b in (args.backends or ("eager,compile" if smoke else ",".join(ALL_BACKENDS))).split(",")]
+    args.batches = common.comma_list(args.batch or ("1" if smoke else "1,8,32"), int)
+    args.backend_list = common.comma_list(args.backends or ("eager,compile" if smoke else ",".join(ALL_BACKENDS)))
     unknown = sorted(set(args.backend_list) - set(ALL_BACKENDS))
     if unknown:
         p.error(f"unknown backends {unknown}; choose from {ALL_BACKENDS}")
-    args.variant_list = ["tiny"] if smoke else [v.strip() for v in args.variants.split(",")]
-    args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
-    args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if smoke else 10)
-    args.target_s = args.target_s if args.target_s is not None else (0.2 if smoke else 2.0)
-    if args.output is None:
-        args.output = str(ROOT / "bench" / "results" / f"encoder-{datetime.date.today().isoformat()}.json")
+    common.finish_run_args(args, "encoder", target_s=2.0)
     return args
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine and reference rates
-
-
-def _nvidia_smi(fields: str) -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - missing or broken install: just say so
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info(device: torch.device) -> dict:
-    """What ran the benchmark; deliberately no hostname."""
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "cuda": torch.version.cuda,
-        "cpu_count": os.cpu_count(),
-        "samhq_fast_commit": _git_commit(),
-        "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "SAMHQ_FAST_DISABLE_FUSED", "CUDA_VISIBLE_DEVICES") if k in os.environ},
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=props.name,
-            gpu_memory_gb=round(props.total_memory / 1e9, 1),
-            sm_count=props.multi_processor_count,
-            compute_capability=f"{props.major}.{props.minor}",
-            driver=_nvidia_smi("driver_version"),
-            gpu_clocks_power=_nvidia_smi("clocks.max.sm,clocks.max.mem,power.limit"),
-            cudnn=torch.backends.cudnn.version(),
-        )
-    else:
-        info.update(gpu=None, cpu=platform.processor() or platform.machine())
-    return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn, args_list: list, device: torch.device) -> list[float]:
-    """Milliseconds of each call of fn(*args) for args in args_list, run back to back.
-
-    CUDA: an event pair around each call, one sync at the end, so the queue stays full and a call's
-    time is what it adds in steady state (including any CPU-launch bubbles it causes). CPU: wall clock.
-    """
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in args_list]
-        for (start, end), args in zip(events, args_list):
-            start.record()
-            fn(*args)
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in events]
-    times = []
-    for args in args_list:
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return times
+# Reference rates
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> dict:
@@ -193,8 +71,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
     achieved TFLOP/s is compared with; the datasheet peak is not reachable)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    time_calls(torch.matmul, [(a, b)] * 3, device)  # warm-up (cuBLAS heuristics, clocks)
-    ms = statistics.median(time_calls(torch.matmul, [(a, b)] * repeats, device))
+    common.time_calls(torch.matmul, [(a, b)] * 3, device)  # warm-up (cuBLAS heuristics, clocks)
+    ms = statistics.median(common.time_calls(torch.matmul, [(a, b)] * repeats, device))
     return {"shape": [n, n, n], "dtype": str(dtype).removeprefix("torch."), "median_ms": ms,
             "tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "repeats": repeats}
 
@@ -203,8 +81,8 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict
     """Device-to-device copy of nbytes: GB/s counting bytes read + written (the memory-bound ceiling)."""
     src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    time_calls(dst.copy_, [(src,)] * 3, device)
-    ms = statistics.median(time_calls(dst.copy_, [(src,)] * repeats, device))
+    common.time_calls(dst.copy_, [(src,)] * 3, device)
+    ms = statistics.median(common.time_calls(dst.copy_, [(src,)] * repeats, device))
     return {"bytes_copied": src.numel() * 4, "median_ms": ms, "gb_per_s_read_plus_write": 2 * src.numel() * 4 / (ms * 1e-3) / 1e9,
             "repeats": repeats}
 
@@ -336,11 +214,6 @@ def make_inputs(config: SamHQConfig, batch: int, device, dtype, seed: int) -> li
     return [torch.randn(batch, 3, size, size, generator=gen, device=device).to(dtype) for _ in range(3)]
 
 
-def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.double().flatten(), expected.to(got.device).double().flatten()
-    return (torch.linalg.norm(got - expected) / torch.linalg.norm(expected)).item()
-
-
 def hq_head_flops(config: SamHQConfig, batch: int) -> int:
     """FLOPs of the HQ feature head that encode_image runs after the encoder (not in encoder_flops):
     two ConvT(2x2, s2) stacks, vit_dim -> 256 -> 32 and 256 -> 64 -> 32, on the G x G grid."""
@@ -369,52 +242,12 @@ def check_numerics(neck: torch.Tensor, refs: References, variant: str, batch: in
     from the fp32 truth than FP32_SLACK x eager's own distance (bf16 rounding noise is ~1e-2)."""
     out = {"tol": tol, "compared": "neck output on input 0 (vs fp32: image 0)"}
     eager, fp32 = refs.eager.get((variant, batch)), refs.fp32.get((variant, batch))
-    err_eager = rel_l2(neck, eager) if eager is not None and backend != "eager" else None
-    err_fp32 = rel_l2(neck[:1], fp32) if fp32 is not None else None
+    err_eager = common.rel_l2(neck, eager) if eager is not None and backend != "eager" else None
+    err_fp32 = common.rel_l2(neck[:1], fp32) if fp32 is not None else None
     noise = err_fp32 if backend == "eager" else refs.eager_noise(variant, batch)
     out.update(rel_l2_vs_eager=err_eager, rel_l2_vs_fp32=err_fp32, eager_rel_l2_vs_fp32=noise)
-    if backend == "eager":
-        ok, why = True, "the reference"
-    elif err_eager is not None and err_eager <= tol:
-        ok, why = True, "within tol of eager"
-    elif err_fp32 is not None:
-        bound = max(tol, FP32_SLACK * noise) if noise is not None else tol
-        ok = bool(err_fp32 <= bound)  # NaN fails
-        why = f"rel L2 vs fp32 {'<=' if ok else '>'} {bound:.2e} (max(tol, {FP32_SLACK} x eager's own))"
-    else:
-        ok, why = None, "no reference to compare with"
+    ok, why = common.numerics_verdict(backend == "eager", err_eager, err_fp32, noise, tol, FP32_SLACK)
     return {"numerics": {**out, "verdict": why}, "numerics_ok": ok}
-
-
-def measure(fn, inputs: list[torch.Tensor], device, args) -> tuple[dict, torch.Tensor]:
-    """First call (compiles, autotuning; its output is kept for numerics), warm-up, then timed calls."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn(inputs[0])
-    synchronize(device)
-    first_call_s = time.perf_counter() - t0
-    # Copy out at once: CUDA-graph outputs are overwritten by the next call.
-    neck = out.detach().to("cpu", copy=True)
-    del out
-    result = {"first_call_s": first_call_s}
-
-    rotation = [(inputs[i % len(inputs)],) for i in range(args.warmup)]
-    time_calls(fn, rotation, device)
-    per_call_ms = statistics.median(time_calls(fn, [(inputs[1],)], device) or [1.0])
-    repeats = int(min(args.max_repeats, max(args.min_repeats, math.ceil(1e3 * args.target_s / max(per_call_ms, 1e-3)))))
-    times = time_calls(fn, [(inputs[i % len(inputs)],) for i in range(repeats)], device)
-    times_sorted = sorted(times)
-    result["timing"] = {
-        "median_ms": statistics.median(times),
-        "p90_ms": times_sorted[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)],
-        "min_ms": times_sorted[0],
-        "repeats": repeats,
-    }
-    if device.type == "cuda":
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    return result, neck
 
 
 def speed_figures(timing: dict, batch: int, flops: int, matmul_tflops: float | None) -> dict:
@@ -429,22 +262,15 @@ def speed_figures(timing: dict, batch: int, flops: int, matmul_tflops: float | N
     }
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
 def run_config(variant, config, backend: Backend, batch, device, dtype, args, references, matmul_tflops) -> dict:
-    """One (variant, batch, backend): measure, check numerics, turn timings into speed figures."""
+    """One (variant, batch, backend): common.measure, check numerics, turn timings into speed figures."""
     entry = new_entry(variant, batch, backend.name, args, config)
     inputs = None
     try:
         backend.for_batch(batch)
         inputs = make_inputs(config, batch, device, dtype, args.seed + batch)
         with torch.inference_mode():
-            result, neck = measure(backend.fn, inputs, device, args)
+            result, neck = common.measure(backend.fn, [(x,) for x in inputs], device, args, keep=lambda out: out.detach().to("cpu", copy=True))
         result.update(check_numerics(neck, references, variant, batch, backend.name, NUMERICS_TOL[dtype]))
         if backend.name == "eager":
             references.eager[(variant, batch)] = neck
@@ -457,24 +283,20 @@ def run_config(variant, config, backend: Backend, batch, device, dtype, args, re
         result["invalid_speed" if result["numerics_ok"] is False else "speed"] = speed
         entry.update(result, status="ok")
     except Exception as e:  # noqa: BLE001 - one failing backend must not stop the run
-        entry.update(error_fields(e))
+        entry.update(common.error_fields(e))
     finally:
         del inputs
         try:
             backend.after_batch()
         except Exception:  # noqa: BLE001
             pass
-        free_memory(device)
+        common.free_memory(device)
     return entry
 
 
 def new_entry(variant: str, batch: int, backend: str, args, config: SamHQConfig) -> dict:
     return {"variant": variant, "batch": batch, "backend": backend, "dtype": args.dtype,
             "flops": encoder_flops(config.encoder, batch)}
-
-
-def error_fields(e: BaseException) -> dict:
-    return {"status": "error", "error": f"{type(e).__name__}: {e}"[:4000], "traceback": traceback.format_exc(limit=8)[-4000:]}
 
 
 def fp32_references(variant, config, weights, device, dtype, args, refs: References) -> dict:
@@ -492,7 +314,7 @@ def fp32_references(variant, config, weights, device, dtype, args, refs: Referen
         return {"fp32_reference_error": f"{type(e).__name__}: {e}"[:2000]}
     finally:
         del model, x
-        free_memory(device)
+        common.free_memory(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,21 +331,12 @@ def finalize(report: dict) -> None:
                 r[key]["speedup_vs_eager"] = eager[(r["variant"], r["batch"])] / r[key]["median_ms"]
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def markdown_table(report: dict) -> str:
-    lines = []
-    if report.get("smoke"):
-        lines += [f"**{SMOKE_NOTE}**", ""]
-    m, rates = report["machine"], report.get("reference_rates", {})
+    rates = report.get("reference_rates", {})
     mm = rates.get("matmul_reference", {})
-    lines += [
-        f"{m.get('gpu') or m.get('cpu')}, torch {m['torch']}, triton {m['triton']}, transformers {m['transformers']}, "
-        f"CUDA {m['cuda']}, {report['settings']['dtype']}; {m['date']}",
-        f"Measured matmul rate ({mm.get('dtype', '?')}, {mm.get('shape', '?')}): {_fmt(mm.get('tflops'), '.0f')} TFLOP/s; "
-        f"copy bandwidth: {_fmt(rates.get('copy', {}).get('gb_per_s_read_plus_write'), '.0f')} GB/s.",
+    lines = common.markdown_head(report) + [
+        f"Measured matmul rate ({mm.get('dtype', '?')}, {mm.get('shape', '?')}): {common.fmt(mm.get('tflops'), '.0f')} TFLOP/s; "
+        f"copy bandwidth: {common.fmt(rates.get('copy', {}).get('gb_per_s_read_plus_write'), '.0f')} GB/s.",
         "TFLOP/s credit every backend with the same work: encoder_flops(config, batch), real tokens.",
         "",
         "| variant | batch | backend | ms/img | img/s | TFLOP/s | % of matmul | peak GB | speedup | rel L2 vs eager / fp32 | first call s |",
@@ -532,26 +345,18 @@ def markdown_table(report: dict) -> str:
     for r in report["results"]:
         head = f"| {r['variant']} | {r['batch']} | {r['backend']} |"
         if r["status"] != "ok":
-            why = (r.get("reason") or r.get("error") or "").splitlines()[0][:80].replace("|", "/")
+            why = common.first_line(r, 80).replace("|", "/")
             lines.append(f"{head} {r['status']}: {why} | | | | | | | |")
             continue
         s = r.get("speed") or r.get("invalid_speed")
         flag = "" if "speed" in r else " (INVALID: numerics)"
         num = r.get("numerics", {})
-        err = f"{'ref' if r['backend'] == 'eager' else _fmt(num.get('rel_l2_vs_eager'), '.1e')} / {_fmt(num.get('rel_l2_vs_fp32'), '.1e')}"
+        err = f"{'ref' if r['backend'] == 'eager' else common.fmt(num.get('rel_l2_vs_eager'), '.1e')} / {common.fmt(num.get('rel_l2_vs_fp32'), '.1e')}"
         lines.append(
-            f"{head} {s['ms_per_image']:.2f}{flag} | {s['images_per_s']:.1f} | {s['tflops']:.1f} | {_fmt(s['pct_of_matmul'], '.0f')} | "
-            f"{_fmt(r.get('peak_memory_gb'), '.1f')} | {_fmt(s.get('speedup_vs_eager'), '.2f')} | {err} | {r['first_call_s']:.1f} |"
+            f"{head} {s['ms_per_image']:.2f}{flag} | {s['images_per_s']:.1f} | {s['tflops']:.1f} | {common.fmt(s['pct_of_matmul'], '.0f')} | "
+            f"{common.fmt(r.get('peak_memory_gb'), '.1f')} | {common.fmt(s.get('speedup_vs_eager'), '.2f')} | {err} | {r['first_call_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def save(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
-    path.with_suffix(".md").write_text(markdown_table(report))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +392,7 @@ def prepare_variant(variant, config, device, dtype, args, references, report) ->
         weights = make_weights(config, device, dtype, args.seed)
     except Exception as e:  # noqa: BLE001 - every config of the variant reports it
         report["numerics_context"][variant] = {"weights_error": f"{type(e).__name__}: {e}"[:2000]}
-        free_memory(device)
+        common.free_memory(device)
         return e
     report["numerics_context"][variant] = fp32_references(variant, config, weights, device, dtype, args, references)
     return weights
@@ -605,7 +410,7 @@ def run_backend(variant, name, config, weights, device, dtype, args, references,
         if left <= 0 or (name == "compile" and left < args.compile_reserve_s):
             record({**entry, "status": "skipped", "reason": f"time budget: {elapsed:.0f} s of {args.time_budget_s:.0f} s used"})
             continue
-        if name == "hf" and _version("transformers") is None:
+        if name == "hf" and common.package_version("transformers") is None:
             record({**entry, "status": "skipped", "reason": "transformers is not installed"})
             continue
         print(f"[bench] {elapsed:6.0f}s  {variant} batch {batch} {name} ...", flush=True)
@@ -615,15 +420,15 @@ def run_backend(variant, name, config, weights, device, dtype, args, references,
                 backend = Backend(name, config, weights, device, dtype, args.compile_mode)
                 entry["build_s"] = time.perf_counter() - t0  # once per (variant, backend)
             except Exception as e:  # noqa: BLE001 - recorded for every batch of this backend
-                build_error = {**error_fields(e), "error": f"building the model: {type(e).__name__}: {e}"[:4000]}
-                free_memory(device)
+                build_error = {**common.error_fields(e), "error": f"building the model: {type(e).__name__}: {e}"[:4000]}
+                common.free_memory(device)
         if build_error is not None:
             record({**entry, **build_error})
             continue
         entry.update(backend.info)
         record({**entry, **run_config(variant, config, backend, batch, device, dtype, args, references, matmul_tflops)})
     del backend
-    free_memory(device)
+    common.free_memory(device)
 
 
 def run_order(args) -> list[tuple[str, str]]:
@@ -640,24 +445,11 @@ def run_order(args) -> list[tuple[str, str]]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    if args.smoke:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        raise SystemExit("no CUDA device: run on a GPU, or pass --smoke to test the script on the CPU")
-    dtype = resolve_dtype(args.dtype)
-    configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
-    out = Path(args.output)
+    device, dtype, configs, out = common.run_setup(args)
 
+    settings = {"variants": args.variant_list, "batches": args.batches, "backends": args.backend_list, "compile_mode": args.compile_mode}
     report = {
-        "smoke": args.smoke,
-        **({"note": SMOKE_NOTE} if args.smoke else {}),
-        "machine": machine_info(device),
-        "settings": {"variants": args.variant_list, "batches": args.batches, "dtype": args.dtype,
-                     "backends": args.backend_list, "compile_mode": args.compile_mode, "seed": args.seed,
-                     "time_budget_s": args.time_budget_s, "argv": sys.argv[1:] if argv is None else list(argv)},
-        "method": method_notes(args, dtype),
+        **common.new_report(args, argv, device, settings, method_notes(args, dtype)),
         "flops_per_image": {v: {"total": encoder_flops(c.encoder), "padded_windows": encoder_flops(c.encoder, padded_windows=True),
                                 "hq_head": hq_head_flops(c, 1), "breakdown": encoder_flops_breakdown(c.encoder)}
                             for v, c in configs.items()},
@@ -676,33 +468,21 @@ def main(argv=None) -> dict:
     except Exception as e:  # noqa: BLE001
         report["reference_rates"] = {"error": f"{type(e).__name__}: {e}"}
     matmul_tflops = report["reference_rates"].get("matmul_reference", {}).get("tflops")
-    free_memory(device)
+    common.free_memory(device)
 
     weights, references = {}, References()
+    record = common.make_recorder(report, out, finalize, markdown_table, summary)
     for variant, name in run_order(args):
         config = configs[variant]
         if variant not in weights:
             weights[variant] = prepare_variant(variant, config, device, dtype, args, references, report)
-
-        def record(entry: dict) -> None:
-            report["results"].append(entry)
-            finalize(report)
-            save(report, out)
-            print(f"[bench]          -> {summary(entry)}", flush=True)
-
         run_backend(variant, name, config, weights[variant], device, dtype, args, references, matmul_tflops, start, record)
-
-    report["total_s"] = time.perf_counter() - start
-    finalize(report)
-    save(report, out)
-    print(markdown_table(report), flush=True)
-    print(f"[bench] wrote {out} and {out.with_suffix('.md')} in {report['total_s']:.0f} s", flush=True)
-    return report
+    return common.finish(report, out, start, finalize, markdown_table)
 
 
 def summary(entry: dict) -> str:
     if entry["status"] != "ok":
-        return f"{entry['status']}: {(entry.get('reason') or entry.get('error') or '').splitlines()[0][:200]}"
+        return f"{entry['status']}: {common.first_line(entry, 200)}"
     s = entry.get("speed") or entry["invalid_speed"]
     num = entry.get("numerics", {})
     errs = ", ".join(f"rel L2 vs {ref} {num[key]:.1e}" for ref, key in (("eager", "rel_l2_vs_eager"), ("fp32", "rel_l2_vs_fp32"))

@@ -14,6 +14,7 @@ on the CPU it is compiled without graphs.
 import torch
 
 from .modeling import SamHQ
+from .modeling.mask_decoder import select_masks
 
 PAD_LABEL = -2  # an empty point slot: no token at all
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
@@ -59,28 +60,23 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, coords,
     return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
 
 
-def select_masks(masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool, hq_token_only: bool):
-    """The original's output rule on all five masks -> (logits [P, 1, 4G, 4G], score [P, 1])."""
-    if multimask_output:
-        score, best = iou[:, 1:4].max(dim=1, keepdim=True)
-        sam_mask = masks[:, 1:4].gather(1, best[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
-    else:
-        score, sam_mask = iou[:, :1], masks[:, :1]
-    hq_mask = masks[:, 4:5]
-    return (hq_mask if hq_token_only else sam_mask + hq_mask), score
-
-
 class PromptDecoder:
     """Decodes any number of prompts against one image's cached features with few compiled shapes.
 
     compile=False runs the same padded function eagerly (the reference for the compiled one).
+    cuda_graphs: replay the compiled function as CUDA graphs (mode="reduce-overhead"); None (the
+    default) means yes on a CUDA model, no elsewhere; True needs compile=True and a CUDA model.
     """
 
-    def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor"):
+    def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | None = None):
         self.model = model
+        on_cuda = model.device.type == "cuda"
+        if cuda_graphs and not (compile and on_cuda):
+            why = "compile=False" if not compile else f"the model is on {model.device}, not a CUDA device"
+            raise ValueError(f"cuda_graphs=True needs a compiled decoder on a CUDA model, but {why}")
         fn = lambda *args: decode_padded(model, *args)  # noqa: E731  (compile a closure, not the module)
         if compile:
-            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            mode = "reduce-overhead" if (on_cuda if cuda_graphs is None else cuda_graphs) else None
             fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         self._decode = fn
 

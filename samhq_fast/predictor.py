@@ -356,7 +356,9 @@ class SamHQPredictor:
         self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
         if model.backend == "fused":  # fixed-shape compiled decoder (CUDA graphs on the GPU)
             if self._prompt_decoder is None:
-                self._prompt_decoder = PromptDecoder(model)
+                # Inductor's CPU code turns the two-way transformer into NaN in bf16 and fp16 (torch
+                # 2.13; tests/test_decoding.py shows it): on the CPU compile only fp32 models.
+                self._prompt_decoder = PromptDecoder(model, compile=model.device.type == "cuda" or model.dtype == torch.float32)
             low_res, scores = self._prompt_decoder(
                 self.features, self.hq_features, point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only
             )

@@ -1,7 +1,9 @@
-"""bench/bench_encoder.py --smoke on the CPU: the script runs and writes a well-formed report.
+"""bench/bench_encoder.py and bench/bench_decoder.py --smoke on the CPU: the scripts run and write
+well-formed reports.
 
 The timings of a smoke run are not speed figures; only the report's shape and internal consistency
-are checked here (speed is never asserted in tests/).
+are checked here (speed is never asserted in tests/). The decoder's compiled mode runs at one prompt
+bucket only, in fp32 (torch.compile on the CPU takes ~15 s per bucket shape).
 """
 
 import importlib.util
@@ -14,21 +16,32 @@ import torch
 
 from samhq_fast.flops import encoder_flops
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_encoder.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_encoder", SCRIPT)
+def load_script(name: str):
+    """A bench/ script as a module, loaded by path as the scripts are not a package."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_encoder")
+
+
+@pytest.fixture(scope="module")
+def decoder_bench():
+    return load_script("bench_decoder")
+
+
 def run(bench, tmp_path, *extra) -> tuple[dict, dict]:
-    out = tmp_path / "encoder.json"
+    out = tmp_path / "report.json"
     returned = bench.main(["--smoke", "--output", str(out), *extra])
     on_disk = json.loads(out.read_text())
+    assert returned["results"] == on_disk["results"]
     assert out.with_suffix(".md").read_text().startswith("**SMOKE RUN")
     return returned, on_disk
 
@@ -100,3 +113,84 @@ def test_smoke_hf_matches_eager(bench, tmp_path):
     assert hf["status"] == "ok", hf.get("error")
     assert hf["numerics_ok"] is True and hf["numerics"]["rel_l2_vs_eager"] < 2e-2
     assert positive(hf["speed"]["speedup_vs_eager"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_decoder.py
+
+
+def by_test(report: dict) -> dict:
+    """(test, mode or backend, prompt kind, prompts) -> result, in run order."""
+    return {(r["test"], r.get("mode", r.get("backend")), r["prompt"], r["prompts"]): r for r in report["results"]}
+
+
+def test_decoder_smoke_eager_report_schema(decoder_bench, tmp_path):
+    _, report = run(decoder_bench, tmp_path, "--modes", "eager")
+    assert report["smoke"] is True and "NOT SPEED FIGURES" in report["note"]
+    for key in ("machine", "settings", "method", "results", "targets", "total_s"):
+        assert key in report, key
+    assert report["machine"]["torch"] == torch.__version__
+    assert not any("host" in key for key in report["machine"])
+    assert report["settings"]["prompts"] == [1, 4] and report["settings"]["modes"] == ["eager"]
+    assert "not timed" in report["method"]["image"] and "INCLUDES THE IMAGE ENCODER" in report["method"]["e2e"]
+
+    rows = by_test(report)
+    assert list(rows) == [("throughput", "eager", "box", 1), ("throughput", "eager", "box", 4),
+                          ("throughput", "eager", "point", 1), ("latency", "eager", "box", 1), ("e2e", "eager", "box", 1)]
+    for r in report["results"]:
+        assert r["status"] == "ok", r.get("error")
+        assert r["variant"] == "tiny" and r["dtype"] == "bf16" and r["numerics_ok"] is True and "invalid_speed" not in r
+        assert positive(r["first_call_s"]) and r["warmup_s"] >= 0
+    for (test, _, _, num), r in rows.items():
+        s = r["speed"]
+        assert s["min_ms"] <= s["median_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+        assert s["speedup_vs_eager"] == 1.0
+        if test == "throughput":
+            assert s["repeats"] >= 3
+            assert s["prompts_per_s"] == pytest.approx(1e3 * num / s["median_ms"])
+            assert s["us_per_prompt"] == pytest.approx(1e3 * s["median_ms"] / num)
+            assert 0 < r["numerics"]["rel_l2_vs_fp32"] < 0.05  # bf16 rounding noise, measured ~1e-2
+        else:
+            assert s["p50_ms"] == s["median_ms"] and positive(s["p50_ms"])
+    assert rows[("latency", "eager", "box", 1)]["speed"]["repeats"] == 20
+    assert rows[("e2e", "eager", "box", 1)]["speed"]["repeats"] == 3
+
+    best = report["targets"]["best_valid"]["tiny"]
+    assert report["targets"]["from_the_issue"] == {"single_prompt_ms": 0.3, "prompts_per_s": 20000}
+    assert best["prompts_per_s"] == max(r["speed"]["prompts_per_s"] for r in report["results"] if r["test"] == "throughput")
+    assert best["single_prompt_p50_ms"] == rows[("latency", "eager", "box", 1)]["speed"]["p50_ms"]
+    assert best["meets_prompts_per_s"] is False and best["meets_single_prompt"] is False  # a CPU
+
+
+def test_decoder_smoke_compiled_matches_eager(decoder_bench, tmp_path):
+    """One bucket shape (1 prompt; the point row shares it), fp32: the compiled PromptDecoder agrees
+    with eager and gets speed figures and a speedup."""
+    _, report = run(decoder_bench, tmp_path, "--dtype", "fp32", "--prompts", "1", "--e2e", "")
+    rows = by_test(report)
+    assert [k for k in rows if k[1] == "compiled"] == [("throughput", "compiled", "box", 1), ("throughput", "compiled", "point", 1),
+                                                       ("latency", "compiled", "box", 1)]
+    assert not any(r["test"] == "e2e" for r in report["results"])
+    for key, r in rows.items():
+        assert r["status"] == "ok", r.get("error")
+        if key[1] == "compiled":
+            assert r["numerics_ok"] is True and r["numerics"]["rel_l2_vs_eager"] < 1e-4
+            assert positive(r["speed"]["speedup_vs_eager"])
+            assert "cuda_graphs=False" in r["timed_call"]
+
+
+def test_decoder_smoke_failures_are_recorded_not_fatal(decoder_bench, tmp_path, monkeypatch):
+    """CUDA graphs and the fused encoder cannot run on the CPU: each row says so and the run goes on;
+    past the time budget every configuration is recorded as skipped."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no interpreted fused encoder on this CPU
+    _, report = run(decoder_bench, tmp_path, "--modes", "graphed,eager", "--prompts", "1", "--point-prompts", "",
+                    "--e2e", "fused,eager")
+    rows = by_test(report)
+    assert list(rows) == [("throughput", "eager", "box", 1), ("latency", "eager", "box", 1), ("throughput", "graphed", "box", 1),
+                          ("latency", "graphed", "box", 1), ("e2e", "eager", "box", 1), ("e2e", "fused", "box", 1)]
+    for key in (("throughput", "graphed", "box", 1), ("latency", "graphed", "box", 1)):
+        assert rows[key]["status"] == "error" and "not a CUDA device" in rows[key]["error"]
+    assert rows[("e2e", "fused", "box", 1)]["status"] == "error"
+    assert all(r["status"] == "ok" for k, r in rows.items() if k[1] == "eager")
+
+    _, skipped = run(decoder_bench, tmp_path, "--modes", "eager", "--time-budget-s", "0")
+    assert skipped["results"] and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in skipped["results"])

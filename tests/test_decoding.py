@@ -115,6 +115,17 @@ def test_compiled_decoder_matches_eager(tiny_model, image_state):
             torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
 
 
+def test_cuda_graphs_needs_a_compiled_cuda_decoder(tiny_model):
+    """cuda_graphs=True is refused, with the reason, where CUDA graphs cannot be used; False and the
+    default (None: no graphs on the CPU) build."""
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        PromptDecoder(tiny_model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="compile=False"):
+        PromptDecoder(tiny_model, compile=False, cuda_graphs=True)
+    PromptDecoder(tiny_model, cuda_graphs=False)
+    PromptDecoder(tiny_model)
+
+
 @pytest.mark.gpu
 def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state):
     """On CUDA the compiled decoder replays CUDA graphs: outputs must be right and never stale
@@ -129,3 +140,20 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state):
         got = decoder(*state, **prompts, multimask_output=True, hq_token_only=False)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inductor_cpu_half_precision_bug_is_still_there(dtype):
+    """Why the fused predictor compiles its decoder on the CPU only in fp32: Inductor's CPU code for
+    the two-way transformer gives NaN in bf16 / fp16 (torch 2.13) where eager is fine. If this test
+    fails, torch fixed it and the guard in SamHQPredictor.predict_torch can go."""
+    from samhq_fast.modeling.transformer import TwoWayTransformer
+
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer().eval().to(dtype)
+    src, pe, tokens = (torch.randn(shape, dtype=dtype) for shape in ((1, 256, 16, 16), (1, 256, 16, 16), (1, 10, 256)))
+    with torch.inference_mode():
+        eager = transformer(src, pe, tokens)[0]
+        compiled = torch.compile(transformer, fullgraph=True, dynamic=False)(src, pe, tokens)[0]
+    assert not eager.isnan().any()
+    assert compiled.isnan().any()

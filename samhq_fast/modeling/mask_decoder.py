@@ -89,10 +89,20 @@ class MaskDecoderHQ(nn.Module):
         token 0; the HQ mask is then added to it (or returned alone with hq_token_only).
         """
         masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features)
-        if multimask_output:
-            iou, best = iou[:, 1:4].max(dim=1, keepdim=True)
-            sam_mask = masks[:, 1:4].gather(1, best[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
-        else:
-            iou, sam_mask = iou[:, :1], masks[:, :1]
-        hq_mask = masks[:, 4:5]
-        return (hq_mask if hq_token_only else sam_mask + hq_mask), iou
+        return select_masks(masks, iou, multimask_output, hq_token_only)
+
+
+def select_masks(masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool, hq_token_only: bool):
+    """The original's output rule: all five masks [P, 5, 4h, 4w] and four IoU scores [P, 4]
+    -> (logits [P, 1, 4h, 4w], score [P, 1]).
+
+    multimask_output picks the multimask token (1..3) with the best predicted IoU instead of token 0;
+    the HQ mask is then added to it (or returned alone with hq_token_only).
+    """
+    if multimask_output:
+        score, best = iou[:, 1:4].max(dim=1, keepdim=True)
+        sam_mask = masks[:, 1:4].gather(1, best[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
+    else:
+        score, sam_mask = iou[:, :1], masks[:, :1]
+    hq_mask = masks[:, 4:5]
+    return (hq_mask if hq_token_only else sam_mask + hq_mask), score

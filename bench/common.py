@@ -1,0 +1,356 @@
+"""What the benchmark scripts in bench/ share: machine info, CUDA-event timing with rotated inputs,
+median / p90 / p99 summaries, the numerics verdict, command-line options, JSON + Markdown saving.
+
+bench/ is not a package: the scripts run as `python bench/<script>.py` (Python puts bench/ on
+sys.path) and tests load them by file path, so each script puts its own folder on sys.path before
+`import common`. Importing this module also makes `samhq_fast` importable from a checkout
+that is not pip-installed.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import samhq_fast  # noqa: F401
+except ImportError:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from samhq_fast.build import resolve_dtype  # noqa: E402
+from samhq_fast.modeling import SamHQConfig, ViTConfig  # noqa: E402
+
+# rel L2 vs eager in the same dtype above which an implementation is suspect (and gets no speed figure).
+NUMERICS_TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-3}
+# ...but bf16 eager is itself far from fp32 with random weights (image encoder: rel L2 1.5e-2 on
+# vit_b, 2.5e-2 on vit_h, measured on the CPU), so two correct bf16 implementations can be > 2e-2
+# apart. A suspect one still passes when it is as close to the fp32 truth as eager in the same dtype
+# is, with this much slack.
+FP32_SLACK = 1.25
+SMOKE_CONFIG = SamHQConfig(
+    ViTConfig(img_size=256, embed_dim=160, depth=4, num_heads=2, mlp_dim=320, global_attn_indexes=(1, 3))
+)
+SMOKE_NOTE = (
+    "SMOKE RUN ON THE CPU WITH A TINY MODEL: checks that the script works. "
+    "THESE TIMINGS ARE NOT SPEED FIGURES; do not quote them."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str, target_s: float, time_budget_s: float) -> None:
+    """Options every benchmark has; `finish_run_args` fills the smoke-dependent defaults."""
+    p.add_argument("--variants", default="vit_b,vit_h", help="comma list of vit_b / vit_l / vit_h")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--output", default=None, help=f"JSON path (default bench/results/{name}-<date>.json); a .md goes next to it")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first one (default 3; smoke: 1)")
+    p.add_argument("--min-repeats", type=int, default=None, help="timed calls at least (default 10; smoke: 3)")
+    p.add_argument("--max-repeats", type=int, default=200)
+    p.add_argument("--target-s", type=float, default=None,
+                   help=f"aim for this much timed time per config (default {target_s:g}; smoke: {target_s / 10:g})")
+    p.add_argument("--time-budget-s", type=float, default=time_budget_s,
+                   help="start no configuration after this many seconds from the script's start")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: tests the script, not speed")
+
+
+def finish_run_args(args: argparse.Namespace, name: str, target_s: float) -> None:
+    smoke = args.smoke
+    args.variant_list = ["tiny"] if smoke else comma_list(args.variants)
+    args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
+    args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if smoke else 10)
+    args.target_s = args.target_s if args.target_s is not None else (target_s / 10 if smoke else target_s)
+    if args.output is None:
+        args.output = str(ROOT / "bench" / "results" / f"{name}-{datetime.date.today().isoformat()}.json")
+
+
+def comma_list(text: str, cast=str) -> list:
+    return [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def run_setup(args) -> tuple[torch.device, torch.dtype, dict, Path]:
+    """device (the CPU for --smoke, else CUDA), dtype, {variant: config} (SMOKE_CONFIG as "tiny" for
+    --smoke) and the output path."""
+    if args.smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        raise SystemExit("no CUDA device: run on a GPU, or pass --smoke to test the script on the CPU")
+    configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
+    return device, resolve_dtype(args.dtype), configs, Path(args.output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine
+
+
+def _nvidia_smi(fields: str) -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - missing or broken install: just say so
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    """What ran the benchmark; deliberately no hostname."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "samhq_fast_commit": _git_commit(),
+        "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "SAMHQ_FAST_DISABLE_FUSED", "CUDA_VISIBLE_DEVICES") if k in os.environ},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gb=round(props.total_memory / 1e9, 1),
+            sm_count=props.multi_processor_count,
+            compute_capability=f"{props.major}.{props.minor}",
+            driver=_nvidia_smi("driver_version"),
+            gpu_clocks_power=_nvidia_smi("clocks.max.sm,clocks.max.mem,power.limit"),
+            cudnn=torch.backends.cudnn.version(),
+        )
+    else:
+        info.update(gpu=None, cpu=platform.processor() or platform.machine())
+    return info
+
+
+def new_report(args, argv, device: torch.device, settings: dict, method: dict) -> dict:
+    """A report's common head: smoke flag and note, machine, settings (with the argv), method notes."""
+    return {
+        "smoke": args.smoke,
+        **({"note": SMOKE_NOTE} if args.smoke else {}),
+        "machine": machine_info(device),
+        "settings": {**settings, "dtype": args.dtype, "seed": args.seed, "time_budget_s": args.time_budget_s,
+                     "argv": sys.argv[1:] if argv is None else list(argv)},
+        "method": method,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def time_calls(fn, args_list: list, device: torch.device) -> list[float]:
+    """Milliseconds of each call of fn(*args) for args in args_list, run back to back.
+
+    CUDA: an event pair around each call, one sync at the end, so the queue stays full and a call's
+    time is what it adds in steady state (including any CPU-launch bubbles it causes). CPU: wall clock.
+    """
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in args_list]
+        for (start, end), args in zip(events, args_list):
+            start.record()
+            fn(*args)
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for args in args_list:
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def wall_latencies(fn, args_list: list, device: torch.device, max_s: float = math.inf) -> list[float]:
+    """Milliseconds of each call of fn(*args), alone: synchronize, wall clock around the call and a
+    synchronize after it (what a caller waiting for one result sees: CPU launch work + GPU time + the
+    sync). Stops early once max_s has passed."""
+    times = []
+    t_end = time.perf_counter() + max_s
+    for args in args_list:
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn(*args)
+        synchronize(device)
+        t1 = time.perf_counter()
+        times.append(1e3 * (t1 - t0))
+        if t1 > t_end:
+            break
+    return times
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile (0 < q <= 1) of an ascending list."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def timing_summary(times_ms: list[float]) -> dict:
+    ordered = sorted(times_ms)
+    return {"median_ms": statistics.median(ordered), "p90_ms": percentile(ordered, 0.9), "p99_ms": percentile(ordered, 0.99),
+            "min_ms": ordered[0], "max_ms": ordered[-1], "repeats": len(ordered)}
+
+
+def rotation(arg_sets: list, count: int, start: int = 0) -> list:
+    return [arg_sets[(start + i) % len(arg_sets)] for i in range(count)]
+
+
+def first_call(fn, args: tuple, device: torch.device, keep=lambda out: out) -> tuple[float, object]:
+    """Seconds of one synchronized call (the first one: compiles, autotuning, CUDA-graph warm-up) and
+    keep(its output), taken at once (CUDA-graph outputs are overwritten by the next call)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    kept = keep(fn(*args))
+    synchronize(device)
+    return time.perf_counter() - t0, kept
+
+
+def warm_up(fn, arg_sets: list, count: int, device: torch.device) -> float:
+    """Seconds of `count` untimed calls rotating arg_sets, synchronized (CUDA graphs are captured here)."""
+    t0 = time.perf_counter()
+    for args in rotation(arg_sets, count):
+        fn(*args)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure(fn, arg_sets: list[tuple], device: torch.device, args, keep=lambda out: out) -> tuple[dict, object]:
+    """first_call on arg_sets[0] (its kept output is returned for numerics), warm_up with
+    args.warmup calls, then back-to-back timed calls (time_calls) rotating arg_sets: >=
+    args.min_repeats, about args.target_s, at most args.max_repeats. Peak memory over it all on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first_call_s, kept = first_call(fn, arg_sets[0], device, keep)
+    result = {"first_call_s": first_call_s, "warmup_s": warm_up(fn, arg_sets, args.warmup, device)}
+    per_call_ms = statistics.median(time_calls(fn, rotation(arg_sets, 1, 1), device))
+    repeats = int(min(args.max_repeats, max(args.min_repeats, math.ceil(1e3 * args.target_s / max(per_call_ms, 1e-3)))))
+    result["timing"] = timing_summary(time_calls(fn, rotation(arg_sets, repeats), device))
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return result, kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics
+
+
+def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.double().flatten(), expected.to(got.device).double().flatten()
+    return (torch.linalg.norm(got - expected) / torch.linalg.norm(expected)).item()
+
+
+def numerics_verdict(is_reference: bool, err_ref: float | None, err_fp32: float | None,
+                     ref_err_fp32: float | None, tol: float, slack: float) -> tuple[bool | None, str]:
+    """(numerics_ok, why): within `tol` (rel L2) of eager in the same dtype, or, failing that, no
+    further from the fp32 truth than `slack` x eager's own distance (ref_err_fp32). NaN fails."""
+    if is_reference:
+        return True, "the reference"
+    if err_ref is not None and err_ref <= tol:
+        return True, "within tol of eager"
+    if err_fp32 is not None:
+        bound = max(tol, slack * ref_err_fp32) if ref_err_fp32 is not None else tol
+        ok = bool(err_fp32 <= bound)
+        return ok, f"rel L2 vs fp32 {'<=' if ok else '>'} {bound:.2e} (max(tol, {slack} x eager's own))"
+    return None, "no reference to compare with"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def error_fields(e: BaseException) -> dict:
+    return {"status": "error", "error": f"{type(e).__name__}: {e}"[:4000], "traceback": traceback.format_exc(limit=8)[-4000:]}
+
+
+def first_line(entry: dict, width: int) -> str:
+    """Why a skipped / failed entry has no figures, on one line."""
+    return ((entry.get("reason") or entry.get("error") or "").splitlines() or [""])[0][:width]
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_head(report: dict) -> list[str]:
+    """The smoke warning (if any) and the machine line that open every table."""
+    m = report["machine"]
+    lines = [f"**{SMOKE_NOTE}**", ""] if report.get("smoke") else []
+    return lines + [
+        f"{m.get('gpu') or m.get('cpu')}, torch {m['torch']}, triton {m['triton']}, transformers {m['transformers']}, "
+        f"CUDA {m['cuda']}, {report['settings']['dtype']}; {m['date']}",
+    ]
+
+
+def save(report: dict, path: Path, markdown_table) -> None:
+    """JSON (written atomically) and markdown_table(report) next to it as .md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(markdown_table(report))
+
+
+def make_recorder(report: dict, path: Path, finalize, markdown_table, summary):
+    """record(entry): append it to the report, save the report (so a run killed by a time limit
+    still leaves its finished results) and print a one-line summary."""
+
+    def record(entry: dict) -> None:
+        report["results"].append(entry)
+        finalize(report)
+        save(report, path, markdown_table)
+        print(f"[bench]          -> {summary(entry)}", flush=True)
+
+    return record
+
+
+def finish(report: dict, path: Path, start: float, finalize, markdown_table) -> dict:
+    report["total_s"] = time.perf_counter() - start
+    finalize(report)
+    save(report, path, markdown_table)
+    print(markdown_table(report), flush=True)
+    print(f"[bench] wrote {path} and {path.with_suffix('.md')} in {report['total_s']:.0f} s", flush=True)
+    return report
