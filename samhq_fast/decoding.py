@@ -35,17 +35,11 @@ def embed_padded_prompts(model: SamHQ, coords, labels, boxes, has_box, masks, ha
     """
     enc = model.prompt_encoder
     dtype = enc.no_mask_embed.weight.dtype
-    weights = [e.weight[0].float() for e in enc.point_embeddings]  # [C] each
-    not_a_point = enc.not_a_point_embed.weight[0].float()
-    labels = labels[..., None]
-    points = enc.pe_layer.points(coords + 0.5, enc.input_image_size)  # [P, K, C]
-    points = torch.where(labels == -1, not_a_point, points)
-    points = points + (labels == 0) * weights[0] + (labels == 1) * weights[1]
-    point_real = labels[..., 0] != PAD_LABEL  # [P, K]
-    no_box_real = point_real.any(dim=1) & ~has_box  # SAM pads points with one not-a-point without a box
-    corners = enc.pe_layer.points(boxes.reshape(-1, 2, 2) + 0.5, enc.input_image_size) + torch.stack(weights[2:])
     num = coords.shape[0]
-    sparse = torch.cat([points, not_a_point.expand(num, 1, -1), corners], dim=1).to(dtype)
+    point_real = labels != PAD_LABEL  # [P, K]
+    no_box_real = point_real.any(dim=1) & ~has_box  # SAM pads points with one not-a-point without a box
+    no_box = enc.not_a_point_embed.weight.float().expand(num, 1, -1)
+    sparse = torch.cat([enc.embed_points(coords, labels), no_box, enc.embed_boxes(boxes)], dim=1).to(dtype)
     sparse_mask = torch.cat([point_real, no_box_real[:, None], has_box[:, None].expand(-1, 2)], dim=1)
     g = enc.image_embedding_size
     no_mask = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(num, -1, *g)

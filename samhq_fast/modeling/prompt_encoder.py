@@ -65,18 +65,18 @@ class PromptEncoder(nn.Module):
         """Positional encoding of the image-embedding grid -> [1, C, h, w]."""
         return self.pe_layer.grid(self.image_embedding_size)[None].to(self.no_mask_embed.weight.dtype)
 
-    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        coords = coords + 0.5  # centre of the pixel
-        if pad:  # a "not a point" token stands in for the missing box
-            coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
-            labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
-        embedding = self.pe_layer.points(coords, self.input_image_size)
+    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Point tokens: coords [B, N, 2] (input-frame pixels), labels [B, N] -> [B, N, C] fp32.
+        Label 1 / 0 add the foreground / background embedding, -1 is "not a point"; any other
+        label leaves the bare positional encoding (the fixed-shape decoder masks those slots)."""
+        embedding = self.pe_layer.points(coords + 0.5, self.input_image_size)  # +0.5: centre of the pixel
         labels = labels[..., None]
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight.float(), embedding)
         embedding = embedding + (labels == 0) * self.point_embeddings[0].weight.float()
         return embedding + (labels == 1) * self.point_embeddings[1].weight.float()
 
-    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Box corner tokens: boxes [B, 4] (x1, y1, x2, y2) -> [B, 2, C] fp32."""
         corners = self.pe_layer.points(boxes.reshape(-1, 2, 2) + 0.5, self.input_image_size)
         corner_tokens = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
         return corners + corner_tokens.float()
@@ -93,9 +93,13 @@ class PromptEncoder(nn.Module):
         batch = next((t.shape[0] for t in (points and points[0], boxes, masks) if t is not None), 1)
         sparse = [self.no_mask_embed.weight.new_zeros(batch, 0, self.embed_dim, dtype=torch.float32)]
         if points is not None:
-            sparse.append(self._embed_points(points[0], points[1], pad=boxes is None))
+            coords, labels = points
+            if boxes is None:  # a "not a point" token stands in for the missing box
+                coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
+                labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
+            sparse.append(self.embed_points(coords, labels))
         if boxes is not None:
-            sparse.append(self._embed_boxes(boxes))
+            sparse.append(self.embed_boxes(boxes))
         if masks is not None:
             dense = self.mask_downscaling(masks.to(dtype))
         else:
