@@ -3,8 +3,9 @@
 # decoder benchmarks. One device call runs at most 10 minutes, so run the stages in two calls:
 #   bash bench/gpu_session.sh OUT_DIR tests,decoder     (~4 + ~5.5 min)
 #   bash bench/gpu_session.sh OUT_DIR encoder           (~7-8 min)
-# Writes OUT_DIR/gpu_tests.log, OUT_DIR/encoder-DATE.json, OUT_DIR/decoder-DATE.json and their .md
-# (copy them to bench/results/). Each benchmark rewrites its JSON after every configuration, so a
+# Writes OUT_DIR/gpu_tests.log, OUT_DIR/encoder-DATE.json, OUT_DIR/decoder-DATE.json (samhq-fast bench's
+# merged JSON, plus per-run parts *.encoder-bf16.json ...) and their .md (copy them to bench/results/;
+# the README table: samhq-fast bench --table bench/results/*.json). Each benchmark rewrites its JSON after every configuration, so a
 # run cut short by a time limit still leaves what it finished.
 set -uo pipefail
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [tests,encoder,decoder]}
@@ -18,10 +19,10 @@ if [[ $stages == *,tests,* ]]; then
     timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
 fi
 if [[ $stages == *,encoder,* ]]; then
-    python3 bench/bench_encoder.py --variants vit_b,vit_h --batch 1,8,32 --dtype bf16 \
-        --backends eager,fused,hf,compile --output "$out/encoder-$(date +%F).json"
+    samhq-fast bench --what encoder --variant vit_b,vit_h --batch 1,8,32 --dtype bf16 \
+        --backends eager,fused,hf,compile --output "$out/encoder-$(date +%F).json" --plot "$out/encoder-$(date +%F).png"
 fi
 if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 5 min (--time-budget-s 220 + the last configuration)
-    timeout 330 python3 bench/bench_decoder.py --variants vit_b,vit_h --prompts 1,16,64,256,1024 --dtype bf16 \
-        --modes eager,compiled,graphed --output "$out/decoder-$(date +%F).json" 2>&1 | tee "$out/decoder.log"
+    timeout 330 samhq-fast bench --what decoder,e2e --variant vit_b,vit_h --prompts 1,16,64,256,1024 --dtype bf16 \
+        --backends eager,compile,fused --output "$out/decoder-$(date +%F).json" 2>&1 | tee "$out/decoder.log"
 fi

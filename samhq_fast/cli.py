@@ -1,5 +1,6 @@
-"""Command-line interface: `samhq-fast segment` (prompt an image, write masks) and `samhq-fast convert`
-(re-save a checkpoint as safetensors in the original or HF key layout). Run `samhq-fast --help`."""
+"""Command-line interface: `samhq-fast segment` (prompt an image, write masks), `samhq-fast convert`
+(re-save a checkpoint as safetensors in the original or HF key layout) and `samhq-fast bench`
+(encoder / decoder benchmarks, results table and plot). Run `samhq-fast --help`."""
 
 import argparse
 import json
@@ -38,6 +39,7 @@ MAIN_EPILOG = """\
 examples:
   samhq-fast segment assets/chelsea.jpg --checkpoint sam_hq_vit_b.pth --point 220,150 --output mask.png
   samhq-fast convert sam_hq_vit_b.pth sam_hq_vit_b.safetensors --layout hf
+  samhq-fast bench --variant vit_b --batch 1,8 --output results.json --plot results.png
 
 Run `samhq-fast COMMAND --help` for the options of each command.
 """
@@ -88,6 +90,49 @@ examples:
   samhq-fast convert sam_hq_vit_h.pth sam_hq_vit_h_hf_fp16.safetensors --layout hf --dtype fp16
 """
 
+BENCH_VARIANTS = ("vit_b", "vit_l", "vit_h")
+BENCH_BACKENDS = ("eager", "compile", "fused", "hf")
+BENCH_WHAT = ("encoder", "decoder", "e2e")
+BENCH_HELP = """\
+Benchmark the image encoder, the prompt decoder and the whole predictor (end to end), backend
+against backend in the same run, and write JSON + a Markdown table (+ a bar chart with --plot).
+
+Weights: RANDOM weights of the real architecture by default (speed does not depend on weight
+values; the outputs are meaningless), or --checkpoint SRC (its architecture is used, --variant
+is ignored).
+
+What is measured (--what):
+  encoder   model.encode_image on --batch images per call: ms/img, img/s, achieved TFLOP/s
+            (samhq_fast.flops.encoder_flops) and % of this GPU's own measured matmul rate,
+            peak memory, first-call (compile / autotune) time, speedup over eager, and the
+            numerics against eager (a backend that disagrees gets no speed figure).
+  decoder   prompt encoder + mask decoder on --prompts N prompts against one image's cached
+            features: prompts/s, single-prompt p50 / p99 latency.
+  e2e       set_image + one box through SamHQPredictor (includes the encoder).
+Backends (--backends): eager (the reference), compile (torch.compile of the eager model;
+decoder: PromptDecoder without CUDA graphs), fused (Triton encoder kernels; decoder:
+PromptDecoder with CUDA graphs), hf (transformers SamHQModel, encoder only).
+Several --dtype values run one after the other and land in one JSON.
+
+On a CPU-only machine: eager and compile only (real sizes are slow there; --smoke uses a tiny
+model); fused only with --interpret (the Triton interpreter). EVERY FIGURE MEASURED ON THE CPU OR
+IN THE INTERPRETER IS LABELLED "not a speed figure" in the JSON, the table and the plot.
+
+Each benchmark run also leaves its own JSON + .md next to --output (OUTPUT_STEM.WHAT-DTYPE.json),
+rewritten after every configuration, so a run cut short still leaves what it finished.
+"""
+BENCH_EPILOG = """\
+examples:
+  # on a GPU: vit_b and vit_h, every backend, bf16
+  samhq-fast bench --variant vit_b,vit_h --batch 1,8,32 --output bench/results/run.json --plot run.png
+  # a real checkpoint, the encoder only, two dtypes
+  samhq-fast bench --checkpoint sam_hq_vit_b.pth --what encoder --dtype bf16,fp16
+  # check the tool on a CPU in ~30 s (tiny model; not speed figures)
+  samhq-fast bench --smoke --dtype fp32 --backends eager --output /tmp/smoke.json
+  # the Markdown performance table of committed results (the README's)
+  samhq-fast bench --table bench/results/*.json
+"""
+
 
 # ---------------------------------------------------------------------------------------------
 # Argument parsing helpers
@@ -120,6 +165,40 @@ def parse_point(text: str) -> tuple[float, float, int]:
 def parse_box(text: str) -> tuple[float, float, float, float]:
     """"X1,Y1,X2,Y2" -> (x1, y1, x2, y2)."""
     return tuple(_numbers(text, 4, "top-left and bottom-right corners in pixels of the original image", "X1,Y1,X2,Y2"))
+
+
+def _comma_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
+    return values
+
+
+def _choices(allowed: tuple[str, ...], what: str):
+    """A comma list whose items are all in `allowed`."""
+
+    def parse(text: str) -> list[str]:
+        values = _comma_list(text)
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown)}: choose from {','.join(allowed)}")
+        return list(dict.fromkeys(values))
+
+    return parse
+
+
+def _variants(text: str) -> list[str]:
+    return list(BENCH_VARIANTS) if text.strip() == "all" else _choices(BENCH_VARIANTS, "variant")(text)
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in _comma_list(text)]
+    except ValueError:
+        values = None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +235,34 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES, default=None,
                       help="cast floating-point tensors to this dtype (default: keep the dtypes of IN)")
     conv.set_defaults(run=convert, parser=conv)
+
+    ben = commands.add_parser("bench", help="benchmark encoder / decoder / end to end; JSON, Markdown table, plot",
+                              description=BENCH_HELP, epilog=BENCH_EPILOG, formatter_class=FORMATTER)
+    ben.add_argument("--variant", type=_variants, default="vit_b", metavar="vit_b|vit_l|vit_h|all",
+                     help="architecture(s), comma list or 'all' (default vit_b; ignored with --checkpoint or --smoke)")
+    ben.add_argument("--batch", type=_positive_ints, default=None, metavar="N,N,...",
+                     help="encoder: images per call (default 1,8,32; --smoke: 1)")
+    ben.add_argument("--prompts", type=_positive_ints, default=None, metavar="N,N,...",
+                     help="decoder: box prompts per call (default 1,16,64,256,1024; --smoke: 1,4)")
+    ben.add_argument("--dtype", type=_choices(DTYPES, "dtype"), default=["bf16"], metavar="bf16,fp16,fp32",
+                     help="precision(s), one run each, all in one JSON (default bf16)")
+    ben.add_argument("--backends", type=_choices(BENCH_BACKENDS, "backend"), default=None, metavar="eager,compile,fused,hf",
+                     help="backends to compare (default: all on a GPU, eager,compile on a CPU)")
+    ben.add_argument("--what", type=_choices(BENCH_WHAT, "benchmark"), default=list(BENCH_WHAT), metavar="encoder,decoder,e2e",
+                     help="what to measure (default all three)")
+    ben.add_argument("--checkpoint", "-c", metavar="SRC", help="benchmark this checkpoint (anything samhq_fast.load reads) "
+                     "instead of random weights; its architecture replaces --variant")
+    ben.add_argument("--output", "-o", metavar="RESULTS.json", default=None,
+                     help="merged JSON (default bench/results/bench-DATE.json); the Markdown table goes next to it as .md")
+    ben.add_argument("--plot", metavar="RESULTS.png", help="also draw a bar chart (needs matplotlib: pip install 'samhq-fast[plot]')")
+    ben.add_argument("--interpret", action="store_true",
+                     help="CPU only: allow the fused backend under the Triton interpreter (checks it runs; NOT a speed figure)")
+    ben.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few repeats: tests the tool, not speed")
+    ben.add_argument("--time-budget-s", type=float, default=None, metavar="S",
+                     help="per benchmark run: start no configuration after S seconds (default: encoder 420, decoder 220)")
+    ben.add_argument("--table", nargs="+", metavar="RESULTS.json",
+                     help="only print the Markdown performance table of these results files (runs nothing)")
+    ben.set_defaults(run=bench, parser=ben)
     return parser
 
 
@@ -303,6 +410,119 @@ def convert(args) -> int:
     size = os.path.getsize(args.output)
     print(f"wrote {args.output}: {variant}, {args.layout} layout, {len(state_dict)} tensors, "
           f"{params / 1e6:.1f}M values ({'/'.join(dtypes)}), {size / 1e6:.1f} MB")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def _bench_plan(args) -> tuple[str, list[str]]:
+    """(device name, backends) after checking the options against this machine."""
+    import torch
+
+    parser = args.parser
+    on_gpu = torch.cuda.is_available() and not args.smoke
+    if args.interpret and on_gpu:
+        parser.error("--interpret is for CPU-only machines (or --smoke): on a GPU the fused backend runs compiled")
+    backends = args.backends or (list(BENCH_BACKENDS) if on_gpu else ["eager", "compile"] + (["fused"] if args.interpret else []))
+    if "fused" in backends and not on_gpu and not args.interpret:
+        parser.error("the fused backend needs a CUDA device; on the CPU pass --interpret to run it in the Triton "
+                     "interpreter (checks it runs, not a speed figure)")
+    if args.interpret:
+        loaded = "samhq_fast.kernels.attention" in sys.modules or "samhq_fast.kernels.linear" in sys.modules
+        if loaded and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--interpret: the Triton kernels were already imported without TRITON_INTERPRET=1")
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (at the first fused model)
+    if args.plot:
+        _check_output(args.plot, "--plot", (".png",))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'samhq-fast[plot]' (or pip install matplotlib)") from None
+    return ("cuda" if on_gpu else "cpu"), backends
+
+
+def _bench_runs(args, backends: list[str], device: str) -> list[tuple[str, list[str]]]:
+    """(benchmark, its command line) per dtype: the encoder and the decoder benchmark (which also
+    runs end to end)."""
+    common = ["--smoke"] if args.smoke else ["--variants", ",".join(args.variant)]
+    if args.time_budget_s is not None:
+        common += ["--time-budget-s", str(args.time_budget_s)]
+    runs = []
+    for dtype in args.dtype:
+        if "encoder" in args.what and [b for b in backends if b in BENCH_BACKENDS]:
+            argv = [*common, "--dtype", dtype, "--backends", ",".join(backends)]
+            if device == "cpu":
+                argv += ["--compile-mode", "default"]  # max-autotune has nothing to tune on the CPU
+            if args.batch:
+                argv += ["--batch", ",".join(map(str, args.batch))]
+            runs.append(("encoder", argv))
+        modes = {"eager": "eager", "compile": "compiled", "fused": "graphed"}  # what each backend runs in the decoder
+        mode_list = [modes[b] for b in backends if b in modes and "decoder" in args.what and (b != "fused" or device == "cuda")]
+        e2e = [b for b in backends if b in ("eager", "fused") and "e2e" in args.what]
+        if mode_list or e2e:
+            argv = [*common, "--dtype", dtype, "--modes", ",".join(mode_list), "--e2e", ",".join(e2e)]
+            if args.prompts:
+                argv += ["--prompts", ",".join(map(str, args.prompts))]
+            if "decoder" not in args.what:
+                argv += ["--point-prompts", ""]
+            runs.append(("decoder", argv))
+    return runs
+
+
+def bench(args) -> int:
+    import datetime
+    import importlib
+
+    from samhq_fast.benchmark import common, report
+
+    if args.table:
+        print(report.table_from_files(args.table), end="")
+        return 0
+    device, backends = _bench_plan(args)
+    output = Path(args.output) if args.output else common.results_dir() / f"bench-{datetime.date.today().isoformat()}.json"
+    if output.suffix != ".json":
+        args.parser.error(f"--output must end in .json, got {output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    overrides = {"allow_cpu": True, "checkpoint": args.checkpoint}
+    if args.checkpoint:
+        model = samhq_fast.load(args.checkpoint, device="cpu")
+        overrides["configs"] = {model.variant: model.config}
+        del model
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else common.RANDOM_WEIGHTS_NOTE
+    print(f"[bench] weights: {weights}", flush=True)
+    if device == "cpu":
+        print(f"[bench] CPU only: {report.NOT_SPEED_FIGURES} (the figures check that the benchmark runs)", flush=True)
+
+    merged = {"tool": "samhq-fast bench", "schema_version": 1, "weights": weights,
+              "settings": {"variants": args.variant, "dtypes": args.dtype, "backends": backends, "what": args.what,
+                           "batch": args.batch, "prompts": args.prompts, "checkpoint": args.checkpoint,
+                           "interpret": args.interpret, "smoke": args.smoke, "device": device},
+              "runs": []}
+    modules = {"encoder": "samhq_fast.benchmark.encoder", "decoder": "samhq_fast.benchmark.decoder"}
+    runs = _bench_runs(args, backends, device)
+    if not runs:
+        args.parser.error(f"nothing to run: --what {','.join(args.what)} with --backends {','.join(backends)} "
+                          "(the decoder and e2e have no hf backend)")
+    for what, argv in runs:
+        part = output.with_name(f"{output.stem}.{what}-{argv[argv.index('--dtype') + 1]}.json")
+        print(f"[bench] {what}: {' '.join(argv)} -> {part}", flush=True)
+        run = importlib.import_module(modules[what]).main([*argv, "--output", str(part)], **overrides)
+        merged["runs"].append({"what": what, **run})
+    merged["machine"] = merged["runs"][0]["machine"]
+    merged["rows"] = report.load_rows(merged)
+    merged["speed_figures"] = bool(merged["rows"]) and all(r["speed_figure"] for r in merged["rows"])
+    if not merged["speed_figures"]:
+        merged["note"] = (f"Rows with speed_figure false are {report.NOT_SPEED_FIGURES} (CPU, smoke run, Triton interpreter "
+                          "or numerics that disagree with eager): their notes say why.")
+    output.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    table = report.markdown_table(merged)
+    output.with_suffix(".md").write_text(table)
+    print(table, end="")
+    if args.plot:
+        report.plot(merged, args.plot)
+    print(f"wrote {', '.join(str(p) for p in (output, output.with_suffix('.md'), args.plot) if p)}")
     return 0
 
 

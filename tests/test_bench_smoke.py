@@ -1,40 +1,30 @@
-"""bench/bench_encoder.py and bench/bench_decoder.py --smoke on the CPU: the scripts run and write
-well-formed reports.
+"""samhq_fast.benchmark.encoder and .decoder --smoke on the CPU (what `samhq-fast bench` and the
+bench/ wrappers run): the benchmarks run and write well-formed reports.
 
 The timings of a smoke run are not speed figures; only the report's shape and internal consistency
 are checked here (speed is never asserted in tests/). The decoder's compiled mode runs at one prompt
 bucket only, in fp32 (torch.compile on the CPU takes ~15 s per bucket shape).
 """
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from samhq_fast.benchmark import decoder as decoder_module
+from samhq_fast.benchmark import encoder as encoder_module
 from samhq_fast.flops import encoder_flops
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def load_script(name: str):
-    """A bench/ script as a module, loaded by path as the scripts are not a package."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("bench_encoder")
+    return encoder_module
 
 
 @pytest.fixture(scope="module")
 def decoder_bench():
-    return load_script("bench_decoder")
+    return decoder_module
 
 
 def run(bench, tmp_path, *extra) -> tuple[dict, dict]:

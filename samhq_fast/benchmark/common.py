@@ -1,10 +1,7 @@
-"""What the benchmark scripts in bench/ share: machine info, CUDA-event timing with rotated inputs,
-median / p90 / p99 summaries, the numerics verdict, command-line options, JSON + Markdown saving.
-
-bench/ is not a package: the scripts run as `python bench/<script>.py` (Python puts bench/ on
-sys.path) and tests load them by file path, so each script puts its own folder on sys.path before
-`import common`. Importing this module also makes `samhq_fast` importable from a checkout
-that is not pip-installed.
+"""What the encoder and decoder benchmarks share: machine info, CUDA-event timing with rotated
+inputs, median / p90 / p99 summaries, the numerics verdict, command-line options, JSON + Markdown
+saving. Driven by `samhq-fast bench` (samhq_fast/cli.py), `python -m samhq_fast.benchmark.encoder`
+/ `.decoder` (every option of one benchmark), and the bench/ pytest-benchmark suite.
 """
 
 import argparse
@@ -23,14 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import samhq_fast  # noqa: F401
-except ImportError:  # run from a checkout that is not pip-installed
-    sys.path.insert(0, str(ROOT))
+from ..build import resolve_dtype
+from ..modeling import SamHQConfig, ViTConfig
 
-from samhq_fast.build import resolve_dtype  # noqa: E402
-from samhq_fast.modeling import SamHQConfig, ViTConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (editable install): git commit, default output folder
 
 # rel L2 vs eager in the same dtype above which an implementation is suspect (and gets no speed figure).
 NUMERICS_TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-3}
@@ -75,23 +68,35 @@ def finish_run_args(args: argparse.Namespace, name: str, target_s: float) -> Non
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if smoke else 10)
     args.target_s = args.target_s if args.target_s is not None else (target_s / 10 if smoke else target_s)
     if args.output is None:
-        args.output = str(ROOT / "bench" / "results" / f"{name}-{datetime.date.today().isoformat()}.json")
+        args.output = str(results_dir() / f"{name}-{datetime.date.today().isoformat()}.json")
+
+
+def results_dir() -> Path:
+    """bench/results of the checkout when running from one (editable install), else ./bench/results."""
+    return (ROOT if (ROOT / "pyproject.toml").is_file() else Path.cwd()) / "bench" / "results"
 
 
 def comma_list(text: str, cast=str) -> list:
     return [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
-def run_setup(args) -> tuple[torch.device, torch.dtype, dict, Path]:
+def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.dtype, dict, Path]:
     """device (the CPU for --smoke, else CUDA), dtype, {variant: config} (SMOKE_CONFIG as "tiny" for
-    --smoke) and the output path."""
+    --smoke) and the output path. overrides: attributes the command line has no option for, set on
+    args first (samhq-fast bench: allow_cpu, checkpoint, configs)."""
+    vars(args).update(overrides or {})
     if args.smoke:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
+    elif getattr(args, "allow_cpu", False):  # samhq-fast bench: real sizes on the CPU, labelled not-a-speed-figure
+        device = torch.device("cpu")
     else:
         raise SystemExit("no CUDA device: run on a GPU, or pass --smoke to test the script on the CPU")
-    configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
+    if getattr(args, "configs", None):  # given by the caller (samhq-fast bench --checkpoint: the checkpoint's architecture)
+        configs = args.configs
+    else:
+        configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
     return device, resolve_dtype(args.dtype), configs, Path(args.output)
 
 
@@ -156,11 +161,30 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+RANDOM_WEIGHTS_NOTE = ("random weights of the real architecture (speed does not depend on weight values; "
+                       "outputs are meaningless)")
+
+
+def checkpoint_state_dict(args) -> dict | None:
+    """The state dict of args.checkpoint (read once, via samhq_fast.load, on the CPU, in args.dtype),
+    or None for random weights."""
+    if not getattr(args, "checkpoint", None):
+        return None
+    if getattr(args, "_checkpoint_state", None) is None:
+        from ..build import load
+
+        model = load(args.checkpoint, device="cpu", dtype=args.dtype)
+        args._checkpoint_state = {k: v.detach() for k, v in model.state_dict().items()}
+    return args._checkpoint_state
+
+
 def new_report(args, argv, device: torch.device, settings: dict, method: dict) -> dict:
-    """A report's common head: smoke flag and note, machine, settings (with the argv), method notes."""
+    """A report's common head: smoke flag and note, machine, weights, settings (with the argv), method notes."""
+    checkpoint = getattr(args, "checkpoint", None)
     return {
         "smoke": args.smoke,
         **({"note": SMOKE_NOTE} if args.smoke else {}),
+        "weights": f"checkpoint {checkpoint}" if checkpoint else RANDOM_WEIGHTS_NOTE,
         "machine": machine_info(device),
         "settings": {**settings, "dtype": args.dtype, "seed": args.seed, "time_budget_s": args.time_budget_s,
                      "argv": sys.argv[1:] if argv is None else list(argv)},
@@ -317,12 +341,14 @@ def fmt(value, spec: str) -> str:
 
 def markdown_head(report: dict) -> list[str]:
     """The smoke warning (if any) and the machine line that open every table."""
-    m = report["machine"]
     lines = [f"**{SMOKE_NOTE}**", ""] if report.get("smoke") else []
-    return lines + [
-        f"{m.get('gpu') or m.get('cpu')}, torch {m['torch']}, triton {m['triton']}, transformers {m['transformers']}, "
-        f"CUDA {m['cuda']}, {report['settings']['dtype']}; {m['date']}",
-    ]
+    return lines + [machine_line(report["machine"]) + f", {report['settings']['dtype']}"]
+
+
+def machine_line(m: dict) -> str:
+    """The machine a report ran on, in one line (GPU or CPU, versions, date)."""
+    return (f"{m.get('gpu') or 'CPU ' + str(m.get('cpu'))}, driver {m.get('driver')}, torch {m['torch']}, triton {m['triton']}, "
+            f"transformers {m['transformers']}, CUDA {m['cuda']}; {m['date']}")
 
 
 def save(report: dict, path: Path, markdown_table) -> None:

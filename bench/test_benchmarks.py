@@ -1,0 +1,73 @@
+"""Encoder and decoder cases for pytest-benchmark, one benchmark group per case so that
+`pytest bench/ --benchmark-only --benchmark-compare` shows eager / compile / fused side by side.
+
+    pytest bench/ --benchmark-only                       # GPU: vit_b, vit_h; CPU: tiny model
+    TRITON_INTERPRET=1 pytest bench/ --benchmark-only    # CPU: fused too, in the interpreter (slow)
+"""
+
+import os
+
+import pytest
+import torch
+
+from samhq_fast.benchmark import decoder as dec
+from samhq_fast.benchmark import encoder as enc
+from samhq_fast.benchmark.common import SMOKE_CONFIG
+from samhq_fast.modeling import SamHQConfig
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+CONFIGS = {v: SamHQConfig.from_variant(v) for v in ("vit_b", "vit_h")} if ON_GPU else {"tiny": SMOKE_CONFIG}
+BATCHES = (1, 8) if ON_GPU else (1,)
+
+
+def _skip_fused():
+    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("fused on the CPU only with TRITON_INTERPRET=1 (the Triton interpreter)")
+
+
+def _sync(fn):
+    def call(*args):
+        out = fn(*args)
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return out
+
+    return call
+
+
+@pytest.mark.parametrize("backend", ("eager", "compile", "fused"))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_encoder(benchmark, variant, batch, backend):
+    if backend == "fused":
+        _skip_fused()
+    config = CONFIGS[variant]
+    weights = enc.make_weights(config, DEVICE, DTYPE, seed=0)
+    model = enc.Backend(backend, config, weights, DEVICE, DTYPE, "max-autotune" if ON_GPU else "default")
+    model.for_batch(batch)
+    x = enc.make_inputs(config, batch, DEVICE, DTYPE, seed=batch)[0]
+    benchmark.group = f"encoder {variant} batch {batch} {str(DTYPE).removeprefix('torch.')}"
+    benchmark.extra_info.update(speed_figure=ON_GPU and os.environ.get("TRITON_INTERPRET") != "1")
+    fn = _sync(model.fn)
+    with torch.inference_mode():
+        fn(x)  # first call: compiles / autotunes outside the timing
+        benchmark.pedantic(fn, args=(x,), rounds=10 if ON_GPU else 3, warmup_rounds=1)
+    model.after_batch()
+
+
+@pytest.mark.parametrize("mode", ("eager", "compiled", "graphed"))
+@pytest.mark.parametrize("prompts", (1, 64) if ON_GPU else (4,))
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_decoder(benchmark, variant, prompts, mode):
+    if mode == "graphed" and not ON_GPU:
+        pytest.skip("CUDA graphs need a GPU")
+    config = CONFIGS[variant]
+    image = dec.Image(config, DEVICE, DTYPE, seed=0)
+    fn = _sync(dec.decoder_fn(mode, image))
+    args = dec.make_prompts("box", prompts, config, DEVICE, seed=0)[0]
+    benchmark.group = f"decoder {variant} {prompts} box {str(DTYPE).removeprefix('torch.')}"
+    with torch.inference_mode():
+        fn(*args)
+        benchmark.pedantic(fn, args=args, rounds=20 if ON_GPU else 3, warmup_rounds=1)

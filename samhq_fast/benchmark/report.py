@@ -1,0 +1,139 @@
+"""Results of `samhq-fast bench` as one table: flat rows, a Markdown table, a bar chart.
+
+Reads both the merged JSON that `samhq-fast bench` writes ({"runs": [report, ...]}) and the
+single-benchmark reports of `python -m samhq_fast.benchmark.encoder / .decoder` (one report each).
+A row is a speed figure only when it was measured on a GPU, not in a smoke run, not under the
+Triton interpreter, and its numerics agree with eager; every other row says why it is not one.
+"""
+
+import json
+from pathlib import Path
+
+from .common import first_line, fmt, machine_line
+
+NOT_SPEED = "not a speed figure"
+NOT_SPEED_FIGURES = "NOT SPEED FIGURES"
+COLUMNS = ("what", "variant", "dtype", "backend", "size", "median ms", "p90 ms", "throughput", "TFLOP/s", "% of matmul",
+           "speedup vs eager", "peak GB", "first call s", "rel L2 vs eager", "note")
+
+
+def runs_of(data: dict) -> list[dict]:
+    """The benchmark reports in a results JSON (merged or single)."""
+    return list(data["runs"]) if "runs" in data else [data]
+
+
+def run_kind(run: dict) -> str:
+    return run.get("what") or ("encoder" if "flops_per_image" in run else "decoder")
+
+
+def not_speed_reasons(run: dict, backend: str | None) -> list[str]:
+    """Why figures of this run (and backend) are not speed figures; empty when they are."""
+    machine = run["machine"]
+    reasons = []
+    if run.get("smoke"):
+        reasons.append("smoke run, tiny model")
+    if not machine.get("gpu"):
+        reasons.append("measured on the CPU")
+    if backend in ("fused", "graphed") and machine.get("env", {}).get("TRITON_INTERPRET") == "1":
+        reasons.append("fused kernels in the Triton interpreter")
+    return reasons
+
+
+def _row(run: dict, r: dict, what: str, backend: str, size: str, unit: str, per_call: int) -> dict:
+    s = r.get("speed") or r.get("invalid_speed") or {}
+    median = s.get("median_ms")
+    reasons = not_speed_reasons(run, backend)
+    if "invalid_speed" in r:
+        reasons.insert(0, "INVALID: numerics disagree with eager")
+    if r.get("status") != "ok":
+        reasons = [f"{r.get('status')}: {first_line(r, 100)}"]
+    return {
+        "what": what, "variant": r["variant"], "dtype": r.get("dtype", run["settings"].get("dtype")), "backend": backend,
+        "size": size, "status": r.get("status"), "median_ms": median, "p90_ms": s.get("p90_ms"),
+        "throughput": per_call * 1e3 / median if median else None, "unit": unit,
+        "tflops": s.get("tflops"), "pct_of_matmul": s.get("pct_of_matmul"), "speedup_vs_eager": s.get("speedup_vs_eager"),
+        "peak_memory_gb": r.get("peak_memory_gb"), "first_call_s": r.get("first_call_s"), "flops": r.get("flops"),
+        "rel_l2_vs_eager": r.get("numerics", {}).get("rel_l2_vs_eager"), "numerics_ok": r.get("numerics_ok"),
+        "speed_figure": r.get("status") == "ok" and not reasons, "note": "; ".join(reasons),
+    }
+
+
+def rows_of(run: dict) -> list[dict]:
+    """One flat row per result of a benchmark report (see COLUMNS)."""
+    rows = []
+    for r in run["results"]:
+        if run_kind(run) == "encoder":
+            rows.append(_row(run, r, "encoder", r["backend"], f"batch {r['batch']}", "img/s", r["batch"]))
+        elif r["test"] == "throughput":
+            rows.append(_row(run, r, "decoder", r["mode"], f"{r['prompts']} {r['prompt']}", "prompts/s", r["prompts"]))
+        elif r["test"] == "latency":
+            rows.append(_row(run, r, "decoder latency", r["mode"], "1 box, alone", "calls/s", 1))
+        else:
+            rows.append(_row(run, r, "e2e", r["backend"], "set_image + 1 box", "img/s", 1))
+    return rows
+
+
+def load_rows(data: dict) -> list[dict]:
+    return [row for run in runs_of(data) for row in rows_of(run)]
+
+
+def markdown_table(data: dict, source: str | None = None) -> str:
+    """The performance table of one results JSON, headed by the machine(s) it ran on."""
+    runs = runs_of(data)
+    machines = {}  # one line per machine (runs differ in their date only)
+    for run in runs:
+        line = machine_line(run["machine"])
+        machines.setdefault(line.split(";")[0], line)
+    rows = [row for run in runs for row in rows_of(run)]
+    lines = [f"Results from `{source}`." if source else "", *(f"Machine: {m}" for m in machines.values()),
+             f"Weights: {data.get('weights') or runs[0].get('weights') or 'random'}.", ""]
+    if any(not row["speed_figure"] for row in rows):
+        lines += [f"**Rows whose note is not empty are {NOT_SPEED_FIGURES}** (CPU, smoke run, Triton interpreter or "
+                  "failed numerics): do not quote them.", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [row["what"], row["variant"], row["dtype"], row["backend"], row["size"], fmt(row["median_ms"], ".3f"),
+                 fmt(row["p90_ms"], ".3f"), "-" if row["throughput"] is None else f"{row['throughput']:,.1f} {row['unit']}",
+                 fmt(row["tflops"], ".2f"), fmt(row["pct_of_matmul"], ".0f"), fmt(row["speedup_vs_eager"], ".2f"),
+                 fmt(row["peak_memory_gb"], ".1f"), fmt(row["first_call_s"], ".1f"), fmt(row["rel_l2_vs_eager"], ".1e"),
+                 row["note"].replace("|", "/")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(line for line in lines if line is not None).lstrip("\n") + "\n"
+
+
+def table_from_files(paths: list[str]) -> str:
+    """`samhq-fast bench --table FILE...`: one table per results JSON."""
+    return "\n".join(markdown_table(json.loads(Path(p).read_text()), source=str(p)) for p in paths)
+
+
+def plot(data: dict, path: str) -> None:
+    """Bar chart of throughput per case (variant, dtype, size), one bar per backend, one panel per
+    kind of measurement; the title says when the figures are not speed figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in load_rows(data) if r["throughput"] is not None]
+    kinds = list(dict.fromkeys(r["what"] for r in rows)) or ["(no results)"]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.5 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        sub = [r for r in rows if r["what"] == kind]
+        cases = list(dict.fromkeys(f"{r['variant']} {r['dtype']}\n{r['size']}" for r in sub))
+        backends = list(dict.fromkeys(r["backend"] for r in sub))
+        width = 0.8 / max(1, len(backends))
+        for i, backend in enumerate(backends):
+            values = {f"{r['variant']} {r['dtype']}\n{r['size']}": r["throughput"] for r in sub if r["backend"] == backend}
+            xs = [j + i * width for j, c in enumerate(cases) if c in values]
+            ax.bar(xs, [values[c] for c in cases if c in values], width, label=backend)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=8)
+        ax.set_ylabel(sub[0]["unit"] if sub else "")
+        ax.set_title(kind)
+        ax.legend(fontsize=8)
+    runs = runs_of(data)
+    speed = all(r["speed_figure"] for r in rows) and bool(rows)
+    title = machine_line(runs[0]["machine"]).split(";")[0] if runs else ""
+    fig.suptitle(title + ("" if speed else f"\n{NOT_SPEED_FIGURES} (CPU / smoke / interpreter / failed numerics)"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""`samhq-fast bench` on the CPU: a smoke run writes valid merged JSON, a Markdown table and a plot;
+`--table` turns a results file into the README table; bad arguments exit 2 with a clear message."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from samhq_fast.benchmark.common import SMOKE_CONFIG
+from samhq_fast.cli import main
+from samhq_fast.flops import encoder_flops
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "results.json", tmp_path / "results.png"
+    code = main(["bench", "--smoke", "--dtype", "fp32", "--backends", "eager", "--what", "encoder,decoder", "--prompts", "1",
+                 "--output", str(out), "--plot", str(png)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "random weights" in printed and "NOT SPEED FIGURES" in printed
+
+    data = json.loads(out.read_text())
+    assert data["tool"] == "samhq-fast bench" and data["schema_version"] == 1
+    assert data["speed_figures"] is False and "NOT SPEED FIGURES" in data["note"]
+    assert data["weights"].startswith("random weights")
+    machine = data["machine"]
+    assert machine["gpu"] is None and machine["torch"] and machine["date"] and "triton" in machine
+    assert [r["what"] for r in data["runs"]] == ["encoder", "decoder"]
+    encoder = data["runs"][0]
+    assert encoder["flops_per_image"]["tiny"]["total"] == encoder_flops(SMOKE_CONFIG.encoder)
+    assert data["rows"], "no rows"
+    for row in data["rows"]:
+        assert row["status"] == "ok" and row["dtype"] == "fp32" and row["backend"] == "eager"
+        assert positive(row["median_ms"]) and positive(row["throughput"])
+        assert row["speed_figure"] is False and "measured on the CPU" in row["note"] and "smoke" in row["note"]
+    [enc] = [r for r in data["rows"] if r["what"] == "encoder"]
+    assert enc["flops"] == encoder_flops(SMOKE_CONFIG.encoder, 1)
+    assert enc["tflops"] == pytest.approx(enc["flops"] / (enc["median_ms"] * 1e-3) / 1e12)
+    assert {r["what"] for r in data["rows"]} == {"encoder", "decoder", "decoder latency"}
+
+    table = out.with_suffix(".md").read_text()
+    assert "Machine: CPU" in table and "| encoder | tiny | fp32 | eager | batch 1 |" in table
+    assert (tmp_path / "results.encoder-fp32.json").is_file() and (tmp_path / "results.decoder-fp32.json").is_file()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def gpu_results() -> dict:
+    """A hand-made encoder report as the GPU session will write one (numbers invented for the test only)."""
+    machine = {"date": "2026-01-01T00:00:00+00:00", "gpu": "NVIDIA H200", "driver": "570.1", "torch": "2.11.0", "triton": "3.6.0",
+               "transformers": "5.17.0", "cuda": "12.8", "env": {}}
+    speed = {"median_ms": 10.0, "p90_ms": 11.0, "tflops": 94.2, "pct_of_matmul": 15.0}
+
+    def result(backend, factor, **extra):
+        return {"variant": "vit_b", "batch": 1, "backend": backend, "dtype": "bf16", "status": "ok", "flops": 942_000_000_000,
+                "first_call_s": 2.0, "peak_memory_gb": 1.5, "numerics_ok": True, "numerics": {"rel_l2_vs_eager": 1e-3},
+                "speed": {**speed, "median_ms": 10.0 / factor, "speedup_vs_eager": factor}, **extra}
+
+    return {"smoke": False, "machine": machine, "settings": {"dtype": "bf16"}, "flops_per_image": {}, "weights": "random weights",
+            "results": [result("eager", 1.0), result("fused", 2.0),
+                        {"variant": "vit_b", "batch": 8, "backend": "compile", "dtype": "bf16", "status": "skipped",
+                         "reason": "time budget: 500 s of 420 s used"}]}
+
+
+def test_bench_table_from_results(tmp_path, capsys):
+    path = tmp_path / "encoder-gpu.json"
+    path.write_text(json.dumps(gpu_results()))
+    assert main(["bench", "--table", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "Machine: NVIDIA H200, driver 570.1, torch 2.11.0, triton 3.6.0" in table
+    assert "| encoder | vit_b | bf16 | eager | batch 1 | 10.000 | 11.000 | 100.0 img/s | 94.20 | 15 | 1.00 | 1.5 | 2.0 | 1.0e-03 |  |" in table
+    assert "| encoder | vit_b | bf16 | fused | batch 1 | 5.000 | 11.000 | 200.0 img/s | 94.20 | 15 | 2.00 | 1.5 | 2.0 | 1.0e-03 |  |" in table
+    assert "| encoder | vit_b | bf16 | compile | batch 8 | - |" in table and "skipped: time budget" in table
+    assert "NOT SPEED FIGURES" in table  # the skipped row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "vit_x"], "unknown variant vit_x"),
+    (["--batch", "0,8"], "positive integers"),
+    (["--dtype", "fp8"], "unknown dtype fp8"),
+    (["--backends", "eager,tpu"], "unknown backend tpu"),
+    (["--what", "everything"], "unknown benchmark everything"),
+    (["--backends", "fused"], "pass --interpret"),
+    (["--what", "decoder", "--backends", "hf"], "nothing to run"),
+    (["--plot", "out.jpg"], "--plot must end in .png"),
+    (["--output", "out.txt"], "--output must end in .json"),
+])
+def test_bench_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--smoke", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    assert main(["bench", "--smoke", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'samhq-fast[plot]'" in capsys.readouterr().err
