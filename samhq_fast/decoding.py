@@ -54,6 +54,15 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, coords,
     return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
 
 
+def decode_eager(prompt_encoder, mask_decoder, image_embeddings, hq_features, point_coords, point_labels, boxes,
+                 mask_input, multimask_output: bool, hq_token_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference decode (the eager backend's): unpadded prompts through the model's own prompt
+    encoder and HQ decoder. Same prompt arguments as `PromptDecoder.__call__`."""
+    points = None if point_coords is None else (point_coords, point_labels)
+    sparse, dense = prompt_encoder(points, boxes, mask_input)
+    return mask_decoder(image_embeddings, prompt_encoder.get_dense_pe(), sparse, dense, hq_features, multimask_output, hq_token_only)
+
+
 class PromptDecoder:
     """Decodes any number of prompts against one image's cached features with few compiled shapes.
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decoding import PromptDecoder
+from .decoding import PromptDecoder, decode_eager
 from .modeling import SamHQ
 from .transforms import as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
 
@@ -363,10 +363,9 @@ class SamHQPredictor:
                 self.features, self.hq_features, point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only
             )
         else:
-            points = None if point_coords is None else (point_coords, point_labels)
-            sparse, dense = model.prompt_encoder(points, boxes, mask_input)
-            low_res, scores = model.mask_decoder(
-                self.features, model.prompt_encoder.get_dense_pe(), sparse, dense, self.hq_features, multimask_output, hq_token_only
+            low_res, scores = decode_eager(
+                model.prompt_encoder, model.mask_decoder, self.features, self.hq_features,
+                point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only,
             )
         masks = model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:

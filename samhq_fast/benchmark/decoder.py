@@ -47,7 +47,7 @@ import time
 import torch
 
 from ..build import build_sam_hq
-from ..decoding import PROMPT_BUCKETS, PromptDecoder
+from ..decoding import PROMPT_BUCKETS, PromptDecoder, decode_eager
 from ..fused import apply_fused_backend
 from ..modeling import SamHQConfig
 from ..predictor import SamHQPredictor
@@ -122,9 +122,7 @@ class Image:
 
 def eager_decode(prompt_encoder, mask_decoder, embeddings, hq_features, coords, labels, boxes):
     """SamHQPredictor.predict_torch's eager branch (multimask_output=True, hq_token_only=False)."""
-    points = None if coords is None else (coords, labels)
-    sparse, dense = prompt_encoder(points, boxes, None)
-    return mask_decoder(embeddings, prompt_encoder.get_dense_pe(), sparse, dense, hq_features, True, False)
+    return decode_eager(prompt_encoder, mask_decoder, embeddings, hq_features, coords, labels, boxes, None, True, False)
 
 
 def make_prompts(kind: str, num: int, config: SamHQConfig, device, seed: int) -> list[tuple]:
