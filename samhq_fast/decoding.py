@@ -47,9 +47,14 @@ def embed_padded_prompts(model: SamHQ, coords, labels, boxes, has_box, masks, ha
     return sparse, sparse_mask, dense
 
 
-def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, coords, labels, boxes, has_box, masks, has_mask):
+def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, boxes, has_box, masks, has_mask):
     """-> all five mask logits [P, 5, 4G, 4G] and four IoU scores [P, 4] (selection happens outside,
-    so one compiled graph serves every multimask / hq_token_only combination)."""
+    so one compiled graph serves every multimask / hq_token_only combination).
+
+    image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
+    says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy)."""
+    if image_index is not None:
+        image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
     sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, boxes, has_box, masks, has_mask)
     return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
 
@@ -63,13 +68,26 @@ def decode_eager(prompt_encoder, mask_decoder, image_embeddings, hq_features, po
     return mask_decoder(image_embeddings, prompt_encoder.get_dense_pe(), sparse, dense, hq_features, multimask_output, hq_token_only)
 
 
+def padded_rows(num: int) -> int:
+    """Rows the padded prompt batch has for num prompts: full chunks of the largest bucket, then the
+    bucket of the rest (so every chunk is a bucket size)."""
+    full, rest = divmod(num, PROMPT_BUCKETS[-1])
+    return full * PROMPT_BUCKETS[-1] + (bucket(rest, PROMPT_BUCKETS) if rest else 0)
+
+
 class PromptDecoder:
-    """Decodes any number of prompts against one image's cached features with few compiled shapes.
+    """Decodes any number of prompts, of one image or of several, with few compiled shapes.
 
     compile=False runs the same padded function eagerly (the reference for the compiled one).
     cuda_graphs: replay the compiled function as CUDA graphs (mode="reduce-overhead"); None (the
     default) means yes on a CUDA model, no elsewhere; True needs compile=True and a CUDA model.
+    Shapes compiled: one per (prompt bucket, point bucket, images set); each compiles on its first call.
     """
+
+    # Dynamo's per-function recompile limit (8 by default) is below the number of bucket shapes
+    # (5 prompt x 7 point buckets, times the image counts seen): past it a fullgraph compile fails
+    # hard. New shapes are compiled under this higher limit; known shapes skip the (slow) config patch.
+    RECOMPILE_LIMIT = 256
 
     def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | None = None):
         self.model = model
@@ -81,7 +99,21 @@ class PromptDecoder:
         if compile:
             mode = "reduce-overhead" if (on_cuda if cuda_graphs is None else cuda_graphs) else None
             fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+        self.compiled = compile
         self._decode = fn
+        self._shapes_seen = set()
+
+    def _run(self, *args):
+        if not self.compiled:
+            return self._decode(*args)
+        image_embeddings, _, _, image_index, coords = args[:5]
+        shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None)
+        if shape in self._shapes_seen:
+            return self._decode(*args)
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            out = self._decode(*args)
+        self._shapes_seen.add(shape)
+        return out
 
     @torch.inference_mode()
     def __call__(
@@ -97,35 +129,67 @@ class PromptDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Same inputs as `SamHQPredictor.predict_torch` (input frame, prompt axis N) plus the image's
         embeddings [1, 256, G, G] and HQ features [1, 32, 4G, 4G] -> (logits [N, 1, 4G, 4G], scores [N, 1])."""
+        prompts = (0, point_coords, point_labels, boxes, mask_input)
+        return self.decode_images(image_embeddings, hq_features, [prompts], multimask_output, hq_token_only)[0]
+
+    @torch.inference_mode()
+    def decode_images(
+        self, image_embeddings: torch.Tensor, hq_features: torch.Tensor, prompt_sets: list, multimask_output: bool, hq_token_only: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prompts of several images in one padded batch (one compiled call per 256 prompts).
+
+        image_embeddings [B, 256, G, G], hq_features [B, 32, 4G, 4G]; prompt_sets: a list of
+        (image index < B, point_coords [N, K, 2] | None, point_labels [N, K] | None, boxes [N, 4] | None,
+        mask_input [N, 1, 4G, 4G] | None) in the input frame; N and K may differ between sets.
+        -> per set, (logits [N, 1, 4G, 4G], scores [N, 1]), as `__call__` on that set's image alone.
+        """
+        if not prompt_sets:
+            return []
         model = self.model
         device = model.device
-        num = next(t.shape[0] for t in (point_coords, boxes, mask_input, torch.empty(1)) if t is not None)
-        k = 0 if point_coords is None else point_coords.shape[1]
-        k_pad = bucket(max(k, 1), POINT_BUCKETS)
+        counts = [next(t.shape[0] for t in (*prompt[1:], torch.empty(1)) if t is not None) for prompt in prompt_sets]
+        images = {prompt[0] for prompt in prompt_sets}
+        if len(images) == 1:  # one image: broadcast its features, no per-prompt index
+            one = images.pop()
+            image_embeddings, hq_features = image_embeddings[one : one + 1], hq_features[one : one + 1]
+        most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt in prompt_sets)
+        k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
+        rows = padded_rows(sum(counts))
         low_res = 4 * model.config.embedding_size
-        image_pe = model.prompt_encoder.get_dense_pe()
-        outputs = []
-        for start in range(0, num, PROMPT_BUCKETS[-1]):
-            n = min(num - start, PROMPT_BUCKETS[-1])
-            p = bucket(n, PROMPT_BUCKETS)
-            rows = slice(start, start + n)
-            coords = torch.zeros(p, k_pad, 2, device=device)
-            labels = torch.full((p, k_pad), PAD_LABEL, dtype=torch.int64, device=device)
-            box = torch.zeros(p, 4, device=device)
-            has_box = torch.zeros(p, dtype=torch.bool, device=device)
-            masks = torch.zeros(p, 1, low_res, low_res, device=device, dtype=model.dtype)
-            has_mask = torch.zeros(p, dtype=torch.bool, device=device)
+        # The padded batch: empty rows are all padding (no point, no box, no mask) and read image 0.
+        index = torch.zeros(rows, dtype=torch.int64, device=device)
+        coords = torch.zeros(rows, k_pad, 2, device=device)
+        labels = torch.full((rows, k_pad), PAD_LABEL, dtype=torch.int64, device=device)
+        box = torch.zeros(rows, 4, device=device)
+        has_box = torch.zeros(rows, dtype=torch.bool, device=device)
+        masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=model.dtype)
+        has_mask = torch.zeros(rows, dtype=torch.bool, device=device)
+        start = 0
+        for (image, point_coords, point_labels, boxes, mask_input), n in zip(prompt_sets, counts):
+            set_rows = slice(start, start + n)
+            index[set_rows] = image  # a Python int: filled on the device, no host-to-device copy
             if point_coords is not None:
-                coords[:n, :k] = point_coords[rows]
-                labels[:n, :k] = point_labels[rows]
+                coords[set_rows, : point_coords.shape[1]] = point_coords
+                labels[set_rows, : point_coords.shape[1]] = point_labels
             if boxes is not None:
-                box[:n] = boxes[rows]
-                has_box[:n] = True
+                box[set_rows] = boxes
+                has_box[set_rows] = True
             if mask_input is not None:
-                masks[:n] = mask_input[rows]
-                has_mask[:n] = True
-            all_masks, iou = self._decode(image_embeddings, image_pe, hq_features, coords, labels, box, has_box, masks, has_mask)
-            # Slicing copies out of the CUDA graph's static output buffers before the next replay.
-            logits, score = select_masks(all_masks[:n], iou[:n], multimask_output, hq_token_only)
-            outputs.append((logits.clone(), score.clone()))
-        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+                masks[set_rows] = mask_input
+                has_mask[set_rows] = True
+            start += n
+        image_pe = model.prompt_encoder.get_dense_pe()
+        total = start
+        logits, scores = [], []
+        for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
+            chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
+            chunk_index = index[chunk] if image_embeddings.shape[0] > 1 else None
+            all_masks, iou = self._run(image_embeddings, image_pe, hq_features, chunk_index, coords[chunk], labels[chunk],
+                                       box[chunk], has_box[chunk], masks[chunk], has_mask[chunk])
+            real = min(total - chunk_start, all_masks.shape[0])  # padding rows only in the last chunk
+            chunk_logits, chunk_scores = select_masks(all_masks[:real], iou[:real], multimask_output, hq_token_only)
+            logits.append(chunk_logits)
+            scores.append(chunk_scores)
+        # torch.cat copies: nothing returned aliases a CUDA graph's static outputs, which the next replay overwrites.
+        logits, scores = torch.cat(logits), torch.cat(scores)
+        return list(zip(logits.split(counts), scores.split(counts)))

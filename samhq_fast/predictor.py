@@ -221,10 +221,10 @@ class SamHQPredictor:
         alone returns for that dict (same shapes and batching rules, numpy or with return_torch
         tensors on the model's device), or None for a skipped image. The flags apply to every image.
 
-        All prompts of all images run through one mask-decoder call per sparse-token count (the
-        number of point and box tokens per prompt: prompts with different counts cannot share a
-        batch without padding, which would change their results), each prompt reading its image's
-        features (a per-prompt gather; a group from a single image broadcasts them instead).
+        The fused backend decodes all prompts of all images as one padded batch (one compiled call,
+        CUDA graphs on the GPU, per 256 prompts; the padding is masked out, so results do not
+        change). The eager backend makes one mask-decoder call per sparse-token count (the number
+        of point and box tokens per prompt). Each prompt reads its own image's features.
         """
         self._require_image(single=False)
         if isinstance(prompts, dict) or not isinstance(prompts, (list, tuple)):
@@ -255,11 +255,29 @@ class SamHQPredictor:
             results[i] = _to_output((masks, scores, low_res), return_torch, converted[i][4])
         return results
 
+    def _fused_decoder(self) -> PromptDecoder:
+        """The fused backend's fixed-shape compiled decoder (CUDA graphs on the GPU), built on first use."""
+        if self._prompt_decoder is None:
+            # Inductor's CPU code turns the two-way transformer into NaN in bf16 and fp16 (torch
+            # 2.13; tests/test_decoding.py shows it): on the CPU compile only fp32 models.
+            model = self.model
+            self._prompt_decoder = PromptDecoder(model, compile=model.device.type == "cuda" or model.dtype == torch.float32)
+        return self._prompt_decoder
+
     @torch.inference_mode()
     def _decode_images(self, converted: dict, multimask_output: bool, hq_token_only: bool) -> dict:
         """image index -> input-frame prompt tensors (from _prompts_to_torch) ==> image index ->
-        (low-res logits [P_i, 1, 4G, 4G], scores [P_i, 1]), one decoder call per sparse-token count."""
+        (low-res logits [P_i, 1, 4G, 4G], scores [P_i, 1]).
+
+        fused backend: every prompt of every image in one padded batch (one compiled call per 256
+        prompts). eager: one decoder call per sparse-token count (prompts with different counts
+        cannot share an unpadded batch), each prompt reading its image's features.
+        """
         model = self.model
+        if model.backend == "fused":
+            prompt_sets = [(i, *tensors[:4]) for i, tensors in converted.items()]
+            decoded = self._fused_decoder().decode_images(self.features, self.hq_features, prompt_sets, multimask_output, hq_token_only)
+            return dict(zip(converted, decoded))
         groups = {}  # sparse tokens per prompt -> [(image index, sparse, dense)]
         for i, (coords, labels, boxes, masks, _) in converted.items():
             points = None if coords is None else (coords, labels)
@@ -355,11 +373,7 @@ class SamHQPredictor:
         model = self.model
         self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
         if model.backend == "fused":  # fixed-shape compiled decoder (CUDA graphs on the GPU)
-            if self._prompt_decoder is None:
-                # Inductor's CPU code turns the two-way transformer into NaN in bf16 and fp16 (torch
-                # 2.13; tests/test_decoding.py shows it): on the CPU compile only fp32 models.
-                self._prompt_decoder = PromptDecoder(model, compile=model.device.type == "cuda" or model.dtype == torch.float32)
-            low_res, scores = self._prompt_decoder(
+            low_res, scores = self._fused_decoder()(
                 self.features, self.hq_features, point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only
             )
         else:

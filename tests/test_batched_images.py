@@ -5,6 +5,7 @@ original pipeline in test_predictor.py. Everything runs on the tiny random-weigh
 input, 64x64 low-res logits), fp32 on the CPU.
 """
 
+import copy
 import re
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from samhq_fast import SamHQPredictor
+from samhq_fast.decoding import PromptDecoder
 from samhq_fast.predictor import ImageNotSetError
 from test_predictor import LOW, SCORE_TOL, assert_logits_close, assert_masks_match, make_photo
 
@@ -141,6 +143,26 @@ def test_predict_batch_one_shared_decoder_call(batch, singles):
     assert calls == [6]
     for result, single, prompt in zip(results, singles, prompts):
         assert result[0].shape == (len(prompt["point_labels"]), 1, *single.original_size)
+        assert_same_as_single(result, single.predict(**prompt, return_logits=True))
+
+
+def test_fused_predict_batch_is_one_padded_decoder_call(tiny_model, photos, singles):
+    """The fused backend's predict_batch: the mixed prompts of three images (4, 2 + mask and 2 sparse
+    tokens: three groups for the eager backend) in ONE padded decoder call, equal to single-image
+    predict. Only the decoder path differs here (model.backend = "fused" on the eager encoder; the
+    fused encoder is checked in test_fused_backend.py); compile=False keeps it fast on the CPU."""
+    model = copy.deepcopy(tiny_model)
+    model.backend = "fused"
+    fused = SamHQPredictor(model)
+    fused.set_images(photos)
+    fused._prompt_decoder = PromptDecoder(model, compile=False)
+    calls = []
+    run = fused._prompt_decoder._decode
+    fused._prompt_decoder._decode = lambda *args: calls.append(args[4].shape[0]) or run(*args)
+    prompts = mixed_prompts(singles)
+    results = fused.predict_batch(prompts, return_logits=True)
+    assert calls == [16]  # 7 prompts -> the 16-prompt bucket, one call
+    for result, single, prompt in zip(results, singles, prompts):
         assert_same_as_single(result, single.predict(**prompt, return_logits=True))
 
 

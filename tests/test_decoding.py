@@ -103,6 +103,66 @@ def test_no_recompiles_within_buckets(tiny_model, image_state):
     assert counter.frame_count == 4  # 5 prompts: the next prompt bucket (16), a new graph
 
 
+def test_more_bucket_shapes_than_dynamos_recompile_limit(tiny_model, image_state):
+    """Dynamo allows 8 compiled shapes per function by default, and fullgraph=True turns the 9th into a
+    hard error; the decoder has 35 bucket shapes (x the image counts). 12 shapes must all compile."""
+    counter = CompileCounterWithBackend("eager")
+    decoder = PromptDecoder(tiny_model, backend=counter)
+    shapes = [(num, points) for num in (1, 2, 5) for points in (1, 2, 3, 5)]  # prompt buckets 1, 4, 16 x point 1, 2, 4, 8
+    for num, points in shapes:
+        decoder(*image_state, **make_prompts("points", num, points), multimask_output=True, hq_token_only=False)
+    assert counter.frame_count == len(shapes) > torch._dynamo.config.recompile_limit
+    for num, points in shapes:  # all cached: no new compile
+        decoder(*image_state, **make_prompts("points", num, points, seed=1), multimask_output=True, hq_token_only=False)
+    assert counter.frame_count == len(shapes)
+
+
+@pytest.fixture(scope="module")
+def two_images_state(tiny_model):
+    with torch.inference_mode():
+        embeddings, _, hq_features = tiny_model.encode_image(torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5)))
+    return embeddings, hq_features
+
+
+def test_decode_images_equals_one_image_at_a_time(tiny_model, two_images_state, monkeypatch):
+    """Prompt sets of two images with different prompt types, counts and point counts, in one padded
+    batch (buckets shrunk to (1, 2, 4): 3 + 4 + 1 prompts -> 2 calls of 4 rows), equal each set
+    decoded against its own image alone."""
+    monkeypatch.setattr(decoding, "PROMPT_BUCKETS", (1, 2, 4))
+    embeddings, hq_features = two_images_state
+    sets = [(1, make_prompts("points+box", 3, 2, seed=1)), (0, make_prompts("mask", 4, 1, seed=2)),
+            (1, make_prompts("points", 1, 5, seed=3))]
+    decoder = PromptDecoder(tiny_model, compile=False)
+    calls = []
+    run = decoder._decode
+    decoder._decode = lambda *args: calls.append(args[4].shape[0]) or run(*args)
+    prompt_sets = [(image, *prompts.values()) for image, prompts in sets]
+    for flags in ((True, False), (False, True)):
+        calls.clear()
+        got = decoder.decode_images(embeddings, hq_features, prompt_sets, *flags)
+        assert calls == [4, 4]
+        for (image, prompts), (logits, scores) in zip(sets, got):
+            state = (embeddings[image : image + 1], hq_features[image : image + 1])
+            expected = eager_decode(tiny_model, state, prompts, *flags)
+            assert logits.shape == expected[0].shape and scores.shape == expected[1].shape
+            torch.testing.assert_close(logits, expected[0], atol=1e-5 * expected[0].abs().max().item(), rtol=0)
+            torch.testing.assert_close(scores, expected[1], atol=1e-5, rtol=0)
+
+
+def test_decode_images_of_one_image_broadcasts(tiny_model, two_images_state):
+    """Sets that all read one image of several: no per-prompt index (the broadcast path)."""
+    embeddings, hq_features = two_images_state
+    decoder = PromptDecoder(tiny_model, compile=False)
+    seen = []
+    run = decoder._decode
+    decoder._decode = lambda *args: seen.append((args[0].shape[0], args[3])) or run(*args)
+    prompts = make_prompts("box", 2, 1, seed=4)
+    (logits, _), = decoder.decode_images(embeddings, hq_features, [(1, *prompts.values())], True, False)
+    assert seen == [(1, None)]
+    expected = eager_decode(tiny_model, (embeddings[1:], hq_features[1:]), prompts, True, False)[0]
+    torch.testing.assert_close(logits, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+
+
 def test_compiled_decoder_matches_eager(tiny_model, image_state):
     """Inductor-compiled (on the CPU: no CUDA graphs) against the eager reference, every prompt type
     through one graph (4 prompts, up to 2 points)."""
@@ -140,6 +200,23 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state):
         got = decoder(*state, **prompts, multimask_output=True, hq_token_only=False)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+
+
+@pytest.mark.gpu
+def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state):
+    """Prompts of two images through the graphed decoder (per-prompt image index inside the graph),
+    alternating prompt sets so a stale replay would show."""
+    model = copy.deepcopy(tiny_model).cuda()
+    embeddings, hq_features = (t.cuda() for t in two_images_state)
+    decoder = PromptDecoder(model)
+    for seed in (1, 2, 1, 2):
+        sets = [(1, make_prompts("points", 2, 2, seed=seed)), (0, make_prompts("box", 1, 1, seed=seed + 10))]
+        sets = [(image, {k: None if v is None else v.cuda() for k, v in prompts.items()}) for image, prompts in sets]
+        got = decoder.decode_images(embeddings, hq_features, [(image, *p.values()) for image, p in sets], True, False)
+        for (image, prompts), (logits, scores) in zip(sets, got):
+            expected = eager_decode(model, (embeddings[image : image + 1], hq_features[image : image + 1]), prompts, True, False)
+            torch.testing.assert_close(logits, expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=0)
+            torch.testing.assert_close(scores, expected[1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
