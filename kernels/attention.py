@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from samhq_fast.kernels import interpreting
+from samhq_fast.kernels import autotune, interpreting
 from samhq_fast.modeling.image_encoder import get_rel_pos
 
 LOG2E = 1.4426950408889634
@@ -109,6 +109,24 @@ def _rel_pos_attention_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_real[:, None] & d_mask[None, :])
 
 
+INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64)  # fewer, larger programs: the interpreter pays per op
+
+
+def candidate_configs(dtype: torch.dtype, tokens: int) -> list[dict]:
+    """The pruned GPU config space for `tokens` queries per window, the untuned default first."""
+    if dtype == torch.float32:
+        # "ieee" fp32 dots run on the FMA units. Compiled offline for sm_90 (triton 3.9), 128x64 fp32
+        # tiles with head_dim 80 ask for 262 KB of shared memory (over Hopper's 227 KB); 64x32 takes 107 KB.
+        return [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+                dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2), dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)]
+    # 16-bit inputs on Hopper (wgmma; 49-115 KB shared memory when compiled offline for sm_90). A
+    # 14x14 window (196 tokens) fills 4 query tiles of 64 or 2 of 128; a global grid has 4,096 queries.
+    small = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)]
+    large = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2),
+             dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)]
+    return small + large if tokens <= 256 else large + small
+
+
 def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-pass: q [B, H, W, heads, D] (unscaled) -> rel_h [B, heads, H, W, win_h], rel_w [B, heads, H, W, win_w] (fp32).
 
@@ -165,27 +183,26 @@ def rel_pos_attention(
 
     tokens = win_h * win_w
     block_d = max(16, triton.next_power_of_2(head_dim))
+
+    def launch(config: dict) -> None:
+        grid = (triton.cdiv(tokens, config["BLOCK_M"]), windows_y * windows_x, b * num_heads)
+        _rel_pos_attention_kernel[grid](
+            qkv, bias, rel_h, rel_w, out, head_dim ** -0.5, h, w,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
+            DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+            **config,
+        )
+
     if interpreted:
-        block_m, block_n, launch = 64, 64, {}  # fewer, larger programs: the interpreter pays per op
-    elif qkv.dtype == torch.float32:
-        # "ieee" fp32 dots run on the FMA units. Compiled offline for sm_90 (triton 3.9), 128x64 fp32
-        # tiles with head_dim 80 ask for 262 KB of shared memory (over Hopper's 227 KB); 64x32 takes 107 KB.
-        block_m, block_n, launch = 64, 32, {"num_warps": 4, "num_stages": 2}
+        config = INTERPRETER_CONFIG
     else:
-        # Hopper defaults for 16-bit inputs (wgmma; 49-115 KB shared memory when compiled offline for
-        # sm_90). Not yet tuned on the GPU: the benchmark suite will pick per shape.
-        block_m = 64 if tokens <= 256 else 128
-        block_n = 64
-        launch = {"num_warps": 4 if block_m == 64 else 8, "num_stages": 2}
-    grid = (triton.cdiv(tokens, block_m), windows_y * windows_x, b * num_heads)
-    _rel_pos_attention_kernel[grid](
-        qkv, bias, rel_h, rel_w, out, head_dim ** -0.5, h, w,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        **launch,
-    )
+        shape_key = (str(qkv.dtype), triton.next_power_of_2(b), h, w, num_heads, head_dim, win_h, win_w)
+        config = autotune.pick(
+            "rel_pos_attention", shape_key, candidate_configs(qkv.dtype, tokens),
+            lambda c: autotune.bench_ms(lambda: launch(c)), qkv.device, autotune.tuning_enabled(qkv.device),
+        )
+    launch(config)
     return out

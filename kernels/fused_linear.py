@@ -9,8 +9,8 @@ Where the ViT block uses it (x is channels-last tokens [B, H, W, C] or [B, L, C]
 Fusing the bias, the activation and the residual into the matmul epilogue saves one full
 read + write of the [M, N] output per fused op compared with eager PyTorch.
 
-Layout: kernel -> launcher (checks, block choice) -> functional API ``fused_linear`` ->
-tiny ``FusedLinear`` module wrapper. Inference only: no backward is defined, the output carries
+Layout: kernel -> launcher (checks; the config is tuned per shape among a few tiles and the
+plain cuBLAS op, see ``autotune``) -> functional API ``fused_linear`` -> tiny ``FusedLinear`` module wrapper. Inference only: no backward is defined, the output carries
 no autograd history.
 
 Triton API use is restricted to what both triton 3.6 (GPU image) and 3.9 (CPU dev box) have:
@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from torch.nn import functional as F
 
-from samhq_fast.kernels import interpreting
+from samhq_fast.kernels import autotune, interpreting
 
 __all__ = ["fused_linear", "FusedLinear", "ACTIVATIONS"]
 
@@ -115,24 +116,66 @@ def _fused_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _pick_config(dtype: torch.dtype, interpreted: bool) -> dict:
-    """Block sizes and launch options.
+# The interpreter pays per program and per op: few 64x64 tiles keep the tests fast, and the test
+# shapes (M 37/200, N 48/100/240, K 33/80/160) still exercise every tail.
+INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+# cuBLAS matmul with bias (addmm), then GELU / residual as separate torch ops: the eager model's own
+# computation, offered to the tuner so a shape where cuBLAS wins keeps cuBLAS.
+TORCH_OP = {"impl": "torch"}
 
-    No autotuning yet: it comes with the GPU session, as a small pruned config space
-    (BLOCK_M/N in {64, 128, 256}, BLOCK_K in {32, 64}, stages 3-5, warps 4/8) cached per GPU
-    name and (M-bucket, N, K, dtype). Until then, fixed Hopper-sized defaults.
-    """
-    if interpreted:
-        # The interpreter pays per program and per op: few 64x64 tiles keep the tests fast, and
-        # the test shapes (M 37/200, N 48/100/240, K 33/80/160) still exercise every tail.
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+
+def _tile(m: int, n: int, k: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def candidate_configs(dtype: torch.dtype) -> list[dict]:
+    """The pruned GPU config space, the untuned default first (see samhq_fast.kernels.autotune)."""
     if dtype == torch.float32:
-        # "ieee" fp32 dot runs on the FMA units, not tensor cores: a smaller tile keeps the
-        # fp32 operand tiles and accumulator within registers / shared memory.
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    # fp16 / bf16 on Hopper: 128x128 tile, 64-deep K step, 3-stage software pipeline
-    # (3 * (128*64 + 64*128) * 2 B = 96 KiB shared memory).
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        # "ieee" fp32 dots run on the FMA units, not tensor cores: small tiles keep the fp32
+        # operand tiles and the accumulator within registers / shared memory.
+        return [_tile(64, 128, 32, 4, 3), _tile(64, 64, 32, 4, 3), _tile(32, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2), TORCH_OP]
+    # fp16 / bf16 on Hopper: 128x128 tiles, 64-deep K steps, 3-4 stage pipelines (up to
+    # 3 * (256*64 + 64*128) * 2 B = 144 KiB shared memory, within Hopper's 227 KiB).
+    return [
+        _tile(128, 128, 64, 8, 3), _tile(128, 256, 64, 8, 3), _tile(256, 128, 64, 8, 3),
+        _tile(64, 128, 64, 4, 4), _tile(128, 64, 64, 4, 4), _tile(128, 128, 32, 4, 4), TORCH_OP,
+    ]
+
+
+def _linear(x2, weight, bias, r2, activation: str, config: dict) -> torch.Tensor:
+    """[M, K] x [N, K]^T (+ bias, activation, + [M, N] residual) -> [M, N] with one config."""
+    if config.get("impl") == "torch":
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        if activation == "gelu":
+            out = F.gelu(out)
+        return out.add_(r2) if r2 is not None else out
+    (M, K), N = x2.shape, weight.shape[0]
+    out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    _fused_linear_kernel[grid](
+        x2,
+        weight,
+        bias if bias is not None else x2,  # dummy pointers: never read, the constexpr flag is False
+        r2 if r2 is not None else x2,
+        out,
+        M,
+        N,
+        K,
+        x2.stride(0),
+        x2.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        r2.stride(0) if r2 is not None else 0,
+        r2.stride(1) if r2 is not None else 0,
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=r2 is not None,
+        ACTIVATION=activation,
+        INPUT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        **config,
+    )
+    return out
 
 
 def _check_tensor(name: str, t, x: torch.Tensor) -> None:
@@ -186,38 +229,21 @@ def fused_linear(
     interpreted = interpreting(x, "fused_linear")
 
     M = math.prod(x.shape[:-1])  # all leading dims flattened into rows
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
-        return out.view(out_shape)
-
+        return torch.empty(out_shape, device=x.device, dtype=x.dtype)
     x2 = x.contiguous().view(M, K)  # [M, K], unit stride along K for coalesced loads
     r2 = residual.reshape(M, N) if residual is not None else None  # [M, N], view when possible
-    cfg = _pick_config(x.dtype, interpreted)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _fused_linear_kernel[grid](
-        x2,
-        weight,
-        bias if bias is not None else x2,  # dummy pointers: never read, the constexpr flag is False
-        r2 if r2 is not None else x2,
-        out,
-        M,
-        N,
-        K,
-        x2.stride(0),
-        x2.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        r2.stride(0) if r2 is not None else 0,
-        r2.stride(1) if r2 is not None else 0,
-        out.stride(0),
-        out.stride(1),
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=r2 is not None,
-        ACTIVATION=activation,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **cfg,
-    )
-    return out.view(out_shape)
+    if interpreted:
+        config = INTERPRETER_CONFIG
+    else:
+        # Tuned per power-of-two row count: batch sizes of one model share a choice per bucket.
+        shape_key = (str(x.dtype), triton.next_power_of_2(M), N, K, activation, bias is not None, r2 is not None)
+        config = autotune.pick(
+            "fused_linear", shape_key, candidate_configs(x.dtype),
+            lambda c: autotune.bench_ms(lambda: _linear(x2, weight, bias, r2, activation, c)),
+            x.device, autotune.tuning_enabled(x.device),
+        )
+    return _linear(x2, weight, bias, r2, activation, config).view(out_shape)
 
 
 class FusedLinear(nn.Linear):

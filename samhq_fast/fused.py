@@ -9,6 +9,8 @@ untouched. Per block (x: [B, H, W, C] channels-last, H = W = 64 at 1024 input):
   x    = a @ Wproj^T + b + x              Triton GEMM, bias + residual in the epilogue
   h    = gelu(norm2(x) @ W1^T + b1)       Triton GEMM, bias + exact GELU in the epilogue
   x    = h @ W2^T + b2 + x                Triton GEMM, bias + residual in the epilogue
+(Each GEMM falls back to cuBLAS + torch ops for a shape where the tuner times cuBLAS faster, and
+the tiles are tuned per GPU and shape: samhq_fast.kernels.autotune.)
 Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (kill switch).
 """
 

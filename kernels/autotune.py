@@ -1,0 +1,116 @@
+"""Launch-config choice per shape: timed once per GPU, cached in memory and on disk.
+
+Each kernel family gives a short list of candidate configs for a shape (a pruned space, its
+default first; a candidate may also be "use the torch / cuBLAS op instead", so the measurement,
+not taste, decides where a Triton kernel pays). The first launch of a new (GPU name, Triton
+version, kernel, shape key) times every candidate and keeps the fastest; the choice is written to
+a JSON file so later processes skip the timing:
+
+  $SAMHQ_FAST_CACHE_DIR/autotune.json   (default ~/.cache/samhq_fast/autotune.json)
+
+SAMHQ_FAST_AUTOTUNE=0 skips the timing and uses each family's default. Nothing is timed in the
+Triton interpreter (its timings mean nothing) or while a CUDA graph is being captured (timing
+syncs); the defaults are used there and not cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+
+CACHE_DIR_ENV = "SAMHQ_FAST_CACHE_DIR"
+AUTOTUNE_ENV = "SAMHQ_FAST_AUTOTUNE"
+CACHE_FILE = "autotune.json"
+
+_chosen: dict[tuple, dict] = {}  # (device, kernel, shape key) -> config, this process
+
+
+def cache_path() -> Path:
+    root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "samhq_fast"
+    return Path(root) / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring the unreadable autotune cache {path} ({e}); configs will be timed again", stacklevel=3)
+        return {}
+    if not isinstance(entries, dict):
+        warnings.warn(f"ignoring the autotune cache {path}: not a JSON object; configs will be timed again", stacklevel=3)
+        return {}
+    return entries
+
+
+def _write_cache(path: Path, key: str, config: dict) -> None:
+    """Merge one entry into the file (re-read first: other processes may have added theirs), atomically."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_cache(path)
+        entries[key] = config
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not break inference: the choice stays in memory
+        warnings.warn(f"could not write the autotune cache {path} ({e}); the choice is kept for this process only", stacklevel=3)
+
+
+def file_key(device_name: str, kernel: str, shape_key: tuple) -> str:
+    return f"{device_name} | triton {triton.__version__} | {kernel} | {'/'.join(map(str, shape_key))}"
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def pick(
+    kernel: str, shape_key: tuple, candidates: list[dict], time_ms: Callable[[dict], float], device: torch.device, tune: bool
+) -> dict:
+    """The fastest of `candidates` (JSON-able dicts, default first) for this kernel and shape.
+
+    time_ms(config) -> milliseconds for one launch with that config (it may raise, e.g. Triton's
+    OutOfResources when a tile does not fit: that candidate is skipped). tune=False returns the
+    cached choice if there is one, else the default without timing or caching it.
+    """
+    memory_key = (device, kernel, shape_key)
+    if memory_key in _chosen:
+        return _chosen[memory_key]
+    if not tune:
+        return candidates[0]
+    path, key = cache_path(), file_key(device_name(device), kernel, shape_key)
+    cached = _read_cache(path).get(key)
+    if cached in candidates:  # a stale entry (a config no longer offered) is timed again
+        _chosen[memory_key] = cached
+        return cached
+    timings, errors = [], []
+    for config in candidates:
+        try:
+            timings.append((time_ms(config), config))
+        except Exception as e:  # noqa: BLE001  (any failure rules the candidate out; it is reported if all fail)
+            errors.append(f"{config}: {type(e).__name__}: {e}")
+    if not timings:
+        raise RuntimeError(f"{kernel}: every candidate config failed for shape {shape_key}:\n" + "\n".join(errors))
+    best = min(timings, key=lambda t: t[0])[1]
+    _chosen[memory_key] = best
+    _write_cache(path, key, best)
+    return best
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn on the GPU (short warm-up and repeat: a candidate costs ~30 ms
+    plus its compile, so a kernel family's first call at a new shape stays in seconds)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")

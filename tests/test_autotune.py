@@ -1,0 +1,179 @@
+"""kernels/autotune.py: the per-shape config choice and its on-disk cache, and every candidate
+config of both kernel families (each must compute the same function: the tuner only times them).
+
+The choice logic is driven by a fake timer here (no GPU timing on the CPU); the candidates run in
+the Triton interpreter at small awkward shapes, and at real shapes in the GPU-marked test.
+"""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from samhq_fast.kernels import attention, autotune, fused_linear
+from test_kernels_attention import check as check_attention
+from test_kernels_linear import make_inputs, reference
+
+CPU = torch.device("cpu")
+CANDIDATES = [{"tile": 64}, {"tile": 128}, {"tile": 256}]
+KEY = ("torch.float16", 4096, 1280, 5120, "gelu", True, False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache folder and no in-process choices, for every test."""
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(autotune, "_chosen", {})
+    return tmp_path
+
+
+def timer(times: dict, calls: list):
+    """time_ms from a table {tile: ms}; a missing tile raises like a config that does not fit."""
+    def time_ms(config):
+        calls.append(config["tile"])
+        if config["tile"] not in times:
+            raise RuntimeError("out of resources: shared memory")
+        return times[config["tile"]]
+    return time_ms
+
+
+def test_picks_the_fastest_and_caches_it_on_disk(fresh_cache, monkeypatch):
+    calls = []
+    best = autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU, tune=True)
+    assert best == {"tile": 128} and calls == [64, 128, 256]
+    entries = json.loads((fresh_cache / autotune.CACHE_FILE).read_text())
+    assert entries == {autotune.file_key("cpu", "k", KEY): {"tile": 128}}
+    assert "triton" in next(iter(entries)) and "4096/1280/5120" in next(iter(entries))
+    # same process: from memory; a new process (empty memory): from the file; neither times again
+    assert autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU, tune=True) == {"tile": 128}
+    monkeypatch.setattr(autotune, "_chosen", {})
+    assert autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU, tune=True) == {"tile": 128}
+    assert calls == [64, 128, 256]
+
+
+def test_other_shapes_and_kernels_are_timed_separately(fresh_cache):
+    calls = []
+    autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU, tune=True)
+    other = autotune.pick("k", KEY[:1] + (8192,) + KEY[2:], CANDIDATES, timer({64: 3.0, 128: 2.0, 256: 1.0}, calls), CPU, tune=True)
+    again = autotune.pick("j", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 3.0}, calls), CPU, tune=True)
+    assert other == {"tile": 256} and again == {"tile": 128} and len(calls) == 9
+    assert len(json.loads((fresh_cache / autotune.CACHE_FILE).read_text())) == 3
+
+
+def test_a_failing_candidate_is_skipped_and_all_failing_is_an_error():
+    calls = []
+    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 5.0, 256: 4.0}, calls), CPU, tune=True) == {"tile": 256}
+    with pytest.raises(RuntimeError, match=r"(?s)k: every candidate config failed.*out of resources"):
+        autotune.pick("k", ("other",), CANDIDATES, timer({}, []), CPU, tune=True)
+
+
+def test_untuned_is_the_default_and_not_cached(fresh_cache):
+    calls = []
+    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0}, calls), CPU, tune=False) == CANDIDATES[0]
+    assert calls == [] and not (fresh_cache / autotune.CACHE_FILE).exists()
+    # a later tuned call still times (the default was not remembered as a choice)
+    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU, tune=True) == {"tile": 128}
+
+
+def test_corrupt_or_stale_cache_is_timed_again(fresh_cache, monkeypatch):
+    path = fresh_cache / autotune.CACHE_FILE
+    path.write_text("{not json")
+    calls = []
+    with pytest.warns(UserWarning, match="unreadable autotune cache"):
+        assert autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, calls), CPU, tune=True) == {"tile": 128}
+    assert json.loads(path.read_text())  # rewritten as valid JSON
+    # an entry naming a config that is no longer a candidate is not trusted
+    path.write_text(json.dumps({autotune.file_key("cpu", "k", KEY): {"tile": 32}}))
+    monkeypatch.setattr(autotune, "_chosen", {})
+    calls.clear()
+    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU, tune=True) == {"tile": 64}
+    assert calls == [64, 128, 256]
+
+
+def test_unwritable_cache_folder_warns_and_keeps_the_choice(fresh_cache, monkeypatch):
+    blocker = fresh_cache / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(blocker / "cache"))  # a folder inside a file: mkdir fails, even as root
+    with pytest.warns(UserWarning, match="could not write the autotune cache"):
+        best = autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, []), CPU, tune=True)
+    assert best == {"tile": 128}
+    assert autotune.pick("k", KEY, CANDIDATES, timer({}, []), CPU, tune=True) == {"tile": 128}  # kept in memory
+
+
+def test_tuning_switches(monkeypatch):
+    """Never in the interpreter, never on the CPU, never with SAMHQ_FAST_AUTOTUNE=0."""
+    assert not autotune.tuning_enabled(CPU)  # conftest runs the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not autotune.tuning_enabled(CPU)
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
+    assert not autotune.tuning_enabled(torch.device("cuda", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every candidate computes the same function (interpreter: fp32 and fp16; the torch op on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+LINEAR_CANDIDATES = [
+    pytest.param(dtype, atol, config, id=f"{name}-" + ("torch" if "impl" in config else "x".join(str(config[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))))
+    for dtype, atol, name in ((torch.float32, 1e-5, "fp32"), (torch.float16, 1e-2, "fp16"))
+    for config in fused_linear.candidate_configs(dtype)
+]
+
+
+@pytest.mark.parametrize("dtype, atol, config", LINEAR_CANDIDATES)
+def test_every_linear_candidate(dtype, atol, config):
+    for lead, k, n, activation, residual in (((37,), 80, 100, "gelu", True), ((2, 3, 5), 33, 48, "none", False)):
+        x, w, b, r = make_inputs(lead, k, n, dtype, residual=residual)
+        x2, r2 = x.reshape(-1, k), None if r is None else r.reshape(-1, n)
+        got = fused_linear._linear(x2, w, b, r2, activation, config)
+        expected = reference(x2, w, b, activation, r2)
+        torch.testing.assert_close(got.double(), expected, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-5, 1e-5), (torch.float16, 5e-3, 5e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("window", [7, 0], ids=["window7_pad", "global9"])
+def test_every_attention_candidate(dtype, atol, rtol, window, monkeypatch):
+    """Each tile shape (forced as the interpreter's config) on a 9x9 grid with head_dim 80: padded
+    7x7 windows, and global attention over 81 tokens."""
+    configs = attention.candidate_configs(dtype, 196) + attention.candidate_configs(dtype, 4096)
+    for config in {(c["BLOCK_M"], c["BLOCK_N"]) for c in configs}:
+        monkeypatch.setattr(attention, "INTERPRETER_CONFIG", dict(BLOCK_M=config[0], BLOCK_N=config[1]))
+        check_attention(1, 9, 160, 2, window, dtype, atol, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 1e-4), (torch.float16, 1e-2, 1e-2), (torch.bfloat16, 3e-2, 3e-2)],
+                         ids=["fp32", "fp16", "bf16"])
+def test_every_candidate_at_real_shapes_gpu(dtype, atol, rtol, monkeypatch):
+    """On the GPU, compiled: every linear candidate at vit_h's lin1 shape (batch 1), every attention
+    candidate at a vit_h window and global block. A candidate that cannot launch (a tile that does
+    not fit) is skipped, as the tuner skips it; one that runs must be right."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, w, b, r = make_inputs((4096,), 1280, 5120, dtype, device="cuda", residual=True)
+    expected = reference(x, w, b, "gelu", r)
+    ran = 0
+    for config in fused_linear.candidate_configs(dtype):
+        try:
+            got = fused_linear._linear(x, w, b, r, "gelu", config)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"linear candidate {config} did not run: {e}")
+            continue
+        torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol, msg=lambda m: f"{config}: {m}")
+        ran += 1
+    assert ran >= 2
+    for window, tokens in ((14, 196), (0, 4096)):
+        ran = 0
+        for config in attention.candidate_configs(dtype, tokens):
+            monkeypatch.setattr(attention, "candidate_configs", lambda *_, c=config: [c])  # the tuner's only choice
+            monkeypatch.setattr(autotune, "_chosen", {})
+            try:
+                check_attention(1, 64, 1280, 16, window, dtype, atol, rtol, device="cuda")
+            except RuntimeError as e:
+                if "every candidate config failed" not in str(e):
+                    raise
+                warnings.warn(f"attention candidate {config} did not run: {e}")
+                continue
+            ran += 1
+        assert ran >= 2
