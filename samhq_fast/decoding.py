@@ -188,8 +188,8 @@ class PromptDecoder:
                                        box[chunk], has_box[chunk], masks[chunk], has_mask[chunk])
             real = min(total - chunk_start, all_masks.shape[0])  # padding rows only in the last chunk
             chunk_logits, chunk_scores = select_masks(all_masks[:real], iou[:real], multimask_output, hq_token_only)
-            logits.append(chunk_logits)
-            scores.append(chunk_scores)
-        # torch.cat copies: nothing returned aliases a CUDA graph's static outputs, which the next replay overwrites.
-        logits, scores = torch.cat(logits), torch.cat(scores)
+            # Copy out of the CUDA graph's static outputs now: the next chunk's replay overwrites them.
+            logits.append(chunk_logits.clone())
+            scores.append(chunk_scores.clone())
+        logits, scores = (torch.cat(logits), torch.cat(scores)) if len(logits) > 1 else (logits[0], scores[0])
         return list(zip(logits.split(counts), scores.split(counts)))

@@ -87,6 +87,31 @@ def test_more_prompts_than_the_largest_bucket(tiny_model, image_state, monkeypat
         torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
 
 
+def test_chunks_survive_static_output_buffers(tiny_model, image_state, monkeypatch):
+    """A CUDA graph returns the same output buffers on every replay. A stand-in that does the same
+    (copies every result into one pair of buffers) must not change a two-chunk decode: each chunk's
+    outputs are copied out before the next replay (hq_token_only selects a view of them)."""
+    monkeypatch.setattr(decoding, "PROMPT_BUCKETS", (1, 2, 4))
+    decoder = PromptDecoder(tiny_model, compile=False)
+    run, static = decoder._decode, []
+
+    def replay(*args):
+        outputs = run(*args)
+        if not static:
+            static.extend(t.clone() for t in outputs)
+        for buffer, t in zip(static, outputs):
+            buffer.copy_(t)
+        return tuple(static)
+
+    decoder._decode = replay
+    prompts = make_prompts("points+box", 7, 2, seed=5)  # chunks of 4 and 3 (+1 padding row)
+    for flags in ((False, True), (True, False), (False, False)):
+        expected = eager_decode(tiny_model, image_state, prompts, *flags)
+        got = decoder(*image_state, **prompts, multimask_output=flags[0], hq_token_only=flags[1])
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
+
+
 def test_no_recompiles_within_buckets(tiny_model, image_state):
     """Dynamo traces once per (prompt bucket, point bucket); prompt types, counts inside a bucket and
     the output flags reuse the graph. aot_eager keeps this test fast: the guards are Dynamo's."""
@@ -203,18 +228,21 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state):
 
 
 @pytest.mark.gpu
-def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state):
+def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, monkeypatch):
     """Prompts of two images through the graphed decoder (per-prompt image index inside the graph),
-    alternating prompt sets so a stale replay would show."""
+    alternating prompt sets so a stale replay would show, and 7 prompts in chunks of 4 (buckets
+    shrunk to (1, 2, 4)): the second chunk replays the first one's graph."""
+    monkeypatch.setattr(decoding, "PROMPT_BUCKETS", (1, 2, 4))
     model = copy.deepcopy(tiny_model).cuda()
     embeddings, hq_features = (t.cuda() for t in two_images_state)
     decoder = PromptDecoder(model)
     for seed in (1, 2, 1, 2):
-        sets = [(1, make_prompts("points", 2, 2, seed=seed)), (0, make_prompts("box", 1, 1, seed=seed + 10))]
+        sets = [(1, make_prompts("points", 5, 2, seed=seed)), (0, make_prompts("box", 2, 1, seed=seed + 10))]
         sets = [(image, {k: None if v is None else v.cuda() for k, v in prompts.items()}) for image, prompts in sets]
-        got = decoder.decode_images(embeddings, hq_features, [(image, *p.values()) for image, p in sets], True, False)
+        got = decoder.decode_images(embeddings, hq_features, [(image, *p.values()) for image, p in sets], False, True)
         for (image, prompts), (logits, scores) in zip(sets, got):
-            expected = eager_decode(model, (embeddings[image : image + 1], hq_features[image : image + 1]), prompts, True, False)
+            # hq_token_only without multimask: the selected outputs are views of the graph's static outputs
+            expected = eager_decode(model, (embeddings[image : image + 1], hq_features[image : image + 1]), prompts, False, True)
             torch.testing.assert_close(logits, expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=0)
             torch.testing.assert_close(scores, expected[1], atol=1e-4, rtol=0)
 
