@@ -20,7 +20,7 @@ if [[ $stages == *,tests,* ]]; then
 fi
 if [[ $stages == *,encoder,* ]]; then
     python3 -m samhq_fast.cli bench --what encoder --variant vit_b,vit_h --batch 1,8,32 --dtype bf16 \
-        --backends eager,fused,hf,compile --output "$out/encoder-$(date +%F).json" --plot "$out/encoder-$(date +%F).png"
+        --backends eager,fused,fused-graphed,hf,compile --output "$out/encoder-$(date +%F).json" --plot "$out/encoder-$(date +%F).png"
 fi
 if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 5 min (--time-budget-s 220 + the last configuration)
     timeout 330 python3 -m samhq_fast.cli bench --what decoder,e2e --variant vit_b,vit_h --prompts 1,16,64,256,1024 --dtype bf16 \

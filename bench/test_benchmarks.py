@@ -57,11 +57,11 @@ def test_encoder(benchmark, variant, batch, backend):
     model.after_batch()
 
 
-@pytest.mark.parametrize("mode", ("eager", "compiled", "graphed"))
+@pytest.mark.parametrize("mode", ("eager", "compiled", "graphed", "graphed-manual"))
 @pytest.mark.parametrize("prompts", (1, 64) if ON_GPU else (4,))
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_decoder(benchmark, variant, prompts, mode):
-    if mode == "graphed" and not ON_GPU:
+    if mode.startswith("graphed") and not ON_GPU:
         pytest.skip("CUDA graphs need a GPU")
     config = CONFIGS[variant]
     image = dec.Image(config, DEVICE, DTYPE, seed=0)

@@ -91,7 +91,7 @@ examples:
 """
 
 BENCH_VARIANTS = ("vit_b", "vit_l", "vit_h")
-BENCH_BACKENDS = ("eager", "compile", "fused", "hf")
+BENCH_BACKENDS = ("eager", "compile", "fused", "fused-graphed", "hf")
 BENCH_WHAT = ("encoder", "decoder", "e2e")
 BENCH_HELP = """\
 Benchmark the image encoder, the prompt decoder and the whole predictor (end to end), backend
@@ -110,8 +110,9 @@ What is measured (--what):
             features: prompts/s, single-prompt p50 / p99 latency.
   e2e       set_image + one box through SamHQPredictor (includes the encoder).
 Backends (--backends): eager (the reference), compile (torch.compile of the eager model;
-decoder: PromptDecoder without CUDA graphs), fused (Triton encoder kernels; decoder:
-PromptDecoder with CUDA graphs), hf (transformers SamHQModel, encoder only).
+decoder: PromptDecoder without CUDA graphs), fused (Triton encoder kernels, and the same encoder
+replayed from a CUDA graph per batch as "fused-graphed"; decoder: PromptDecoder with torch.compile's
+CUDA graphs and with hand-captured ones), hf (transformers SamHQModel, encoder only).
 Several --dtype values run one after the other and land in one JSON.
 
 On a CPU-only machine: eager and compile only (real sizes are slow there; --smoke uses a tiny
@@ -429,8 +430,10 @@ def _bench_plan(args) -> tuple[str, list[str]]:
     if "fused" in backends and not on_gpu and not args.interpret:
         parser.error("the fused backend needs a CUDA device; on the CPU pass --interpret to run it in the Triton "
                      "interpreter (checks it runs, not a speed figure)")
+    if "fused-graphed" in backends and not on_gpu:
+        parser.error("the fused-graphed backend replays CUDA graphs: it needs a CUDA device")
     if args.interpret:
-        loaded = "samhq_fast.kernels.attention" in sys.modules or "samhq_fast.kernels.linear" in sys.modules
+        loaded = "samhq_fast.kernels.attention" in sys.modules or "samhq_fast.kernels.fused_linear" in sys.modules
         if loaded and os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("--interpret: the Triton kernels were already imported without TRITON_INTERPRET=1")
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (at the first fused model)
@@ -458,8 +461,9 @@ def _bench_runs(args, backends: list[str], device: str) -> list[tuple[str, list[
             if args.batch:
                 argv += ["--batch", ",".join(map(str, args.batch))]
             runs.append(("encoder", argv))
-        modes = {"eager": "eager", "compile": "compiled", "fused": "graphed"}  # what each backend runs in the decoder
-        mode_list = [modes[b] for b in backends if b in modes and "decoder" in args.what and (b != "fused" or device == "cuda")]
+        # what each backend runs in the decoder (fused: both kinds of CUDA graphs, to see which is faster)
+        modes = {"eager": ["eager"], "compile": ["compiled"], "fused": ["graphed", "graphed-manual"]}
+        mode_list = [m for b in backends if b in modes and "decoder" in args.what and (b != "fused" or device == "cuda") for m in modes[b]]
         e2e = [b for b in backends if b in ("eager", "fused") and "e2e" in args.what]
         if mode_list or e2e:
             argv = [*common, "--dtype", dtype, "--modes", ",".join(mode_list), "--e2e", ",".join(e2e)]

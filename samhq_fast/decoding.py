@@ -7,12 +7,13 @@ prompt (the order of prompt tokens does not matter to the decoder, which has no 
   K point slots      label 1 / 0 / -1 as in SAM, or PAD_LABEL for an empty slot
   1 "no box" slot    SAM's padding point (not_a_point_embed): real when points are given without a box
   2 box-corner slots real when the prompt has a box
-On CUDA the compiled function runs as CUDA graphs (mode="reduce-overhead", one per bucket shape);
-on the CPU it is compiled without graphs.
+On CUDA the compiled function runs as CUDA graphs, one per bucket shape (mode="reduce-overhead",
+or hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled without graphs.
 """
 
 import torch
 
+from .graphs import GraphCache
 from .modeling import SamHQ
 from .modeling.mask_decoder import select_masks
 
@@ -79,39 +80,49 @@ class PromptDecoder:
     """Decodes any number of prompts, of one image or of several, with few compiled shapes.
 
     compile=False runs the same padded function eagerly (the reference for the compiled one).
-    cuda_graphs: replay the compiled function as CUDA graphs (mode="reduce-overhead"); None (the
-    default) means yes on a CUDA model, no elsewhere; True needs compile=True and a CUDA model.
+    cuda_graphs: None (the default) = "trees" on a CUDA model, False elsewhere;
+      "trees" (or True): torch.compile(mode="reduce-overhead"), Inductor's CUDA-graph trees;
+      "manual": the compiled function captured in a torch.cuda.CUDAGraph per shape by
+      `graphs.GraphCache` (static input buffers, less Python per replay);
+      False: no graphs. Graphs need compile=True and a CUDA model.
     Shapes compiled: one per (prompt bucket, point bucket, images set); each compiles on its first call.
     """
+
+    GRAPH_MODES = (None, False, True, "trees", "manual")
 
     # Dynamo's per-function recompile limit (8 by default) is below the number of bucket shapes
     # (5 prompt x 7 point buckets, times the image counts seen): past it a fullgraph compile fails
     # hard. New shapes are compiled under this higher limit; known shapes skip the (slow) config patch.
     RECOMPILE_LIMIT = 256
 
-    def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | None = None):
+    def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | str | None = None):
+        if cuda_graphs not in self.GRAPH_MODES:
+            raise ValueError(f"cuda_graphs must be one of {self.GRAPH_MODES}, got {cuda_graphs!r}")
         self.model = model
         on_cuda = model.device.type == "cuda"
         if cuda_graphs and not (compile and on_cuda):
             why = "compile=False" if not compile else f"the model is on {model.device}, not a CUDA device"
-            raise ValueError(f"cuda_graphs=True needs a compiled decoder on a CUDA model, but {why}")
+            raise ValueError(f"cuda_graphs={cuda_graphs!r} needs a compiled decoder on a CUDA model, but {why}")
+        graphs = ("trees" if on_cuda else False) if cuda_graphs is None else "trees" if cuda_graphs is True else cuda_graphs
+        self.cuda_graphs = graphs
         fn = lambda *args: decode_padded(model, *args)  # noqa: E731  (compile a closure, not the module)
         if compile:
-            mode = "reduce-overhead" if (on_cuda if cuda_graphs is None else cuda_graphs) else None
+            mode = "reduce-overhead" if graphs == "trees" else None
             fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         self.compiled = compile
         self._decode = fn
+        self._graphs = GraphCache(fn) if graphs == "manual" else None
         self._shapes_seen = set()
 
     def _run(self, *args):
-        if not self.compiled:
-            return self._decode(*args)
+        """decode_padded(model, *args) through the compiled function / its graphs."""
         image_embeddings, _, _, image_index, coords = args[:5]
         shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None)
-        if shape in self._shapes_seen:
-            return self._decode(*args)
+        call = self._decode if self._graphs is None else (lambda *a: self._graphs(shape, *a))  # noqa: E731
+        if not self.compiled or shape in self._shapes_seen:
+            return call(*args)
         with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
-            out = self._decode(*args)
+            out = call(*args)
         self._shapes_seen.add(shape)
         return out
 

@@ -86,6 +86,7 @@ def test_bench_table_from_results(tmp_path, capsys):
     (["--backends", "eager,tpu"], "unknown backend tpu"),
     (["--what", "everything"], "unknown benchmark everything"),
     (["--backends", "fused"], "pass --interpret"),
+    (["--backends", "fused-graphed", "--interpret"], "fused-graphed backend replays CUDA graphs: it needs a CUDA device"),
     (["--what", "decoder", "--backends", "hf"], "nothing to run"),
     (["--plot", "out.jpg"], "--plot must end in .png"),
     (["--output", "out.txt"], "--output must end in .json"),

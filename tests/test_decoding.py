@@ -203,21 +203,26 @@ def test_compiled_decoder_matches_eager(tiny_model, image_state):
 def test_cuda_graphs_needs_a_compiled_cuda_decoder(tiny_model):
     """cuda_graphs=True is refused, with the reason, where CUDA graphs cannot be used; False and the
     default (None: no graphs on the CPU) build."""
-    with pytest.raises(ValueError, match="not a CUDA device"):
-        PromptDecoder(tiny_model, cuda_graphs=True)
-    with pytest.raises(ValueError, match="compile=False"):
-        PromptDecoder(tiny_model, compile=False, cuda_graphs=True)
-    PromptDecoder(tiny_model, cuda_graphs=False)
-    PromptDecoder(tiny_model)
+    for mode in (True, "trees", "manual"):
+        with pytest.raises(ValueError, match="not a CUDA device"):
+            PromptDecoder(tiny_model, cuda_graphs=mode)
+        with pytest.raises(ValueError, match="compile=False"):
+            PromptDecoder(tiny_model, compile=False, cuda_graphs=mode)
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        PromptDecoder(tiny_model, cuda_graphs="reduce-overhead")
+    assert PromptDecoder(tiny_model, cuda_graphs=False).cuda_graphs is False
+    assert PromptDecoder(tiny_model).cuda_graphs is False  # the default on the CPU
 
 
 @pytest.mark.gpu
-def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state):
+@pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
+def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs):
     """On CUDA the compiled decoder replays CUDA graphs: outputs must be right and never stale
     (two different prompt sets through the same graph, twice each)."""
     model = copy.deepcopy(tiny_model).cuda()
     state = tuple(t.cuda() for t in image_state)
-    decoder = PromptDecoder(model)
+    decoder = PromptDecoder(model, cuda_graphs=cuda_graphs)
+    assert decoder.cuda_graphs == cuda_graphs
     first, second = make_prompts("points+box", 3, 2, seed=1), make_prompts("points+box", 3, 2, seed=2)
     for prompts in (first, second, first, second):
         prompts = {k: None if v is None else v.cuda() for k, v in prompts.items()}
@@ -228,14 +233,15 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state):
 
 
 @pytest.mark.gpu
-def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
+def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, monkeypatch, cuda_graphs):
     """Prompts of two images through the graphed decoder (per-prompt image index inside the graph),
     alternating prompt sets so a stale replay would show, and 7 prompts in chunks of 4 (buckets
     shrunk to (1, 2, 4)): the second chunk replays the first one's graph."""
     monkeypatch.setattr(decoding, "PROMPT_BUCKETS", (1, 2, 4))
     model = copy.deepcopy(tiny_model).cuda()
     embeddings, hq_features = (t.cuda() for t in two_images_state)
-    decoder = PromptDecoder(model)
+    decoder = PromptDecoder(model, cuda_graphs=cuda_graphs)
     for seed in (1, 2, 1, 2):
         sets = [(1, make_prompts("points", 5, 2, seed=seed)), (0, make_prompts("box", 2, 1, seed=seed + 10))]
         sets = [(image, {k: None if v is None else v.cuda() for k, v in prompts.items()}) for image, prompts in sets]

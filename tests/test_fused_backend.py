@@ -14,6 +14,7 @@ import torch
 import samhq_fast
 from samhq_fast import SamHQPredictor
 from samhq_fast.fused import KILL_SWITCH, FusedBlock, apply_fused_backend
+from samhq_fast.graphs import GraphedEncoder
 from samhq_fast.modeling import SamHQConfig
 from conftest import make_model
 
@@ -136,6 +137,29 @@ def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert masks.is_cuda and masks.shape == (2, 1, 180, 240)
+
+
+@pytest.mark.gpu
+def test_graphed_fused_encoder_gpu(tiny_model):
+    """GraphedEncoder replays one CUDA graph per batch size: the same outputs as direct calls, for two
+    inputs alternating through one graph (a stale replay would show), at batch 1 and 2."""
+    model = apply_fused_backend(copy.deepcopy(tiny_model).cuda())
+    graphed = GraphedEncoder(model)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for batch in (1, 2):
+        inputs = [torch.randn(batch, 3, 256, 256, device="cuda", generator=gen) for _ in range(2)]
+        for images in inputs + inputs:
+            with torch.inference_mode():
+                expected = model.encode_image(images)
+            got = graphed(images)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert len(graphed._graphs.graphs) == 2
+
+
+def test_graphed_encoder_needs_cuda(tiny_model):
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedEncoder(tiny_model)
 
 
 def test_fused_fp16_predictor_on_cpu(tiny_checkpoints):

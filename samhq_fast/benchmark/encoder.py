@@ -1,7 +1,8 @@
-"""Image-encoder throughput on one GPU: eager vs torch.compile vs fused (Triton) vs HF transformers.
+"""Image-encoder throughput on one GPU: eager vs torch.compile vs fused (Triton; also replayed from a
+CUDA graph per batch size: fused-graphed) vs HF transformers.
 
     python -m samhq_fast.benchmark.encoder --variants vit_b,vit_h --batch 1,8,32 --dtype bf16 \
-        --backends eager,compile,fused,hf --output bench/results/encoder-$(date +%F).json
+        --backends eager,compile,fused,fused-graphed,hf --output bench/results/encoder-$(date +%F).json
 
 Per (variant, batch, backend): first-call time (Triton compiles / autotuning, torch.compile), then
 median and p90 of CUDA-event timings over back-to-back calls rotating three inputs, peak memory,
@@ -29,11 +30,12 @@ import torch
 from ..build import build_sam_hq
 from ..checkpoint import hf_config_kwargs
 from ..flops import encoder_flops, encoder_flops_breakdown
+from ..graphs import GraphedEncoder
 from ..modeling import SamHQConfig
 from . import common
 from .common import FP32_SLACK, NUMERICS_TOL, SMOKE_CONFIG  # noqa: F401  (module attributes the tests use)
 
-ALL_BACKENDS = ("eager", "compile", "fused", "hf")
+ALL_BACKENDS = ("eager", "compile", "fused", "fused-graphed", "hf")
 # NUMERICS_TOL and FP32_SLACK (common.py) decide whether a backend's neck output is close enough to
 # eager's (or to eager fp32's) to get a speed figure.
 
@@ -170,6 +172,12 @@ class Backend:
             self.model = build_ours(config, weights, device, dtype, "eager" if name == "compile" else name)
             self.encoder = self.model.image_encoder
             self.fn = self._encode
+        elif name == "fused-graphed":
+            self.model = build_ours(config, weights, device, dtype, "fused")
+            self.graphed = GraphedEncoder(self.model)
+            self.fn = lambda images: self.graphed(images)[0]
+            self.info = {"timed_call": "GraphedEncoder(fused model)(x): copy x into the graph's input, replay the CUDA graph "
+                                       "of model.encode_image for this batch size, copy the three outputs out"}
         elif name == "hf":
             self.model = build_hf(config, weights, device, dtype)
             self.fn = self._hf_encode
@@ -185,6 +193,8 @@ class Backend:
             self.model.image_encoder = torch.compile(self.encoder, mode=self.compile_mode, dynamic=False)
 
     def after_batch(self) -> None:
+        if self.name == "fused-graphed":
+            self.graphed._graphs.clear()  # frees this batch size's graph memory pool
         if self.name == "compile":
             self.model.image_encoder = self.encoder
             torch._dynamo.reset()
@@ -364,7 +374,7 @@ def method_notes(args, dtype) -> dict:
                    "drawn N(0, 0.5^2) / N(0, 0.1^2) so the numerics check exercises them; every backend loads the same "
                    "weights. Speed does not depend on weight values.",
         "inputs": "3 random N(0,1) image batches per (variant, batch), identical for every backend, rotated through the timed calls",
-        "timed_call": "eager/compile/fused: model.encode_image(x) = image encoder + HQ feature head (hq_head_flops, not in "
+        "timed_call": "eager/compile/fused/fused-graphed: model.encode_image(x) = image encoder + HQ feature head (hq_head_flops, not in "
                       "'flops': +0.9% vit_b, +0.2% vit_h); hf: SamHQModel.vision_encoder(pixel_values=x) = encoder + neck only",
         "flops": "encoder_flops(config, batch) with the real-token count (samhq_fast/flops.py): the same work credited to "
                  "every backend. Eager, compile and HF also run qkv/proj on the zero-padded 70x70 windows "

@@ -34,7 +34,7 @@ def not_speed_reasons(run: dict, backend: str | None) -> list[str]:
         reasons.append("smoke run, tiny model")
     if not machine.get("gpu"):
         reasons.append("measured on the CPU")
-    if backend in ("fused", "graphed") and machine.get("env", {}).get("TRITON_INTERPRET") == "1":
+    if backend in ("fused", "fused-graphed", "graphed", "graphed-manual") and machine.get("env", {}).get("TRITON_INTERPRET") == "1":
         reasons.append("fused kernels in the Triton interpreter")
     return reasons
 

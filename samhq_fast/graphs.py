@@ -1,0 +1,85 @@
+"""Hand-made CUDA graphs (torch.cuda.CUDAGraph) for fixed-shape GPU work: the fused image encoder
+per batch size, and the prompt decoder per bucket shape (PromptDecoder(cuda_graphs="manual"), the
+alternative to torch.compile's mode="reduce-overhead" graph trees).
+
+A graph replays the kernels it recorded on the buffers it recorded them with, so every input is
+copied into that graph's static buffers before each replay (a replay never reads stale inputs), and
+its outputs are overwritten by the next replay: callers copy them out first.
+"""
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+from .modeling import SamHQ
+
+
+class GraphCache:
+    """Replays fn(*args) from one CUDA graph per shape key, captured on the key's first call.
+
+    args are CUDA tensors (or None, passed through as a constant); every graph of one cache shares
+    one memory pool (graphs replay one at a time, and outputs are copied out between replays).
+    The first call per key runs fn `warmup` times on a side stream before the capture, so lazy
+    work (Triton compiles and autotuning, torch.compile, cuBLAS workspaces) happens outside it.
+    """
+
+    def __init__(self, fn: Callable, warmup: int = 2):
+        self.fn, self.warmup = fn, warmup
+        self.graphs = {}  # key -> (graph, static args, static outputs)
+        self.pool = None
+
+    def __call__(self, key: Hashable, *args):
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, static_args, outputs = self.graphs[key]
+        for buffer, arg in zip(static_args, args):
+            if buffer is not None:
+                buffer.copy_(arg)
+        graph.replay()
+        return outputs
+
+    def _capture(self, args) -> tuple:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        static_args = [None if arg is None else arg.clone() for arg in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*static_args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.fn(*static_args)
+        return graph, static_args, outputs
+
+    def clear(self) -> None:
+        """Drop every graph and its memory pool."""
+        self.graphs.clear()
+        self.pool = None
+
+
+class GraphedEncoder:
+    """`model.encode_image` replayed from a CUDA graph per input shape (batch size, dtype).
+
+    At small batch the encoder is launch-bound (vit_h: ~32 blocks x ~10 kernels): one graph replay
+    replaces the launches. Call it like encode_image: images [B, 3, S, S] normalized and padded
+    (model.preprocess) on the model's CUDA device -> (embeddings [B, 256, G, G], early ViT features
+    [B, G, G, C], HQ features [B, 32, 4G, 4G]), fresh tensors (copied out of the graph's buffers).
+    """
+
+    def __init__(self, model: SamHQ):
+        if model.device.type != "cuda":
+            raise ValueError(f"GraphedEncoder needs a model on a CUDA device, got {model.device}")
+        self.model = model
+        self._graphs = GraphCache(model.encode_image)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        size = self.model.config.img_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must be [B, 3, {size}, {size}] (preprocessed), got {list(images.shape)}")
+        if images.device != self.model.device:
+            raise ValueError(f"images are on {images.device}, the model on {self.model.device}")
+        outputs = self._graphs((tuple(images.shape), images.dtype), images)
+        return tuple(t.clone() for t in outputs)
