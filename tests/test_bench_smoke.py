@@ -184,3 +184,21 @@ def test_decoder_smoke_failures_are_recorded_not_fatal(decoder_bench, tmp_path, 
 
     _, skipped = run(decoder_bench, tmp_path, "--modes", "eager", "--time-budget-s", "0")
     assert skipped["results"] and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in skipped["results"])
+
+
+def test_block_profile_smoke(tmp_path):
+    """The block profiler on the CPU: both block kinds, eager and fused (the interpreter is on),
+    per-op rows whose shares add up, and the not-a-speed-figure label."""
+    from samhq_fast.benchmark import profile_block
+
+    out = tmp_path / "profile.md"
+    text = profile_block.main(["--smoke", "--repeats", "1", "--output", str(out)])
+    assert out.read_text() == text
+    assert "NOT A SPEED FIGURE" in text
+    for kind in ("windowed", "global"):
+        section = text.split(f"\n## {kind} block, batch 1:")[1].split("\n## ")[0]
+        assert "### eager" in section and "### fused" in section
+        eager_rows = section.split("### eager")[1].split("### fused")[0]
+        assert "`aten::addmm`" in eager_rows  # the eager block's linear layers
+        shares = [float(line.rsplit("|", 2)[-2].strip().rstrip("%")) for line in eager_rows.splitlines() if line.startswith("| `")]
+        assert abs(sum(shares) - 100) < 1
