@@ -5,13 +5,14 @@ Where the ViT block uses it (x is channels-last tokens [B, H, W, C] or [B, L, C]
 * MLP ``lin1``: ``fused_linear(x, w1, b1, activation="gelu")``        (GELU fused into the epilogue)
 * MLP ``lin2``: ``fused_linear(h, w2, b2, residual=x)``                 (residual add fused)
 * attention ``proj``: ``fused_linear(o, wp, bp, residual=shortcut)``
+* attention ``qkv``: ``fused_linear(x, wqkv, bqkv)``                 (bias only; Triton or cuBLAS, as timed)
 
 Fusing the bias, the activation and the residual into the matmul epilogue saves one full
 read + write of the [M, N] output per fused op compared with eager PyTorch.
 
-Layout: kernel -> launcher (checks; the config is tuned per shape among a few tiles and the
-plain cuBLAS op, see ``autotune``) -> functional API ``fused_linear`` -> tiny ``FusedLinear`` module wrapper. Inference only: no backward is defined, the output carries
-no autograd history.
+Layout: kernel -> launcher (checks; the config is tuned per shape among a few tiles and the plain
+cuBLAS op, see ``autotune``) -> functional API ``fused_linear`` -> tiny ``FusedLinear`` module
+wrapper. Inference only: no backward is defined, the output carries no autograd history.
 
 Triton API use is restricted to what both triton 3.6 (GPU image) and 3.9 (CPU dev box) have:
 plain pointer arithmetic, masked tl.load/tl.store, tl.dot(..., input_precision=...), tl.erf.

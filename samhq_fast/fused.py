@@ -3,21 +3,20 @@
 `apply_fused_backend(model)` swaps every image-encoder block for a `FusedBlock` that holds the very
 same submodules under the same names, so state dicts, checkpoints and the rest of the model are
 untouched. Per block (x: [B, H, W, C] channels-last, H = W = 64 at 1024 input):
-  qkv  = norm1(x) @ Wqkv^T + b            cuBLAS, on the 4,096 real tokens only (the original runs
-                                          it on the 70x70 padded grid in windowed blocks)
+  qkv  = norm1(x) @ Wqkv^T + b            GEMM + bias, on the 4,096 real tokens only (the original
+                                          runs it on the 70x70 padded grid in windowed blocks)
   a    = rel_pos_attention(qkv)           Triton: windows, padding, rel-pos bias by index math
   x    = a @ Wproj^T + b + x              Triton GEMM, bias + residual in the epilogue
   h    = gelu(norm2(x) @ W1^T + b1)       Triton GEMM, bias + exact GELU in the epilogue
   x    = h @ W2^T + b2 + x                Triton GEMM, bias + residual in the epilogue
-(Each GEMM falls back to cuBLAS + torch ops for a shape where the tuner times cuBLAS faster, and
-the tiles are tuned per GPU and shape: samhq_fast.kernels.autotune.)
+(Every GEMM is Triton or cuBLAS + torch ops, whichever the tuner times faster for its shape on this
+GPU, with tiles tuned per GPU and shape: samhq_fast.kernels.autotune.)
 Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (kill switch).
 """
 
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .modeling import SamHQ
@@ -56,7 +55,7 @@ class FusedBlock(nn.Module):
         from samhq_fast.kernels.fused_linear import fused_linear
 
         attn, mlp = self.attn, self.mlp
-        qkv = F.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)  # [B, H, W, 3C]
+        qkv = fused_linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)  # [B, H, W, 3C]
         heads = rel_pos_attention(qkv, attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, self.window_size)
         x = fused_linear(heads, attn.proj.weight, attn.proj.bias, residual=x)
         hidden = fused_linear(self.norm2(x), mlp.lin1.weight, mlp.lin1.bias, activation="gelu")  # [B, H, W, 4C]
