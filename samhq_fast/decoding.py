@@ -20,6 +20,8 @@ from .modeling.mask_decoder import select_masks
 PAD_LABEL = -2  # an empty point slot: no token at all
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
 POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Dynamo's setting, renamed in torch 2.7 (cache_size_limit before)
+RECOMPILE_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -121,7 +123,7 @@ class PromptDecoder:
         call = self._decode if self._graphs is None else (lambda *a: self._graphs(shape, *a))  # noqa: E731
         if not self.compiled or shape in self._shapes_seen:
             return call(*args)
-        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch({RECOMPILE_LIMIT_NAME: self.RECOMPILE_LIMIT}):
             out = call(*args)
         self._shapes_seen.add(shape)
         return out
