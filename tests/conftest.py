@@ -5,6 +5,10 @@ import os
 # The Triton interpreter must be chosen before any kernel module is imported. On a GPU machine run
 # the compiled kernels with `TRITON_INTERPRET=0 python -m pytest -m gpu`.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# On the GPU the kernels run their untuned default configs here: tuning would time every candidate at
+# every new shape (minutes over the suite) and the choice does not change results; each candidate's
+# correctness is tested on its own in test_autotune.py.
+os.environ.setdefault("SAMHQ_FAST_AUTOTUNE", "0")
 
 import pytest
 import torch

@@ -177,3 +177,17 @@ def test_every_candidate_at_real_shapes_gpu(dtype, atol, rtol, monkeypatch):
                 continue
             ran += 1
         assert ran >= 2
+
+
+@pytest.mark.gpu
+def test_tuned_launch_on_the_gpu(fresh_cache, monkeypatch):
+    """The real thing once: tuning on (conftest turns it off for the rest of the suite), do_bench
+    times every candidate of one fused_linear shape, the result is right, and the choice is cached
+    under this GPU's name."""
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    x, w, b, r = make_inputs((3, 170), 256, 384, torch.float16, device="cuda", residual=True)
+    got = fused_linear.fused_linear(x, w, b, activation="gelu", residual=r)
+    torch.testing.assert_close(got.double(), reference(x, w, b, "gelu", r), atol=1e-2, rtol=1e-2)
+    entries = json.loads((fresh_cache / autotune.CACHE_FILE).read_text())
+    (key, config), = entries.items()
+    assert key.startswith(torch.cuda.get_device_name()) and config in fused_linear.candidate_configs(torch.float16)
