@@ -162,6 +162,8 @@ class PromptDecoder:
         device = model.device
         counts = [next(t.shape[0] for t in (*prompt[1:], torch.empty(1)) if t is not None) for prompt in prompt_sets]
         images = {prompt[0] for prompt in prompt_sets}
+        if not all(isinstance(i, int) and 0 <= i < image_embeddings.shape[0] for i in images):
+            raise ValueError(f"prompt_sets name images {sorted(images, key=str)}, but {image_embeddings.shape[0]} are given")
         if len(images) == 1:  # one image: broadcast its features, no per-prompt index
             one = images.pop()
             image_embeddings, hq_features = image_embeddings[one : one + 1], hq_features[one : one + 1]

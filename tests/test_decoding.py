@@ -174,6 +174,12 @@ def test_decode_images_equals_one_image_at_a_time(tiny_model, two_images_state, 
             torch.testing.assert_close(scores, expected[1], atol=1e-5, rtol=0)
 
 
+def test_decode_images_refuses_an_unknown_image(tiny_model, two_images_state):
+    prompts = make_prompts("box", 1, 1)
+    with pytest.raises(ValueError, match=r"name images \[0, 2\], but 2 are given"):
+        PromptDecoder(tiny_model, compile=False).decode_images(*two_images_state, [(0, *prompts.values()), (2, *prompts.values())], True, False)
+
+
 def test_decode_images_of_one_image_broadcasts(tiny_model, two_images_state):
     """Sets that all read one image of several: no per-prompt index (the broadcast path)."""
     embeddings, hq_features = two_images_state
