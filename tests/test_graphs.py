@@ -1,0 +1,103 @@
+"""samhq_fast.graphs.GraphCache's bookkeeping, on the CPU with a stand-in for torch.cuda's graph API.
+
+A real CUDA graph records kernels ("compute x * 2 into out") at capture and re-runs them on the
+same buffers at replay. The stand-in does exactly that with Python closures the test function
+registers, so what GraphCache must get right is visible without a GPU: warm-up before capture,
+one capture per shape key, every input copied into the static buffers before each replay (else a
+replay reads the previous call's inputs), outputs being the static buffers. The real thing runs in
+the GPU-marked tests (test_fused_backend.py, test_decoding.py).
+"""
+
+import contextlib
+import types
+
+import pytest
+import torch
+
+from samhq_fast import graphs
+
+
+class FakeGraph:
+    capturing = None  # the graph being captured, if any
+
+    def __init__(self):
+        self.kernels = []
+
+    def replay(self):
+        for kernel in self.kernels:
+            kernel()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    pools = []
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        pools.append(pool)
+        FakeGraph.capturing = g
+        try:
+            yield
+        finally:
+            FakeGraph.capturing = None
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    fake = types.SimpleNamespace(
+        CUDAGraph=FakeGraph, graph=graph, graph_pool_handle=object, Stream=lambda: stream,
+        current_stream=lambda: stream, stream=lambda s: contextlib.nullcontext(),
+    )
+    monkeypatch.setattr(graphs.torch, "cuda", fake)
+    return pools
+
+
+def scaled_sum(x, y, calls):
+    """out = 2x + y (y may be None), as a 'kernel' a graph can record and replay."""
+    calls.append("capture" if FakeGraph.capturing else "eager")
+    out = torch.empty_like(x)
+
+    def kernel():
+        torch.add(2 * x, 0 if y is None else y, out=out)
+
+    kernel()
+    if FakeGraph.capturing:
+        FakeGraph.capturing.kernels.append(kernel)
+    return out
+
+
+def test_graph_cache_replays_on_fresh_inputs(fake_cuda):
+    calls = []
+    cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, calls), warmup=2)
+    a, b = torch.arange(4.0), torch.ones(4)
+    out = cache("k", a, b)
+    assert calls == ["eager", "eager", "capture"]  # warm-up twice, then one capture
+    torch.testing.assert_close(out, 2 * a + b)
+    for x, y in ((b, a), (a, a), (3 * b, b)):  # replays: same graph, new values
+        out = cache("k", x, y)
+        torch.testing.assert_close(out, 2 * x + y)
+    assert calls == ["eager", "eager", "capture"]  # no new capture
+    static_out = cache("k", a, b)
+    assert cache("k", b, b) is static_out  # the graph's own output buffer: callers copy it out
+
+
+def test_one_graph_per_key_sharing_one_pool(fake_cuda):
+    calls = []
+    cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, calls), warmup=1)
+    small, large = torch.ones(3), torch.ones(5)
+    torch.testing.assert_close(cache((3,), small, None), 2 * small)  # None passes through as a constant
+    torch.testing.assert_close(cache((5,), large, large), 3 * large)
+    torch.testing.assert_close(cache((3,), 4 * small, None), 8 * small)
+    assert calls == ["eager", "capture", "eager", "capture"] and len(cache.graphs) == 2
+    assert len(fake_cuda) == 2 and fake_cuda[0] is fake_cuda[1] is not None
+    cache.clear()
+    assert cache.graphs == {} and cache.pool is None
+
+
+def test_inputs_are_copied_not_aliased(fake_cuda):
+    """The graph keeps its own input buffers: changing the caller's tensor later changes nothing."""
+    cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, []), warmup=0)
+    x = torch.ones(2)
+    cache("k", x, None)
+    x.fill_(100.0)
+    graph, static_args, _ = cache.graphs["k"]
+    graph.replay()  # a replay without a call: runs on the buffers, which still hold the ones
+    assert static_args[0] is not x and torch.equal(static_args[0], torch.ones(2))
