@@ -160,7 +160,7 @@ class PromptDecoder:
             return []
         model = self.model
         device = model.device
-        counts = [next(t.shape[0] for t in (*prompt[1:], torch.empty(1)) if t is not None) for prompt in prompt_sets]
+        counts = [next((t.shape[0] for t in prompt[1:] if t is not None), 1) for prompt in prompt_sets]  # no prompt: 1 (as SAM)
         images = {prompt[0] for prompt in prompt_sets}
         if not all(isinstance(i, int) and 0 <= i < image_embeddings.shape[0] for i in images):
             raise ValueError(f"prompt_sets name images {sorted(images, key=str)}, but {image_embeddings.shape[0]} are given")

@@ -249,11 +249,14 @@ class SamHQPredictor:
             return results
         decoded = self._decode_images(converted, multimask_output, hq_token_only)
         for i, (low_res, scores) in decoded.items():
-            masks = self.model.postprocess_masks(low_res, self.input_sizes[i], self.original_sizes[i])
-            if not return_logits:
-                masks = masks > self.model.mask_threshold
+            masks = self._masks(low_res, self.input_sizes[i], self.original_sizes[i], return_logits)
             results[i] = _to_output((masks, scores, low_res), return_torch, converted[i][4])
         return results
+
+    def _masks(self, low_res: torch.Tensor, input_size, original_size, return_logits: bool) -> torch.Tensor:
+        """Low-res logits [N, 1, 4G, 4G] -> [N, 1, H, W] in the original frame: logits, or bool masks."""
+        masks = self.model.postprocess_masks(low_res, input_size, original_size)
+        return masks if return_logits else masks > self.model.mask_threshold
 
     def _fused_decoder(self) -> PromptDecoder:
         """The fused backend's fixed-shape compiled decoder (CUDA graphs on the GPU), built on first use."""
@@ -381,9 +384,7 @@ class SamHQPredictor:
                 model.prompt_encoder, model.mask_decoder, self.features, self.hq_features,
                 point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only,
             )
-        masks = model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > model.mask_threshold
+        masks = self._masks(low_res, self.input_size, self.original_size, return_logits)
         return masks, scores, low_res
 
     def _check_torch_prompts(self, point_coords, point_labels, boxes, mask_input) -> None:

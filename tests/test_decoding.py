@@ -17,11 +17,16 @@ from samhq_fast.decoding import PromptDecoder
 G = 16  # tiny model: 16x16 embedding grid, 64x64 low-res masks
 
 
+def encoded_images(model, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings [num, 256, G, G], hq_features [num, 32, 4G, 4G]) of random input images."""
+    with torch.inference_mode():
+        embeddings, _, hq_features = model.encode_image(torch.randn(num, 3, 256, 256, generator=torch.Generator().manual_seed(seed)))
+    return embeddings, hq_features
+
+
 @pytest.fixture(scope="module")
 def image_state(tiny_model):
-    with torch.inference_mode():
-        embeddings, _, hq_features = tiny_model.encode_image(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)))
-    return embeddings, hq_features
+    return encoded_images(tiny_model, 1, seed=0)
 
 
 def make_prompts(kind: str, num: int, points: int, seed: int = 0) -> dict:
@@ -144,9 +149,7 @@ def test_more_bucket_shapes_than_dynamos_recompile_limit(tiny_model, image_state
 
 @pytest.fixture(scope="module")
 def two_images_state(tiny_model):
-    with torch.inference_mode():
-        embeddings, _, hq_features = tiny_model.encode_image(torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5)))
-    return embeddings, hq_features
+    return encoded_images(tiny_model, 2, seed=5)
 
 
 def test_decode_images_equals_one_image_at_a_time(tiny_model, two_images_state, monkeypatch):

@@ -22,17 +22,11 @@ from ..modeling.image_encoder import Block, ViTConfig
 from ..modeling.sam_hq import VARIANTS
 from . import common
 
-SMOKE_VIT = ViTConfig(img_size=256, embed_dim=160, depth=2, num_heads=2, mlp_dim=640, window_size=7, global_attn_indexes=(1,))
-
-
 def make_blocks(config: ViTConfig, device, dtype) -> dict[str, Block]:
-    """One windowed and one global block with random weights (rel-pos tables drawn, not zero)."""
+    """One windowed and one global block with PyTorch's random init (timing does not depend on values)."""
     blocks = {}
     for kind, window in (("windowed", config.window_size), ("global", 0)):
         block = Block(config.embed_dim, config.num_heads, config.mlp_dim, window, config.grid_size)
-        with torch.no_grad():
-            block.attn.rel_pos_h.normal_(0, 0.5)
-            block.attn.rel_pos_w.normal_(0, 0.5)
         blocks[kind] = block.to(device=device, dtype=dtype).eval()
     return blocks
 
@@ -84,7 +78,7 @@ def main(argv=None) -> str:
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.smoke else resolve_dtype(args.dtype)
-    config = SMOKE_VIT if args.smoke else VARIANTS[args.variant].encoder
+    config = common.SMOKE_CONFIG.encoder if args.smoke else VARIANTS[args.variant].encoder
     fused_ok, why_not = fused_available(device)
     results = {}
     with torch.inference_mode():
