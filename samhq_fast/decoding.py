@@ -62,13 +62,14 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
 
 
-def decode_eager(prompt_encoder, mask_decoder, image_embeddings, hq_features, point_coords, point_labels, boxes,
+def decode_eager(prompt_encoder, mask_decoder, image_embeddings, image_pe, hq_features, point_coords, point_labels, boxes,
                  mask_input, multimask_output: bool, hq_token_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference decode (the eager backend's): unpadded prompts through the model's own prompt
-    encoder and HQ decoder. Same prompt arguments as `PromptDecoder.__call__`."""
+    encoder and HQ decoder. image_pe: prompt_encoder.get_dense_pe() [1, 256, G, G], computed once by
+    the caller (it depends on no prompt and no image). Same prompt arguments as `PromptDecoder.__call__`."""
     points = None if point_coords is None else (point_coords, point_labels)
     sparse, dense = prompt_encoder(points, boxes, mask_input)
-    return mask_decoder(image_embeddings, prompt_encoder.get_dense_pe(), sparse, dense, hq_features, multimask_output, hq_token_only)
+    return mask_decoder(image_embeddings, image_pe, sparse, dense, hq_features, multimask_output, hq_token_only)
 
 
 def padded_rows(num: int) -> int:
@@ -112,6 +113,7 @@ class PromptDecoder:
             mode = "reduce-overhead" if graphs == "trees" else None
             fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         self.compiled = compile
+        self.image_pe = model.prompt_encoder.get_dense_pe()  # [1, 256, G, G]: the same for every call
         self._decode = fn
         self._graphs = GraphCache(fn) if graphs == "manual" else None
         self._shapes_seen = set()
@@ -193,13 +195,12 @@ class PromptDecoder:
                 masks[set_rows] = mask_input
                 has_mask[set_rows] = True
             start += n
-        image_pe = model.prompt_encoder.get_dense_pe()
         total = start
         logits, scores = [], []
         for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
             chunk_index = index[chunk] if image_embeddings.shape[0] > 1 else None
-            all_masks, iou = self._run(image_embeddings, image_pe, hq_features, chunk_index, coords[chunk], labels[chunk],
+            all_masks, iou = self._run(image_embeddings, self.image_pe, hq_features, chunk_index, coords[chunk], labels[chunk],
                                        box[chunk], has_box[chunk], masks[chunk], has_mask[chunk])
             real = min(total - chunk_start, all_masks.shape[0])  # padding rows only in the last chunk
             chunk_logits, chunk_scores = select_masks(all_masks[:real], iou[:real], multimask_output, hq_token_only)

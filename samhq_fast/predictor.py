@@ -60,6 +60,7 @@ class SamHQPredictor:
         self.is_image_set = False
         self.features = None  # [B, 256, G, G] (B = 1 after set_image)
         self.hq_features = None  # [B, 32, 4G, 4G], computed once per image
+        self.dense_pe = None  # [1, 256, G, G], the prompt encoder's grid encoding (the eager decoder's image_pe)
         self.original_sizes = []  # (H, W) per image
         self.input_sizes = []  # (h, w) per image after the longest-side resize
         self.original_size = None  # (H, W) when ONE image is set (what predict / predict_torch use)
@@ -130,6 +131,7 @@ class SamHQPredictor:
         self.reset_image()
         batch = torch.cat([self.model.preprocess(image.to(self.device)) for image in resized])  # normalize + pad each
         self.features, _, self.hq_features = self.model.encode_image(batch)
+        self.dense_pe = self.model.prompt_encoder.get_dense_pe()
         self.original_sizes = [tuple(int(s) for s in size) for size in original_sizes]
         self.input_sizes = [tuple(int(s) for s in image.shape[-2:]) for image in resized]
         if len(resized) == 1:
@@ -286,7 +288,6 @@ class SamHQPredictor:
             points = None if coords is None else (coords, labels)
             sparse, dense = model.prompt_encoder(points, boxes, masks)
             groups.setdefault(sparse.shape[1], []).append((i, sparse, dense))
-        image_pe = model.prompt_encoder.get_dense_pe()
         decoded = {}
         for members in groups.values():
             images = [i for i, _, _ in members]
@@ -299,7 +300,7 @@ class SamHQPredictor:
                 features, hq_features = self.features[index], self.hq_features[index]
             sparse = torch.cat([s for _, s, _ in members])
             dense = torch.cat([d for _, _, d in members])
-            low_res, scores = model.mask_decoder(features, image_pe, sparse, dense, hq_features, multimask_output, hq_token_only)
+            low_res, scores = model.mask_decoder(features, self.dense_pe, sparse, dense, hq_features, multimask_output, hq_token_only)
             for i, low, score in zip(images, low_res.split(counts), scores.split(counts)):
                 decoded[i] = (low, score)
         return decoded
@@ -381,7 +382,7 @@ class SamHQPredictor:
             )
         else:
             low_res, scores = decode_eager(
-                model.prompt_encoder, model.mask_decoder, self.features, self.hq_features,
+                model.prompt_encoder, model.mask_decoder, self.features, self.dense_pe, self.hq_features,
                 point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only,
             )
         masks = self._masks(low_res, self.input_size, self.original_size, return_logits)

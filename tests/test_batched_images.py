@@ -166,6 +166,26 @@ def test_fused_predict_batch_is_one_padded_decoder_call(tiny_model, photos, sing
         assert_same_as_single(result, single.predict(**prompt, return_logits=True))
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_dense_positional_encoding_is_computed_per_set_image_not_per_predict(tiny_model, photos, backend, monkeypatch):
+    """The prompt encoder's dense grid encoding depends on no prompt: set_image / set_images compute
+    it once (the fused decoder once when it is built), predict and predict_batch reuse it."""
+    model = copy.deepcopy(tiny_model)
+    model.backend = backend  # only the decoder path matters here (see the test above)
+    predictor = SamHQPredictor(model)
+    if backend == "fused":
+        predictor._prompt_decoder = PromptDecoder(model, compile=False)
+    calls = []
+    compute = model.prompt_encoder.get_dense_pe
+    monkeypatch.setattr(model.prompt_encoder, "get_dense_pe", lambda: calls.append(1) or compute())
+    predictor.set_image(photos[0])
+    for box in ([10, 20, 150, 160], [40, 30, 250, 190], [0, 0, 300, 200]):
+        predictor.predict(box=np.array(box))
+    predictor.set_images(photos)
+    predictor.predict_batch([dict(box=np.array([10, 20, 100, 110]))] * len(photos))
+    assert len(calls) == 2
+
+
 def test_predict_batch_skips_none_and_accepts_an_empty_prompt(batch, singles):
     results = batch.predict_batch([None, {}, None])
     assert results[0] is None and results[2] is None

@@ -122,9 +122,9 @@ class Image:
         self.fp32_parts = tuple(copy.deepcopy(m).float() for m in (self.model.prompt_encoder, self.model.mask_decoder))
 
 
-def eager_decode(prompt_encoder, mask_decoder, embeddings, hq_features, coords, labels, boxes):
+def eager_decode(prompt_encoder, mask_decoder, embeddings, image_pe, hq_features, coords, labels, boxes):
     """SamHQPredictor.predict_torch's eager branch (multimask_output=True, hq_token_only=False)."""
-    return decode_eager(prompt_encoder, mask_decoder, embeddings, hq_features, coords, labels, boxes, None, True, False)
+    return decode_eager(prompt_encoder, mask_decoder, embeddings, image_pe, hq_features, coords, labels, boxes, None, True, False)
 
 
 def make_prompts(kind: str, num: int, config: SamHQConfig, device, seed: int) -> list[tuple]:
@@ -159,8 +159,9 @@ def decoder_fn(mode: str, image: Image):
     """fn(coords, labels, boxes) -> (low-res logits [N, 1, 4G, 4G], scores [N, 1]) for a mode."""
     model, embeddings, hq_features = image.model, image.embeddings, image.hq_features
     if mode == "eager":
-        return lambda coords, labels, boxes: eager_decode(model.prompt_encoder, model.mask_decoder, embeddings, hq_features,
-                                                          coords, labels, boxes)
+        image_pe = model.prompt_encoder.get_dense_pe()  # once, as SamHQPredictor.set_image does
+        return lambda coords, labels, boxes: eager_decode(model.prompt_encoder, model.mask_decoder, embeddings, image_pe,
+                                                          hq_features, coords, labels, boxes)
     # Each PromptDecoder compiles the same lambda code object: start from clean Dynamo caches (and
     # CUDA-graph trees) so the decoders of earlier modes / variants do not count toward the recompile
     # limit. On-disk Inductor / Triton caches stay: first calls may be faster after the first mode.
@@ -185,8 +186,9 @@ class References:
             coords, labels, boxes = (None if t is None else t[:FP32_ROWS] for t in arg_set)
             coords = None if coords is None else coords.float()
             with torch.inference_mode():
-                self.fp32[key] = eager_decode(*image.fp32_parts, image.embeddings.float(), image.hq_features.float(),
-                                              coords, labels, boxes)[0]
+                prompt_encoder, mask_decoder = image.fp32_parts
+                self.fp32[key] = eager_decode(prompt_encoder, mask_decoder, image.embeddings.float(), prompt_encoder.get_dense_pe(),
+                                              image.hq_features.float(), coords, labels, boxes)[0]
         return self.fp32[key]
 
 
