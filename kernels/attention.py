@@ -8,10 +8,14 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
   values are taken from the bias and stay in the softmax, exactly as in the original (not masked);
   padded queries are skipped, their outputs would be cropped;
 - the bias rel_h[q, ky] + rel_w[q, kx] comes from a small pre-pass over the UNSCALED q
-  ([B, heads, H, W, window] each), gathered per (query, key) tile inside the kernel; the N x N bias
-  and score matrices never exist in memory;
-- head_dim 64 and 80 (vit_h) without padding in memory: the head dim is masked up to a power of two
-  in registers only.
+  ([B, heads, H, W, window] each); the N x N bias and score matrices never exist in memory.
+  Key tiles are laid over the window's rows (see `_rel_pos_attention_kernel`), so a tile needs one
+  rel_h value per query and row, and a contiguous run of rel_w: no per-element gathers;
+- head_dim 64 and 80 (vit_h) without padding: 80 is computed as a 64 part and a 16 part (two dots
+  each for q.k and p.v), so neither memory nor registers hold a head dim padded to 128.
+
+Register use and shared memory per candidate config were checked offline (compiled for sm_90 with
+the launch's real specializations, `cuobjdump -res-usage`): see `candidate_configs`.
 """
 
 import torch
@@ -37,14 +41,21 @@ def _rel_pos_attention_kernel(
     stride_out_b, stride_out_y, stride_out_x,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (registers only)
+    D_MAIN: tl.constexpr,  # power of two: HEAD_DIM, its largest power-of-two part, or HEAD_DIM padded up (masked)
+    D_TAIL: tl.constexpr,  # HEAD_DIM - D_MAIN when that is a power of two >= 16 (80 = 64 + 16), else 0
     WIN_H: tl.constexpr,
     WIN_W: tl.constexpr,
     WINDOWS_X: tl.constexpr,  # windows per row of the padded grid
+    KEY_COLS: tl.constexpr,  # WIN_W rounded up to a power of two
+    TILE_ROWS: tl.constexpr,  # window rows per key tile: BLOCK_N // KEY_COLS, or 1 when a tile is part of a row
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), "tf32" (ignored) for 16-bit inputs
 ):
+    # Keys are visited as slots of a [WIN_H, KEY_COLS] grid, BLOCK_N slots per tile: a tile is
+    # TILE_ROWS whole window rows (BLOCK_N >= KEY_COLS) or a piece of one row; slots past WIN_W or
+    # WIN_H are -inf. Within a tile, the rel_h term takes TILE_ROWS values per query and the rel_w
+    # term is a contiguous run of each query's rel_w row.
     pid_m = tl.program_id(0)  # query tile within the window
     pid_win = tl.program_id(1)  # window: wy * WINDOWS_X + wx
     pid_bh = tl.program_id(2)  # image * NUM_HEADS + head
@@ -52,79 +63,120 @@ def _rel_pos_attention_kernel(
     head = pid_bh % NUM_HEADS
     wy = pid_win // WINDOWS_X
     wx = pid_win % WINDOWS_X
-    TOKENS: tl.constexpr = WIN_H * WIN_W
     C: tl.constexpr = NUM_HEADS * HEAD_DIM
 
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     # Queries: token t of the window sits at grid (wy * WIN_H + t // WIN_W, wx * WIN_W + t % WIN_W).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qy = wy * WIN_H + offs_m // WIN_W
     qx = wx * WIN_W + offs_m % WIN_W
-    q_real = (offs_m < TOKENS) & (qy < H) & (qx < W)  # padded queries: output cropped, skip
-    qkv_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + head * HEAD_DIM
-    q_ptrs = qkv_base + qy[:, None] * stride_qkv_y + qx[:, None] * stride_qkv_x + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=q_real[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    # Row (b, head, y, x) of the rel-pos pre-pass for each query.
-    rel_row = ((pid_bh.to(tl.int64) * H + qy) * W + qx)
-
+    q_real = (offs_m < WIN_H * WIN_W) & (qy < H) & (qx < W)  # padded queries: output cropped, skip
+    head_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + head * HEAD_DIM
+    q_offs = qy * stride_qkv_y + qx * stride_qkv_x  # [BLOCK_M]
+    offs_d = tl.arange(0, D_MAIN)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(head_base + q_offs[:, None] + offs_d[None, :], mask=q_real[:, None] & d_mask[None, :], other=0.0)
     k_pad = tl.load(qkv_bias_ptr + C + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
     v_pad = tl.load(qkv_bias_ptr + 2 * C + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+    acc = tl.zeros([BLOCK_M, D_MAIN], tl.float32)
+    if D_TAIL > 0:  # the head dims D_MAIN .. HEAD_DIM - 1
+        offs_t = D_MAIN + tl.arange(0, D_TAIL)
+        q_t = tl.load(head_base + q_offs[:, None] + offs_t[None, :], mask=q_real[:, None], other=0.0)
+        k_pad_t = tl.load(qkv_bias_ptr + C + head * HEAD_DIM + offs_t)
+        v_pad_t = tl.load(qkv_bias_ptr + 2 * C + head * HEAD_DIM + offs_t)
+        acc_t = tl.zeros([BLOCK_M, D_TAIL], tl.float32)
+    rel_row = (pid_bh.to(tl.int64) * H + qy) * W + qx  # [BLOCK_M] row (b, head, y, x) of the pre-pass
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
-    for start_n in range(0, TOKENS, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        ky_win = offs_n // WIN_W  # key coordinates inside the window (index the rel-pos terms)
-        kx_win = offs_n % WIN_W
+    offs_j = tl.arange(0, BLOCK_N)
+    for start in range(0, WIN_H * KEY_COLS, BLOCK_N):
+        slot = start + offs_j
+        ky_win = slot // KEY_COLS  # key coordinates inside the window (index the rel-pos terms)
+        kx_win = slot % KEY_COLS
         ky = wy * WIN_H + ky_win
         kx = wx * WIN_W + kx_win
-        k_in = offs_n < TOKENS
+        k_in = (ky_win < WIN_H) & (kx_win < WIN_W)
         k_real = k_in & (ky < H) & (kx < W)
-        kv_offs = ky * stride_qkv_y + kx * stride_qkv_x
-        # K^T tile [BLOCK_D, BLOCK_N]; padded keys take the k bias.
-        kt = tl.load(qkv_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)
+        kv_offs = ky * stride_qkv_y + kx * stride_qkv_x  # [BLOCK_N]
+        # K^T tile [D, BLOCK_N]; padded keys take the k bias.
+        kt = tl.load(head_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)
         kt = tl.where(k_real[None, :], kt, k_pad[:, None].to(kt.dtype))
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        tile_mask = q_real[:, None] & k_in[None, :]
-        rel_h = tl.load(rel_h_ptr + rel_row[:, None] * WIN_H + ky_win[None, :], mask=tile_mask, other=0.0)
-        rel_w = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=tile_mask, other=0.0)
-        s = s + (rel_h + rel_w) * 1.4426950408889634
-        s = tl.where(k_in[None, :], s, float("-inf"))  # only the tail tile past the window's tokens
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if D_TAIL > 0:
+            kt_t = tl.load(head_base + C + kv_offs[None, :] + offs_t[:, None], mask=k_real[None, :], other=0.0)
+            kt_t = tl.where(k_real[None, :], kt_t, k_pad_t[:, None].to(kt_t.dtype))
+            s = tl.dot(q_t, kt_t, s, input_precision=DOT_PRECISION)
+
+        bias = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=q_real[:, None] & k_in[None, :], other=0.0)
+        for r in tl.static_range(TILE_ROWS):
+            row = tl.minimum(start // KEY_COLS + r, WIN_H - 1)  # rows past WIN_H: slots are -inf anyway
+            rel_h = tl.load(rel_h_ptr + rel_row * WIN_H + row, mask=q_real, other=0.0)  # [BLOCK_M]
+            if TILE_ROWS == 1:
+                bias += rel_h[:, None]
+            else:
+                bias += tl.where((offs_j // KEY_COLS == r)[None, :], rel_h[:, None], 0.0)
+        s = s * qk_scale + bias * 1.4426950408889634
+        s = tl.where(k_in[None, :], s, float("-inf"))  # slots outside the window
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(qkv_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)
-        v = tl.where(k_real[:, None], v, v_pad[None, :].to(v.dtype))  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)
+        v = tl.where(k_real[:, None], v, v_pad[None, :].to(v.dtype))  # [BLOCK_N, D]
+        p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            v_t = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_t[None, :], mask=k_real[:, None], other=0.0)
+            v_t = tl.where(k_real[:, None], v_t, v_pad_t[None, :].to(v_t.dtype))
+            acc_t = acc_t * alpha[:, None] + tl.dot(p, v_t, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    out_ptrs = out_ptr + b.to(tl.int64) * stride_out_b + qy[:, None] * stride_out_y + qx[:, None] * stride_out_x \
-        + head * HEAD_DIM + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_real[:, None] & d_mask[None, :])
+    out_base = out_ptr + b.to(tl.int64) * stride_out_b + head * HEAD_DIM
+    out_offs = qy * stride_out_y + qx * stride_out_x
+    out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_base + out_offs[:, None] + offs_d[None, :], out, mask=q_real[:, None] & d_mask[None, :])
+    if D_TAIL > 0:
+        out_t = (acc_t / l_i[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_base + out_offs[:, None] + offs_t[None, :], out_t, mask=q_real[:, None])
 
 
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64)  # fewer, larger programs: the interpreter pays per op
 
 
-def candidate_configs(dtype: torch.dtype, tokens: int) -> list[dict]:
-    """The pruned GPU config space for `tokens` queries per window, the untuned default first."""
+def _config(m: int, n: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+def candidate_configs(dtype: torch.dtype) -> list[dict]:
+    """The pruned GPU config space, the untuned default first.
+
+    Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
+    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 124-255
+    registers and no stack (no spills) and at most 136 KiB of shared memory; the fp32 ones spill at
+    most 40 bytes per thread.
+    """
     if dtype == torch.float32:
-        # "ieee" fp32 dots run on the FMA units. Compiled offline for sm_90 (triton 3.9), 128x64 fp32
-        # tiles with head_dim 80 ask for 262 KB of shared memory (over Hopper's 227 KB); 64x32 takes 107 KB.
-        return [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-                dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2), dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)]
-    # 16-bit inputs on Hopper (wgmma; 49-115 KB shared memory when compiled offline for sm_90). A
-    # 14x14 window (196 tokens) fills 4 query tiles of 64 or 2 of 128; a global grid has 4,096 queries.
-    small = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)]
-    large = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2),
-             dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)]
-    return small + large if tokens <= 256 else large + small
+        # "ieee" fp32 dots run on the FMA units. Larger tiles spill hundreds of bytes per thread, and
+        # 64x64 / 64x32 (3 stages) fall off a cliff: 32 registers and 5-8 KB of stack per thread.
+        return [_config(64, 16, 8, 2), _config(32, 16, 4, 2), _config(16, 32, 4, 2)]
+    # 16-bit inputs on Hopper (wgmma). A 14x14 window is 2 query tiles of 128 or 4 of 64; its keys
+    # are 4 tiles of 64 slots (4 rows of 16) or 7 of 32; a global 64x64 grid is 4,096 queries and
+    # 64 key tiles of one row (BLOCK_N 64) or 128 of half a row (32).
+    return [_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
+            _config(64, 32, 4, 3), _config(64, 64, 4, 3)]
+
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(D_MAIN, D_TAIL): the kernel's two power-of-two pieces of the head dim (see the kernel)."""
+    main = 1 << (head_dim.bit_length() - 1)  # largest power of two <= head_dim
+    tail = head_dim - main
+    if tail == 0 and main >= 16:
+        return main, 0
+    if tail >= 16 and tail & (tail - 1) == 0:
+        return main, tail
+    return max(16, triton.next_power_of_2(head_dim)), 0  # tl.dot needs >= 16; the pad is masked
 
 
 def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,13 +196,16 @@ def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Ten
 
 
 def rel_pos_attention(
-    qkv: torch.Tensor, qkv_bias: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window_size: int
+    qkv: torch.Tensor, qkv_bias: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window_size: int,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Attention of a SAM ViT block from its qkv projection.
 
     qkv: [B, H, W, 3C] = qkv linear of the (normed) real tokens, channels-last, last dim contiguous.
     qkv_bias: [3C], the qkv of a zero (padded) token. rel_pos_h / rel_pos_w: [2 * win - 1, D] tables.
     window_size: 0 for a global block, else the window side (the grid is padded to a multiple).
+    config: launch config {BLOCK_M, BLOCK_N (powers of two >= 16), num_warps, num_stages}; None picks
+    one (tuned per GPU and shape, see `candidate_configs`; INTERPRETER_CONFIG in the interpreter).
     Returns the head-merged attention output [B, H, W, C] (before `proj`), in qkv's dtype.
     """
     if qkv.ndim != 4:
@@ -168,6 +223,8 @@ def rel_pos_attention(
         raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
     if window_size < 0:
         raise ValueError(f"window_size must be >= 0 (0 = global), got {window_size}")
+    if config is not None and not all(config.get(k, 0) >= 16 and triton.next_power_of_2(config[k]) == config[k] for k in ("BLOCK_M", "BLOCK_N")):
+        raise ValueError(f"config BLOCK_M / BLOCK_N must be powers of two >= 16, got {config}")
     interpreted = interpreting(qkv, "rel_pos_attention")
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -181,27 +238,28 @@ def rel_pos_attention(
     if b == 0:
         return out
 
-    tokens = win_h * win_w
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    d_main, d_tail = split_head_dim(head_dim)
+    key_cols = triton.next_power_of_2(win_w)
 
     def launch(config: dict) -> None:
-        grid = (triton.cdiv(tokens, config["BLOCK_M"]), windows_y * windows_x, b * num_heads)
+        grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows_y * windows_x, b * num_heads)
         _rel_pos_attention_kernel[grid](
             qkv, bias, rel_h, rel_w, out, head_dim ** -0.5, h, w,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
             WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
+            KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols),
             DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
             **config,
         )
 
-    if interpreted:
+    if config is None and interpreted:
         config = INTERPRETER_CONFIG
-    else:
+    elif config is None:
         shape_key = (str(qkv.dtype), triton.next_power_of_2(b), h, w, num_heads, head_dim, win_h, win_w)
         config = autotune.pick(
-            "rel_pos_attention", shape_key, candidate_configs(qkv.dtype, tokens),
+            "rel_pos_attention", shape_key, candidate_configs(qkv.dtype),
             lambda c: autotune.bench_ms(lambda: launch(c)), qkv.device, autotune.tuning_enabled(qkv.device),
         )
     launch(config)

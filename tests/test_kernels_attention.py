@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samhq_fast.kernels.attention import rel_pos_attention
+from samhq_fast.kernels.attention import rel_pos_attention, split_head_dim
 from samhq_fast.modeling.image_encoder import Attention, decomposed_rel_pos_bias, window_partition, window_unpartition
 
 
 
-def make_attention(dim: int, heads: int, attn_size: int, seed: int) -> Attention:
+def make_attention(dim: int, heads: int, attn_size: tuple[int, int], seed: int) -> Attention:
     torch.manual_seed(seed)
-    attn = Attention(dim, heads, (attn_size, attn_size))
+    attn = Attention(dim, heads, attn_size)
     with torch.no_grad():  # rel-pos tables and the qkv bias (= padded tokens' q/k/v) must matter
         attn.rel_pos_h.normal_(0, 0.5)
         attn.rel_pos_w.normal_(0, 0.5)
@@ -33,18 +33,20 @@ def eager_block_attention(attn: Attention, x: torch.Tensor, window: int) -> torc
     return window_unpartition(attn(padded), window, padded_hw, x.shape[1:3])
 
 
-def kernel_block_attention(attn: Attention, x: torch.Tensor, window: int) -> torch.Tensor:
-    heads = rel_pos_attention(attn.qkv(x), attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, window)
+def kernel_block_attention(attn: Attention, x: torch.Tensor, window: int, config: dict | None = None) -> torch.Tensor:
+    heads = rel_pos_attention(attn.qkv(x), attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, window, config)
     return attn.proj(heads)
 
 
-def check(batch, grid, dim, heads, window, dtype, atol, rtol, device="cpu", seed=0):
-    attn = make_attention(dim, heads, window or grid, seed).to(device)
-    x = torch.randn(batch, grid, grid, dim, device=device)
+def check(batch, grid, dim, heads, window, dtype, atol, rtol, device="cpu", seed=0, config=None):
+    """grid: the token grid's side, or (H, W)."""
+    grid_h, grid_w = (grid, grid) if isinstance(grid, int) else grid
+    attn = make_attention(dim, heads, (window, window) if window else (grid_h, grid_w), seed).to(device)
+    x = torch.randn(batch, grid_h, grid_w, dim, device=device)
     with torch.no_grad():
         expected = eager_block_attention(attn.double(), x.double(), window)
         attn = attn.to(dtype)
-        got = kernel_block_attention(attn, x.to(dtype), window)
+        got = kernel_block_attention(attn, x.to(dtype), window, config)
     assert got.dtype == dtype and got.shape == expected.shape
     torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol)
 
@@ -70,6 +72,30 @@ def test_kernel_matches_eager(shape, dtype, atol, rtol):
     check(*SHAPES[shape], dtype, atol, rtol)
 
 
+# The kernel visits keys as slots of a [window rows, next_pow2(window cols)] grid, BLOCK_N slots per
+# tile, and splits the head dim into power-of-two pieces (80 = 64 + 16, 48 = 32 + 16) or pads it in
+# registers (40 -> 64, 24 -> 32). The shapes above use whole rows per tile; these force the rest.
+LAYOUTS = {
+    # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N)
+    "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16)),  # 13 cols -> 16 slots: one row a tile
+    "half_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16)),  # 33 -> 64 slots: 48..63 all padding
+    "half_rows_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16)),  # 10 -> 16 slots, windows padded
+}
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol):
+    *shape, (block_m, block_n) = LAYOUTS[layout]
+    check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
+
+
+@pytest.mark.parametrize("head_dim, pieces", [(64, (64, 0)), (80, (64, 16)), (48, (32, 16)), (96, (64, 32)),
+                                              (40, (64, 0)), (24, (32, 0)), (8, (16, 0)), (16, (16, 0))])
+def test_head_dim_pieces(head_dim, pieces):
+    assert split_head_dim(head_dim) == pieces
+
+
 def masked_padding_attention(attn: Attention, x: torch.Tensor, window: int) -> torch.Tensor:
     """The tempting variant the original does NOT compute: padded keys masked out of the softmax."""
     padded, padded_hw = window_partition(x, window)
@@ -87,7 +113,7 @@ def test_padded_keys_stay_in_the_softmax():
     """Padded tokens (q = k = v = qkv bias) stay in each window's softmax, as in the original. Masking
     them would move the outputs of padded windows by far more than the tolerance, so the parity test
     above does tell the two apart; full (unpadded) windows are the same either way."""
-    attn = make_attention(128, 2, 14, seed=1).double()
+    attn = make_attention(128, 2, (14, 14), seed=1).double()
     x = torch.randn(1, 16, 16, 128, dtype=torch.float64)
     with torch.no_grad():
         kept = eager_block_attention(attn, x, 14)
@@ -107,6 +133,8 @@ def test_padded_keys_stay_in_the_softmax():
         (dict(rel_pos_h=torch.zeros(7, 8)), ValueError, "rel_pos_h / rel_pos_w must be [L, 16]"),
         (dict(qkv=torch.zeros(1, 4, 4, 96, dtype=torch.float64)), TypeError, "float32, float16 or bfloat16"),
         (dict(window_size=-1), ValueError, "window_size must be >= 0"),
+        (dict(config=dict(BLOCK_M=64, BLOCK_N=24)), ValueError, "powers of two >= 16"),
+        (dict(config=dict(BLOCK_M=8, BLOCK_N=16)), ValueError, "powers of two >= 16"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
