@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 
 from samhq_fast import decoding
 from samhq_fast.decoding import PromptDecoder
@@ -232,6 +233,7 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs)
     state = tuple(t.cuda() for t in image_state)
     decoder = PromptDecoder(model, cuda_graphs=cuda_graphs)
     assert decoder.cuda_graphs == cuda_graphs
+    counters.clear()
     first, second = make_prompts("points+box", 3, 2, seed=1), make_prompts("points+box", 3, 2, seed=2)
     for prompts in (first, second, first, second):
         prompts = {k: None if v is None else v.cuda() for k, v in prompts.items()}
@@ -239,6 +241,12 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs)
         got = decoder(*state, **prompts, multimask_output=True, hq_token_only=False)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+    assert_graphs_not_skipped()
+
+
+def assert_graphs_not_skipped():
+    """Inductor falls back to plain compiled code, silently, when it cannot use CUDA graphs."""
+    assert counters["inductor"]["cudagraph_skips"] == 0, "Inductor skipped CUDA graphs: the decoder ran ungraphed"
 
 
 @pytest.mark.gpu
@@ -251,6 +259,7 @@ def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, m
     model = copy.deepcopy(tiny_model).cuda()
     embeddings, hq_features = (t.cuda() for t in two_images_state)
     decoder = PromptDecoder(model, cuda_graphs=cuda_graphs)
+    counters.clear()
     for seed in (1, 2, 1, 2):
         sets = [(1, make_prompts("points", 5, 2, seed=seed)), (0, make_prompts("box", 2, 1, seed=seed + 10))]
         sets = [(image, {k: None if v is None else v.cuda() for k, v in prompts.items()}) for image, prompts in sets]
@@ -260,6 +269,7 @@ def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, m
             expected = eager_decode(model, (embeddings[image : image + 1], hq_features[image : image + 1]), prompts, False, True)
             torch.testing.assert_close(logits, expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=0)
             torch.testing.assert_close(scores, expected[1], atol=1e-4, rtol=0)
+    assert_graphs_not_skipped()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

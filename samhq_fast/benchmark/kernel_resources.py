@@ -1,0 +1,176 @@
+"""Registers, register spills and shared memory of every tuning candidate, compiled offline (no GPU).
+
+    python -m samhq_fast.benchmark.kernel_resources [--arch 90]
+
+Each Triton kernel's launcher runs on meta tensors of real vit_b / vit_h block shapes with a
+recorder in place of the kernel; the recorded launch (arguments, constexprs, config) is compiled for
+the target (sm_90: Hopper) with the specializations Triton applies to a real launch (16-byte aligned
+pointers, integers equal to 1 or divisible by 16), and `cuobjdump -res-usage` (bundled with Triton)
+reads the cubin. A candidate over the shared-memory limit cannot launch; one with a stack (spilled
+registers) is usually slow. This checks resources, not speed: timings need the GPU (`bench/`).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from ..kernels import attention, fused_linear
+
+SHARED_MEMORY_LIMIT = {90: 232448}  # bytes per block: Hopper's 227 KiB opt-in maximum
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+# (variant, embed dim, heads): head_dim 64 and 80, the two the kernels must handle
+VIT_SHAPES = (("vit_b", 768, 12), ("vit_h", 1280, 16))
+GRID = 64  # tokens per side at 1024x1024 input
+
+
+@dataclass
+class Usage:
+    registers: int
+    stack_bytes: int  # local memory per thread: spilled registers
+    shared_bytes: int
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records instead of running."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+@contextlib.contextmanager
+def recorded_launches(module, kernel_name: str):
+    kernel, interpreting = getattr(module, kernel_name), module.interpreting
+    recorder = _LaunchRecorder()
+    setattr(module, kernel_name, recorder)
+    module.interpreting = lambda *_: False  # meta tensors: neither CUDA nor the interpreter
+    try:
+        yield recorder
+    finally:
+        setattr(module, kernel_name, kernel)
+        module.interpreting = interpreting
+
+
+def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) for ASTSource, as Triton specializes a real launch."""
+    options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    constexprs = {k: v for k, v in kwargs.items() if k not in options}
+    signature, attrs = {}, {}
+    for i, (name, value) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = _POINTER_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # fresh allocations: 16-byte aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return signature, constexprs, attrs, options
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def available() -> bool:
+    return os.path.exists(_cuobjdump())
+
+
+def compile_usage(kernel, args: tuple, kwargs: dict, arch: int = 90) -> Usage:
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError("kernel_resources compiles real kernels: run it without TRITON_INTERPRET=1")
+    signature, constexprs, attrs, options = _signature(kernel, args, kwargs)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK):(\d+)", report))
+    return Usage(int(fields["REG"]), int(fields["STACK"]), compiled.metadata.shared)
+
+
+def attention_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
+    """(shape label, config, args, kwargs) of every attention candidate at real windowed / global blocks."""
+    launches = []
+    for variant, dim, heads in VIT_SHAPES:
+        qkv = torch.empty(1, GRID, GRID, 3 * dim, device="meta", dtype=dtype)
+        rel = torch.empty(2 * 14 - 1, dim // heads, device="meta", dtype=dtype), torch.empty(2 * GRID - 1, dim // heads, device="meta", dtype=dtype)
+        for kind, window, table in (("window14", 14, rel[0]), ("global", 0, rel[1])):
+            for config in attention.candidate_configs(dtype):
+                with recorded_launches(attention, "_rel_pos_attention_kernel") as rec:
+                    attention.rel_pos_attention(qkv, torch.empty(3 * dim, device="meta", dtype=dtype), table, table, heads, window, config)
+                (args, kwargs), = rec.launches
+                launches.append((f"{variant} {kind}", config, args, kwargs))
+    return launches
+
+
+def linear_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
+    """(shape label, config, args, kwargs) of every Triton GEMM candidate at vit_h's four block GEMMs."""
+    launches, dim, tokens = [], 1280, GRID * GRID
+    gemms = (("qkv", 3 * dim, dim, "none", False), ("proj", dim, dim, "none", True),
+             ("lin1", 4 * dim, dim, "gelu", False), ("lin2", dim, 4 * dim, "none", True))
+    for name, n, k, activation, residual in gemms:
+        x = torch.empty(tokens, k, device="meta", dtype=dtype)
+        w, b = torch.empty(n, k, device="meta", dtype=dtype), torch.empty(n, device="meta", dtype=dtype)
+        r = torch.empty(tokens, n, device="meta", dtype=dtype) if residual else None
+        for config in fused_linear.candidate_configs(dtype):
+            if config is fused_linear.TORCH_OP:
+                continue
+            with recorded_launches(fused_linear, "_fused_linear_kernel") as rec:
+                fused_linear._linear(x, w, b, r, activation, config)
+            (args, kwargs), = rec.launches
+            launches.append((f"vit_h {name}", config, args, kwargs))
+    return launches
+
+
+def candidate_usage(arch: int = 90, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
+    rows = []
+    for family, launches_of, kernel in (("attention", attention_launches, attention._rel_pos_attention_kernel),
+                                        ("fused_linear", linear_launches, fused_linear._fused_linear_kernel)):
+        for dtype in dtypes:
+            for shape, config, args, kwargs in launches_of(dtype):
+                usage = compile_usage(kernel, args, kwargs, arch)
+                rows.append(dict(family=family, dtype=str(dtype).replace("torch.", ""), shape=shape, config=config, **vars(usage)))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_LIMIT), help="compute capability x10")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a Markdown table")
+    args = p.parse_args(argv)
+    if not available():
+        raise SystemExit(f"cuobjdump not found at {_cuobjdump()} (it ships with Triton's NVIDIA backend)")
+    if args.json:
+        print(json.dumps(candidate_usage(args.arch)))
+        return
+    limit = SHARED_MEMORY_LIMIT[args.arch]
+    print(f"triton {triton.__version__}, sm_{args.arch}, shared-memory limit {limit} B\n")
+    print("| kernel | dtype | shape | config | registers | stack B | shared B |\n|---|---|---|---|---|---|---|")
+    for row in candidate_usage(args.arch):
+        config = " ".join(f"{k}={v}" for k, v in row["config"].items())
+        flag = " (over the limit)" if row["shared_bytes"] > limit else ""
+        print(f"| {row['family']} | {row['dtype']} | {row['shape']} | {config} | {row['registers']} | {row['stack_bytes']} | {row['shared_bytes']}{flag} |")
+
+
+if __name__ == "__main__":
+    main()

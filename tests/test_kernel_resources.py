@@ -1,0 +1,52 @@
+"""Every tuning candidate of both kernel families, compiled offline for Hopper (sm_90) exactly as a
+real vit_b / vit_h launch specializes it, fits in shared memory and does not fall off a register
+cliff (samhq_fast.benchmark.kernel_resources; no GPU needed, Triton's own cuobjdump reads the cubin).
+
+A candidate over the shared-memory limit could never launch on the GPU (the tuner would only skip
+it); spilled registers (stack) usually make a kernel slow. Bounds checked with Triton 3.6 and 3.9.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from samhq_fast.benchmark import kernel_resources
+from samhq_fast.kernels import fused_linear
+
+pytestmark = pytest.mark.skipif(not kernel_resources.available(), reason="Triton's cuobjdump is not installed")
+
+
+@pytest.fixture(scope="module")
+def usage_rows() -> list[dict]:
+    # A child process: the kernels must be compiled, and this one runs them in the interpreter.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "samhq_fast.benchmark.kernel_resources", "--arch", "90", "--json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_every_candidate_fits_in_shared_memory(usage_rows):
+    too_big = [row for row in usage_rows if row["shared_bytes"] > kernel_resources.SHARED_MEMORY_LIMIT[90]]
+    assert not too_big
+    families = {(row["family"], row["dtype"]) for row in usage_rows}
+    assert families == {(f, d) for f in ("attention", "fused_linear") for d in ("bfloat16", "float32")}
+
+
+def test_no_register_cliffs(usage_rows):
+    """16-bit attention never spills; fp32 attention (FMA dots) spills at most a few bytes, not the
+    kilobytes of its 64x64 tiles; each GEMM's default (first) tile never spills, the 128x256 option
+    only a few hundred bytes in its epilogue."""
+    def stack(family, dtype=None, config=None):
+        return [row["stack_bytes"] for row in usage_rows if row["family"] == family
+                and dtype in (None, row["dtype"]) and config in (None, row["config"])]
+
+    assert max(stack("attention", "bfloat16")) == 0
+    assert max(stack("attention", "float32")) <= 64
+    for dtype in ("bfloat16", "float32"):
+        default = fused_linear.candidate_configs(getattr(torch, dtype))[0]
+        assert max(stack("fused_linear", dtype, default)) == 0
+    assert max(stack("fused_linear")) <= 512
