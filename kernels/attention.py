@@ -25,7 +25,7 @@ import triton.language as tl
 from samhq_fast.kernels import autotune, interpreting
 from samhq_fast.modeling.image_encoder import get_rel_pos
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def _rel_pos_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    qk_scale = sm_scale * LOG2E
     offs_j = tl.arange(0, BLOCK_N)
     for start in range(0, WIN_H * KEY_COLS, BLOCK_N):
         slot = start + offs_j
@@ -116,7 +116,7 @@ def _rel_pos_attention_kernel(
                 bias += rel_h[:, None]
             else:
                 bias += tl.where((offs_j // KEY_COLS == r)[None, :], rel_h[:, None], 0.0)
-        s = s * qk_scale + bias * 1.4426950408889634
+        s = s * qk_scale + bias * LOG2E
         s = tl.where(k_in[None, :], s, float("-inf"))  # slots outside the window
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
