@@ -153,7 +153,7 @@ def candidate_configs(dtype: torch.dtype) -> list[dict]:
     """The pruned GPU config space, the untuned default first.
 
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
-    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 124-255
+    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 124-253
     registers and no stack (no spills) and at most 136 KiB of shared memory; the fp32 ones spill at
     most 40 bytes per thread.
     """

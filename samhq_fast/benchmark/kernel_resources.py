@@ -26,12 +26,11 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from ..kernels import attention, fused_linear
+from ..modeling.sam_hq import VARIANTS
 
 SHARED_MEMORY_LIMIT = {90: 232448}  # bytes per block: Hopper's 227 KiB opt-in maximum
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# (variant, embed dim, heads): head_dim 64 and 80, the two the kernels must handle
-VIT_SHAPES = (("vit_b", 768, 12), ("vit_h", 1280, 16))
-GRID = 64  # tokens per side at 1024x1024 input
+SHAPE_VARIANTS = ("vit_b", "vit_h")  # head_dim 64 and 80, the two the kernels must handle (vit_l: 64)
 
 
 @dataclass
@@ -108,16 +107,21 @@ def compile_usage(kernel, args: tuple, kwargs: dict, arch: int = 90) -> Usage:
     return Usage(int(fields["REG"]), int(fields["STACK"]), compiled.metadata.shared)
 
 
+def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
 def attention_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
     """(shape label, config, args, kwargs) of every attention candidate at real windowed / global blocks."""
     launches = []
-    for variant, dim, heads in VIT_SHAPES:
-        qkv = torch.empty(1, GRID, GRID, 3 * dim, device="meta", dtype=dtype)
-        rel = torch.empty(2 * 14 - 1, dim // heads, device="meta", dtype=dtype), torch.empty(2 * GRID - 1, dim // heads, device="meta", dtype=dtype)
-        for kind, window, table in (("window14", 14, rel[0]), ("global", 0, rel[1])):
+    for variant in SHAPE_VARIANTS:
+        vit = VARIANTS[variant]
+        qkv, qkv_bias = _meta(1, vit.grid_size, vit.grid_size, 3 * vit.embed_dim, dtype=dtype), _meta(3 * vit.embed_dim, dtype=dtype)
+        for kind, window in ((f"window{vit.window_size}", vit.window_size), ("global", 0)):
+            table = _meta(2 * (window or vit.grid_size) - 1, vit.head_dim, dtype=dtype)  # rel_pos_h = rel_pos_w
             for config in attention.candidate_configs(dtype):
                 with recorded_launches(attention, "_rel_pos_attention_kernel") as rec:
-                    attention.rel_pos_attention(qkv, torch.empty(3 * dim, device="meta", dtype=dtype), table, table, heads, window, config)
+                    attention.rel_pos_attention(qkv, qkv_bias, table, table, vit.num_heads, window, config)
                 (args, kwargs), = rec.launches
                 launches.append((f"{variant} {kind}", config, args, kwargs))
     return launches
@@ -125,13 +129,13 @@ def attention_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]
 
 def linear_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
     """(shape label, config, args, kwargs) of every Triton GEMM candidate at vit_h's four block GEMMs."""
-    launches, dim, tokens = [], 1280, GRID * GRID
+    launches, vit = [], VARIANTS["vit_h"]
+    tokens, dim = vit.grid_size ** 2, vit.embed_dim
     gemms = (("qkv", 3 * dim, dim, "none", False), ("proj", dim, dim, "none", True),
-             ("lin1", 4 * dim, dim, "gelu", False), ("lin2", dim, 4 * dim, "none", True))
+             ("lin1", vit.mlp_dim, dim, "gelu", False), ("lin2", dim, vit.mlp_dim, "none", True))
     for name, n, k, activation, residual in gemms:
-        x = torch.empty(tokens, k, device="meta", dtype=dtype)
-        w, b = torch.empty(n, k, device="meta", dtype=dtype), torch.empty(n, device="meta", dtype=dtype)
-        r = torch.empty(tokens, n, device="meta", dtype=dtype) if residual else None
+        x, w, b = _meta(tokens, k, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, dtype=dtype)
+        r = _meta(tokens, n, dtype=dtype) if residual else None
         for config in fused_linear.candidate_configs(dtype):
             if config is fused_linear.TORCH_OP:
                 continue
