@@ -7,8 +7,9 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
 - padded tokens (zeros after norm1 in the original) have q = k = v = the qkv bias: padded keys and
   values are taken from the bias and stay in the softmax, exactly as in the original (not masked);
   padded queries are skipped, their outputs would be cropped;
-- the bias rel_h[q, ky] + rel_w[q, kx] comes from a small pre-pass over the UNSCALED q
-  ([B, heads, H, W, window] each); the N x N bias and score matrices never exist in memory.
+- the bias rel_h[q, ky] + rel_w[q, kx] comes from a small pre-pass kernel over the UNSCALED q
+  (`rel_pos_terms`: [B, heads, H, W, window] each, fp32); the N x N bias and score matrices never
+  exist in memory.
   Key tiles are laid over the window's rows (see `_rel_pos_attention_kernel`), so a tile needs one
   rel_h value per query and row, and a contiguous run of rel_w: no per-element gathers;
 - head_dim 64 and 80 (vit_h) without padding: 80 is computed as a 64 part and a 16 part (two dots
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from samhq_fast.kernels import autotune, interpreting
-from samhq_fast.modeling.image_encoder import get_rel_pos
+from samhq_fast.modeling.image_encoder import resize_rel_pos
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
@@ -179,19 +180,86 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(head_dim)), 0  # tl.dot needs >= 16; the pad is masked
 
 
-def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-pass: q [B, H, W, heads, D] (unscaled) -> rel_h [B, heads, H, W, win_h], rel_w [B, heads, H, W, win_w] (fp32).
+@triton.jit
+def _rel_pos_terms_kernel(
+    q_ptr,  # qkv [B, H, W, 3C]: q of head n at channels n * HEAD_DIM + d (only the q part is read)
+    table_ptr,  # [2 * WIN - 1, HEAD_DIM] contiguous: the rel-pos table along the line axis
+    out_ptr,  # [B, heads, H, W, WIN] fp32
+    RUNS,  # tokens along the run axis
+    stride_q_b, stride_q_line, stride_q_run,
+    stride_out_bh, stride_out_line, stride_out_run,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two >= 16 (masked)
+    WIN: tl.constexpr,  # window side along the line axis (the grid side for a global block)
+    WIN_PAD: tl.constexpr,  # WIN rounded up to a power of two >= 16 (masked)
+    BLOCK_RUN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One term of the decomposed bias for BLOCK_RUN tokens of one grid line. rel_h: the line is a
+    # grid row y and the run goes along x; rel_w: the line is a column x and the run goes along y.
+    # Every token of a line has the same position inside its window (line % WIN), so they share the
+    # table rows R[k] = table[line % WIN - k + WIN - 1] (get_rel_pos with equal sizes): one small dot.
+    pid_run = tl.program_id(0)
+    line = tl.program_id(1)
+    pid_bh = tl.program_id(2)  # image * NUM_HEADS + head
+    b = pid_bh // NUM_HEADS
+    head = pid_bh % NUM_HEADS
+    offs_r = pid_run * BLOCK_RUN + tl.arange(0, BLOCK_RUN)
+    offs_d = tl.arange(0, D_PAD)
+    offs_k = tl.arange(0, WIN_PAD)
+    run_in, d_in, k_in = offs_r < RUNS, offs_d < HEAD_DIM, offs_k < WIN
+    q_row = q_ptr + b.to(tl.int64) * stride_q_b + line * stride_q_line + head * HEAD_DIM
+    q = tl.load(q_row + offs_r[:, None] * stride_q_run + offs_d[None, :], mask=run_in[:, None] & d_in[None, :], other=0.0)
+    table_rows = line % WIN - offs_k + WIN - 1  # [WIN_PAD]
+    table_t = tl.load(table_ptr + table_rows[None, :] * HEAD_DIM + offs_d[:, None], mask=k_in[None, :] & d_in[:, None], other=0.0)
+    terms = tl.dot(q, table_t.to(q.dtype), input_precision=DOT_PRECISION)  # [BLOCK_RUN, WIN_PAD] fp32
+    out_row = out_ptr + pid_bh.to(tl.int64) * stride_out_bh + line * stride_out_line
+    tl.store(out_row + offs_r[:, None] * stride_out_run + offs_k[None, :], terms, mask=run_in[:, None] & k_in[None, :])
 
-    rel_h[b, n, y, x, ky] = q[b, y, x, n] . Rh[y % win_h, ky] with Rh = get_rel_pos(win_h, win_h, rel_pos_h),
-    the same terms the reference adds inside each window (a global block is one window of the whole grid).
+
+def rel_pos_terms_config(dtype: torch.dtype) -> tuple[int, int]:
+    """(tokens per pre-pass program, warps): fixed, not tuned (the pre-pass is under 1% of a block's FLOPs).
+
+    Checked offline for sm_90 like `candidate_configs`: no stack at vit_b / vit_h shapes. fp32 ("ieee"
+    dots on the FMA units) spills kilobytes with 32- or 64-token programs of 4 warps at vit_h's global
+    blocks, and 200 bytes with 32 tokens and 8 warps under Triton 3.6.
     """
-    _, h, w, _, _ = q.shape
+    return (16, 8) if dtype == torch.float32 else (64, 4)
+
+
+def rel_pos_terms(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-pass of the decomposed bias from the UNSCALED q inside qkv [B, H, W, 3C] (last dim contiguous).
+
+    Returns rel_h [B, heads, H, W, win_h] and rel_w [B, heads, H, W, win_w] (fp32) with
+    rel_h[b, n, y, x, ky] = q[b, y, x, n] . Rh[y % win_h, ky], Rh = get_rel_pos(win_h, win_h, rel_pos_h):
+    the terms the reference adds inside each window (a global block is one window of the grid).
+    Two launches of one kernel (rows, then columns) that read q where the qkv projection wrote it.
+    """
+    b, h, w, c3 = qkv.shape
+    head_dim = c3 // 3 // num_heads
     win_h, win_w = window
-    rh = get_rel_pos(win_h, win_h, rel_pos_h.float())[torch.arange(h, device=q.device) % win_h]  # [H, win_h, D]
-    rw = get_rel_pos(win_w, win_w, rel_pos_w.float())[torch.arange(w, device=q.device) % win_w]  # [W, win_w, D]
-    q = q.float()
-    rel_h = torch.einsum("byxnc,ykc->bnyxk", q, rh).contiguous()
-    rel_w = torch.einsum("byxnc,xkc->bnyxk", q, rw).contiguous()
+    rel_h = torch.empty((b, num_heads, h, w, win_h), device=qkv.device, dtype=torch.float32)
+    rel_w = torch.empty((b, num_heads, h, w, win_w), device=qkv.device, dtype=torch.float32)
+    if b == 0:
+        return rel_h, rel_w
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    run_block, warps = rel_pos_terms_config(qkv.dtype)
+    # (output, table, window, line count, run count, q strides (line, run), output strides (line, run))
+    terms = ((rel_h, rel_pos_h, win_h, h, w, qkv.stride(1), qkv.stride(2), rel_h.stride(2), rel_h.stride(3)),
+             (rel_w, rel_pos_w, win_w, w, h, qkv.stride(2), qkv.stride(1), rel_w.stride(3), rel_w.stride(2)))
+    for out, table, win, lines, runs, q_line, q_run, out_line, out_run in terms:
+        table = resize_rel_pos(table, 2 * win - 1).contiguous()
+        block_run = min(run_block, max(16, triton.next_power_of_2(runs)))
+        _rel_pos_terms_kernel[(triton.cdiv(runs, block_run), lines, b * num_heads)](
+            qkv, table, out, runs,
+            qkv.stride(0), q_line, q_run,
+            out.stride(1), out_line, out_run,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
+            WIN=win, WIN_PAD=max(16, triton.next_power_of_2(win)), BLOCK_RUN=block_run,
+            DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+            num_warps=warps,
+        )
     return rel_h, rel_w
 
 
@@ -231,8 +299,7 @@ def rel_pos_attention(
     win_h, win_w = (h, w) if window_size == 0 else (window_size, window_size)
     windows_y, windows_x = triton.cdiv(h, win_h), triton.cdiv(w, win_w)
 
-    q = qkv[..., :c].unflatten(-1, (num_heads, head_dim))  # a view: [B, H, W, heads, D]
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, (win_h, win_w))
+    rel_h, rel_w = rel_pos_terms(qkv, rel_pos_h, rel_pos_w, num_heads, (win_h, win_w))
     bias = qkv_bias.to(qkv.dtype).contiguous()
     out = torch.empty((b, h, w, c), device=qkv.device, dtype=qkv.dtype)
     if b == 0:

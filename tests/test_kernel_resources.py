@@ -1,6 +1,7 @@
-"""Every tuning candidate of both kernel families, compiled offline for Hopper (sm_90) exactly as a
-real vit_b / vit_h launch specializes it, fits in shared memory and does not fall off a register
-cliff (samhq_fast.benchmark.kernel_resources; no GPU needed, Triton's own cuobjdump reads the cubin).
+"""Every tuning candidate of both kernel families, and the rel-pos pre-pass's fixed config, compiled
+offline for Hopper (sm_90) exactly as a real vit_b / vit_h launch specializes it, fits in shared
+memory and does not fall off a register cliff (samhq_fast.benchmark.kernel_resources; no GPU needed,
+Triton's own cuobjdump reads the cubin).
 
 A candidate over the shared-memory limit could never launch on the GPU (the tuner would only skip
 it); spilled registers (stack) usually make a kernel slow. Bounds checked with Triton 3.6 and 3.9.
@@ -33,11 +34,11 @@ def test_every_candidate_fits_in_shared_memory(usage_rows):
     too_big = [row for row in usage_rows if row["shared_bytes"] > kernel_resources.SHARED_MEMORY_LIMIT[90]]
     assert not too_big
     families = {(row["family"], row["dtype"]) for row in usage_rows}
-    assert families == {(f, d) for f in ("attention", "fused_linear") for d in ("bfloat16", "float32")}
+    assert families == {(f, d) for f in ("attention", "rel_pos_terms", "fused_linear") for d in ("bfloat16", "float32")}
 
 
 def test_no_register_cliffs(usage_rows):
-    """16-bit attention never spills; fp32 attention (FMA dots) spills at most a few bytes, not the
+    """16-bit attention and the rel-pos pre-pass never spill; fp32 attention (FMA dots) spills at most a few bytes, not the
     kilobytes of its 64x64 tiles; each GEMM's default (first) tile never spills, the 128x256 option
     only a few hundred bytes in its epilogue."""
     def stack(family, dtype=None, config=None):
@@ -45,6 +46,7 @@ def test_no_register_cliffs(usage_rows):
                 and dtype in (None, row["dtype"]) and config in (None, row["config"])]
 
     assert max(stack("attention", "bfloat16")) == 0
+    assert max(stack("rel_pos_terms")) == 0
     assert max(stack("attention", "float32")) <= 64
     for dtype in ("bfloat16", "float32"):
         default = fused_linear.candidate_configs(getattr(torch, dtype))[0]

@@ -1,4 +1,4 @@
-"""Registers, register spills and shared memory of every tuning candidate, compiled offline (no GPU).
+"""Registers, register spills and shared memory of every kernel config, compiled offline (no GPU).
 
     python -m samhq_fast.benchmark.kernel_resources [--arch 90]
 
@@ -51,15 +51,19 @@ class _LaunchRecorder:
 
 
 @contextlib.contextmanager
-def recorded_launches(module, kernel_name: str):
-    kernel, interpreting = getattr(module, kernel_name), module.interpreting
-    recorder = _LaunchRecorder()
-    setattr(module, kernel_name, recorder)
+def recorded_launches(module, *kernel_names: str):
+    """Swaps the named kernels of `module` for recorders (yielded as a list, in that order)."""
+    saved = {name: getattr(module, name) for name in kernel_names}
+    interpreting = module.interpreting
+    recorders = [_LaunchRecorder() for _ in kernel_names]
+    for name, recorder in zip(kernel_names, recorders):
+        setattr(module, name, recorder)
     module.interpreting = lambda *_: False  # meta tensors: neither CUDA nor the interpreter
     try:
-        yield recorder
+        yield recorders
     finally:
-        setattr(module, kernel_name, kernel)
+        for name, kernel in saved.items():
+            setattr(module, name, kernel)
         module.interpreting = interpreting
 
 
@@ -111,19 +115,37 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def attention_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
-    """(shape label, config, args, kwargs) of every attention candidate at real windowed / global blocks."""
-    launches = []
+def attention_shapes(dtype: torch.dtype):
+    """(label, qkv, qkv_bias, rel-pos table, heads, window) of the windowed and global blocks of each variant."""
     for variant in SHAPE_VARIANTS:
         vit = VARIANTS[variant]
         qkv, qkv_bias = _meta(1, vit.grid_size, vit.grid_size, 3 * vit.embed_dim, dtype=dtype), _meta(3 * vit.embed_dim, dtype=dtype)
         for kind, window in ((f"window{vit.window_size}", vit.window_size), ("global", 0)):
             table = _meta(2 * (window or vit.grid_size) - 1, vit.head_dim, dtype=dtype)  # rel_pos_h = rel_pos_w
-            for config in attention.candidate_configs(dtype):
-                with recorded_launches(attention, "_rel_pos_attention_kernel") as rec:
-                    attention.rel_pos_attention(qkv, qkv_bias, table, table, vit.num_heads, window, config)
-                (args, kwargs), = rec.launches
-                launches.append((f"{variant} {kind}", config, args, kwargs))
+            yield f"{variant} {kind}", qkv, qkv_bias, table, vit.num_heads, window
+
+
+def attention_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
+    """(shape label, config, args, kwargs) of every attention candidate at real windowed / global blocks."""
+    launches = []
+    for label, qkv, qkv_bias, table, heads, window in attention_shapes(dtype):
+        for config in attention.candidate_configs(dtype):
+            with recorded_launches(attention, "_rel_pos_attention_kernel", "_rel_pos_terms_kernel") as (rec, _):
+                attention.rel_pos_attention(qkv, qkv_bias, table, table, heads, window, config)
+            (args, kwargs), = rec.launches
+            launches.append((label, config, args, kwargs))
+    return launches
+
+
+def rel_pos_terms_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
+    """(shape label, config, args, kwargs) of the rel-pos pre-pass (fixed config: rows, then columns)."""
+    launches = []
+    for label, qkv, _, table, heads, window in attention_shapes(dtype):
+        win = window or qkv.shape[1]
+        with recorded_launches(attention, "_rel_pos_terms_kernel") as (rec,):
+            attention.rel_pos_terms(qkv, table, table, heads, (win, win))
+        for axis, (args, kwargs) in zip(("rows", "columns"), rec.launches):
+            launches.append((f"{label} {axis}", dict(BLOCK_RUN=kwargs["BLOCK_RUN"], num_warps=kwargs["num_warps"]), args, kwargs))
     return launches
 
 
@@ -139,7 +161,7 @@ def linear_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
         for config in fused_linear.candidate_configs(dtype):
             if config is fused_linear.TORCH_OP:
                 continue
-            with recorded_launches(fused_linear, "_fused_linear_kernel") as rec:
+            with recorded_launches(fused_linear, "_fused_linear_kernel") as (rec,):
                 fused_linear._linear(x, w, b, r, activation, config)
             (args, kwargs), = rec.launches
             launches.append((f"vit_h {name}", config, args, kwargs))
@@ -149,6 +171,7 @@ def linear_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
 def candidate_usage(arch: int = 90, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
     rows = []
     for family, launches_of, kernel in (("attention", attention_launches, attention._rel_pos_attention_kernel),
+                                        ("rel_pos_terms", rel_pos_terms_launches, attention._rel_pos_terms_kernel),
                                         ("fused_linear", linear_launches, fused_linear._fused_linear_kernel)):
         for dtype in dtypes:
             for shape, config, args, kwargs in launches_of(dtype):

@@ -35,6 +35,13 @@ class ViTConfig:
         return self.embed_dim // self.num_heads
 
 
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """rel_pos [L, head_dim] linearly resized to [length, head_dim] (returned as is when L == length)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    return F.interpolate(rel_pos.T[None], size=length, mode="linear")[0].T
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative-position table gathered for every (query, key) pair along one axis.
 
@@ -43,9 +50,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     and key sizes differ the coordinates are rescaled (custom image sizes).
     """
     max_rel_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_rel_dist:
-        resized = F.interpolate(rel_pos.T[None], size=max_rel_dist, mode="linear")
-        rel_pos = resized[0].T
+    rel_pos = resize_rel_pos(rel_pos, max_rel_dist)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
