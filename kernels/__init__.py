@@ -10,9 +10,18 @@ import os
 import torch
 
 
+INTERPRETER_BF16_ERROR = (
+    "bfloat16 cannot run in the Triton interpreter: its tl.dot returns garbage for bf16 operands "
+    "(triton-lang/triton#11584); use float32 or float16 there, bfloat16 on a CUDA device"
+)
+
+
 def interpreting(x: torch.Tensor, who: str) -> bool:
-    """True when the kernels run in the Triton interpreter; raises for a CPU tensor without it."""
+    """True when the kernels run in the Triton interpreter; raises for a CPU tensor without it, and
+    for bf16 in it (a wrong answer otherwise)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
+        if x.dtype == torch.bfloat16:
+            raise TypeError(f"{who}: {INTERPRETER_BF16_ERROR}")
         return True
     if x.device.type != "cuda":
         raise RuntimeError(

@@ -44,12 +44,12 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 AUTO_PICKS_FUSED_ON_CUDA = False
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """"auto" -> eager for now (see AUTO_PICKS_FUSED_ON_CUDA). "fused" where the kernels cannot run
     raises, except under the kill switch (SAMHQ_FAST_DISABLE_FUSED=1), which means eager."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    available, why = fused_available(device)
+    available, why = fused_available(device, dtype)
     if backend == "auto":
         return "fused" if AUTO_PICKS_FUSED_ON_CUDA and available and device.type == "cuda" else "eager"
     if backend == "fused" and not available:
@@ -80,7 +80,7 @@ def load(
     Raises CheckpointError (a ValueError) listing every missing, unexpected or mis-shaped key.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, dtype)
     state_dict = read_state_dict(source)
     if is_hf_layout(state_dict):
         state_dict = hf_to_original(state_dict)
@@ -95,11 +95,11 @@ def load(
 def build_sam_hq(config: SamHQConfig | str, *, device=None, dtype=None, backend: str = "eager") -> SamHQ:
     """A randomly initialised model of a variant name or config (for tests and benchmarks)."""
     config = SamHQConfig.from_variant(config) if isinstance(config, str) else config
-    device = resolve_device(device)
-    backend = resolve_backend(backend, device)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    backend = resolve_backend(backend, device, dtype)
     model = SamHQ(config)
     model.backend = "eager"
-    model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     return apply_fused_backend(model) if backend == "fused" else model
 
 

@@ -116,8 +116,9 @@ CUDA graphs and with hand-captured ones), hf (transformers SamHQModel, encoder o
 Several --dtype values run one after the other and land in one JSON.
 
 On a CPU-only machine: eager and compile only (real sizes are slow there; --smoke uses a tiny
-model); fused only with --interpret (the Triton interpreter). EVERY FIGURE MEASURED ON THE CPU OR
-IN THE INTERPRETER IS LABELLED "not a speed figure" in the JSON, the table and the plot.
+model); fused only with TRITON_INTERPRET=1 in the environment and --interpret (the Triton
+interpreter; fp32 / fp16). EVERY FIGURE MEASURED ON THE CPU OR IN THE INTERPRETER IS LABELLED
+"not a speed figure" in the JSON, the table and the plot.
 
 Each benchmark run also leaves its own JSON + .md next to --output (OUTPUT_STEM.WHAT-DTYPE.json),
 rewritten after every configuration, so a run cut short still leaves what it finished.
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="merged JSON (default bench/results/bench-DATE.json); the Markdown table goes next to it as .md")
     ben.add_argument("--plot", metavar="RESULTS.png", help="also draw a bar chart (needs matplotlib: pip install 'samhq-fast[plot]')")
     ben.add_argument("--interpret", action="store_true",
-                     help="CPU only: allow the fused backend under the Triton interpreter (checks it runs; NOT a speed figure)")
+                     help="CPU only: allow the fused backend under the Triton interpreter (set TRITON_INTERPRET=1 before "
+                          "starting; fp32 / fp16; checks it runs; NOT a speed figure)")
     ben.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few repeats: tests the tool, not speed")
     ben.add_argument("--time-budget-s", type=float, default=None, metavar="S",
                      help="per benchmark run: start no configuration after S seconds (default: encoder 420, decoder 220)")
@@ -430,13 +432,16 @@ def _bench_plan(args) -> tuple[str, list[str]]:
     if "fused" in backends and not on_gpu and not args.interpret:
         parser.error("the fused backend needs a CUDA device; on the CPU pass --interpret to run it in the Triton "
                      "interpreter (checks it runs, not a speed figure)")
+    if "fused" in backends and not on_gpu and "bf16" in args.dtype:
+        parser.error("--interpret runs the fused kernels in the Triton interpreter, whose bf16 dots are wrong "
+                     "(triton-lang/triton#11584): pass --dtype fp32 (or fp16)")
     if "fused-graphed" in backends and not on_gpu:
         parser.error("the fused-graphed backend replays CUDA graphs: it needs a CUDA device")
-    if args.interpret:
-        loaded = "samhq_fast.kernels.attention" in sys.modules or "samhq_fast.kernels.fused_linear" in sys.modules
-        if loaded and os.environ.get("TRITON_INTERPRET") != "1":
-            parser.error("--interpret: the Triton kernels were already imported without TRITON_INTERPRET=1")
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (at the first fused model)
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton picks interpreted or compiled functions (its own tl.cdiv too) when it is imported,
+        # which `import samhq_fast` already did (through torch._dynamo): too late to switch here.
+        parser.error("--interpret needs TRITON_INTERPRET=1 in the environment before Python starts: "
+                     "TRITON_INTERPRET=1 samhq-fast bench --interpret ...")
     if args.plot:
         _check_output(args.plot, "--plot", (".png",))
         try:

@@ -79,6 +79,13 @@ def padded_rows(num: int) -> int:
     return full * PROMPT_BUCKETS[-1] + (bucket(rest, PROMPT_BUCKETS) if rest else 0)
 
 
+# Inductor's AVX-512 code transposes bf16 / fp16 tiles wrongly in some kernels (torch 2.13: a
+# transposed input read by a kernel with two outputs comes back as garbage, see
+# tests/test_decoding.py), which turns the two-way transformer's image keys (a transposed view of the
+# embedding) into NaN. With 256-bit vectors Inductor takes another, correct, transpose path.
+CPU_HALF_PRECISION_OPTIONS = {"cpp.simdlen": 256}
+
+
 class PromptDecoder:
     """Decodes any number of prompts, of one image or of several, with few compiled shapes.
 
@@ -111,7 +118,9 @@ class PromptDecoder:
         fn = lambda *args: decode_padded(model, *args)  # noqa: E731  (compile a closure, not the module)
         if compile:
             mode = "reduce-overhead" if graphs == "trees" else None
-            fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            cpu_half = not on_cuda and model.dtype in (torch.float16, torch.bfloat16) and backend == "inductor"
+            options = CPU_HALF_PRECISION_OPTIONS if cpu_half else None
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend, options=options)
         self.compiled = compile
         self.image_pe = model.prompt_encoder.get_dense_pe()  # [1, 256, G, G]: the same for every call
         self._decode = fn

@@ -29,15 +29,20 @@ def fused_disabled() -> bool:
     return os.environ.get(KILL_SWITCH, "") not in ("", "0")
 
 
-def fused_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton kernels can run on `device`, and why not."""
+def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on `device` (in `dtype`, when given), and why not."""
     if fused_disabled():
         return False, f"{KILL_SWITCH} is set"
     try:
         import triton  # noqa: F401
     except ImportError:
         return False, "triton is not installed"
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpreter and dtype == torch.bfloat16:
+        from samhq_fast.kernels import INTERPRETER_BF16_ERROR
+
+        return False, INTERPRETER_BF16_ERROR
+    if device.type == "cuda" or interpreter:
         return True, ""
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU, slowly), got {device}"
 
@@ -64,7 +69,7 @@ class FusedBlock(nn.Module):
 
 def apply_fused_backend(model: SamHQ) -> SamHQ:
     """Swap the image encoder's blocks for fused ones in place (idempotent); returns the model."""
-    ok, why = fused_available(model.device)
+    ok, why = fused_available(model.device, model.dtype)
     if not ok:
         raise ValueError(f"the fused backend cannot run here: {why}")
     blocks = model.image_encoder.blocks

@@ -263,10 +263,7 @@ class SamHQPredictor:
     def _fused_decoder(self) -> PromptDecoder:
         """The fused backend's fixed-shape compiled decoder (CUDA graphs on the GPU), built on first use."""
         if self._prompt_decoder is None:
-            # Inductor's CPU code turns the two-way transformer into NaN in bf16 and fp16 (torch
-            # 2.13; tests/test_decoding.py shows it): on the CPU compile only fp32 models.
-            model = self.model
-            self._prompt_decoder = PromptDecoder(model, compile=model.device.type == "cuda" or model.dtype == torch.float32)
+            self._prompt_decoder = PromptDecoder(self.model)
         return self._prompt_decoder
 
     @torch.inference_mode()

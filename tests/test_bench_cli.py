@@ -87,6 +87,7 @@ def test_bench_table_from_results(tmp_path, capsys):
     (["--what", "everything"], "unknown benchmark everything"),
     (["--backends", "fused"], "pass --interpret"),
     (["--backends", "fused-graphed", "--interpret"], "fused-graphed backend replays CUDA graphs: it needs a CUDA device"),
+    (["--interpret", "--dtype", "fp32,bf16"], "whose bf16 dots are wrong"),
     (["--what", "decoder", "--backends", "hf"], "nothing to run"),
     (["--plot", "out.jpg"], "--plot must end in .png"),
     (["--output", "out.txt"], "--output must end in .json"),
@@ -95,6 +96,14 @@ def test_bench_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--smoke", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_interpret_needs_the_environment_variable(monkeypatch, capsys):
+    """Triton decides interpreted vs compiled when it is imported (by `import samhq_fast`): --interpret
+    alone would leave its own jit functions compiled and the kernels failing."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert main(["bench", "--smoke", "--interpret", "--dtype", "fp32"]) == 2
+    assert "TRITON_INTERPRET=1 samhq-fast bench --interpret" in capsys.readouterr().err
 
 
 def test_bench_plot_without_matplotlib(monkeypatch, capsys, tmp_path):

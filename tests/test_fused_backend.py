@@ -13,6 +13,7 @@ import torch
 
 import samhq_fast
 from samhq_fast import SamHQPredictor
+from samhq_fast.benchmark.common import rel_l2
 from samhq_fast.fused import KILL_SWITCH, FusedBlock, apply_fused_backend
 from samhq_fast.graphs import GraphedEncoder
 from samhq_fast.modeling import SamHQConfig
@@ -22,10 +23,6 @@ from conftest import make_model
 def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """Max error relative to the tensor's scale (random-weight tensors have values near 0)."""
     return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
-def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return (torch.linalg.norm((got.double() - expected.double()).flatten()) / torch.linalg.norm(expected.double().flatten())).item()
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +82,15 @@ def test_fused_on_cpu_without_interpreter_is_a_clear_error(tiny_checkpoints, mon
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" on the CPU quietly picks eager
         assert samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="auto").backend == "eager"
+
+
+def test_fused_bf16_in_the_interpreter_is_a_clear_error(tiny_checkpoints, tiny_model):
+    """The interpreter's bf16 tl.dot returns garbage (triton #11584): refused, not a wrong answer."""
+    with pytest.raises(ValueError, match="bfloat16 cannot run in the Triton interpreter"):
+        samhq_fast.load(tiny_checkpoints["pth"], device="cpu", dtype="bf16", backend="fused")
+    with pytest.raises(ValueError, match="bfloat16 cannot run in the Triton interpreter"):
+        apply_fused_backend(copy.deepcopy(tiny_model).to(torch.bfloat16))
+    assert samhq_fast.load(tiny_checkpoints["pth"], device="cpu", dtype="bf16", backend="auto").backend == "eager"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +169,9 @@ def test_graphed_encoder_needs_cuda(tiny_model):
 
 
 def test_fused_fp16_predictor_on_cpu(tiny_checkpoints):
-    """fp16 through the fused encoder (interpreter) and the uncompiled padded decoder (the CPU guard
-    against Inductor's half-precision NaN): finite, and as close to eager fp16 as fp16 allows."""
+    """fp16 through the fused encoder (interpreter) and the compiled padded decoder (with the CPU
+    workaround for Inductor's half-precision transposes): finite, and as close to eager fp16 as fp16
+    allows."""
     photo = np.random.default_rng(2).integers(0, 256, (160, 200, 3), dtype=np.uint8)
     outputs = {}
     for backend in ("eager", "fused"):

@@ -156,6 +156,7 @@ def test_padded_keys_stay_in_the_softmax():
         (dict(qkv_bias=torch.zeros(95)), ValueError, "qkv_bias must have shape [96]"),
         (dict(rel_pos_h=torch.zeros(7, 8)), ValueError, "rel_pos_h / rel_pos_w must be [L, 16]"),
         (dict(qkv=torch.zeros(1, 4, 4, 96, dtype=torch.float64)), TypeError, "float32, float16 or bfloat16"),
+        (dict(qkv=torch.zeros(1, 4, 4, 96, dtype=torch.bfloat16)), TypeError, "bfloat16 cannot run in the Triton interpreter"),
         (dict(window_size=-1), ValueError, "window_size must be >= 0"),
         (dict(config=dict(BLOCK_M=64, BLOCK_N=24)), ValueError, "powers of two >= 16"),
         (dict(config=dict(BLOCK_M=8, BLOCK_N=16)), ValueError, "powers of two >= 16"),

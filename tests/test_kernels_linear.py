@@ -153,6 +153,11 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         fused_linear(torch.randn(5, 33), torch.randn(48, 33))
 
 
+def test_bf16_in_the_interpreter_is_a_clear_error():
+    with pytest.raises(TypeError, match="fused_linear: bfloat16 cannot run in the Triton interpreter"):
+        fused_linear(torch.randn(5, 33, dtype=torch.bfloat16), torch.randn(48, 33, dtype=torch.bfloat16))
+
+
 # --------------------------------------------------------------------------- GPU (compiled)
 
 
