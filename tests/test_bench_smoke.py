@@ -3,7 +3,7 @@ bench/ wrappers run): the benchmarks run and write well-formed reports.
 
 The timings of a smoke run are not speed figures; only the report's shape and internal consistency
 are checked here (speed is never asserted in tests/). The decoder's compiled mode runs at one prompt
-bucket only, in fp32 (torch.compile on the CPU takes ~15 s per bucket shape).
+bucket only (torch.compile on the CPU takes ~15 s per bucket shape).
 """
 
 import json
@@ -152,10 +152,12 @@ def test_decoder_smoke_eager_report_schema(decoder_bench, tmp_path):
     assert best["meets_prompts_per_s"] is False and best["meets_single_prompt"] is False  # a CPU
 
 
-def test_decoder_smoke_compiled_matches_eager(decoder_bench, tmp_path):
-    """One bucket shape (1 prompt; the point row shares it), fp32: the compiled PromptDecoder agrees
-    with eager and gets speed figures and a speedup."""
-    _, report = run(decoder_bench, tmp_path, "--dtype", "fp32", "--prompts", "1", "--e2e", "")
+@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-4), ("bf16", 2e-2)])
+def test_decoder_smoke_compiled_matches_eager(decoder_bench, tmp_path, dtype, tol):
+    """One bucket shape (1 prompt; the point row shares it): the compiled PromptDecoder agrees with
+    eager and gets speed figures and a speedup. In bf16 the numerics must not depend on the
+    multimask pick (an argmax over near-tied random-weight IoUs, flipped by bf16 noise for this box)."""
+    _, report = run(decoder_bench, tmp_path, "--dtype", dtype, "--prompts", "1", "--e2e", "")
     rows = by_test(report)
     assert [k for k in rows if k[1] == "compiled"] == [("throughput", "compiled", "box", 1), ("throughput", "compiled", "point", 1),
                                                        ("latency", "compiled", "box", 1)]
@@ -163,7 +165,7 @@ def test_decoder_smoke_compiled_matches_eager(decoder_bench, tmp_path):
     for key, r in rows.items():
         assert r["status"] == "ok", r.get("error")
         if key[1] == "compiled":
-            assert r["numerics_ok"] is True and r["numerics"]["rel_l2_vs_eager"] < 1e-4
+            assert r["numerics_ok"] is True and r["numerics"]["rel_l2_vs_eager"] < tol
             assert positive(r["speed"]["speedup_vs_eager"])
             assert "cuda_graphs=False" in r["timed_call"]
 
