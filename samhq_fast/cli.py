@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 import samhq_fast
 from samhq_fast.build import resolve_dtype
 from samhq_fast.checkpoint import hf_to_original, is_hf_layout, original_to_hf, read_state_dict
+from samhq_fast.kernels import INTERPRETER_BF16_ERROR
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
 
@@ -433,8 +434,7 @@ def _bench_plan(args) -> tuple[str, list[str]]:
         parser.error("the fused backend needs a CUDA device; on the CPU pass --interpret to run it in the Triton "
                      "interpreter (checks it runs, not a speed figure)")
     if "fused" in backends and not on_gpu and "bf16" in args.dtype:
-        parser.error("--interpret runs the fused kernels in the Triton interpreter, whose bf16 dots are wrong "
-                     "(triton-lang/triton#11584): pass --dtype fp32 (or fp16)")
+        parser.error(f"--interpret with --dtype bf16: {INTERPRETER_BF16_ERROR}")
     if "fused-graphed" in backends and not on_gpu:
         parser.error("the fused-graphed backend replays CUDA graphs: it needs a CUDA device")
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":

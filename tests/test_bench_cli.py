@@ -87,7 +87,7 @@ def test_bench_table_from_results(tmp_path, capsys):
     (["--what", "everything"], "unknown benchmark everything"),
     (["--backends", "fused"], "pass --interpret"),
     (["--backends", "fused-graphed", "--interpret"], "fused-graphed backend replays CUDA graphs: it needs a CUDA device"),
-    (["--interpret", "--dtype", "fp32,bf16"], "whose bf16 dots are wrong"),
+    (["--interpret", "--dtype", "fp32,bf16"], "--interpret with --dtype bf16: bfloat16 cannot run in the Triton interpreter"),
     (["--what", "decoder", "--backends", "hf"], "nothing to run"),
     (["--plot", "out.jpg"], "--plot must end in .png"),
     (["--output", "out.txt"], "--output must end in .json"),
