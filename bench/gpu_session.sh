@@ -36,7 +36,7 @@ if [[ $stages == *,profile,* ]]; then
 fi
 if [[ $stages == *,encoder,* ]]; then  # torch.compile(max-autotune) last: its compiles are the slowest
     timeout -s INT -k 20 540 python3 -m samhq_fast.cli bench --what encoder --variant vit_b,vit_h --batch 1,8,32 --dtype bf16 \
-        --backends eager,fused,fused-graphed,hf,compile --output "$out/encoder-$(date +%F).json" --plot "$out/encoder-$(date +%F).png"
+        --backends eager,fused,fused-graphed,hf,hf-eager,compile --output "$out/encoder-$(date +%F).json" --plot "$out/encoder-$(date +%F).png"
 fi
 if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 5 min (--time-budget-s 220 + the last configuration)
     # The decoder is the same network for every variant (only e2e includes the encoder): vit_h first.

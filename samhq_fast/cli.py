@@ -92,7 +92,7 @@ examples:
 """
 
 BENCH_VARIANTS = ("vit_b", "vit_l", "vit_h")
-BENCH_BACKENDS = ("eager", "compile", "fused", "fused-graphed", "hf")
+BENCH_BACKENDS = ("eager", "compile", "fused", "fused-graphed", "hf", "hf-eager")
 BENCH_WHAT = ("encoder", "decoder", "e2e")
 BENCH_HELP = """\
 Benchmark the image encoder, the prompt decoder and the whole predictor (end to end), backend
@@ -113,7 +113,8 @@ What is measured (--what):
 Backends (--backends): eager (the reference), compile (torch.compile of the eager model;
 decoder: PromptDecoder without CUDA graphs), fused (Triton encoder kernels, and the same encoder
 replayed from a CUDA graph per batch as "fused-graphed"; decoder: PromptDecoder with torch.compile's
-CUDA graphs and with hand-captured ones), hf (transformers SamHQModel, encoder only).
+CUDA graphs and with hand-captured ones), hf / hf-eager (transformers SamHQModel with SDPA /
+eager attention, encoder only).
 Several --dtype values run one after the other and land in one JSON.
 
 On a CPU-only machine: eager and compile only (real sizes are slow there; --smoke uses a tiny
@@ -513,7 +514,7 @@ def bench(args) -> int:
     runs = _bench_runs(args, backends, device)
     if not runs:
         args.parser.error(f"nothing to run: --what {','.join(args.what)} with --backends {','.join(backends)} "
-                          "(the decoder and e2e have no hf backend)")
+                          "(the decoder and e2e have no hf backends)")
     for what, argv in runs:
         part = output.with_name(f"{output.stem}.{what}-{argv[argv.index('--dtype') + 1]}.json")
         print(f"[bench] {what}: {' '.join(argv)} -> {part}", flush=True)

@@ -97,12 +97,26 @@ def test_smoke_failures_are_recorded_not_fatal(bench, tmp_path, monkeypatch):
 
 
 def test_smoke_hf_matches_eager(bench, tmp_path):
+    """Both HF peers (SDPA and eager attention) run, each with the attention it names, and agree with eager."""
     pytest.importorskip("transformers")
-    _, report = run(bench, tmp_path, "--backends", "eager,hf")
-    hf = next(r for r in report["results"] if r["backend"] == "hf")
-    assert hf["status"] == "ok", hf.get("error")
-    assert hf["numerics_ok"] is True and hf["numerics"]["rel_l2_vs_eager"] < 2e-2
-    assert positive(hf["speed"]["speedup_vs_eager"])
+    _, report = run(bench, tmp_path, "--backends", "eager,hf-eager,hf")
+    rows = {r["backend"]: r for r in report["results"]}
+    assert [r["backend"] for r in report["results"]] == ["eager", "hf", "hf-eager"]
+    for name, attention in (("hf", "'sdpa'"), ("hf-eager", "'eager'")):
+        hf = rows[name]
+        assert hf["status"] == "ok", hf.get("error")
+        assert f"attn_implementation={attention}" in hf["timed_call"]
+        assert hf["numerics_ok"] is True and hf["numerics"]["rel_l2_vs_eager"] < 2e-2
+        assert positive(hf["speed"]["speedup_vs_eager"])
+
+
+def test_hf_backend_refuses_the_wrong_attention(bench, tmp_path, monkeypatch):
+    """If transformers builds another attention than asked for, the row is an error, not a mislabelled speed."""
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(bench.HF_ATTENTION, "hf-eager", ("sdpa", "SamHQVisionAttention"))
+    _, report = run(bench, tmp_path, "--backends", "eager,hf-eager")
+    row = next(r for r in report["results"] if r["backend"] == "hf-eager")
+    assert row["status"] == "error" and "SamHQVisionSdpaAttention" in row["error"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Image-encoder throughput on one GPU: eager vs torch.compile vs fused (Triton; also replayed from a
-CUDA graph per batch size: fused-graphed) vs HF transformers.
+CUDA graph per batch size: fused-graphed) vs HF transformers (SDPA attention: hf; eager attention: hf-eager).
 
     python -m samhq_fast.benchmark.encoder --variants vit_b,vit_h --batch 1,8,32 --dtype bf16 \
-        --backends eager,compile,fused,fused-graphed,hf --output bench/results/encoder-$(date +%F).json
+        --backends eager,compile,fused,fused-graphed,hf,hf-eager --output bench/results/encoder-$(date +%F).json
 
 Per (variant, batch, backend): first-call time (Triton compiles / autotuning, torch.compile), then
 median and p90 of CUDA-event timings over back-to-back calls rotating three inputs, peak memory,
@@ -12,7 +12,7 @@ same dtype and against eager fp32. Writes JSON (plus a Markdown table next to it
 configuration, so a run killed by a time limit still leaves its finished results. One failing
 backend or configuration is recorded with its error and the run goes on.
 
-Order: per variant eager (the numerics reference), fused, hf; then torch.compile for every variant,
+Order: per variant eager (the numerics reference), fused, hf, hf-eager; then torch.compile for every variant,
 last, because max-autotune compiles take minutes: no configuration starts after --time-budget-s
 (420 s) and no compile one with less than --compile-reserve-s (150 s) left; those are recorded as
 skipped. Drop compile with `--backends eager,fused,hf` for a quick run.
@@ -35,7 +35,9 @@ from ..modeling import SamHQConfig
 from . import common
 from .common import FP32_SLACK, NUMERICS_TOL, SMOKE_CONFIG  # noqa: F401  (module attributes the tests use)
 
-ALL_BACKENDS = ("eager", "compile", "fused", "fused-graphed", "hf")
+ALL_BACKENDS = ("eager", "compile", "fused", "fused-graphed", "hf", "hf-eager")
+# transformers' attn_implementation per HF backend, and the vision attention class it must build
+HF_ATTENTION = {"hf": ("sdpa", "SamHQVisionSdpaAttention"), "hf-eager": ("eager", "SamHQVisionAttention")}
 # NUMERICS_TOL and FP32_SLACK (common.py) decide whether a backend's neck output is close enough to
 # eager's (or to eager fp32's) to get a speed figure.
 
@@ -137,13 +139,15 @@ def hf_config(config: SamHQConfig, attn_implementation: str):
     return HFSamHQConfig(**hf_config_kwargs(config), attn_implementation=attn_implementation)
 
 
-def build_hf(config: SamHQConfig, weights: dict, device, dtype):
-    """HF SamHQModel (sdpa attention) holding our weights, so its numerics are comparable too."""
+def build_hf(config: SamHQConfig, weights: dict, device, dtype, backend: str = "hf"):
+    """HF SamHQModel (backend "hf": sdpa attention, "hf-eager": eager attention) holding our weights,
+    so its numerics are comparable too."""
     from transformers import SamHQModel
 
     from ..checkpoint import original_to_hf
 
-    cfg = hf_config(config, "sdpa")
+    attn_implementation, attention_class = HF_ATTENTION[backend]
+    cfg = hf_config(config, attn_implementation)
     try:  # build straight on the GPU: a CPU fp32 init of vit_h takes seconds
         with torch.device(device):
             model = SamHQModel(cfg)
@@ -151,9 +155,9 @@ def build_hf(config: SamHQConfig, weights: dict, device, dtype):
         model = SamHQModel(cfg)
     model = model.to(device=device, dtype=dtype).eval()
     model.load_state_dict(original_to_hf(weights), strict=True)
-    attention = type(model.vision_encoder.layers[0].attn).__name__
-    if attention != "SamHQVisionSdpaAttention":
-        raise RuntimeError(f"HF built {attention}, not the SDPA attention asked for")
+    built = type(model.vision_encoder.layers[0].attn).__name__
+    if built != attention_class:
+        raise RuntimeError(f"HF built {built}, not the {attention_class} that attn_implementation={attn_implementation!r} asks for")
     return model
 
 
@@ -178,10 +182,11 @@ class Backend:
             self.fn = lambda images: self.graphed(images)[0]
             self.info = {"timed_call": "GraphedEncoder(fused model)(x): copy x into the graph's input, replay the CUDA graph "
                                        "of model.encode_image for this batch size, copy the three outputs out"}
-        elif name == "hf":
-            self.model = build_hf(config, weights, device, dtype)
+        elif name in HF_ATTENTION:
+            self.model = build_hf(config, weights, device, dtype, name)
             self.fn = self._hf_encode
-            self.info = {"timed_call": "SamHQModel.vision_encoder(pixel_values=x), attn_implementation='sdpa' (no HQ feature head)"}
+            self.info = {"timed_call": f"SamHQModel.vision_encoder(pixel_values=x), attn_implementation={HF_ATTENTION[name][0]!r} "
+                                       "(no HQ feature head)"}
         else:
             raise ValueError(f"unknown backend {name!r}")
         if name == "compile":
@@ -375,7 +380,8 @@ def method_notes(args, dtype) -> dict:
                    "weights. Speed does not depend on weight values.",
         "inputs": "3 random N(0,1) image batches per (variant, batch), identical for every backend, rotated through the timed calls",
         "timed_call": "eager/compile/fused/fused-graphed: model.encode_image(x) = image encoder + HQ feature head (hq_head_flops, not in "
-                      "'flops': +0.9% vit_b, +0.2% vit_h); hf: SamHQModel.vision_encoder(pixel_values=x) = encoder + neck only",
+                      "'flops': +0.9% vit_b, +0.2% vit_h); hf / hf-eager: SamHQModel.vision_encoder(pixel_values=x) = encoder + neck "
+                      "only, with transformers' SDPA / eager (materialized scores) attention",
         "flops": "encoder_flops(config, batch) with the real-token count (samhq_fast/flops.py): the same work credited to "
                  "every backend. Eager, compile and HF also run qkv/proj on the zero-padded 70x70 windows "
                  "(padded_windows=True: +3.2% vit_b, +5.2% vit_h); that extra work is not credited.",
@@ -416,7 +422,7 @@ def run_backend(variant, name, config, weights, device, dtype, args, references,
         if left <= 0 or (name == "compile" and left < args.compile_reserve_s):
             record({**entry, "status": "skipped", "reason": f"time budget: {elapsed:.0f} s of {args.time_budget_s:.0f} s used"})
             continue
-        if name == "hf" and common.package_version("transformers") is None:
+        if name in HF_ATTENTION and common.package_version("transformers") is None:
             record({**entry, "status": "skipped", "reason": "transformers is not installed"})
             continue
         print(f"[bench] {elapsed:6.0f}s  {variant} batch {batch} {name} ...", flush=True)
