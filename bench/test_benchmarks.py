@@ -1,5 +1,6 @@
 """Encoder and decoder cases for pytest-benchmark, one benchmark group per case so that
-`pytest bench/ --benchmark-only --benchmark-compare` shows eager / compile / fused (and their CUDA-graph variants) side by side.
+`pytest bench/ --benchmark-only --benchmark-compare` shows eager / compile / fused (and their CUDA-graph variants) side by side,
+with HF transformers' SamHQModel (SDPA and eager attention) in the encoder groups when it is installed.
 
     pytest bench/ --benchmark-only                       # GPU: vit_b, vit_h; CPU: tiny model
     TRITON_INTERPRET=1 pytest bench/ --benchmark-only    # CPU: fused too, in the interpreter (slow)
@@ -37,12 +38,14 @@ def _sync(fn):
     return call
 
 
-@pytest.mark.parametrize("backend", ("eager", "compile", "fused", "fused-graphed"))
+@pytest.mark.parametrize("backend", enc.ALL_BACKENDS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_encoder(benchmark, variant, batch, backend):
     if backend == "fused":
         _skip_fused()
+    if backend in enc.HF_ATTENTION:
+        pytest.importorskip("transformers")
     if backend == "fused-graphed" and not ON_GPU:
         pytest.skip("CUDA graphs need a GPU")
     config = CONFIGS[variant]
