@@ -19,13 +19,15 @@ from .modeling.mask_decoder import select_masks
 
 PAD_LABEL = -2  # an empty point slot: no token at all
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
-POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # points per prompt; more are padded to a multiple of the last
 # Dynamo's setting, renamed in torch 2.7 (cache_size_limit before)
 RECOMPILE_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
-    """Smallest bucket >= n (n <= the largest bucket)."""
+    """Smallest bucket >= n; past the largest bucket, the next multiple of it (one more shape to compile)."""
+    if n > buckets[-1]:
+        return -(-n // buckets[-1]) * buckets[-1]
     return next(b for b in buckets if b >= n)
 
 

@@ -94,6 +94,19 @@ def test_more_prompts_than_the_largest_bucket(tiny_model, image_state, monkeypat
         torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
 
 
+def test_more_points_than_the_largest_point_bucket(tiny_model, image_state, monkeypatch):
+    """Point lists longer than the largest bucket pad to its next multiple (3 -> 4, 5 -> 6 with buckets (1, 2))."""
+    monkeypatch.setattr(decoding, "POINT_BUCKETS", (1, 2))
+    decoder = PromptDecoder(tiny_model, compile=False)
+    for points in (3, 5):
+        prompts = make_prompts("points+box", 2, points, seed=points)
+        expected = eager_decode(tiny_model, image_state, prompts, False, False)
+        got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
+    assert decoding.bucket(5, (1, 2)) == 6 and decoding.bucket(65, (1, 2, 4, 8, 16, 32, 64)) == 128
+
+
 def test_chunks_survive_static_output_buffers(tiny_model, image_state, monkeypatch):
     """A CUDA graph returns the same output buffers on every replay. A stand-in that does the same
     (copies every result into one pair of buffers) must not change a two-chunk decode: each chunk's
