@@ -61,8 +61,10 @@ def gpu_results() -> dict:
                 "first_call_s": 2.0, "peak_memory_gb": 1.5, "numerics_ok": True, "numerics": {"rel_l2_vs_eager": 1e-3},
                 "speed": {**speed, "median_ms": 10.0 / factor, "speedup_vs_eager": factor}, **extra}
 
+    wrong = result("fused-graphed", 3.0, numerics_ok=False, numerics={"rel_l2_vs_eager": 0.4, "rel_l2_vs_fp32": 0.41})
+    wrong["invalid_speed"] = wrong.pop("speed")
     return {"smoke": False, "machine": machine, "settings": {"dtype": "bf16"}, "flops_per_image": {}, "weights": "random weights",
-            "results": [result("eager", 1.0), result("fused", 2.0),
+            "results": [result("eager", 1.0), result("fused", 2.0), wrong, result("hf", 0.5, numerics_ok=None, numerics={}),
                         {"variant": "vit_b", "batch": 8, "backend": "compile", "dtype": "bf16", "status": "skipped",
                          "reason": "time budget: 500 s of 420 s used"}]}
 
@@ -76,7 +78,23 @@ def test_bench_table_from_results(tmp_path, capsys):
     assert "| encoder | vit_b | bf16 | eager | batch 1 | 10.000 | 11.000 | 100.0 img/s | 94.20 | 15 | 1.00 | 1.5 | 2.0 | 1.0e-03 |  |" in table
     assert "| encoder | vit_b | bf16 | fused | batch 1 | 5.000 | 11.000 | 200.0 img/s | 94.20 | 15 | 2.00 | 1.5 | 2.0 | 1.0e-03 |  |" in table
     assert "| encoder | vit_b | bf16 | compile | batch 8 | - |" in table and "skipped: time budget" in table
-    assert "NOT SPEED FIGURES" in table  # the skipped row
+    # numerics that disagree with eager: no figure quoted, only why (the JSON keeps them under invalid_speed)
+    assert ("| encoder | vit_b | bf16 | fused-graphed | batch 1 | - | - | - | - | - | - | 1.5 | 2.0 | 4.0e-01 | INVALID: numerics "
+            "disagree with eager (rel L2 vs eager 4.0e-01, vs fp32 4.1e-01): figures withheld |") in table
+    assert "| encoder | vit_b | bf16 | hf | batch 1 | 20.000 |" in table and "numerics not checked" in table  # no reference
+    assert "NOT SPEED FIGURES" in table
+
+
+def test_bench_plot_leaves_out_withheld_figures(tmp_path):
+    """The bar chart draws only rows with figures: invalid numerics, skips and errors get no bar."""
+    pytest.importorskip("matplotlib")
+    from samhq_fast.benchmark import report
+
+    data = gpu_results()
+    drawn = {row["backend"] for row in report.load_rows(data) if row["throughput"] is not None}
+    assert drawn == {"eager", "fused", "hf"}
+    report.plot(data, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -36,6 +36,11 @@ def run(bench, tmp_path, *extra) -> tuple[dict, dict]:
     return returned, on_disk
 
 
+def table_lines(tmp_path) -> list[str]:
+    """The Markdown table `run` left next to its JSON."""
+    return (tmp_path / "report.md").read_text().splitlines()
+
+
 def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -94,6 +99,8 @@ def test_smoke_failures_are_recorded_not_fatal(bench, tmp_path, monkeypatch):
         assert hf["status"] == "ok" and hf["numerics_ok"] is False
         assert "speed" not in hf and positive(hf["invalid_speed"]["tflops"])
         assert positive(hf["numerics"]["rel_l2_vs_eager"]) and positive(hf["numerics"]["rel_l2_vs_fp32"])
+        line = next(x for x in table_lines(tmp_path) if x.startswith(f"| tiny | {batch} | hf |"))
+        assert "figures withheld" in line and f"{hf['invalid_speed']['ms_per_image']:.2f}" not in line
 
 
 def test_smoke_hf_matches_eager(bench, tmp_path):
@@ -182,6 +189,23 @@ def test_decoder_smoke_compiled_matches_eager(decoder_bench, tmp_path, dtype, to
             assert r["numerics_ok"] is True and r["numerics"]["rel_l2_vs_eager"] < tol
             assert positive(r["speed"]["speedup_vs_eager"])
             assert "cuda_graphs=False" in r["timed_call"]
+
+
+def test_decoder_smoke_withholds_figures_that_disagree(decoder_bench, tmp_path, monkeypatch):
+    """A decoder mode over the numerics tolerance gets its figures under invalid_speed only, and its
+    table rows quote none of them."""
+    monkeypatch.setitem(decoder_bench.common.NUMERICS_TOL, torch.bfloat16, -1.0)  # every comparison fails...
+    monkeypatch.setattr(decoder_bench.common, "FP32_SLACK", 0.0)  # ...the fp32 fallback too
+    _, report = run(decoder_bench, tmp_path, "--modes", "eager,compiled", "--prompts", "1", "--point-prompts", "", "--e2e", "")
+    compiled = [r for r in report["results"] if r["mode"] == "compiled"]
+    assert [r["test"] for r in compiled] == ["throughput", "latency"]
+    for r in compiled:
+        assert r["status"] == "ok" and r["numerics_ok"] is False and "speed" not in r and positive(r["invalid_speed"]["median_ms"])
+        head = "| tiny | compiled |" if r["test"] == "throughput" else "| tiny | latency | compiled |"
+        line = next(x for x in table_lines(tmp_path) if x.startswith(head))
+        assert "figures withheld" in line and f"{r['invalid_speed']['median_ms']:.3f}" not in line
+    assert report["targets"]["best_valid"]["tiny"]["prompts_per_s"] == next(
+        r["speed"]["prompts_per_s"] for r in report["results"] if r["mode"] == "eager" and r["test"] == "throughput")
 
 
 def test_decoder_smoke_failures_are_recorded_not_fatal(decoder_bench, tmp_path, monkeypatch):

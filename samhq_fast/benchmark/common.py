@@ -339,6 +339,23 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def withheld_reason(entry: dict) -> str | None:
+    """Why a result's figures must not be quoted (failed, skipped, numerics that disagree with eager), else None."""
+    if entry.get("status") != "ok":
+        return f"{entry.get('status')}: {first_line(entry, 100)}"
+    if "invalid_speed" in entry:
+        num = entry.get("numerics", {})
+        return (f"INVALID: numerics disagree with eager (rel L2 vs eager {fmt(num.get('rel_l2_vs_eager'), '.1e')}, "
+                f"vs fp32 {fmt(num.get('rel_l2_vs_fp32'), '.1e')}): figures withheld")
+    return None
+
+
+def withheld_cells(entry: dict, cells: int) -> str | None:
+    """The Markdown cells of a row whose figures are withheld (see withheld_reason), else None."""
+    why = withheld_reason(entry)
+    return None if why is None else why.replace("|", "/") + " |" + " |" * (cells - 1)
+
+
 def markdown_head(report: dict) -> list[str]:
     """The smoke warning (if any) and the machine line that open every table."""
     lines = [f"**{SMOKE_NOTE}**", ""] if report.get("smoke") else []

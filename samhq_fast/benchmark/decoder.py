@@ -373,12 +373,6 @@ def finalize(report: dict) -> None:
     report["targets"] = {"from_the_issue": TARGETS, "checked": "no (printed for comparison)", "best_valid": best}
 
 
-def _status_cells(r: dict, cells: int) -> str | None:
-    if r["status"] == "ok":
-        return None
-    return f"{r['status']}: {common.first_line(r, 80).replace('|', '/')} |" + " |" * (cells - 1)
-
-
 def _errors(r: dict) -> str:
     num = r.get("numerics", {})
     eager = "ref" if r.get("mode", r.get("backend")) == "eager" else common.fmt(num.get("rel_l2_vs_eager"), ".1e")
@@ -401,9 +395,10 @@ def markdown_table(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in report["results"] if r["test"] == "throughput"):
         head = f"| {r['variant']} | {r['mode']} | {r['prompt']} | {r['prompts']} |"
-        s = r.get("speed") or r.get("invalid_speed")
-        lines.append(f"{head} {_status_cells(r, 8)}" if s is None else
-                     f"{head} {s['median_ms']:.3f}{'' if 'speed' in r else ' (INVALID: numerics)'} | {s['prompts_per_s']:,.0f} | "
+        withheld = common.withheld_cells(r, 8)
+        s = r.get("speed")
+        lines.append(f"{head} {withheld}" if withheld else
+                     f"{head} {s['median_ms']:.3f} | {s['prompts_per_s']:,.0f} | "
                      f"{s['us_per_prompt']:.1f} | {common.fmt(s.get('speedup_vs_eager'), '.2f')} | {_errors(r)} | {r['first_call_s']:.2f} | "
                      f"{r['warmup_s']:.2f} | {common.fmt(r.get('peak_memory_gb'), '.1f')} |")
     h, w = next(iter(report["settings"]["frame_hw"].values()), (0, 0))
@@ -413,9 +408,10 @@ def markdown_table(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in report["results"] if r["test"] != "throughput"):
         head = f"| {r['variant']} | {r['test']} | {r.get('mode', r.get('backend'))} |"
-        s = r.get("speed") or r.get("invalid_speed")
-        lines.append(f"{head} {_status_cells(r, 6)}" if s is None else
-                     f"{head} {s['p50_ms']:.3f}{'' if 'speed' in r else ' (INVALID: numerics)'} | {s['p99_ms']:.3f} | {s['repeats']} | "
+        withheld = common.withheld_cells(r, 6)
+        s = r.get("speed")
+        lines.append(f"{head} {withheld}" if withheld else
+                     f"{head} {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['repeats']} | "
                      f"{common.fmt(s.get('speedup_vs_eager'), '.2f')} | {_errors(r)} | {r['first_call_s']:.2f} |")
     return "\n".join(lines) + "\n"
 

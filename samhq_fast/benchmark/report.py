@@ -3,13 +3,15 @@
 Reads both the merged JSON that `samhq-fast bench` writes ({"runs": [report, ...]}) and the
 single-benchmark reports of `python -m samhq_fast.benchmark.encoder / .decoder` (one report each).
 A row is a speed figure only when it was measured on a GPU, not in a smoke run, not under the
-Triton interpreter, and its numerics agree with eager; every other row says why it is not one.
+Triton interpreter, and its numerics were checked and agree with eager; every other row says why it
+is not one, and a row whose numerics disagree shows no figures at all (the JSON keeps them under
+invalid_speed, for diagnosis).
 """
 
 import json
 from pathlib import Path
 
-from .common import first_line, fmt, machine_line
+from .common import fmt, machine_line, withheld_reason
 
 NOT_SPEED = "not a speed figure"
 NOT_SPEED_FIGURES = "NOT SPEED FIGURES"
@@ -40,13 +42,12 @@ def not_speed_reasons(run: dict, backend: str | None) -> list[str]:
 
 
 def _row(run: dict, r: dict, what: str, backend: str, size: str, unit: str, per_call: int) -> dict:
-    s = r.get("speed") or r.get("invalid_speed") or {}
+    s = r.get("speed") or {}  # a result whose numerics disagree with eager has its figures under invalid_speed: withheld
     median = s.get("median_ms")
-    reasons = not_speed_reasons(run, backend)
-    if "invalid_speed" in r:
-        reasons.insert(0, "INVALID: numerics disagree with eager")
-    if r.get("status") != "ok":
-        reasons = [f"{r.get('status')}: {first_line(r, 100)}"]
+    withheld = withheld_reason(r)
+    reasons = [withheld] if withheld else not_speed_reasons(run, backend)
+    if not withheld and r.get("numerics_ok") is None:
+        reasons.append("numerics not checked (no reference in this run)")
     return {
         "what": what, "variant": r["variant"], "dtype": r.get("dtype", run["settings"].get("dtype")), "backend": backend,
         "size": size, "status": r.get("status"), "median_ms": median, "p90_ms": s.get("p90_ms"),
