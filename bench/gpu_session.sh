@@ -26,8 +26,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 if [[ $stages == *,tests,* ]]; then
     # SIGINT (not TERM) at the limit: pytest still prints the failures it has; 4 workers share the
-    # CPU-bound Triton / Inductor compiles; one stuck test cannot eat the stage.
-    timeout -s INT -k 20 420 python3 -m pytest -m gpu -q -rfE --tb=short --timeout=150 -n 4 --dist loadfile \
+    # CPU-bound Triton / Inductor compiles; one stuck test cannot eat the stage. Both need plugins
+    # (pytest-xdist, pytest-timeout) that --no-deps cannot install: without them, one process.
+    parallel=()
+    if python3 -c "import xdist, pytest_timeout" 2>/dev/null; then parallel=(--timeout=150 -n 4 --dist loadfile); fi
+    timeout -s INT -k 20 420 python3 -m pytest -m gpu -q -rfE --tb=short "${parallel[@]}" \
         -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
 fi
 if [[ $stages == *,profile,* ]]; then
