@@ -84,6 +84,22 @@ def test_fused_on_cpu_without_interpreter_is_a_clear_error(tiny_checkpoints, mon
         assert samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="auto").backend == "eager"
 
 
+def test_auto_backend_choice(monkeypatch):
+    """"auto": eager everywhere until the GPU tests have passed (AUTO_PICKS_FUSED_ON_CUDA); then fused
+    on CUDA only, and never under the kill switch. resolve_backend needs no CUDA device to decide."""
+    from samhq_fast import build
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(build, "AUTO_PICKS_FUSED_ON_CUDA", False)
+    assert build.resolve_backend("auto", cuda, torch.bfloat16) == "eager"
+    monkeypatch.setattr(build, "AUTO_PICKS_FUSED_ON_CUDA", True)
+    assert build.resolve_backend("auto", cuda, torch.bfloat16) == "fused"
+    assert build.resolve_backend("auto", cpu, torch.float32) == "eager"
+    monkeypatch.setenv(KILL_SWITCH, "1")
+    assert build.resolve_backend("auto", cuda, torch.bfloat16) == "eager"
+
+
 def test_fused_bf16_in_the_interpreter_is_a_clear_error(tiny_checkpoints, tiny_model):
     """The interpreter's bf16 tl.dot returns garbage (triton #11584): refused, not a wrong answer."""
     with pytest.raises(ValueError, match="bfloat16 cannot run in the Triton interpreter"):
