@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from .decoding import PromptDecoder, decode_eager
+from .graphs import GraphedEncoder
 from .modeling import SamHQ
 from .transforms import as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
 
@@ -44,11 +45,16 @@ def _to_output(tensors: tuple[torch.Tensor, ...], return_torch: bool, batched: b
 
 
 class SamHQPredictor:
-    def __init__(self, model: SamHQ):
+    def __init__(self, model: SamHQ, encoder_graphs: bool = False):
+        """model: from `samhq_fast.load`. encoder_graphs=True replays the image encoder from one
+        CUDA graph per batch size (`graphs.GraphedEncoder`; CUDA models only): at batch 1, e.g. video
+        frames, the encoder's hundreds of kernel launches become one replay, at the cost of one
+        graph memory pool per batch size seen (the first call per batch size records it)."""
         if not isinstance(model, SamHQ):
             raise TypeError(f"SamHQPredictor needs a samhq_fast SamHQ model (from samhq_fast.load), got {type(model).__name__}")
         self.model = model
         self._prompt_decoder = None  # the fused backend's compiled decoder, built on first use
+        self._encode = GraphedEncoder(model) if encoder_graphs else model.encode_image
         self.reset_image()
 
     @property
@@ -130,7 +136,7 @@ class SamHQPredictor:
         predictor's state, from one encoder batch."""
         self.reset_image()
         batch = torch.cat([self.model.preprocess(image.to(self.device)) for image in resized])  # normalize + pad each
-        self.features, _, self.hq_features = self.model.encode_image(batch)
+        self.features, _, self.hq_features = self._encode(batch)
         self.dense_pe = self.model.prompt_encoder.get_dense_pe()
         self.original_sizes = [tuple(int(s) for s in size) for size in original_sizes]
         self.input_sizes = [tuple(int(s) for s in image.shape[-2:]) for image in resized]

@@ -141,11 +141,12 @@ def test_fused_encoder_matches_eager_real_size_gpu(variant, tf32_off):
 
 
 @pytest.mark.gpu
-def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints):
+@pytest.mark.parametrize("encoder_graphs", [False, True])
+def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints, encoder_graphs):
     """Frames on the GPU in, tensors out: set_image on a uint8 CUDA tensor and predict_torch with
     CUDA prompts must not synchronize with the host (after the compile / CUDA-graph warm-up)."""
     model = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
-    predictor = SamHQPredictor(model)
+    predictor = SamHQPredictor(model, encoder_graphs=encoder_graphs)
     frame = torch.randint(0, 256, (180, 240, 3), dtype=torch.uint8, device="cuda")
     boxes = torch.tensor([[10.0, 20.0, 150.0, 160.0], [60.0, 5.0, 250.0, 190.0]], device="cuda")  # input frame
     for _ in range(3):  # warm-up: Triton compiles, torch.compile, CUDA graph recording
@@ -179,9 +180,39 @@ def test_graphed_fused_encoder_gpu(tiny_model):
     assert len(graphed._graphs.graphs) == 2
 
 
+@pytest.mark.gpu
+def test_predictor_with_encoder_graphs_gpu(tiny_checkpoints):
+    """SamHQPredictor(encoder_graphs=True) gives what the plain predictor gives, for frames that
+    alternate through one graph (a stale replay would repeat the previous frame's masks) and for a
+    two-image set_images batch (a second graph)."""
+    model = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
+    plain, graphed = SamHQPredictor(model), SamHQPredictor(model, encoder_graphs=True)
+    gen = torch.Generator("cuda").manual_seed(4)
+    frames = [torch.randint(0, 256, (180, 240, 3), dtype=torch.uint8, device="cuda", generator=gen) for _ in range(2)]
+    box = np.array([[10, 20, 150, 160]])
+    for frame in frames + frames:
+        expected, got = [], []
+        for predictor, out in ((plain, expected), (graphed, got)):
+            predictor.set_image(frame)
+            out.extend(predictor.predict(box=box, return_logits=True))
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+    prompts = [{"box": box}, {"box": box + 5}]
+    results = []
+    for predictor in (plain, graphed):
+        predictor.set_images(frames)
+        results.append(predictor.predict_batch(prompts, return_logits=True))
+    for got_image, expected_image in zip(results[1], results[0]):
+        for g, e in zip(got_image, expected_image):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+    assert len(graphed._encode._graphs.graphs) == 2  # batch 1 and batch 2
+
+
 def test_graphed_encoder_needs_cuda(tiny_model):
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedEncoder(tiny_model)
+    with pytest.raises(ValueError, match="CUDA device"):
+        SamHQPredictor(tiny_model, encoder_graphs=True)
 
 
 def test_fused_fp16_predictor_on_cpu(tiny_checkpoints):
