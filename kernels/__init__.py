@@ -5,6 +5,7 @@ windowed and global) and ``fused_linear`` (GEMM with bias / exact GELU / residua
 On the CPU they run only in the Triton interpreter (TRITON_INTERPRET=1, set before import).
 """
 
+import contextlib
 import os
 
 import torch
@@ -29,3 +30,10 @@ def interpreting(x: torch.Tensor, who: str) -> bool:
             "samhq_fast.kernels is imported) to run them on the CPU with the Triton interpreter"
         )
     return False
+
+
+def on_device(x: torch.Tensor):
+    """A context making x's CUDA device the current one: Triton launches its kernels (and
+    triton.testing times them) on the current device, whatever device the tensors are on, so a model
+    on cuda:1 would otherwise run its kernels on cuda:0 with cuda:1 pointers."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

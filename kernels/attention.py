@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from samhq_fast.kernels import autotune, interpreting
+from samhq_fast.kernels import autotune, interpreting, on_device
 from samhq_fast.modeling.image_encoder import resize_rel_pos
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -251,15 +251,16 @@ def rel_pos_terms(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.T
     for out, table, win, lines, runs, q_line, q_run, out_line, out_run in terms:
         table = resize_rel_pos(table, 2 * win - 1).contiguous()
         block_run = min(run_block, max(16, triton.next_power_of_2(runs)))
-        _rel_pos_terms_kernel[(triton.cdiv(runs, block_run), lines, b * num_heads)](
-            qkv, table, out, runs,
-            qkv.stride(0), q_line, q_run,
-            out.stride(1), out_line, out_run,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
-            WIN=win, WIN_PAD=max(16, triton.next_power_of_2(win)), BLOCK_RUN=block_run,
-            DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-            num_warps=warps,
-        )
+        with on_device(qkv):
+            _rel_pos_terms_kernel[(triton.cdiv(runs, block_run), lines, b * num_heads)](
+                qkv, table, out, runs,
+                qkv.stride(0), q_line, q_run,
+                out.stride(1), out_line, out_run,
+                NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
+                WIN=win, WIN_PAD=max(16, triton.next_power_of_2(win)), BLOCK_RUN=block_run,
+                DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+                num_warps=warps,
+            )
     return rel_h, rel_w
 
 
@@ -321,13 +322,14 @@ def rel_pos_attention(
             **config,
         )
 
-    if config is None and interpreted:
-        config = INTERPRETER_CONFIG
-    elif config is None:
-        shape_key = (str(qkv.dtype), triton.next_power_of_2(b), h, w, num_heads, head_dim, win_h, win_w)
-        config = autotune.pick(
-            "rel_pos_attention", shape_key, candidate_configs(qkv.dtype),
-            lambda c: autotune.bench_ms(lambda: launch(c)), qkv.device, autotune.tuning_enabled(qkv.device),
-        )
-    launch(config)
+    with on_device(qkv):
+        if config is None and interpreted:
+            config = INTERPRETER_CONFIG
+        elif config is None:
+            shape_key = (str(qkv.dtype), triton.next_power_of_2(b), h, w, num_heads, head_dim, win_h, win_w)
+            config = autotune.pick(
+                "rel_pos_attention", shape_key, candidate_configs(qkv.dtype),
+                lambda c: autotune.bench_ms(lambda: launch(c)), qkv.device, autotune.tuning_enabled(qkv.device),
+            )
+        launch(config)
     return out

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
 
-from samhq_fast.kernels import autotune, interpreting
+from samhq_fast.kernels import autotune, interpreting, on_device
 
 __all__ = ["fused_linear", "FusedLinear", "ACTIVATIONS"]
 
@@ -237,17 +237,18 @@ def fused_linear(
         return torch.empty(out_shape, device=x.device, dtype=x.dtype)
     x2 = x.contiguous().view(M, K)  # [M, K], unit stride along K for coalesced loads
     r2 = residual.reshape(M, N) if residual is not None else None  # [M, N], view when possible
-    if interpreted:
-        config = INTERPRETER_CONFIG
-    else:
-        # Tuned per power-of-two row count: batch sizes of one model share a choice per bucket.
-        shape_key = (str(x.dtype), triton.next_power_of_2(M), N, K, activation, bias is not None, r2 is not None)
-        config = autotune.pick(
-            "fused_linear", shape_key, candidate_configs(x.dtype),
-            lambda c: autotune.bench_ms(lambda: _linear(x2, weight, bias, r2, activation, c)),
-            x.device, autotune.tuning_enabled(x.device),
-        )
-    return _linear(x2, weight, bias, r2, activation, config).view(out_shape)
+    with on_device(x):
+        if interpreted:
+            config = INTERPRETER_CONFIG
+        else:
+            # Tuned per power-of-two row count: batch sizes of one model share a choice per bucket.
+            shape_key = (str(x.dtype), triton.next_power_of_2(M), N, K, activation, bias is not None, r2 is not None)
+            config = autotune.pick(
+                "fused_linear", shape_key, candidate_configs(x.dtype),
+                lambda c: autotune.bench_ms(lambda: _linear(x2, weight, bias, r2, activation, c)),
+                x.device, autotune.tuning_enabled(x.device),
+            )
+        return _linear(x2, weight, bias, r2, activation, config).view(out_shape)
 
 
 class FusedLinear(nn.Linear):

@@ -29,13 +29,15 @@ class GraphCache:
         self.pool = None
 
     def __call__(self, key: Hashable, *args):
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
-        graph, static_args, outputs = self.graphs[key]
-        for buffer, arg in zip(static_args, args):
-            if buffer is not None:
-                buffer.copy_(arg)
-        graph.replay()
+        # Streams, pools and captures belong to the current device: make it the inputs' (cuda:1 too).
+        with torch.cuda.device(next(arg.device for arg in args if arg is not None)):
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(args)
+            graph, static_args, outputs = self.graphs[key]
+            for buffer, arg in zip(static_args, args):
+                if buffer is not None:
+                    buffer.copy_(arg)
+            graph.replay()
         return outputs
 
     def _capture(self, args) -> tuple:

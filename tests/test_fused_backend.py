@@ -208,6 +208,22 @@ def test_predictor_with_encoder_graphs_gpu(tiny_checkpoints):
     assert len(graphed._encode._graphs.graphs) == 2  # batch 1 and batch 2
 
 
+@pytest.mark.gpu
+def test_fused_model_on_a_second_gpu(tiny_model):
+    """Triton launches on the current device: a fused model on cuda:1 (cuda:0 current) must run its
+    kernels and its encoder graph there and match eager."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    eager = copy.deepcopy(tiny_model).to("cuda:1")
+    fused = apply_fused_backend(copy.deepcopy(tiny_model).to("cuda:1"))
+    images = torch.randn(1, 3, 256, 256, device="cuda:1")
+    with torch.cuda.device(0), torch.inference_mode():
+        expected = eager.encode_image(images)
+        for got in (fused.encode_image(images), GraphedEncoder(fused)(images)):
+            for g, e in zip(got, expected):
+                assert g.device == e.device and rel_error(g, e) < 1e-4
+
+
 def test_graphed_encoder_needs_cuda(tiny_model):
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedEncoder(tiny_model)

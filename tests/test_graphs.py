@@ -19,11 +19,14 @@ from samhq_fast import graphs
 
 class FakeGraph:
     capturing = None  # the graph being captured, if any
+    device = None  # the current device, as the fake torch.cuda.device sets it
+    log = []  # ("capture" | "replay", current device)
 
     def __init__(self):
         self.kernels = []
 
     def replay(self):
+        FakeGraph.log.append(("replay", FakeGraph.device))
         for kernel in self.kernels:
             kernel()
 
@@ -32,9 +35,20 @@ class FakeGraph:
 def fake_cuda(monkeypatch):
     pools = []
 
+    FakeGraph.device, FakeGraph.log = None, []
+
+    @contextlib.contextmanager
+    def device(d):
+        previous, FakeGraph.device = FakeGraph.device, d
+        try:
+            yield
+        finally:
+            FakeGraph.device = previous
+
     @contextlib.contextmanager
     def graph(g, pool=None):
         pools.append(pool)
+        FakeGraph.log.append(("capture", FakeGraph.device))
         FakeGraph.capturing = g
         try:
             yield
@@ -43,7 +57,7 @@ def fake_cuda(monkeypatch):
 
     stream = types.SimpleNamespace(wait_stream=lambda other: None)
     fake = types.SimpleNamespace(
-        CUDAGraph=FakeGraph, graph=graph, graph_pool_handle=object, Stream=lambda: stream,
+        CUDAGraph=FakeGraph, graph=graph, device=device, graph_pool_handle=object, Stream=lambda: stream,
         current_stream=lambda: stream, stream=lambda s: contextlib.nullcontext(),
     )
     monkeypatch.setattr(graphs.torch, "cuda", fake)
@@ -101,3 +115,14 @@ def test_inputs_are_copied_not_aliased(fake_cuda):
     graph, static_args, _ = cache.graphs["k"]
     graph.replay()  # a replay without a call: runs on the buffers, which still hold the ones
     assert static_args[0] is not x and torch.equal(static_args[0], torch.ones(2))
+
+
+def test_graphs_are_captured_and_replayed_on_the_inputs_device(fake_cuda):
+    """torch.cuda's streams, pools and captures use the current device: GraphCache makes it the
+    inputs' device (a model on cuda:1 must not be captured on cuda:0)."""
+    cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, []), warmup=1)
+    x = torch.ones(2)
+    cache("k", x, None)  # capture, then the first replay
+    cache("k", x, None)
+    assert FakeGraph.log == [("capture", x.device), ("replay", x.device), ("replay", x.device)]
+    assert FakeGraph.device is None  # restored after each call
