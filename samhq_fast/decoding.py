@@ -218,5 +218,8 @@ class PromptDecoder:
             # Copy out of the CUDA graph's static outputs now: the next chunk's replay overwrites them.
             logits.append(chunk_logits.clone())
             scores.append(chunk_scores.clone())
+            # Drop every reference to the graph's outputs before the next chunk: CUDA-graph trees
+            # treat a call made while a previous call's outputs are alive as a new graph to record.
+            del all_masks, iou, chunk_logits, chunk_scores
         logits, scores = (torch.cat(logits), torch.cat(scores)) if len(logits) > 1 else (logits[0], scores[0])
         return list(zip(logits.split(counts), scores.split(counts)))
