@@ -212,16 +212,19 @@ def test_decode_images_of_one_image_broadcasts(tiny_model, two_images_state):
     torch.testing.assert_close(logits, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
 
 
-def test_compiled_decoder_matches_eager(tiny_model, image_state):
-    """Inductor-compiled (on the CPU: no CUDA graphs) against the eager reference, every prompt type
-    through one graph (4 prompts, up to 2 points)."""
+@pytest.mark.parametrize("num, points", [(4, 2), (1, 1), (5, 3)])  # a full bucket, the smallest, one past a bucket
+def test_compiled_decoder_matches_eager(tiny_model, image_state, num, points):
+    """Inductor-compiled (on the CPU: no CUDA graphs) against the eager reference: every prompt type
+    and every multimask / hq_token_only combination through the one graph of the bucket shape."""
     decoder = PromptDecoder(tiny_model)
     for kind in KINDS:
-        prompts = make_prompts(kind, 4, 2, seed=7)
-        expected = eager_decode(tiny_model, image_state, prompts, True, False)
-        got = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+        prompts = make_prompts(kind, num, points, seed=7)
+        for multimask_output, hq_token_only in ((True, False), (False, False), (False, True), (True, True)):
+            expected = eager_decode(tiny_model, image_state, prompts, multimask_output, hq_token_only)
+            got = decoder(*image_state, **prompts, multimask_output=multimask_output, hq_token_only=hq_token_only)
+            for g, e in zip(got, expected):
+                assert g.shape == e.shape
+                torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
 
 
 def test_cuda_graphs_needs_a_compiled_cuda_decoder(tiny_model):
