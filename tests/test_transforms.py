@@ -271,13 +271,14 @@ def test_load_image_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _pil_vs_torch(image: np.ndarray, long_side: int) -> tuple[int, float]:
-    """-> (max abs difference in uint8 levels, fraction of identical values) of the torch resize against PIL."""
+def _pil_vs_torch(image: np.ndarray, long_side: int, device: str = "cpu") -> tuple[int, float]:
+    """-> (max abs difference in uint8 levels, fraction of identical values) of the torch resize on
+    `device` against PIL."""
     new_h, new_w = preprocess_shape(*image.shape[:2], long_side)
     expected = np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR)).astype(np.int64)
-    out = resize_longest_side_torch(torch.from_numpy(image).permute(2, 0, 1)[None], long_side)
-    assert out.dtype == torch.uint8 and out.shape == (1, 3, new_h, new_w)
-    diff = np.abs(out[0].permute(1, 2, 0).numpy().astype(np.int64) - expected)
+    out = resize_longest_side_torch(torch.from_numpy(image).to(device).permute(2, 0, 1)[None], long_side)
+    assert out.dtype == torch.uint8 and out.shape == (1, 3, new_h, new_w) and out.device.type == device
+    diff = np.abs(out[0].permute(1, 2, 0).cpu().numpy().astype(np.int64) - expected)
     return int(diff.max()), float(np.mean(diff == 0))
 
 
@@ -306,10 +307,11 @@ def _pil_case_image(name: str) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # video frames resize on the GPU
 @pytest.mark.parametrize("case", list(PIL_CASES))
-def test_resize_longest_side_torch_is_close_to_pil(case):
+def test_resize_longest_side_torch_is_close_to_pil(case, device):
     name, long_side, min_identical = PIL_CASES[case]
-    max_diff, identical = _pil_vs_torch(_pil_case_image(name), long_side)
+    max_diff, identical = _pil_vs_torch(_pil_case_image(name), long_side, device)
     assert max_diff <= 1, f"{case}: a value is {max_diff} levels away from PIL's"
     assert identical >= min_identical, f"{case}: only {identical:.4%} of the values equal PIL's"
 
