@@ -71,6 +71,21 @@ def test_padded_decoder_equals_eager(tiny_model, image_state, kind, num, points,
         torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
 
 
+def test_image_features_are_broadcast_not_copied_per_prompt(tiny_model, image_state, monkeypatch):
+    """The original decoder copies the image embedding once per prompt (repeat_interleave); here one
+    image's embedding and HQ features broadcast over its prompts, in the eager and the padded decoder."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a per-prompt copy of the image features (repeat_interleave / repeat)")
+
+    for owner in (torch, torch.Tensor):
+        monkeypatch.setattr(owner, "repeat_interleave", refuse)
+    monkeypatch.setattr(torch.Tensor, "repeat", refuse)
+    prompts = make_prompts("points+box", 3, 2)
+    expected = eager_decode(tiny_model, image_state, prompts, False, False)
+    got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    assert expected[0].shape == got[0].shape == (3, 1, 4 * G, 4 * G)
+
+
 def test_padded_point_slots_are_invisible(tiny_model, image_state):
     """A point list padded by hand with PAD_LABEL slots gives the unpadded result, while the same slots
     given label -1 (SAM's "not a point", which IS attended to) change it: the mask is doing the work."""
