@@ -63,8 +63,10 @@ def gpu_results() -> dict:
 
     wrong = result("fused-graphed", 3.0, numerics_ok=False, numerics={"rel_l2_vs_eager": 0.4, "rel_l2_vs_fp32": 0.41})
     wrong["invalid_speed"] = wrong.pop("speed")
+    rates = {"matmul_reference": {"shape": [8192, 8192, 8192], "dtype": "bfloat16", "tflops": 790.4},
+             "copy": {"gb_per_s_read_plus_write": 4012.0}}
     return {"smoke": False, "machine": machine, "settings": {"dtype": "bf16"}, "flops_per_image": {}, "weights": "random weights",
-            "results": [result("eager", 1.0), result("fused", 2.0), wrong, result("hf", 0.5, numerics_ok=None, numerics={}),
+            "reference_rates": rates, "results": [result("eager", 1.0), result("fused", 2.0), wrong, result("hf", 0.5, numerics_ok=None, numerics={}),
                         {"variant": "vit_b", "batch": 8, "backend": "compile", "dtype": "bf16", "status": "skipped",
                          "reason": "time budget: 500 s of 420 s used"}]}
 
@@ -75,6 +77,8 @@ def test_bench_table_from_results(tmp_path, capsys):
     assert main(["bench", "--table", str(path)]) == 0
     table = capsys.readouterr().out
     assert "Machine: NVIDIA H200, driver 570.1, torch 2.11.0, triton 3.6.0" in table
+    assert ("Measured in the bf16 encoder run: bfloat16 matmul 790 TFLOP/s (8192x8192x8192), copy 4012 GB/s "
+            "(read + write).") in table  # what "% of matmul" divides by
     assert "| encoder | vit_b | bf16 | eager | batch 1 | 10.000 | 11.000 | 100.0 img/s | 94.20 | 15 | 1.00 | 1.5 | 2.0 | 1.0e-03 |  |" in table
     assert "| encoder | vit_b | bf16 | fused | batch 1 | 5.000 | 11.000 | 200.0 img/s | 94.20 | 15 | 2.00 | 1.5 | 2.0 | 1.0e-03 |  |" in table
     assert "| encoder | vit_b | bf16 | compile | batch 8 | - |" in table and "skipped: time budget" in table

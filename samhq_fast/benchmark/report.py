@@ -78,6 +78,19 @@ def load_rows(data: dict) -> list[dict]:
     return [row for run in runs_of(data) for row in rows_of(run)]
 
 
+def rate_lines(runs: list[dict]) -> list[str]:
+    """The GPU's own matmul rate and copy bandwidth, measured in each encoder run: what '% of matmul' divides by."""
+    lines = []
+    for run in runs:
+        rates = run.get("reference_rates") or {}
+        matmul = rates.get("matmul_reference")
+        if matmul:
+            lines.append(f"Measured in the {run['settings'].get('dtype')} encoder run: {matmul.get('dtype')} matmul "
+                         f"{fmt(matmul.get('tflops'), '.0f')} TFLOP/s ({'x'.join(map(str, matmul.get('shape', [])))}), copy "
+                         f"{fmt(rates.get('copy', {}).get('gb_per_s_read_plus_write'), '.0f')} GB/s (read + write).")
+    return lines
+
+
 def markdown_table(data: dict, source: str | None = None) -> str:
     """The performance table of one results JSON, headed by the machine(s) it ran on."""
     runs = runs_of(data)
@@ -87,7 +100,7 @@ def markdown_table(data: dict, source: str | None = None) -> str:
         machines.setdefault(line.split(";")[0], line)
     rows = [row for run in runs for row in rows_of(run)]
     lines = [f"Results from `{source}`." if source else "", *(f"Machine: {m}" for m in machines.values()),
-             f"Weights: {data.get('weights') or runs[0].get('weights') or 'random'}.", ""]
+             *rate_lines(runs), f"Weights: {data.get('weights') or runs[0].get('weights') or 'random'}.", ""]
     if any(not row["speed_figure"] for row in rows):
         lines += [f"**Rows whose note is not empty are {NOT_SPEED_FIGURES}** (CPU, smoke run, Triton interpreter or "
                   "failed numerics): do not quote them.", ""]
