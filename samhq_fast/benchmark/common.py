@@ -282,19 +282,28 @@ def warm_up(fn, arg_sets: list, count: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def record_peak_memory(result: dict, device: torch.device) -> None:
+    """result["peak_memory_gb"]: the most memory torch held on the GPU since reset_peak_memory (CUDA only)."""
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+
+
 def measure(fn, arg_sets: list[tuple], device: torch.device, args, keep=lambda out: out) -> tuple[dict, object]:
     """first_call on arg_sets[0] (its kept output is returned for numerics), warm_up with
     args.warmup calls, then back-to-back timed calls (time_calls) rotating arg_sets: >=
     args.min_repeats, about args.target_s, at most args.max_repeats. Peak memory over it all on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     first_call_s, kept = first_call(fn, arg_sets[0], device, keep)
     result = {"first_call_s": first_call_s, "warmup_s": warm_up(fn, arg_sets, args.warmup, device)}
     per_call_ms = statistics.median(time_calls(fn, rotation(arg_sets, 1, 1), device))
     repeats = int(min(args.max_repeats, max(args.min_repeats, math.ceil(1e3 * args.target_s / max(per_call_ms, 1e-3)))))
     result["timing"] = timing_summary(time_calls(fn, rotation(arg_sets, repeats), device))
-    if device.type == "cuda":
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    record_peak_memory(result, device)
     return result, kept
 
 

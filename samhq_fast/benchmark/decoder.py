@@ -234,11 +234,13 @@ def run_throughput(fn, image: Image, mode, variant, kind, num, config, device, d
 
 def measure_latency(fn, arg_sets, device, args, calls: int) -> dict:
     """First call and warm-up as `measure`, then `calls` calls each timed alone (common.wall_latencies)."""
+    common.reset_peak_memory(device)
     first_call_s, _ = common.first_call(fn, arg_sets[0], device, keep=lambda out: None)
     result = {"first_call_s": first_call_s, "warmup_s": common.warm_up(fn, arg_sets, args.warmup, device)}
     times = common.wall_latencies(fn, common.rotation(arg_sets, calls), device, max_s=LATENCY_MAX_S)
     stats = common.timing_summary(times)
     result["latency"] = {"p50_ms": stats["median_ms"], **stats}
+    common.record_peak_memory(result, device)
     return result
 
 
@@ -404,15 +406,16 @@ def markdown_table(report: dict) -> str:
     h, w = next(iter(report["settings"]["frame_hw"].values()), (0, 0))
     lines += ["", "Single-prompt latency (one box; wall clock per call, synchronized) and end to end "
               f"(set_image of a {h}x{w} uint8 frame + predict_torch of one box: INCLUDES THE IMAGE ENCODER):", "",
-              "| variant | test | mode / backend | p50 ms | p99 ms | calls | speedup | rel L2 vs eager / fp32 | first call s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| variant | test | mode / backend | p50 ms | p99 ms | calls | speedup | rel L2 vs eager / fp32 | first call s | peak GB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in report["results"] if r["test"] != "throughput"):
         head = f"| {r['variant']} | {r['test']} | {r.get('mode', r.get('backend'))} |"
-        withheld = common.withheld_cells(r, 6)
+        withheld = common.withheld_cells(r, 7)
         s = r.get("speed")
         lines.append(f"{head} {withheld}" if withheld else
                      f"{head} {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['repeats']} | "
-                     f"{common.fmt(s.get('speedup_vs_eager'), '.2f')} | {_errors(r)} | {r['first_call_s']:.2f} |")
+                     f"{common.fmt(s.get('speedup_vs_eager'), '.2f')} | {_errors(r)} | {r['first_call_s']:.2f} | "
+                     f"{common.fmt(r.get('peak_memory_gb'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -454,7 +457,7 @@ def method_notes(args, dtype) -> dict:
                     f"decoder on the same embeddings (first {FP32_ROWS} rows). numerics_ok: vs-eager <= {common.NUMERICS_TOL[dtype]:g}, "
                     f"or else vs-fp32 <= max(tol, {common.FP32_SLACK} x eager's own vs-fp32 error). e2e: vs eager e2e <= "
                     f"{E2E_TOL[dtype]:g} (different encoders). numerics_ok false -> figures under 'invalid_speed', not 'speed'.",
-        "peak_memory_gb": "torch.cuda.max_memory_allocated over a throughput config (both variants' weights and features, the "
+        "peak_memory_gb": "torch.cuda.max_memory_allocated over a throughput, latency or e2e config (both variants' weights and features, the "
                           "eager reference logits, prompts, activations), reset before it",
     }
 
