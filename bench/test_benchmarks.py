@@ -1,6 +1,8 @@
-"""Encoder and decoder cases for pytest-benchmark, one benchmark group per case so that
-`pytest bench/ --benchmark-only --benchmark-compare` shows eager / compile / fused (and their CUDA-graph variants) side by side,
-with HF transformers' SamHQModel (SDPA and eager attention) in the encoder groups when it is installed.
+"""Encoder, decoder and end-to-end cases for pytest-benchmark, at the CLI bench's sizes on a GPU (batch 1,
+8, 32; 1 to 1,024 prompts) and tiny ones on the CPU. One benchmark group per case, so that
+`pytest bench/ --benchmark-only --benchmark-compare` shows eager / compile / fused (and their CUDA-graph
+variants) side by side, with HF transformers' SamHQModel (SDPA and eager attention) in the encoder
+groups when it is installed.
 
     pytest bench/ --benchmark-only                       # GPU: vit_b, vit_h; CPU: tiny model
     TRITON_INTERPRET=1 pytest bench/ --benchmark-only    # CPU: fused too, in the interpreter (slow)
@@ -20,7 +22,8 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 CONFIGS = {v: SamHQConfig.from_variant(v) for v in ("vit_b", "vit_h")} if ON_GPU else {"tiny": SMOKE_CONFIG}
-BATCHES = (1, 8) if ON_GPU else (1,)
+BATCHES = (1, 8, 32) if ON_GPU else (1,)
+PROMPTS = (1, 16, 64, 256, 1024) if ON_GPU else (4,)
 
 
 def _skip_fused():
@@ -63,7 +66,7 @@ def test_encoder(benchmark, variant, batch, backend):
 
 
 @pytest.mark.parametrize("mode", ("eager", "compiled", "graphed", "graphed-manual"))
-@pytest.mark.parametrize("prompts", (1, 64) if ON_GPU else (4,))
+@pytest.mark.parametrize("prompts", PROMPTS)
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_decoder(benchmark, variant, prompts, mode):
     if mode.startswith("graphed") and not ON_GPU:
@@ -76,3 +79,18 @@ def test_decoder(benchmark, variant, prompts, mode):
     with torch.inference_mode():
         fn(*args)
         benchmark.pedantic(fn, args=args, rounds=20 if ON_GPU else 3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", ("eager", "fused"))
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_e2e(benchmark, variant, backend):
+    """set_image of a uint8 frame + one box through SamHQPredictor (includes the image encoder)."""
+    if backend == "fused":
+        _skip_fused()
+    config = CONFIGS[variant]
+    fn, arg_sets = dec.e2e_call(backend, dec.Image(config, DEVICE, DTYPE, seed=0), config, DEVICE, seed=0)
+    fn = _sync(fn)
+    benchmark.group = f"e2e {variant} set_image + 1 box {str(DTYPE).removeprefix('torch.')}"
+    with torch.inference_mode():
+        fn(*arg_sets[0])
+        benchmark.pedantic(fn, args=arg_sets[0], rounds=10 if ON_GPU else 3, warmup_rounds=1)

@@ -253,23 +253,31 @@ def run_latency(fn, image: Image, mode, variant, config, device, dtype, args, re
     return result
 
 
-def run_e2e(backend: str, image: Image, config, device, dtype, args, reference: dict) -> dict:
-    """set_image(frame) + predict_torch(one box) through SamHQPredictor; the fused backend swaps the
-    model's encoder blocks in place (same weights), so it runs after eager."""
+def e2e_call(backend: str, image: Image, config, device, seed: int) -> tuple:
+    """-> (fn, arg_sets): fn(frame, box, multimask=True) = set_image(frame) + predict_torch(one box)
+    through SamHQPredictor -> (low-res logits, masks, scores), and three (uint8 frame [H, W, 3], box
+    [1, 4]) arg sets on the device. The fused backend swaps the model's encoder blocks in place (same
+    weights): run it after eager."""
     model = apply_fused_backend(image.model) if backend == "fused" else image.model
     torch._dynamo.reset()
     predictor = SamHQPredictor(model)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 7)
+    gen = torch.Generator(device=device).manual_seed(seed + 7)
     frames = [torch.randint(0, 256, (*frame_size(config), 3), generator=gen, device=device, dtype=torch.uint8) for _ in range(3)]
-    boxes = [b for _, _, b in make_prompts("box", 1, config, device, args.seed)]
+    boxes = [b for _, _, b in make_prompts("box", 1, config, device, seed)]
 
     def fn(frame, box, multimask=True):
         predictor.set_image(frame)
         masks, scores, low_res = predictor.predict_torch(None, None, box, multimask_output=multimask)
         return low_res, masks, scores
 
-    result = measure_latency(fn, list(zip(frames, boxes)), device, args, args.e2e_calls)
-    logits = numerics_logits(fn, (frames[0], boxes[0]))
+    return fn, list(zip(frames, boxes))
+
+
+def run_e2e(backend: str, image: Image, config, device, dtype, args, reference: dict) -> dict:
+    """End-to-end latency of e2e_call, with its numerics against eager's (run first)."""
+    fn, arg_sets = e2e_call(backend, image, config, device, args.seed)
+    result = measure_latency(fn, arg_sets, device, args, args.e2e_calls)
+    logits = numerics_logits(fn, arg_sets[0])
     tol = E2E_TOL[dtype]
     if backend == "eager":
         reference["logits"] = logits
