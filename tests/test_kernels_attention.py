@@ -58,7 +58,7 @@ SHAPES = {
     "window14_pad16_hd80": (1, 16, 160, 2, 14),  # 16x16 grid -> 28x28, 4 windows, 3/4 of them padded
     "window14_pad16_hd64_3img": (3, 16, 128, 2, 14),
     "window5_pad12_hd64": (2, 12, 64, 1, 5),  # 12 -> 15: 9 windows of 25 tokens (tail tile)
-    "global9_hd80": (1, 9, 160, 2, 0),  # 81 tokens: not a power of two, tail tiles
+    "global9_hd80_3img": (3, 9, 160, 2, 0),  # 81 tokens: not a power of two, tail tiles
     "global12_hd64_3img": (3, 12, 128, 2, 0),
     "window_equals_grid": (1, 14, 64, 1, 14),  # one unpadded window == global attention
 }

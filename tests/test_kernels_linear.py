@@ -179,10 +179,10 @@ REL_L2 = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize(
     "K, N, activation, has_residual",
-    [(1280, 5120, "gelu", False), (5120, 1280, "none", True)],  # vit_h MLP lin1 / lin2
-    ids=["lin1_gelu", "lin2_residual"],
+    [(1280, 3840, "none", False), (1280, 1280, "none", True), (1280, 5120, "gelu", False), (5120, 1280, "none", True)],
+    ids=["qkv", "proj_residual", "lin1_gelu", "lin2_residual"],  # every linear of a vit_h block
 )
-def test_vit_h_mlp_sizes_gpu(K, N, activation, has_residual, dtype):
+def test_vit_h_block_linear_sizes_gpu(K, N, activation, has_residual, dtype):
     # 8 images x 64x64 tokens, channels-last [8, 64, 64, C].
     x, w, b, r = make_inputs((8, 64, 64), K, N, dtype, "cuda", residual=has_residual)
     out = fused_linear(x, w, b, activation=activation, residual=r)
