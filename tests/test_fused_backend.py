@@ -48,23 +48,26 @@ def test_fused_encoder_matches_eager_fp32(tiny_model, fused_tiny):
 
 
 def test_fused_predictor_matches_eager(tiny_checkpoints):
-    """load(backend="fused") end to end: same masks and scores as the eager backend."""
+    """load(backend="fused") end to end: same masks and scores as the eager backend, for every
+    multimask_output / hq_token_only combination (one compiled decoder graph serves them all)."""
     photo = np.random.default_rng(1).integers(0, 256, (180, 240, 3), dtype=np.uint8)
     prompts = dict(point_coords=np.array([[[60, 50], [200, 120]], [[150, 100], [20, 170]]]),
                    point_labels=np.array([[1, 0], [1, 1]]), box=np.array([[10, 20, 150, 160], [90, 40, 235, 175]]))
+    flag_sets = [(True, False), (False, False), (False, True), (True, True)]
     outputs = {}
     for backend in ("eager", "fused"):
         model = samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend=backend)
         assert model.backend == backend
         predictor = SamHQPredictor(model)
         predictor.set_image(photo)
-        outputs[backend] = predictor.predict(**prompts, multimask_output=True)
+        outputs[backend] = [predictor.predict(**prompts, multimask_output=m, hq_token_only=hq) for m, hq in flag_sets]
         assert (predictor._prompt_decoder is not None) == (backend == "fused")  # the compiled decoder
-    (masks_e, scores_e, logits_e), (masks_f, scores_f, logits_f) = outputs["eager"], outputs["fused"]
-    np.testing.assert_allclose(scores_f, scores_e, atol=1e-5)
-    np.testing.assert_allclose(logits_f, logits_e, atol=1e-4 * np.abs(logits_e).max())
-    # Masks may only differ where the logit is within rounding of the threshold.
-    assert (masks_f != masks_e).sum() <= 10
+    for flags, eager, fused in zip(flag_sets, outputs["eager"], outputs["fused"]):
+        (masks_e, scores_e, logits_e), (masks_f, scores_f, logits_f) = eager, fused
+        np.testing.assert_allclose(scores_f, scores_e, atol=1e-5, err_msg=str(flags))
+        np.testing.assert_allclose(logits_f, logits_e, atol=1e-4 * np.abs(logits_e).max(), err_msg=str(flags))
+        # Masks may only differ where the logit is within rounding of the threshold.
+        assert (masks_f != masks_e).sum() <= 10, flags
 
 
 def test_kill_switch_falls_back_to_eager(tiny_checkpoints, monkeypatch):
