@@ -288,6 +288,8 @@ def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, m
     alternating prompt sets so a stale replay would show, and 7 prompts in chunks of 4 (buckets
     shrunk to (1, 2, 4)): the second chunk replays the first one's graph."""
     monkeypatch.setattr(decoding, "PROMPT_BUCKETS", (1, 2, 4))
+    captures, capture_begin = [], torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", lambda graph, *a, **k: captures.append(graph) or capture_begin(graph, *a, **k))
     model = copy.deepcopy(tiny_model).cuda()
     embeddings, hq_features = (t.cuda() for t in two_images_state)
     decoder = PromptDecoder(model, cuda_graphs=cuda_graphs)
@@ -302,6 +304,9 @@ def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, m
             torch.testing.assert_close(logits, expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=0)
             torch.testing.assert_close(scores, expected[1], atol=1e-4, rtol=0)
     assert_graphs_not_skipped()
+    assert counters["stats"]["unique_graphs"] == 1  # one bucket shape: traced once, never recompiled
+    # Both chunks replay the one graph (graph trees record a second one if the first chunk's outputs are still referenced).
+    assert len(captures) == 1, f"{len(captures)} CUDA graphs recorded for one bucket shape"
 
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
