@@ -89,6 +89,17 @@ def test_bench_table_from_results(tmp_path, capsys):
     assert "NOT SPEED FIGURES" in table
 
 
+def test_interpreter_rows_are_not_speed_figures():
+    """A run with TRITON_INTERPRET=1 (bench --interpret): its fused rows are labelled, eager's are not."""
+    from samhq_fast.benchmark import report
+
+    data = gpu_results()
+    data["machine"]["env"] = {"TRITON_INTERPRET": "1"}
+    rows = {row["backend"]: row for row in report.load_rows(data)}
+    assert rows["eager"]["speed_figure"] is True and rows["eager"]["note"] == ""
+    assert rows["fused"]["speed_figure"] is False and rows["fused"]["note"] == "fused kernels in the Triton interpreter"
+
+
 def test_bench_plot_leaves_out_withheld_figures(tmp_path):
     """The bar chart draws only rows with figures: invalid numerics, skips and errors get no bar."""
     pytest.importorskip("matplotlib")
