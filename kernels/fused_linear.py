@@ -241,8 +241,11 @@ def fused_linear(
         if interpreted:
             config = INTERPRETER_CONFIG
         else:
-            # Tuned per power-of-two row count: batch sizes of one model share a choice per bucket.
+            # Tuned per power-of-two row count: batch sizes of one model share a choice per bucket. In fp32
+            # the cuBLAS candidate runs TF32 when torch allows it (the Triton ones never do): part of the key.
             shape_key = (str(x.dtype), triton.next_power_of_2(M), N, K, activation, bias is not None, r2 is not None)
+            if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+                shape_key += ("tf32",)
             config = autotune.pick(
                 "fused_linear", shape_key, candidate_configs(x.dtype),
                 lambda c: autotune.bench_ms(lambda: _linear(x2, weight, bias, r2, activation, c)),

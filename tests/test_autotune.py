@@ -186,3 +186,17 @@ def test_tuned_launch_on_the_gpu(fresh_cache, monkeypatch):
     entries = json.loads((fresh_cache / autotune.CACHE_FILE).read_text())
     (key, config), = entries.items()
     assert key.startswith(torch.cuda.get_device_name()) and config in fused_linear.candidate_configs(torch.float16)
+
+
+def test_fp32_linear_tuning_key_says_when_cublas_may_use_tf32(monkeypatch):
+    """The cuBLAS candidate runs TF32 when torch allows it, the Triton ones never: a choice timed with
+    TF32 on must not be reused with it off. (The key is built on the compiled path: stand-ins for the
+    interpreter check and the tuner let it run on the CPU.)"""
+    keys = []
+    monkeypatch.setattr(fused_linear, "interpreting", lambda x, who: False)
+    monkeypatch.setattr(fused_linear.autotune, "pick", lambda kernel, key, *rest: keys.append(key) or fused_linear.TORCH_OP)
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    for allow_tf32 in (False, True):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+        torch.testing.assert_close(fused_linear.fused_linear(x, w), x @ w.T)
+    assert keys[0][-1] != "tf32" and keys[1] == keys[0] + ("tf32",)
