@@ -359,10 +359,13 @@ def withheld_reason(entry: dict) -> str | None:
     return None
 
 
-def withheld_cells(entry: dict, cells: int) -> str | None:
-    """The Markdown cells of a row whose figures are withheld (see withheld_reason), else None."""
+def table_row(head: str, entry: dict, columns: int, cells) -> str:
+    """A Markdown row: head ("| a | b |"), then cells(entry["speed"]) (a list of `columns` strings), or
+    why the entry's figures are withheld (see withheld_reason) and empty cells."""
     why = withheld_reason(entry)
-    return None if why is None else why.replace("|", "/") + " |" + " |" * (cells - 1)
+    if why is not None:
+        return f"{head} {why.replace('|', '/')} |" + " |" * (columns - 1)
+    return f"{head} " + " | ".join(cells(entry["speed"])) + " |"
 
 
 def markdown_head(report: dict) -> list[str]:

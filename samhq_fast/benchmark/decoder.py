@@ -405,12 +405,9 @@ def markdown_table(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in report["results"] if r["test"] == "throughput"):
         head = f"| {r['variant']} | {r['mode']} | {r['prompt']} | {r['prompts']} |"
-        withheld = common.withheld_cells(r, 8)
-        s = r.get("speed")
-        lines.append(f"{head} {withheld}" if withheld else
-                     f"{head} {s['median_ms']:.3f} | {s['prompts_per_s']:,.0f} | "
-                     f"{s['us_per_prompt']:.1f} | {common.fmt(s.get('speedup_vs_eager'), '.2f')} | {_errors(r)} | {r['first_call_s']:.2f} | "
-                     f"{r['warmup_s']:.2f} | {common.fmt(r.get('peak_memory_gb'), '.1f')} |")
+        lines.append(common.table_row(head, r, 8, lambda s: [
+            f"{s['median_ms']:.3f}", f"{s['prompts_per_s']:,.0f}", f"{s['us_per_prompt']:.1f}", common.fmt(s.get("speedup_vs_eager"), ".2f"),
+            _errors(r), f"{r['first_call_s']:.2f}", f"{r['warmup_s']:.2f}", common.fmt(r.get("peak_memory_gb"), ".1f")]))
     h, w = next(iter(report["settings"]["frame_hw"].values()), (0, 0))
     lines += ["", "Single-prompt latency (one box; wall clock per call, synchronized) and end to end "
               f"(set_image of a {h}x{w} uint8 frame + predict_torch of one box: INCLUDES THE IMAGE ENCODER):", "",
@@ -418,12 +415,9 @@ def markdown_table(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in report["results"] if r["test"] != "throughput"):
         head = f"| {r['variant']} | {r['test']} | {r.get('mode', r.get('backend'))} |"
-        withheld = common.withheld_cells(r, 7)
-        s = r.get("speed")
-        lines.append(f"{head} {withheld}" if withheld else
-                     f"{head} {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['repeats']} | "
-                     f"{common.fmt(s.get('speedup_vs_eager'), '.2f')} | {_errors(r)} | {r['first_call_s']:.2f} | "
-                     f"{common.fmt(r.get('peak_memory_gb'), '.1f')} |")
+        lines.append(common.table_row(head, r, 7, lambda s: [
+            f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}", str(s["repeats"]), common.fmt(s.get("speedup_vs_eager"), ".2f"),
+            _errors(r), f"{r['first_call_s']:.2f}", common.fmt(r.get("peak_memory_gb"), ".1f")]))
     return "\n".join(lines) + "\n"
 
 

@@ -355,17 +355,11 @@ def markdown_table(report: dict) -> str:
     ]
     for r in report["results"]:
         head = f"| {r['variant']} | {r['batch']} | {r['backend']} |"
-        withheld = common.withheld_cells(r, 8)
-        if withheld:
-            lines.append(f"{head} {withheld}")
-            continue
-        s = r["speed"]
         num = r.get("numerics", {})
         err = f"{'ref' if r['backend'] == 'eager' else common.fmt(num.get('rel_l2_vs_eager'), '.1e')} / {common.fmt(num.get('rel_l2_vs_fp32'), '.1e')}"
-        lines.append(
-            f"{head} {s['ms_per_image']:.2f} | {s['images_per_s']:.1f} | {s['tflops']:.1f} | {common.fmt(s['pct_of_matmul'], '.0f')} | "
-            f"{common.fmt(r.get('peak_memory_gb'), '.1f')} | {common.fmt(s.get('speedup_vs_eager'), '.2f')} | {err} | {r['first_call_s']:.1f} |"
-        )
+        lines.append(common.table_row(head, r, 8, lambda s: [
+            f"{s['ms_per_image']:.2f}", f"{s['images_per_s']:.1f}", f"{s['tflops']:.1f}", common.fmt(s["pct_of_matmul"], ".0f"),
+            common.fmt(r.get("peak_memory_gb"), ".1f"), common.fmt(s.get("speedup_vs_eager"), ".2f"), err, f"{r['first_call_s']:.1f}"]))
     return "\n".join(lines) + "\n"
 
 
