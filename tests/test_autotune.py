@@ -196,7 +196,11 @@ def test_fp32_linear_tuning_key_says_when_cublas_may_use_tf32(monkeypatch):
     monkeypatch.setattr(fused_linear, "interpreting", lambda x, who: False)
     monkeypatch.setattr(fused_linear.autotune, "pick", lambda kernel, key, *rest: keys.append(key) or fused_linear.TORCH_OP)
     x, w = torch.randn(5, 8), torch.randn(3, 8)
-    for allow_tf32 in (False, True):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
-        torch.testing.assert_close(fused_linear.fused_linear(x, w), x @ w.T)
+    previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's, not an attribute monkeypatch can restore
+    try:
+        for allow_tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            torch.testing.assert_close(fused_linear.fused_linear(x, w), x @ w.T)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     assert keys[0][-1] != "tf32" and keys[1] == keys[0] + ("tf32",)
