@@ -81,8 +81,9 @@ class SamHQPredictor:
         """Compute the image's embeddings once for all later `predict` calls (= set_images([image])).
 
         image: numpy [H, W, 3] uint8 (also [H, W] gray, [H, W, 4] with alpha, uint16, float in [0, 1]),
-        a PIL image, or a torch tensor [H, W, 3] (HWC) or [3, H, W] (CHW), uint8 or float in [0, 1],
-        on any device. image_format: "RGB" or "BGR" channel order of a numpy or torch image.
+        a PIL image, or a torch tensor [H, W, 3] (HWC) or [3, H, W] (CHW) (or a batch of one of
+        them, [1, H, W, 3] / [1, 3, H, W]), uint8 or float in [0, 1], on any device.
+        image_format: "RGB" or "BGR" channel order of a numpy or torch image.
 
         A tensor image stays on the device: it is moved to the model's device, resized there by
         `transforms.resize_longest_side_torch` (antialiased bilinear like the original's PIL resize:
@@ -91,6 +92,11 @@ class SamHQPredictor:
         path), normalized and padded there. uint8 tensors cost no host sync; float tensors cost one
         (their NaN / [0, 1] range check).
         """
+        if isinstance(image, torch.Tensor) and image.ndim == 4:
+            if image.shape[0] != 1:
+                raise ValueError(f"set_image takes one image, got a batch of shape {list(image.shape)}: use set_images for several")
+            self.set_images(image, image_format)
+            return
         resized, original_size = self._transform_image(image, image_format)
         self._encode_images([resized], [original_size])
 
@@ -98,15 +104,26 @@ class SamHQPredictor:
         """Encode several images in ONE image-encoder batch, for `predict_batch`.
 
         images: a list (or tuple) of images of any sizes, each as `set_image` accepts (numpy, PIL,
-        torch; they may be mixed). Each is resized on its own (longest side to the model's
+        torch; they may be mixed), or one array of same-size images: a torch tensor [B, H, W, 3] or
+        [B, 3, H, W] (e.g. decoded video frames on the GPU: converted and resized as one batch
+        there) or a numpy array [B, H, W, 3]. Each image is resized (longest side to the model's
         img_size) and zero-padded to a square, then all go through the encoder together: the
-        encoder's memory grows with len(images), so split very long lists. Stores features
-        [B, 256, G, G], hq_features [B, 32, 4G, 4G], original_sizes and input_sizes (one per image).
-        With one image this is set_image; with several, `predict` / `predict_torch` refuse (they
-        are single-image: use predict_batch).
+        encoder's memory grows with the number of images, so split very long lists. Stores
+        features [B, 256, G, G], hq_features [B, 32, 4G, 4G], original_sizes and input_sizes (one
+        per image). With one image this is set_image; with several, `predict` / `predict_torch`
+        refuse (they are single-image: use predict_batch).
         """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            rgb = as_rgb_uint8_torch(images, image_format, self.device, batched=True)  # [B, 3, H, W]
+            self._encode_images([resize_longest_side_torch(rgb, self.model.config.img_size)], [tuple(rgb.shape[-2:])] * len(rgb))
+            return
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
         if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)) or not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be a list of images (use set_image for one image), got {type(images).__name__}")
+            raise TypeError(
+                f"images must be a list of images, or a 4-D array of same-size images (use set_image for one image), got "
+                + (f"a {images.ndim}-D {type(images).__name__}" if isinstance(images, (np.ndarray, torch.Tensor)) else type(images).__name__)
+            )
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image")
         transformed = []
@@ -132,15 +149,15 @@ class SamHQPredictor:
 
     @torch.inference_mode()
     def _encode_images(self, resized: list[torch.Tensor], original_sizes: list[tuple[int, int]]) -> None:
-        """resized: [1, 3, h_i, w_i] images on a 0..255 scale (longest side = img_size) -> the
-        predictor's state, from one encoder batch."""
+        """resized: groups of same-size images [b_i, 3, h_i, w_i] on a 0..255 scale (longest side =
+        img_size); original_sizes: one (H, W) per image -> the predictor's state, from one encoder batch."""
         self.reset_image()
-        batch = torch.cat([self.model.preprocess(image.to(self.device)) for image in resized])  # normalize + pad each
+        batch = torch.cat([self.model.preprocess(group.to(self.device)) for group in resized])  # normalize + pad each
         self.features, _, self.hq_features = self._encode(batch)
         self.dense_pe = self.model.prompt_encoder.get_dense_pe()
         self.original_sizes = [tuple(int(s) for s in size) for size in original_sizes]
-        self.input_sizes = [tuple(int(s) for s in image.shape[-2:]) for image in resized]
-        if len(resized) == 1:
+        self.input_sizes = [tuple(int(s) for s in group.shape[-2:]) for group in resized for _ in range(len(group))]
+        if len(self.original_sizes) == 1:
             self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
         self.is_image_set = True
 

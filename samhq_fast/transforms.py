@@ -104,13 +104,17 @@ def _check_resized_shape(height: int, width: int, long_side: int) -> tuple[int, 
     return h, w
 
 
-def as_rgb_uint8_torch(image: torch.Tensor, image_format: str = "RGB", device: torch.device | str | None = None) -> torch.Tensor:
-    """A torch image [H, W, 3] (HWC, as numpy) or [3, H, W] (CHW) -> RGB uint8 [1, 3, H, W] on `device`.
+def as_rgb_uint8_torch(
+    image: torch.Tensor, image_format: str = "RGB", device: torch.device | str | None = None, batched: bool = False
+) -> torch.Tensor:
+    """A torch image [H, W, 3] (HWC, as numpy) or [3, H, W] (CHW) -> RGB uint8 [1, 3, H, W] on `device`;
+    with batched=True, same-size images [B, H, W, 3] or [B, 3, H, W] -> [B, 3, H, W].
 
     uint8 is taken as is; floating point must be in [0, 1] and is rounded to round(x * 255) as
-    numpy floats are (`as_rgb_uint8`). A [3, H, 3] tensor is read as HWC (the numpy layout).
-    Shape and dtype checks read only metadata; uint8 input needs no host sync at all, while the
-    NaN / range check of a float input reads one small tensor back (one sync, float input only).
+    numpy floats are (`as_rgb_uint8`). A [3, H, 3] tensor is read as HWC (the numpy layout), and a
+    [B, 3, W, 3] one as BHWC. Shape and dtype checks read only metadata; uint8 input needs no host
+    sync at all, while the NaN / range check of a float input reads one small tensor back (one sync,
+    float input only).
     """
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
@@ -118,26 +122,30 @@ def as_rgb_uint8_torch(image: torch.Tensor, image_format: str = "RGB", device: t
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
         raise TypeError(f"torch images must be uint8 (0..255) or floating point in [0, 1], got dtype {image.dtype}")
-    if image.ndim == 3 and image.shape[-1] == 3:
-        image = image.permute(2, 0, 1)  # HWC -> CHW
-    elif not (image.ndim == 3 and image.shape[0] == 3):
-        raise ValueError(f"torch images must have shape [H, W, 3] (HWC) or [3, H, W] (CHW), got {list(image.shape)}")
-    if image.shape[1] == 0 or image.shape[2] == 0:
+    layouts = "[B, H, W, 3] or [B, 3, H, W]" if batched else "[H, W, 3] (HWC) or [3, H, W] (CHW)"
+    if image.ndim != (4 if batched else 3):
+        raise ValueError(f"torch images must have shape {layouts}, got {list(image.shape)}")
+    images = image if batched else image[None]  # [B, ...]
+    if images.shape[-1] == 3:
+        images = images.permute(0, 3, 1, 2)  # BHWC -> BCHW
+    elif images.shape[1] != 3:
+        raise ValueError(f"torch images must have shape {layouts}, got {list(image.shape)}")
+    if images.numel() == 0:
         raise ValueError(f"image is empty (shape {list(image.shape)})")
-    image = image.to(device)
-    if image.dtype.is_floating_point:
+    images = images.to(device)
+    if images.dtype.is_floating_point:
         # one host sync, float input only: both flags come back in one read
-        nonfinite, out_of_range = torch.stack([~torch.isfinite(image).all(), ((image < 0) | (image > 1)).any()]).tolist()
+        nonfinite, out_of_range = torch.stack([~torch.isfinite(images).all(), ((images < 0) | (images > 1)).any()]).tolist()
         if nonfinite:
             raise ValueError("image has NaN or infinite values")
         if out_of_range:
             raise ValueError("float images must hold values in [0, 1]; pass uint8 for 0..255 data")
-        if image.dtype in (torch.float16, torch.bfloat16):
-            image = image.float()
-        image = torch.round(image * 255.0).to(torch.uint8)  # round half to even in the input's precision, as np.round
+        if images.dtype in (torch.float16, torch.bfloat16):
+            images = images.float()
+        images = torch.round(images * 255.0).to(torch.uint8)  # round half to even in the input's precision, as np.round
     if image_format == "BGR":
-        image = image.flip(0)
-    return image.contiguous()[None]
+        images = images.flip(1)
+    return images.contiguous()
 
 
 def resize_longest_side_torch(images: torch.Tensor, long_side: int) -> torch.Tensor:

@@ -327,6 +327,58 @@ def test_set_images_mixes_torch_and_numpy(tiny_model, photos, singles):
         assert_same_as_single(result, oracle.predict(**prompt, return_logits=True))
 
 
+# A 4-D array of same-size frames (a decoded video clip): converted and resized as ONE batch must
+# give exactly what the same frames give as a list (each resized on its own).
+FRAMES_SHAPE = (3, 150, 200)  # 3 frames of 150 x 200: a downscale to 192 x 256
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return np.stack([make_photo(*FRAMES_SHAPE[1:], seed=40 + i) for i in range(FRAMES_SHAPE[0])])  # [B, H, W, 3] uint8
+
+
+@pytest.fixture(scope="module")
+def frames_as_list(tiny_model, frames) -> SamHQPredictor:
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_images([torch.from_numpy(frame) for frame in frames])
+    return predictor
+
+
+@pytest.mark.parametrize("layout", ["bhwc", "bchw", "bchw_bgr", "bhwc_float"])
+def test_set_images_of_a_frame_batch_equals_a_list(tiny_model, frames, frames_as_list, layout):
+    bhwc = torch.from_numpy(frames)
+    batch, image_format = {
+        "bhwc": (bhwc, "RGB"),
+        "bchw": (bhwc.permute(0, 3, 1, 2), "RGB"),  # a non-contiguous view
+        "bchw_bgr": (bhwc.permute(0, 3, 1, 2).flip(1), "BGR"),
+        "bhwc_float": (bhwc.double() / 255, "RGB"),
+    }[layout]
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_images(batch, image_format=image_format)
+    assert predictor.num_images == 3 and predictor.original_sizes == [FRAMES_SHAPE[1:]] * 3
+    assert predictor.input_sizes == frames_as_list.input_sizes == [(192, 256)] * 3
+    assert torch.equal(predictor.features, frames_as_list.features)
+    assert torch.equal(predictor.hq_features, frames_as_list.hq_features)
+    assert not torch.equal(predictor.features[0], predictor.features[1])  # the frames really differ
+
+
+def test_set_images_of_a_numpy_frame_batch_equals_a_list(tiny_model, frames):
+    stacked, listed = SamHQPredictor(tiny_model), SamHQPredictor(tiny_model)
+    stacked.set_images(frames)
+    listed.set_images(list(frames))
+    assert stacked.original_sizes == listed.original_sizes and torch.equal(stacked.features, listed.features)
+
+
+def test_set_image_takes_a_batch_of_one(tiny_model, frames):
+    batch_of_one, single = SamHQPredictor(tiny_model), SamHQPredictor(tiny_model)
+    batch_of_one.set_image(torch.from_numpy(frames[:1]).permute(0, 3, 1, 2))
+    single.set_image(torch.from_numpy(frames[0]).permute(2, 0, 1))
+    assert batch_of_one.num_images == 1 and batch_of_one.original_size == single.original_size
+    assert torch.equal(batch_of_one.features, single.features)
+    for a, b in zip(batch_of_one.predict(**_prompt(*FRAMES_SHAPE[1:])), single.predict(**_prompt(*FRAMES_SHAPE[1:]))):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -376,14 +428,26 @@ def test_bad_predict_batch_prompts(batch, prompts, error, message):
         ([torch.zeros(4, 20, 30, dtype=torch.uint8)], ValueError, "images[0]: torch images must have shape [H, W, 3] (HWC) or [3, H, W] (CHW)"),
         ([torch.zeros(3, 1, 2000, dtype=torch.uint8)], ValueError, "images[0]: image of 2000x1 (width x height) is too elongated"),
         (["image.png"], TypeError, "images[0]: image must be a numpy array, PIL image or torch tensor"),
+        (torch.zeros(2, 4, 20, 30, dtype=torch.uint8), ValueError, "torch images must have shape [B, H, W, 3] or [B, 3, H, W], got [2, 4, 20, 30]"),
+        (torch.zeros(0, 3, 20, 30, dtype=torch.uint8), ValueError, "image is empty"),
+        (torch.full((2, 20, 30, 3), 1.5), ValueError, "float images must hold values in [0, 1]"),
+        (torch.zeros(1, 2, 20, 30, 3, dtype=torch.uint8), TypeError, "got a 5-D Tensor"),
     ],
-    ids=["empty", "numpy_image", "tensor_image", "float_range", "tensor_nan", "tensor_int64", "tensor_4_channels", "elongated", "path"],
+    ids=[
+        "empty", "numpy_image", "tensor_image", "float_range", "tensor_nan", "tensor_int64", "tensor_4_channels", "elongated", "path",
+        "batch_4_channels", "empty_batch", "batch_float_range", "5d_tensor",
+    ],
 )
 def test_bad_set_images_inputs(tiny_model, images, error, message):
     predictor = SamHQPredictor(tiny_model)
     with pytest.raises(error, match=re.escape(message)):
         predictor.set_images(images)
     assert not predictor.is_image_set
+
+
+def test_set_image_refuses_a_batch_of_several(tiny_model):
+    with pytest.raises(ValueError, match=re.escape("set_image takes one image, got a batch of shape [2, 3, 20, 30]: use set_images")):
+        SamHQPredictor(tiny_model).set_image(torch.zeros(2, 3, 20, 30, dtype=torch.uint8))
 
 
 def test_failed_set_images_keeps_the_previous_images(tiny_model, photos):

@@ -168,6 +168,27 @@ def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints, encoder_graphs):
 
 
 @pytest.mark.gpu
+def test_frame_batch_has_no_host_sync_gpu(tiny_checkpoints):
+    """set_images on a uint8 CUDA clip [B, 3, H, W] (converted, resized and encoded as one batch) does
+    not synchronize with the host, and equals the same frames given as a list."""
+    model = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
+    predictor = SamHQPredictor(model)
+    clip = torch.randint(0, 256, (4, 3, 180, 240), dtype=torch.uint8, device="cuda")
+    predictor.set_images(clip)  # warm-up: Triton compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        predictor.set_images(clip)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    listed = SamHQPredictor(model)
+    listed.set_images(list(clip))
+    assert predictor.input_sizes == listed.input_sizes == [(192, 256)] * 4
+    torch.testing.assert_close(predictor.features, listed.features)
+    torch.testing.assert_close(predictor.hq_features, listed.hq_features)
+
+
+@pytest.mark.gpu
 def test_graphed_fused_encoder_gpu(tiny_model):
     """GraphedEncoder replays one CUDA graph per batch size: the same outputs as direct calls, for two
     inputs alternating through one graph (a stale replay would show), at batch 1 and 2."""

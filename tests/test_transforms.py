@@ -386,6 +386,22 @@ def test_as_rgb_uint8_torch_hwc_wins_when_both_dims_are_3():
     assert torch.equal(out[0], image.permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("kind", list(_torch_conversions(photo(2, 2))))
+def test_as_rgb_uint8_torch_batch_equals_its_images(kind):
+    """batched=True: a [B, ...] stack of images converts to the stack of their single conversions."""
+    images = [_torch_conversions(photo(seed=seed))[kind] for seed in (1, 2)]
+    image_format = images[0][1]
+    out = as_rgb_uint8_torch(torch.stack([image for image, _ in images]), image_format, batched=True)
+    assert out.shape == (2, 3, 37, 53) and out.is_contiguous()
+    assert torch.equal(out, torch.cat([as_rgb_uint8_torch(image, image_format) for image, _ in images]))
+    assert not torch.equal(out[0], out[1])
+
+
+def test_as_rgb_uint8_torch_batched_needs_a_batch_axis():
+    with pytest.raises(ValueError, match=re.escape("[B, H, W, 3] or [B, 3, H, W], got [4, 4, 3]")):
+        as_rgb_uint8_torch(torch.zeros(4, 4, 3, dtype=torch.uint8), batched=True)
+
+
 @pytest.mark.parametrize(
     "image, image_format, error, message",
     [
