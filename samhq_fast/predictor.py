@@ -11,6 +11,7 @@ from .modeling import SamHQ
 from .transforms import as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
 
 PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
+TORCH_PROMPT_KEYS = ("point_coords", "point_labels", "boxes", "mask_input")  # and a predict_batch_torch one
 
 # Points may sit this far outside the image (as a fraction of its longest side): the original
 # accepts points slightly off the border, but a point far outside is almost surely a bug
@@ -249,34 +250,49 @@ class SamHQPredictor:
         The fused backend decodes all prompts of all images as one padded batch (one compiled call,
         CUDA graphs on the GPU, per 256 prompts; the padding is masked out, so results do not
         change). The eager backend makes one mask-decoder call per sparse-token count (the number
-        of point and box tokens per prompt). Each prompt reads its own image's features.
+        of point and box tokens per prompt). Each prompt reads its own image's features. The prompts
+        are validated on the host, as in `predict`; `predict_batch_torch` takes device tensors unread.
         """
+        convert = lambda i, **prompt: self._prompts_to_torch(**prompt, original_size=self.original_sizes[i])  # noqa: E731
+        converted = self._per_image_prompts(prompts, PROMPT_KEYS, convert)
+        decoded = self._decode_images(converted, multimask_output, hq_token_only, return_logits)
+        return [None if out is None else _to_output(out, return_torch, converted[i][4]) for i, out in enumerate(decoded)]
+
+    def predict_batch_torch(
+        self, prompts, multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False
+    ) -> list:
+        """`predict_batch` for torch prompts already in each image's resized INPUT frame, as
+        `predict_torch` takes them: one dict per image set (or None to skip it) with keys among
+        point_coords [N, K, 2], point_labels [N, K], boxes [N, 4], mask_input [N, 1, 4G, 4G]
+        -> per image, (masks [N, 1, H, W] bool or logits, scores [N, 1], low_res_logits
+        [N, 1, 4G, 4G]) tensors on the model's device, or None. Shapes and devices are checked, not
+        values: on CUDA nothing here waits for the GPU (for e.g. tracker boxes already on the GPU)."""
+        convert = lambda i, **prompt: (*self._checked_torch_prompts(**prompt), True)  # noqa: E731
+        converted = self._per_image_prompts(prompts, TORCH_PROMPT_KEYS, convert)
+        return self._decode_images(converted, multimask_output, hq_token_only, return_logits)
+
+    def _per_image_prompts(self, prompts, keys: tuple[str, ...], convert) -> dict:
+        """prompts: one dict with keys among `keys` (or None) per image set -> image index ->
+        convert(index, **dict): (coords, labels, boxes, masks, batched) in the input frame."""
         self._require_image(single=False)
         if isinstance(prompts, dict) or not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a list of dicts, one per image, got {type(prompts).__name__}")
         if len(prompts) != self.num_images:
             raise ValueError(f"got {len(prompts)} prompt dicts for {self.num_images} images: give one per image set by set_images (None skips one)")
-        converted = {}  # image index -> (coords, labels, boxes, masks, batched)
+        converted = {}
         for i, prompt in enumerate(prompts):
             if prompt is None:
                 continue
             if not isinstance(prompt, dict):
-                raise TypeError(f"prompts[{i}] must be a dict of predict's prompt arguments (or None), got {type(prompt).__name__}")
-            unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+                raise TypeError(f"prompts[{i}] must be a dict of prompt arguments (or None), got {type(prompt).__name__}")
+            unknown = sorted(set(prompt) - set(keys))
             if unknown:
-                raise ValueError(f"prompts[{i}] has unknown keys {unknown}; allowed: {list(PROMPT_KEYS)}")
+                raise ValueError(f"prompts[{i}] has unknown keys {unknown}; allowed: {list(keys)}")
             try:
-                converted[i] = self._prompts_to_torch(**{k: prompt.get(k) for k in PROMPT_KEYS}, original_size=self.original_sizes[i])
+                converted[i] = convert(i, **{k: prompt.get(k) for k in keys})
             except (TypeError, ValueError) as e:
                 raise type(e)(f"prompts[{i}]: {e}") from e
-        results = [None] * len(prompts)
-        if not converted:
-            return results
-        decoded = self._decode_images(converted, multimask_output, hq_token_only)
-        for i, (low_res, scores) in decoded.items():
-            masks = self._masks(low_res, self.input_sizes[i], self.original_sizes[i], return_logits)
-            results[i] = _to_output((masks, scores, low_res), return_torch, converted[i][4])
-        return results
+        return converted
 
     def _masks(self, low_res: torch.Tensor, input_size, original_size, return_logits: bool) -> torch.Tensor:
         """Low-res logits [N, 1, 4G, 4G] -> [N, 1, H, W] in the original frame: logits, or bool masks."""
@@ -290,14 +306,24 @@ class SamHQPredictor:
         return self._prompt_decoder
 
     @torch.inference_mode()
-    def _decode_images(self, converted: dict, multimask_output: bool, hq_token_only: bool) -> dict:
-        """image index -> input-frame prompt tensors (from _prompts_to_torch) ==> image index ->
-        (low-res logits [P_i, 1, 4G, 4G], scores [P_i, 1]).
+    def _decode_images(self, converted: dict, multimask_output: bool, hq_token_only: bool, return_logits: bool) -> list:
+        """image index -> input-frame prompt tensors (coords, labels, boxes, masks, batched) ==> per
+        image set, (masks [P_i, 1, H_i, W_i], scores [P_i, 1], low-res logits [P_i, 1, 4G, 4G]), or
+        None for an image without prompts.
 
         fused backend: every prompt of every image in one padded batch (one compiled call per 256
         prompts). eager: one decoder call per sparse-token count (prompts with different counts
         cannot share an unpadded batch), each prompt reading its image's features.
         """
+        results = [None] * self.num_images
+        for i, (low_res, scores) in self._decode_low_res(converted, multimask_output, hq_token_only).items():
+            results[i] = self._masks(low_res, self.input_sizes[i], self.original_sizes[i], return_logits), scores, low_res
+        return results
+
+    def _decode_low_res(self, converted: dict, multimask_output: bool, hq_token_only: bool) -> dict:
+        """_decode_images without the post-processing: image index -> (low-res logits, scores)."""
+        if not converted:
+            return {}
         model = self.model
         if model.backend == "fused":
             prompt_sets = [(i, *tensors[:4]) for i, tensors in converted.items()]
@@ -395,7 +421,7 @@ class SamHQPredictor:
         -> masks [N, 1, H, W] (bool, or logits), scores [N, 1], low_res_logits [N, 1, 4G, 4G]."""
         self._require_image()
         model = self.model
-        self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
+        self._checked_torch_prompts(point_coords, point_labels, boxes, mask_input)
         if model.backend == "fused":  # fixed-shape compiled decoder (CUDA graphs on the GPU)
             low_res, scores = self._fused_decoder()(
                 self.features, self.hq_features, point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only
@@ -408,8 +434,9 @@ class SamHQPredictor:
         masks = self._masks(low_res, self.input_size, self.original_size, return_logits)
         return masks, scores, low_res
 
-    def _check_torch_prompts(self, point_coords, point_labels, boxes, mask_input) -> None:
-        """Shape checks only: value checks (NaN, ranges) would sync the GPU on every call."""
+    def _checked_torch_prompts(self, point_coords, point_labels, boxes, mask_input) -> tuple:
+        """Type, shape and device checks only (value checks, NaN or ranges, would sync the GPU on
+        every call) -> the four prompt tensors (or None) unchanged."""
         low_res = 4 * self.model.config.embedding_size
         expected = {"point_coords": "[N, K, 2]", "point_labels": "[N, K]", "boxes": "[N, 4]", "mask_input": f"[N, 1, {low_res}, {low_res}]"}
         given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
@@ -427,6 +454,12 @@ class SamHQPredictor:
         for name, good in ok.items():
             if not good:
                 raise ValueError(f"{name} must have shape {expected[name]}, got {list(given[name].shape)}")
+        for name, tensor in given.items():
+            if tensor is not None and tensor.device != self.device:
+                raise ValueError(f"{name} is on {tensor.device}, the model on {self.device}: move the prompts to the model's device")
         counts = {name: t.shape[0] for name, t in given.items() if t is not None}
         if len(set(counts.values())) > 1:
             raise ValueError(f"prompt counts disagree: {counts}; every prompt tensor needs the same N")
+        if 0 in counts.values():
+            raise ValueError(f"no prompts: the prompt tensors are empty (N = 0: {counts})")
+        return point_coords, point_labels, boxes, mask_input

@@ -16,6 +16,7 @@ from PIL import Image
 from samhq_fast import SamHQPredictor
 from samhq_fast.decoding import PromptDecoder
 from samhq_fast.predictor import ImageNotSetError
+from samhq_fast.transforms import scale_coords
 from test_predictor import LOW, SCORE_TOL, assert_logits_close, assert_masks_match, make_photo
 
 # Three sizes and orientations: landscape and portrait downscales and a small upscale
@@ -164,6 +165,65 @@ def test_fused_predict_batch_is_one_padded_decoder_call(tiny_model, photos, sing
     assert calls == [16]  # 7 prompts -> the 16-prompt bucket, one call
     for result, single, prompt in zip(results, singles, prompts):
         assert_same_as_single(result, single.predict(**prompt, return_logits=True))
+
+
+def to_input_frame(prompt: dict, original_size: tuple[int, int]) -> dict:
+    """A predict_batch prompt dict (original frame, maybe unbatched) -> a predict_batch_torch one
+    (input frame, batched torch tensors)."""
+    out = {}
+    if "point_coords" in prompt:
+        coords = np.asarray(prompt["point_coords"], dtype=np.float64)
+        coords, labels = (coords, prompt["point_labels"]) if coords.ndim == 3 else (coords[None], prompt["point_labels"][None])
+        out["point_coords"] = torch.tensor(scale_coords(coords, original_size, 256), dtype=torch.float32)
+        out["point_labels"] = torch.tensor(labels, dtype=torch.int64)
+    if "box" in prompt:
+        corners = np.asarray(prompt["box"], dtype=np.float64).reshape(-1, 2, 2)
+        out["boxes"] = torch.tensor(scale_coords(corners, original_size, 256).reshape(-1, 4), dtype=torch.float32)
+    if "mask_input" in prompt:
+        masks = np.asarray(prompt["mask_input"])
+        out["mask_input"] = torch.tensor(masks if masks.ndim == 4 else masks[None])
+    return out
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_predict_batch_torch_equals_predict_batch(tiny_model, photos, singles, backend):
+    """Input-frame torch prompts (no host-side validation) give predict_batch's results, as batched tensors."""
+    model = copy.deepcopy(tiny_model)
+    model.backend = backend  # the decoder path (see test_fused_predict_batch_is_one_padded_decoder_call)
+    predictor = SamHQPredictor(model)
+    predictor.set_images(photos)
+    if backend == "fused":
+        predictor._prompt_decoder = PromptDecoder(model, compile=False)
+    prompts = mixed_prompts(singles)
+    prompts[1] = None  # a skipped image
+    expected = predictor.predict_batch(prompts, return_logits=True, return_torch=True, multimask_output=False)
+    torch_prompts = [None if p is None else to_input_frame(p, size) for p, size in zip(prompts, SIZES)]
+    got = predictor.predict_batch_torch(torch_prompts, return_logits=True, multimask_output=False)
+    assert got[1] is None and expected[1] is None
+    for result, reference in zip(got[::2], expected[::2]):
+        for g, e in zip(result, reference):
+            e = e if g.ndim == e.ndim else e[None]  # predict_batch dropped the prompt axis of an unbatched prompt
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert [r[0].shape for r in got[::2]] == [(1, 1, *SIZES[0]), (5, 1, *SIZES[2])]
+    masks = predictor.predict_batch_torch([None, None, torch_prompts[2]], multimask_output=False)[2][0]
+    assert masks.dtype == torch.bool and torch.equal(masks, got[2][0] > 0)
+
+
+@pytest.mark.parametrize(
+    "prompts, error, message",
+    [
+        ([{}, {"box": torch.zeros(1, 4)}, {}], ValueError, "prompts[1] has unknown keys ['box']; allowed: ['point_coords', 'point_labels', 'boxes', 'mask_input']"),
+        ([{}, {}, {"boxes": np.zeros((1, 4))}], TypeError, "prompts[2]: boxes must be a torch.Tensor [N, 4], got ndarray"),
+        ([{}, {}, {"boxes": torch.zeros(4)}], ValueError, "prompts[2]: boxes must have shape [N, 4], got [4]"),
+        ([{"boxes": torch.zeros(0, 4)}, None, None], ValueError, "prompts[0]: no prompts: the prompt tensors are empty"),
+        ([{"boxes": torch.zeros(1, 4, device="meta")}, None, None], ValueError, "prompts[0]: boxes is on meta, the model on cpu"),
+        ([{}, {}], ValueError, "got 2 prompt dicts for 3 images"),
+    ],
+    ids=["numpy_key", "numpy_value", "bad_shape", "no_prompts", "wrong_device", "too_few"],
+)
+def test_bad_predict_batch_torch_prompts(batch, prompts, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        batch.predict_batch_torch(prompts)
 
 
 @pytest.mark.parametrize("backend", ["eager", "fused"])

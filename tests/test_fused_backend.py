@@ -169,18 +169,24 @@ def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints, encoder_graphs):
 
 @pytest.mark.gpu
 def test_frame_batch_has_no_host_sync_gpu(tiny_checkpoints):
-    """set_images on a uint8 CUDA clip [B, 3, H, W] (converted, resized and encoded as one batch) does
-    not synchronize with the host, and equals the same frames given as a list."""
+    """set_images on a uint8 CUDA clip [B, 3, H, W] (converted, resized and encoded as one batch) and
+    predict_batch_torch with CUDA boxes (one padded decoder call for all frames) do not synchronize
+    with the host; the clip's features equal the same frames given as a list."""
     model = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
     predictor = SamHQPredictor(model)
     clip = torch.randint(0, 256, (4, 3, 180, 240), dtype=torch.uint8, device="cuda")
-    predictor.set_images(clip)  # warm-up: Triton compiles
+    boxes = [{"boxes": torch.tensor([[10.0, 20.0, 150.0, 160.0]] * n, device="cuda")} for n in (1, 2, 1, 3)]  # input frame
+    for _ in range(3):  # warm-up: Triton compiles, torch.compile, CUDA graph recording
+        predictor.set_images(clip)
+        predictor.predict_batch_torch(boxes)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         predictor.set_images(clip)
+        results = predictor.predict_batch_torch(boxes)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert [r[0].shape for r in results] == [(n, 1, 180, 240) for n in (1, 2, 1, 3)] and results[0][0].is_cuda
     listed = SamHQPredictor(model)
     listed.set_images(list(clip))
     assert predictor.input_sizes == listed.input_sizes == [(192, 256)] * 4

@@ -667,7 +667,7 @@ def test_bad_prompts_raise(prepared, kind):
 
 
 BAD_TORCH_PROMPTS = {
-    # predict_torch takes input-frame tensors with a prompt axis; only shapes are checked (no GPU sync).
+    # predict_torch takes input-frame tensors with a prompt axis; only shapes and devices are checked (no GPU sync).
     "coords_without_prompt_axis": (dict(point_coords=torch.zeros(3, 2), point_labels=torch.ones(3)), ValueError, "point_coords must have shape [N, K, 2]"),
     "labels_shape": (dict(point_coords=torch.zeros(2, 3, 2), point_labels=torch.ones(2, 4)), ValueError, "point_labels must have shape [N, K]"),
     "labels_missing": (dict(point_coords=torch.zeros(1, 3, 2), point_labels=None), ValueError, "given together"),
@@ -675,6 +675,9 @@ BAD_TORCH_PROMPTS = {
     "mask_size": (dict(point_coords=None, point_labels=None, mask_input=torch.zeros(1, 1, 32, 32)), ValueError, f"mask_input must have shape [N, 1, {LOW}, {LOW}]"),
     "count_mismatch": (dict(point_coords=torch.zeros(2, 1, 2), point_labels=torch.ones(2, 1), boxes=torch.zeros(3, 4)), ValueError, "prompt counts disagree"),
     "numpy_box": (dict(point_coords=None, point_labels=None, boxes=np.zeros((1, 4))), TypeError, "boxes must be a torch.Tensor"),
+    "no_prompts": (dict(point_coords=torch.zeros(0, 1, 2), point_labels=torch.ones(0, 1)), ValueError, "no prompts: the prompt tensors are empty"),
+    # (the meta device stands in for a GPU: a device mismatch is metadata, checked without a sync)
+    "wrong_device": (dict(point_coords=None, point_labels=None, boxes=torch.zeros(1, 4, device="meta")), ValueError, "boxes is on meta, the model on cpu"),
 }
 
 
