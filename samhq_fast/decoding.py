@@ -64,16 +64,6 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
 
 
-def decode_eager(prompt_encoder, mask_decoder, image_embeddings, image_pe, hq_features, point_coords, point_labels, boxes,
-                 mask_input, multimask_output: bool, hq_token_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference decode (the eager backend's): unpadded prompts through the model's own prompt
-    encoder and HQ decoder. image_pe: prompt_encoder.get_dense_pe() [1, 256, G, G], computed once by
-    the caller (it depends on no prompt and no image). Same prompt arguments as `PromptDecoder.__call__`."""
-    points = None if point_coords is None else (point_coords, point_labels)
-    sparse, dense = prompt_encoder(points, boxes, mask_input)
-    return mask_decoder(image_embeddings, image_pe, sparse, dense, hq_features, multimask_output, hq_token_only)
-
-
 def padded_rows(num: int) -> int:
     """Rows the padded prompt batch has for num prompts: full chunks of the largest bucket, then the
     bucket of the rest (so every chunk is a bucket size)."""

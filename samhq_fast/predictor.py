@@ -1,28 +1,36 @@
 """SamHQPredictor: the original SamPredictor's API (set an image once, prompt it many times),
 plus several prompts per call, torch-tensor images and outputs, and several images at once."""
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
 
-from .decoding import PromptDecoder, decode_eager
+from .decoding import PromptDecoder
+from .modeling.sam_hq import decode_eager
 from .graphs import GraphedEncoder
 from .modeling import SamHQ
-from .transforms import as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
+from .transforms import ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
 
 PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
 TORCH_PROMPT_KEYS = ("point_coords", "point_labels", "boxes", "mask_input")  # and a predict_batch_torch one
 
 # Points may sit this far outside the image (as a fraction of its longest side): the original
 # accepts points slightly off the border, but a point far outside is almost surely a bug
-# (swapped x/y, coordinates of another image, normalized coordinates...).
+# (swapped x/y, coordinates of another image...).
 POINT_MARGIN = 0.1
+# On an image at least this large (longest side, pixels), prompts whose every coordinate lies in
+# [0, 1] are almost surely normalized coordinates, not pixels: they get a warning.
+NORMALIZED_WARNING_MIN_SIDE = 32
 
 
 def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
     try:
         array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
     except (TypeError, ValueError) as e:
+        if isinstance(value, (list, tuple)) and "sequence" in str(e):  # numpy's words for nested lists of unequal lengths
+            raise ValueError(f"{name} is ragged (nested lists of different lengths): every prompt needs the same number of points (pad with label -1)") from e
         raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from e
     if last_dim is not None and (array.ndim == 0 or array.shape[-1] != last_dim):
         raise ValueError(f"{name} must have a last dimension of {last_dim}, got shape {list(array.shape)}")
@@ -56,6 +64,7 @@ class SamHQPredictor:
         self.model = model
         self._prompt_decoder = None  # the fused backend's compiled decoder, built on first use
         self._encode = GraphedEncoder(model) if encoder_graphs else model.encode_image
+        self.transform = ResizeLongestSide(model.config.img_size)  # the original's: original frame -> input frame
         self.reset_image()
 
     @property
@@ -91,8 +100,9 @@ class SamHQPredictor:
         equal on upscales, at most 1 level off on ~0.1 % of the values on downscales; an image whose
         longest side already is the model's img_size is used unchanged, bit for bit the numpy
         path), normalized and padded there. uint8 tensors cost no host sync; float tensors cost one
-        (their NaN / [0, 1] range check).
+        (their NaN / [0, 1] range check). A failed call leaves no image set (not the previous one).
         """
+        self.reset_image()
         if isinstance(image, torch.Tensor) and image.ndim == 4:
             if image.shape[0] != 1:
                 raise ValueError(f"set_image takes one image, got a batch of shape {list(image.shape)}: use set_images for several")
@@ -112,8 +122,9 @@ class SamHQPredictor:
         encoder's memory grows with the number of images, so split very long lists. Stores
         features [B, 256, G, G], hq_features [B, 32, 4G, 4G], original_sizes and input_sizes (one
         per image). With one image this is set_image; with several, `predict` / `predict_torch`
-        refuse (they are single-image: use predict_batch).
+        refuse (they are single-image: use predict_batch). A failed call leaves no image set.
         """
+        self.reset_image()
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             rgb = as_rgb_uint8_torch(images, image_format, self.device, batched=True)  # [B, 3, H, W]
             self._encode_images([resize_longest_side_torch(rgb, self.model.config.img_size)], [tuple(rgb.shape[-2:])] * len(rgb))
@@ -166,6 +177,7 @@ class SamHQPredictor:
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
         """transformed_image: [1, 3, h, w] RGB on a 0..255 scale, already resized so max(h, w) equals the
         model's image size; original_image_size: (H, W) of the image prompts refer to."""
+        self.reset_image()
         size = self.model.config.img_size
         if not isinstance(transformed_image, torch.Tensor) or transformed_image.ndim != 4 or transformed_image.shape[:2] != (1, 3):
             shape = list(transformed_image.shape) if isinstance(transformed_image, torch.Tensor) else type(transformed_image).__name__
@@ -267,7 +279,7 @@ class SamHQPredictor:
         -> per image, (masks [N, 1, H, W] bool or logits, scores [N, 1], low_res_logits
         [N, 1, 4G, 4G]) tensors on the model's device, or None. Shapes and devices are checked, not
         values: on CUDA nothing here waits for the GPU (for e.g. tracker boxes already on the GPU)."""
-        convert = lambda i, **prompt: (*self._checked_torch_prompts(**prompt), True)  # noqa: E731
+        convert = lambda i, **prompt: (*self.model.prompt_encoder.check_prompts(**prompt), True)  # noqa: E731
         converted = self._per_image_prompts(prompts, TORCH_PROMPT_KEYS, convert)
         return self._decode_images(converted, multimask_output, hq_token_only, return_logits)
 
@@ -392,6 +404,8 @@ class SamHQPredictor:
             boxes = torch.as_tensor(scale_coords(bx.reshape(-1, 2, 2), original_size, size).reshape(-1, 4), dtype=torch.float32, device=self.device)
         if mask_input is not None:
             low_res = 4 * self.model.config.embedding_size
+            if np.asarray(mask_input.detach().cpu() if isinstance(mask_input, torch.Tensor) else mask_input).dtype == np.bool_:
+                raise TypeError("mask_input must be float logits (a previous predict's low_res_logits), got a bool mask")
             mk = _finite_array(mask_input, "mask_input")
             if mk.ndim not in (3, 4) or mk.shape[-3:] != (1, low_res, low_res):
                 raise ValueError(f"mask_input must be [1, {low_res}, {low_res}] or [N, 1, {low_res}, {low_res}] logits, got shape {list(mk.shape)}")
@@ -403,6 +417,13 @@ class SamHQPredictor:
             raise ValueError(f"prompt counts disagree: {counts}; give the same number N of prompts in each argument")
         if counts and next(iter(counts.values())) == 0:
             raise ValueError("no prompts: the prompt arrays are empty")
+        given = [a for a in (pts if point_coords is not None else None, bx if box is not None else None) if a is not None]
+        if given and max(original_size) >= NORMALIZED_WARNING_MIN_SIDE and all(np.abs(a).max() <= 1 for a in given):
+            warnings.warn(
+                f"every prompt coordinate lies in [0, 1] on a {original_size[1]}x{original_size[0]} image: coordinates are "
+                "(x, y) pixels of the original image, not normalized ones (multiply by the width and height)",
+                stacklevel=3,
+            )
         return coords, labels, boxes, masks, batched
 
     @torch.inference_mode()
@@ -421,7 +442,7 @@ class SamHQPredictor:
         -> masks [N, 1, H, W] (bool, or logits), scores [N, 1], low_res_logits [N, 1, 4G, 4G]."""
         self._require_image()
         model = self.model
-        self._checked_torch_prompts(point_coords, point_labels, boxes, mask_input)
+        model.prompt_encoder.check_prompts(point_coords, point_labels, boxes, mask_input)
         if model.backend == "fused":  # fixed-shape compiled decoder (CUDA graphs on the GPU)
             low_res, scores = self._fused_decoder()(
                 self.features, self.hq_features, point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only
@@ -433,33 +454,3 @@ class SamHQPredictor:
             )
         masks = self._masks(low_res, self.input_size, self.original_size, return_logits)
         return masks, scores, low_res
-
-    def _checked_torch_prompts(self, point_coords, point_labels, boxes, mask_input) -> tuple:
-        """Type, shape and device checks only (value checks, NaN or ranges, would sync the GPU on
-        every call) -> the four prompt tensors (or None) unchanged."""
-        low_res = 4 * self.model.config.embedding_size
-        expected = {"point_coords": "[N, K, 2]", "point_labels": "[N, K]", "boxes": "[N, 4]", "mask_input": f"[N, 1, {low_res}, {low_res}]"}
-        given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
-        if (point_coords is None) != (point_labels is None):
-            raise ValueError("point_coords and point_labels must be given together")
-        for name, tensor in given.items():
-            if tensor is not None and not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor {expected[name]}, got {type(tensor).__name__}")
-        ok = {
-            "point_coords": point_coords is None or (point_coords.ndim == 3 and point_coords.shape[-1] == 2),
-            "point_labels": point_labels is None or point_labels.shape == point_coords.shape[:2],
-            "boxes": boxes is None or (boxes.ndim == 2 and boxes.shape[-1] == 4),
-            "mask_input": mask_input is None or tuple(mask_input.shape[1:]) == (1, low_res, low_res),
-        }
-        for name, good in ok.items():
-            if not good:
-                raise ValueError(f"{name} must have shape {expected[name]}, got {list(given[name].shape)}")
-        for name, tensor in given.items():
-            if tensor is not None and tensor.device != self.device:
-                raise ValueError(f"{name} is on {tensor.device}, the model on {self.device}: move the prompts to the model's device")
-        counts = {name: t.shape[0] for name, t in given.items() if t is not None}
-        if len(set(counts.values())) > 1:
-            raise ValueError(f"prompt counts disagree: {counts}; every prompt tensor needs the same N")
-        if 0 in counts.values():
-            raise ValueError(f"no prompts: the prompt tensors are empty (N = 0: {counts})")
-        return point_coords, point_labels, boxes, mask_input

@@ -52,14 +52,22 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported image dtype {array.dtype}")
 
 
+def channel_order(image_format: str) -> str:
+    """"RGB" or "BGR" (any case) -> "RGB" / "BGR"; anything else is a ValueError."""
+    if not isinstance(image_format, str) or image_format.upper() not in ("RGB", "BGR"):
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    return image_format.upper()
+
+
 def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
     """numpy [H, W], [H, W, 1|3|4] or a PIL image -> contiguous RGB uint8 [H, W, 3].
 
-    Grayscale is replicated to 3 channels, alpha is dropped, 16-bit is rescaled, float must be in [0, 1].
-    image_format: channel order of a 3/4-channel numpy input, "RGB" or "BGR".
+    Grayscale is replicated to 3 channels, alpha is dropped, 16-bit is taken as the full 0..65535
+    range and rescaled, float must be in [0, 1]. image_format: channel order of the pixel data,
+    "RGB" or "BGR" (a PIL image built from a BGR array, e.g. OpenCV's, is BGR too). A PIL image is
+    taken as stored: its EXIF orientation is not applied (`load_image` applies it).
     """
-    if image_format not in ("RGB", "BGR"):
-        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    image_format = channel_order(image_format)
     if isinstance(image, Image.Image):
         if image.mode.startswith("I"):  # 16-bit grayscale opens as "I;16*" or, in older files, 32-bit "I"
             image = np.asarray(image)
@@ -70,7 +78,6 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
             image = np.asarray(image)
         else:
             image = np.asarray(image.convert("RGB"))
-            image_format = "RGB"
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array or PIL image, got {type(image).__name__}")
     if image.ndim == 2:
@@ -116,8 +123,7 @@ def as_rgb_uint8_torch(
     sync at all, while the NaN / range check of a float input reads one small tensor back (one sync,
     float input only).
     """
-    if image_format not in ("RGB", "BGR"):
-        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    image_format = channel_order(image_format)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
@@ -194,3 +200,43 @@ def scale_coords(coords: np.ndarray, original_size: tuple[int, int], long_side: 
     coords[..., 0] *= new_w / old_w
     coords[..., 1] *= new_h / old_h
     return coords
+
+
+class ResizeLongestSide:
+    """The original predictor's `predictor.transform`: the resize to the model's input frame (longest
+    side = target_length) for images, and the matching map of (x, y) pixel coordinates from an
+    image's original frame (original_size = (H, W)) to that input frame."""
+
+    def __init__(self, target_length: int):
+        self.target_length = target_length
+
+    @staticmethod
+    def get_preprocess_shape(old_h: int, old_w: int, long_side_length: int) -> tuple[int, int]:
+        return preprocess_shape(old_h, old_w, long_side_length)
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 [H, W, 3] -> [h, w, 3] (PIL bilinear, antialiased, as the original)."""
+        return resize_longest_side(as_rgb_uint8(image), self.target_length)
+
+    def apply_image_torch(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB uint8 [B, 3, H, W] -> [B, 3, h, w] on the images' device (see `resize_longest_side_torch`)."""
+        return resize_longest_side_torch(images, self.target_length)
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(x, y) [..., 2] -> float64 [..., 2] in the input frame."""
+        return scale_coords(coords, original_size, self.target_length)
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(x1, y1, x2, y2) [..., 4] -> float64 [N, 4] in the input frame."""
+        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """(x, y) [..., 2] -> float32 [..., 2] in the input frame, on the coordinates' device (no host sync)."""
+        old_h, old_w = original_size
+        new_h, new_w = preprocess_shape(old_h, old_w, self.target_length)
+        coords = coords.float()
+        return torch.stack([coords[..., 0] * (new_w / old_w), coords[..., 1] * (new_h / old_h)], dim=-1)
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """(x1, y1, x2, y2) [..., 4] -> float32 [N, 4] in the input frame."""
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)

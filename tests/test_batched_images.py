@@ -510,10 +510,18 @@ def test_set_image_refuses_a_batch_of_several(tiny_model):
         SamHQPredictor(tiny_model).set_image(torch.zeros(2, 3, 20, 30, dtype=torch.uint8))
 
 
-def test_failed_set_images_keeps_the_previous_images(tiny_model, photos):
+@pytest.mark.parametrize("call", ["set_images", "set_image", "set_torch_image"])
+def test_a_failed_set_image_forgets_the_previous_images(tiny_model, photos, call):
+    """After a failed set_image, predicting must not silently answer for the previous image(s)."""
     predictor = SamHQPredictor(tiny_model)
     predictor.set_images(photos[:2])
-    before = predictor.features
+    bad = {
+        "set_images": lambda: predictor.set_images([photos[2], np.full((5, 5, 3), 7.0)]),
+        "set_image": lambda: predictor.set_image(np.full((5, 5, 3), 7.0)),
+        "set_torch_image": lambda: predictor.set_torch_image(torch.zeros(1, 3, 100, 100), (100, 100)),
+    }[call]
     with pytest.raises(ValueError):
-        predictor.set_images([photos[2], np.full((5, 5, 3), 7.0)])
-    assert predictor.num_images == 2 and predictor.features is before
+        bad()
+    assert predictor.num_images == 0 and predictor.features is None
+    with pytest.raises(ImageNotSetError):
+        predictor.predict_batch([None, None])

@@ -15,6 +15,7 @@ logit is within 1e-4 of the 0 threshold.
 """
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -655,6 +656,8 @@ BAD_PROMPTS = {
     "empty_points": (dict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0)), ValueError, "empty"),
     "empty_point_sets": (dict(point_coords=np.zeros((0, 1, 2)), point_labels=np.zeros((0, 1))), ValueError, "no prompts"),
     "point_sets_of_zero_points": (dict(point_coords=np.zeros((2, 0, 2)), point_labels=np.zeros((2, 0))), ValueError, "empty"),
+    "ragged_point_sets": (dict(point_coords=[[[1, 2]], [[3, 4], [5, 6]]], point_labels=[[1], [1, 1]]), ValueError, "point_coords is ragged"),
+    "bool_mask": (dict(mask_input=np.zeros((1, LOW, LOW), bool)), TypeError, "mask_input must be float logits"),
 }
 
 
@@ -678,7 +681,101 @@ BAD_TORCH_PROMPTS = {
     "no_prompts": (dict(point_coords=torch.zeros(0, 1, 2), point_labels=torch.ones(0, 1)), ValueError, "no prompts: the prompt tensors are empty"),
     # (the meta device stands in for a GPU: a device mismatch is metadata, checked without a sync)
     "wrong_device": (dict(point_coords=None, point_labels=None, boxes=torch.zeros(1, 4, device="meta")), ValueError, "boxes is on meta, the model on cpu"),
+    "bool_labels": (dict(point_coords=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1, dtype=torch.bool)), TypeError, "point_labels must hold 1"),
+    "bool_mask": (dict(point_coords=None, point_labels=None, mask_input=torch.zeros(1, 1, LOW, LOW, dtype=torch.bool)), TypeError, "mask_input must be float logits"),
 }
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [dict(point_coords=np.array([[0.5, 0.4]]), point_labels=L1), dict(box=np.array([0.1, 0.2, 0.6, 0.9]))],
+    ids=["points", "box"],
+)
+def test_normalized_coordinates_warn(prepared, prompt):
+    """Coordinates in [0, 1] on a 300 x 200 image: most likely normalized ones, a silent top-left mask otherwise."""
+    predictor, _ = prepared("landscape_200x300")
+    with pytest.warns(UserWarning, match=re.escape("every prompt coordinate lies in [0, 1] on a 300x200 image")):
+        predictor.predict(**prompt)
+
+
+def test_pixel_coordinates_do_not_warn(prepared):
+    predictor, _ = prepared("landscape_200x300")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor.predict(point_coords=np.array([[0.5, 0.5], [120.0, 80.0]]), point_labels=np.array([1, 0]))
+        predictor.predict(box=np.array([0.0, 0.0, 1.0, 150.0]))
+
+
+def test_model_forward_equals_the_predictor(tiny_model):
+    """The original Sam.forward over two images of different sizes (one encoder batch) gives, image
+    by image, what set_torch_image + predict_torch give for the same prompts."""
+    transform = SamHQPredictor(tiny_model).transform
+    photos = [make_photo(200, 300, seed=5), make_photo(330, 180, seed=6)]
+    images = [torch.from_numpy(transform.apply_image(p)).permute(2, 0, 1) for p in photos]
+    prompts = [
+        dict(boxes=torch.tensor([[10.0, 20.0, 200.0, 150.0], [50.0, 40.0, 120.0, 160.0]])),
+        dict(point_coords=torch.tensor([[[60.0, 100.0], [20.0, 200.0]]]), point_labels=torch.tensor([[1, 0]]), mask_inputs=torch.randn(1, 1, LOW, LOW)),
+    ]
+    batched_input = [dict(image=image, original_size=p.shape[:2], **prompt) for image, p, prompt in zip(images, photos, prompts)]
+    for multimask_output, hq_token_only in ((True, False), (False, True)):
+        outputs = tiny_model(batched_input, multimask_output=multimask_output, hq_token_only=hq_token_only)
+        for output, image, photo, prompt in zip(outputs, images, photos, prompts):
+            predictor = SamHQPredictor(tiny_model)
+            predictor.set_torch_image(image[None], photo.shape[:2])
+            masks, scores, low_res = predictor.predict_torch(
+                prompt.get("point_coords"), prompt.get("point_labels"), prompt.get("boxes"), prompt.get("mask_inputs"),
+                multimask_output=multimask_output, hq_token_only=hq_token_only, return_logits=True,
+            )
+            assert output["masks"].dtype == torch.bool and output["masks"].shape == masks.shape == (len(scores), 1, *photo.shape[:2])
+            torch.testing.assert_close(output["low_res_logits"], low_res, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(output["iou_predictions"], scores, rtol=1e-5, atol=1e-5)
+            away = masks.abs() > 1e-4  # away from the threshold, where float rounding cannot flip a pixel
+            assert torch.equal(output["masks"][away], (masks > 0)[away])
+
+
+def test_original_model_attributes(tiny_model):
+    """pixel_mean / pixel_std are what preprocess normalizes with; image_encoder.img_size is the input side."""
+    image = torch.from_numpy(make_photo(256, 170, seed=2)).permute(2, 0, 1).float()
+    normalized = tiny_model.preprocess(image[None])[0, :, :, :170]
+    torch.testing.assert_close(normalized, (image - tiny_model.pixel_mean) / tiny_model.pixel_std)
+    assert tiny_model.image_encoder.img_size == 256 and tiny_model.image_format == "RGB"
+
+
+@pytest.mark.parametrize(
+    "batched_input, message",
+    [
+        ([], "non-empty list of dicts"),
+        ([dict(image=torch.zeros(3, 300, 200), original_size=(300, 200))], "must be a [3, h, w] tensor resized to at most 256 pixels a side, got [3, 300, 200]"),
+        ([dict(image=torch.zeros(256, 200, 3), original_size=(256, 200))], "must be a [3, h, w] tensor"),
+        ([dict(image=torch.zeros(3, 256, 200))], "batched_input[0] has no 'original_size'"),
+        ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200), boxes=torch.zeros(4))], "batched_input[0]: boxes must have shape [N, 4]"),
+    ],
+    ids=["empty", "not_resized", "hwc", "no_original_size", "box_shape"],
+)
+def test_model_forward_rejects_bad_input(tiny_model, batched_input, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        tiny_model(batched_input, multimask_output=False)
+
+
+def test_transform_gives_predict_torch_the_original_workflow(prepared):
+    """The original's torch workflow: predictor.transform maps original-frame prompts to the input
+    frame for predict_torch; it must give what predict gives for the same original-frame prompts."""
+    predictor, _ = prepared("portrait_330x180")
+    boxes = np.array([[10.0, 20.0, 120.0, 200.0], [30.0, 5.0, 170.0, 300.0]])
+    points = np.array([[[50.0, 60.0]], [[100.0, 250.0]]])
+    expected = predictor.predict(point_coords=points, point_labels=np.ones((2, 1)), box=boxes, return_logits=True)
+    original_size = (330, 180)
+    transform = predictor.transform
+    torch_boxes = transform.apply_boxes_torch(torch.from_numpy(boxes), original_size)
+    torch_points = transform.apply_coords_torch(torch.from_numpy(points), original_size)
+    np.testing.assert_allclose(torch_boxes.numpy(), transform.apply_boxes(boxes, original_size), rtol=1e-6)
+    np.testing.assert_allclose(torch_points.numpy(), transform.apply_coords(points, original_size), rtol=1e-6)
+    got = predictor.predict_torch(torch_points, torch.ones(2, 1, dtype=torch.int64), torch_boxes, return_logits=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, torch.from_numpy(e), rtol=1e-5, atol=1e-5)
+    photo = make_photo(330, 180, seed=1)
+    assert transform.apply_image(photo).shape == (256, 140, 3)
+    assert transform.apply_image_torch(torch.from_numpy(photo).permute(2, 0, 1)[None]).shape == (1, 3, 256, 140)
 
 
 @pytest.mark.parametrize("kind", list(BAD_TORCH_PROMPTS))

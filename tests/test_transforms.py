@@ -153,8 +153,9 @@ def _conversions(rgb: np.ndarray) -> dict:
         "pil_rgba": (Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])), "RGB", rgb),
         "pil_gray": (Image.fromarray(gray), "RGB", np.repeat(gray[..., None], 3, axis=2)),
         "pil_uint16": (Image.fromarray(gray.astype(np.uint16) * 257), "RGB", np.repeat(gray[..., None], 3, axis=2)),
-        # a PIL image is RGB by construction: image_format only describes numpy channel order
-        "pil_ignores_bgr": (Image.fromarray(rgb), "BGR", rgb),
+        # image_format describes the pixel data, also in a PIL image built from an OpenCV (BGR) array
+        "pil_bgr": (Image.fromarray(np.ascontiguousarray(rgb[..., ::-1])), "BGR", rgb),
+        "lowercase_bgr": (np.ascontiguousarray(rgb[..., ::-1]), "bgr", rgb),
     }
 
 

@@ -49,7 +49,8 @@ import time
 import torch
 
 from ..build import build_sam_hq
-from ..decoding import PROMPT_BUCKETS, PromptDecoder, decode_eager
+from ..decoding import PROMPT_BUCKETS, PromptDecoder
+from ..modeling.sam_hq import decode_eager
 from ..fused import apply_fused_backend
 from ..modeling import SamHQConfig
 from ..predictor import SamHQPredictor

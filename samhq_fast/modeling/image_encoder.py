@@ -177,6 +177,11 @@ class ImageEncoderViT(nn.Module):
             LayerNorm2d(config.out_chans),
         )
 
+    @property
+    def img_size(self) -> int:
+        """Input side S in pixels (1024 for the released models)."""
+        return self.config.img_size
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """images [B, 3, S, S] normalized and padded -> (embeddings [B, 256, G, G], global-block outputs [B, G, G, C])."""
         x = self.patch_embed(images) + self.pos_embed

@@ -64,8 +64,20 @@ class SamHQConfig:
         return cls(encoder=VARIANTS[name])
 
 
+def decode_eager(prompt_encoder, mask_decoder, image_embeddings, image_pe, hq_features, point_coords, point_labels, boxes,
+                 mask_input, multimask_output: bool, hq_token_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference decode (the eager backend's): unpadded prompts through the model's own prompt
+    encoder and HQ decoder. image_pe: prompt_encoder.get_dense_pe() [1, 256, G, G], computed once by
+    the caller (it depends on no prompt and no image). Prompts as `SamHQPredictor.predict_torch`
+    takes them (input frame, prompt axis N) -> (logits [N, 1, 4G, 4G], scores [N, 1])."""
+    points = None if point_coords is None else (point_coords, point_labels)
+    sparse, dense = prompt_encoder(points, boxes, mask_input)
+    return mask_decoder(image_embeddings, image_pe, sparse, dense, hq_features, multimask_output, hq_token_only)
+
+
 class SamHQ(nn.Module):
     mask_threshold = 0.0
+    image_format = "RGB"
 
     def __init__(self, config: SamHQConfig):
         super().__init__()
@@ -87,6 +99,16 @@ class SamHQ(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.mask_decoder.iou_token.weight.dtype
+
+    @property
+    def pixel_mean(self) -> torch.Tensor:
+        """[3, 1, 1] float32 on the model's device, RGB on a 0..255 scale (the original's buffer)."""
+        return torch.tensor(PIXEL_MEAN, device=self.device).view(3, 1, 1)
+
+    @property
+    def pixel_std(self) -> torch.Tensor:
+        """[3, 1, 1] float32 on the model's device (the original's buffer)."""
+        return torch.tensor(PIXEL_STD, device=self.device).view(3, 1, 1)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Resized RGB images [B, 3, h, w] on a 0..255 scale (h, w <= img_size) -> normalized,
@@ -112,3 +134,43 @@ class SamHQ(nn.Module):
         masks = F.interpolate(masks.float(), (size, size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def forward(self, batched_input: list[dict], multimask_output: bool, hq_token_only: bool = False) -> list[dict]:
+        """The original `Sam.forward`, for code written against segment_anything(_hq).
+
+        batched_input: one dict per image: "image" [3, h, w] RGB on a 0..255 scale, already resized
+        so that max(h, w) = img_size (`transforms.ResizeLongestSide`), "original_size" (H, W), and
+        optional prompts in that resized input frame: "point_coords" [N, K, 2] with "point_labels"
+        [N, K], "boxes" [N, 4], "mask_inputs" [N, 1, 4G, 4G]. The images go through the encoder as
+        one batch. -> one dict per image: "masks" [N, 1, H, W] bool, "iou_predictions" [N, 1],
+        "low_res_logits" [N, 1, 4G, 4G] (one mask per prompt, as the original SAM-HQ: multimask_output
+        picks the best of SAM's three before the HQ mask is added).
+        """
+        if not isinstance(batched_input, (list, tuple)) or not batched_input:
+            raise TypeError(f"batched_input must be a non-empty list of dicts, one per image, got {type(batched_input).__name__}")
+        size = self.config.img_size
+        images = []
+        for i, record in enumerate(batched_input):
+            image = record.get("image") if isinstance(record, dict) else None
+            if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3 or max(image.shape[1:]) > size:
+                got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"batched_input[{i}]['image'] must be a [3, h, w] tensor resized to at most {size} pixels a side, got {got}")
+            if "original_size" not in record:
+                raise ValueError(f"batched_input[{i}] has no 'original_size' (H, W)")
+            images.append(self.preprocess(image[None].to(self.device)))
+        embeddings, _, hq_features = self.encode_image(torch.cat(images))
+        image_pe = self.prompt_encoder.get_dense_pe()
+        outputs = []
+        for i, record in enumerate(batched_input):
+            prompts = [record.get(key) for key in ("point_coords", "point_labels", "boxes", "mask_inputs")]
+            try:
+                self.prompt_encoder.check_prompts(*prompts)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"batched_input[{i}]: {e}") from e
+            low_res, iou = decode_eager(
+                self.prompt_encoder, self.mask_decoder, embeddings[i : i + 1], image_pe, hq_features[i : i + 1], *prompts, multimask_output, hq_token_only
+            )
+            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"]) > self.mask_threshold
+            outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low_res})
+        return outputs
