@@ -91,9 +91,10 @@ class SamHQPredictor:
         """Compute the image's embeddings once for all later `predict` calls (= set_images([image])).
 
         image: numpy [H, W, 3] uint8 (also [H, W] gray, [H, W, 4] with alpha, uint16, float in [0, 1]),
-        a PIL image, or a torch tensor [H, W, 3] (HWC) or [3, H, W] (CHW) (or a batch of one of
-        them, [1, H, W, 3] / [1, 3, H, W]), uint8 or float in [0, 1], on any device.
-        image_format: "RGB" or "BGR" channel order of a numpy or torch image.
+        a PIL image (taken as stored: `transforms.load_image` applies EXIF rotation), or a torch
+        tensor [H, W, C] (HWC), [C, H, W] (CHW) or [H, W] with C = 3, 4 (alpha) or 1 (gray) (or a
+        batch of one, [1, H, W, C] / [1, C, H, W]), uint8 or float in [0, 1], on any device.
+        image_format: "RGB" or "BGR" (any case), the channel order of the pixel data.
 
         A tensor image stays on the device: it is moved to the model's device, resized there by
         `transforms.resize_longest_side_torch` (antialiased bilinear like the original's PIL resize:
@@ -187,7 +188,8 @@ class SamHQPredictor:
         self._encode_images([transformed_image], [original_image_size])
 
     def get_image_embedding(self) -> torch.Tensor:
-        """Image embeddings [B, 256, G, G] of the images set (B = 1 after set_image; G = 64 for a 1024 model)."""
+        """Image embeddings [B, 256, G, G] of the images set (B = 1 after set_image; G = 64 for a 1024
+        model): an inference-mode tensor, so .clone() it outside torch.inference_mode() to train on it."""
         self._require_image(single=False)
         return self.features
 

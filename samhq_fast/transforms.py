@@ -114,30 +114,35 @@ def _check_resized_shape(height: int, width: int, long_side: int) -> tuple[int, 
 def as_rgb_uint8_torch(
     image: torch.Tensor, image_format: str = "RGB", device: torch.device | str | None = None, batched: bool = False
 ) -> torch.Tensor:
-    """A torch image [H, W, 3] (HWC, as numpy) or [3, H, W] (CHW) -> RGB uint8 [1, 3, H, W] on `device`;
-    with batched=True, same-size images [B, H, W, 3] or [B, 3, H, W] -> [B, 3, H, W].
+    """A torch image [H, W, C] (HWC, as numpy), [C, H, W] (CHW) or [H, W] (gray), C = 3 (RGB), 4 (with
+    alpha) or 1 (gray) -> RGB uint8 [1, 3, H, W] on `device`; with batched=True, same-size images
+    [B, H, W, C] or [B, C, H, W] -> [B, 3, H, W].
 
     uint8 is taken as is; floating point must be in [0, 1] and is rounded to round(x * 255) as
-    numpy floats are (`as_rgb_uint8`). A [3, H, 3] tensor is read as HWC (the numpy layout), and a
-    [B, 3, W, 3] one as BHWC. Shape and dtype checks read only metadata; uint8 input needs no host
-    sync at all, while the NaN / range check of a float input reads one small tensor back (one sync,
-    float input only).
+    numpy floats are (`as_rgb_uint8`). Gray is replicated to 3 channels and alpha dropped, as for
+    numpy. HWC wins where both read (a [3, H, 3] tensor is HWC, the numpy layout). Shape and dtype
+    checks read only metadata; uint8 input needs no host sync at all, while the NaN / range check of
+    a float input reads one small tensor back (one sync, float input only).
     """
     image_format = channel_order(image_format)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
         raise TypeError(f"torch images must be uint8 (0..255) or floating point in [0, 1], got dtype {image.dtype}")
-    layouts = "[B, H, W, 3] or [B, 3, H, W]" if batched else "[H, W, 3] (HWC) or [3, H, W] (CHW)"
-    if image.ndim != (4 if batched else 3):
+    layouts = "[B, H, W, C] or [B, C, H, W] (C = 1, 3 or 4)" if batched else "[H, W, C] (HWC), [C, H, W] (CHW) (C = 1, 3 or 4) or [H, W]"
+    if not batched and image.ndim == 2:  # [H, W] gray
+        images = image[None, None]
+    elif image.ndim != (4 if batched else 3):
         raise ValueError(f"torch images must have shape {layouts}, got {list(image.shape)}")
-    images = image if batched else image[None]  # [B, ...]
-    if images.shape[-1] == 3:
-        images = images.permute(0, 3, 1, 2)  # BHWC -> BCHW
-    elif images.shape[1] != 3:
-        raise ValueError(f"torch images must have shape {layouts}, got {list(image.shape)}")
+    else:
+        images = image if batched else image[None]  # [B, ...]
+        if images.shape[-1] in (1, 3, 4):
+            images = images.permute(0, 3, 1, 2)  # BHWC -> BCHW
+        elif images.shape[1] not in (1, 3, 4):
+            raise ValueError(f"torch images must have shape {layouts}, got {list(image.shape)}")
     if images.numel() == 0:
         raise ValueError(f"image is empty (shape {list(image.shape)})")
+    images = images[:, :3].expand(-1, 3, -1, -1)  # drop alpha; replicate gray
     images = images.to(device)
     if images.dtype.is_floating_point:
         # one host sync, float input only: both flags come back in one read

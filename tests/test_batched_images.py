@@ -485,17 +485,17 @@ def test_bad_predict_batch_prompts(batch, prompts, error, message):
         ([np.zeros((20, 30, 3), np.uint8), np.full((20, 30, 3), 2.0)], ValueError, "images[1]: float images must hold values in [0, 1]"),
         ([np.zeros((20, 30, 3), np.uint8), torch.full((20, 30, 3), float("nan"))], ValueError, "images[1]: image has NaN"),
         ([torch.zeros(20, 30, 3, dtype=torch.int64)], TypeError, "images[0]: torch images must be uint8"),
-        ([torch.zeros(4, 20, 30, dtype=torch.uint8)], ValueError, "images[0]: torch images must have shape [H, W, 3] (HWC) or [3, H, W] (CHW)"),
+        ([torch.zeros(2, 20, 30, dtype=torch.uint8)], ValueError, "images[0]: torch images must have shape [H, W, C] (HWC), [C, H, W] (CHW)"),
         ([torch.zeros(3, 1, 2000, dtype=torch.uint8)], ValueError, "images[0]: image of 2000x1 (width x height) is too elongated"),
         (["image.png"], TypeError, "images[0]: image must be a numpy array, PIL image or torch tensor"),
-        (torch.zeros(2, 4, 20, 30, dtype=torch.uint8), ValueError, "torch images must have shape [B, H, W, 3] or [B, 3, H, W], got [2, 4, 20, 30]"),
+        (torch.zeros(2, 2, 20, 30, dtype=torch.uint8), ValueError, "torch images must have shape [B, H, W, C] or [B, C, H, W] (C = 1, 3 or 4), got [2, 2, 20, 30]"),
         (torch.zeros(0, 3, 20, 30, dtype=torch.uint8), ValueError, "image is empty"),
         (torch.full((2, 20, 30, 3), 1.5), ValueError, "float images must hold values in [0, 1]"),
         (torch.zeros(1, 2, 20, 30, 3, dtype=torch.uint8), TypeError, "got a 5-D Tensor"),
     ],
     ids=[
-        "empty", "numpy_image", "tensor_image", "float_range", "tensor_nan", "tensor_int64", "tensor_4_channels", "elongated", "path",
-        "batch_4_channels", "empty_batch", "batch_float_range", "5d_tensor",
+        "empty", "numpy_image", "tensor_image", "float_range", "tensor_nan", "tensor_int64", "tensor_2_channels", "elongated", "path",
+        "batch_2_channels", "empty_batch", "batch_float_range", "5d_tensor",
     ],
 )
 def test_bad_set_images_inputs(tiny_model, images, error, message):

@@ -361,7 +361,19 @@ def _torch_conversions(rgb: np.ndarray) -> dict:
         "hwc_float32": (hwc.float() / 255, "RGB"),
         "chw_float64": (hwc.permute(2, 0, 1).double() / 255, "RGB"),
         "hwc_float16": (hwc.half() / 255, "RGB"),
+        "hwc_rgba": (torch.cat([hwc, torch.full_like(hwc[..., :1], 9)], dim=-1), "RGB"),  # alpha dropped
+        "chw_bgra": (torch.cat([hwc.flip(-1), torch.full_like(hwc[..., :1], 9)], dim=-1).permute(2, 0, 1), "BGR"),
     }
+
+
+@pytest.mark.parametrize("layout", ["hw", "hw1", "1hw", "hw_float"])
+def test_as_rgb_uint8_torch_gray_equals_numpy(layout):
+    gray = photo()[..., 0]
+    image = {"hw": torch.from_numpy(gray), "hw1": torch.from_numpy(gray)[..., None], "1hw": torch.from_numpy(gray)[None],
+             "hw_float": torch.from_numpy(gray).double() / 255}[layout]
+    out = as_rgb_uint8_torch(image)
+    assert out.shape == (1, 3, 37, 53) and out.is_contiguous()
+    np.testing.assert_array_equal(out[0].permute(1, 2, 0).numpy(), as_rgb_uint8(gray))
 
 
 @pytest.mark.parametrize("kind", list(_torch_conversions(photo(2, 2))))
@@ -399,7 +411,7 @@ def test_as_rgb_uint8_torch_batch_equals_its_images(kind):
 
 
 def test_as_rgb_uint8_torch_batched_needs_a_batch_axis():
-    with pytest.raises(ValueError, match=re.escape("[B, H, W, 3] or [B, 3, H, W], got [4, 4, 3]")):
+    with pytest.raises(ValueError, match=re.escape("[B, H, W, C] or [B, C, H, W] (C = 1, 3 or 4), got [4, 4, 3]")):
         as_rgb_uint8_torch(torch.zeros(4, 4, 3, dtype=torch.uint8), batched=True)
 
 
@@ -413,9 +425,10 @@ def test_as_rgb_uint8_torch_batched_needs_a_batch_axis():
         (torch.full((4, 4, 3), float("inf")), "RGB", ValueError, "NaN or infinite"),
         (torch.zeros(4, 4, 3, dtype=torch.int32), "RGB", TypeError, "uint8"),
         (torch.zeros(4, 4, 3, dtype=torch.bool), "RGB", TypeError, "uint8"),
-        (torch.zeros(4, 4, dtype=torch.uint8), "RGB", ValueError, "[H, W, 3] (HWC) or [3, H, W] (CHW)"),
-        (torch.zeros(4, 4, 4, dtype=torch.uint8), "RGB", ValueError, "[H, W, 3] (HWC) or [3, H, W] (CHW)"),
-        (torch.zeros(1, 4, 4, 3, dtype=torch.uint8), "RGB", ValueError, "[H, W, 3] (HWC) or [3, H, W] (CHW)"),
+        (torch.zeros(5, 6, 2, dtype=torch.uint8), "RGB", ValueError, "[H, W, C] (HWC), [C, H, W] (CHW) (C = 1, 3 or 4) or [H, W], got [5, 6, 2]"),
+        (torch.zeros(5, 4, 6, dtype=torch.uint8), "RGB", ValueError, "[H, W, C] (HWC), [C, H, W] (CHW)"),
+        (torch.zeros(1, 4, 4, 3, dtype=torch.uint8), "RGB", ValueError, "[H, W, C] (HWC), [C, H, W] (CHW)"),
+        (torch.zeros(4, dtype=torch.uint8), "RGB", ValueError, "[H, W, C] (HWC), [C, H, W] (CHW)"),
         (torch.zeros(0, 4, 3, dtype=torch.uint8), "RGB", ValueError, "empty"),
         (torch.zeros(3, 4, 0, dtype=torch.uint8), "RGB", ValueError, "empty"),
         (torch.zeros(4, 4, 3, dtype=torch.uint8), "HSV", ValueError, "image_format"),
