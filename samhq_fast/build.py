@@ -10,32 +10,53 @@ from .fused import KILL_SWITCH, apply_fused_backend, fused_available, fused_disa
 from .modeling import SamHQ, SamHQConfig
 
 BACKENDS = ("auto", "eager", "fused")
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+# Every dtype name `load` accepts (in any case); the first name of each is its short name.
+DTYPE_ALIASES = {
+    torch.float32: ("fp32", "float32"),
+    torch.float16: ("fp16", "float16", "half"),
+    torch.bfloat16: ("bf16", "bfloat16"),
 }
+_DTYPES = {name: dtype for dtype, names in DTYPE_ALIASES.items() for name in names}
+DTYPE_NAMES = tuple(_DTYPES)
+SHORT_DTYPE_NAMES = tuple(names[0] for names in DTYPE_ALIASES.values())  # fp32, fp16, bf16
+DEVICES = "'cpu', 'cuda', 'cuda:N', or 'mps' (Apple GPUs, where torch has MPS)"
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_ALIASES:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be one of float32/float16/bfloat16 (or 'fp32'/'fp16'/'bf16'), got {dtype!r}")
+    raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)} (any case) or torch.float32/float16/bfloat16, got {dtype!r}")
+
+
+def dtype_name(dtype: torch.dtype | str | None) -> str:
+    """The short name ("fp32", "fp16" or "bf16") of any dtype `load` accepts."""
+    return DTYPE_ALIASES[resolve_dtype(dtype)][0]
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
+    """cpu, cuda[:N] (when torch sees that GPU) or mps (when torch has MPS; eager only, as the CPU).
+    Anything else (meta, xpu, ...) is refused here rather than failing later inside torch."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for, but torch sees no CUDA device here")
+        raise ValueError(f"device must be like {DEVICES}, got {device!r}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but torch sees no CUDA device here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {device} was asked for, but torch sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device} was asked for, but this torch has no usable MPS (Apple GPU) device")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported: use {DEVICES}")
     return device
 
 
@@ -47,8 +68,9 @@ AUTO_PICKS_FUSED_ON_CUDA = False
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """"auto" -> eager for now (see AUTO_PICKS_FUSED_ON_CUDA). "fused" where the kernels cannot run
     raises, except under the kill switch (SAMHQ_FAST_DISABLE_FUSED=1), which means eager."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (any case), got {backend!r}")
+    backend = backend.lower()
     available, why = fused_available(device, dtype)
     if backend == "auto":
         return "fused" if AUTO_PICKS_FUSED_ON_CUDA and available and device.type == "cuda" else "eager"
@@ -73,11 +95,15 @@ def load(
     `SamHQModel` key layout, an HF folder (config.json + model.safetensors), or a hub id
     (needs huggingface_hub). The architecture is inferred from tensor shapes; `model.variant`
     says which ("vit_b", "vit_l", "vit_h" or "custom") and `model.config` holds the rest.
-    device: default CUDA when available, else CPU. dtype: default float32.
-    backend: "eager" (the reference), "fused" (Triton kernels in the image encoder; on the CPU only
-    under TRITON_INTERPRET=1), or "auto" (eager until the kernels are validated on a GPU, then
-    fused on CUDA and eager on the CPU).
-    Raises CheckpointError (a ValueError) listing every missing, unexpected or mis-shaped key.
+    Training checkpoints ({"model": state_dict, "optimizer": ...}) and keys under a shared prefix
+    ("module." from DDP) are unwrapped; the file format is read from the content, not the name.
+    device: default CUDA when available, else CPU; "mps" where torch has it (eager only). Anything
+    else (meta, xpu...) raises ValueError. dtype: default float32; any name in DTYPE_NAMES, any case.
+    backend (any case): "eager" (the reference), "fused" (Triton kernels in the image encoder; on
+    the CPU only under TRITON_INTERPRET=1), or "auto" (eager until the kernels are validated on a
+    GPU, then fused on CUDA and eager on the CPU).
+    Raises CheckpointError (a ValueError) listing every missing, unexpected, mis-shaped or
+    non-floating-point tensor.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     backend = resolve_backend(backend, device, dtype)

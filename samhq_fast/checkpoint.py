@@ -4,7 +4,6 @@ inferring the architecture from tensor shapes, and strict loading."""
 import json
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -111,19 +110,102 @@ def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 # Reading files
 
 
-def _read_pth(path: Path) -> dict:
+_TORCH_ZIP, _PICKLE, _SAFETENSORS = "torch zip", "pickle", "safetensors"
+
+
+def _sniff(path: Path) -> str | None:
+    """The file format from its first bytes, whatever its name: torch's zip format (torch >= 1.6),
+    a pickle (torch's legacy format), or safetensors (8-byte little-endian header length, then a
+    JSON header). None when it is none of these."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return _TORCH_ZIP
+    if head[8:9] == b"{":
+        return _SAFETENSORS
+    if head.startswith(b"\x80"):
+        return _PICKLE
+    return None
+
+
+# Torch's weights_only failures invite the reader to load with weights_only=False, which runs any
+# code the pickle holds: that advice never reaches the user, only the reason after it.
+_WEIGHTS_ONLY_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n\s*Check the documentation|$)", re.S)
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _torch_load_error(path: Path, e: Exception) -> CheckpointError:
+    text = str(e)
+    unsafe = _UNSAFE_GLOBAL.search(text)
+    if unsafe:
+        return CheckpointError(
+            f"{path} holds non-tensor Python objects ({unsafe.group(1)}), which could run code when unpickled: "
+            "it is not loaded, for safety (samhq-fast reads tensors only). If you trust the file, re-save just its "
+            "state dict of tensors with torch.save"
+        )
+    detail = _WEIGHTS_ONLY_DETAIL.search(text)
+    if detail:
+        reason = detail.group(1).strip()
+    else:
+        sentences = re.split(r"(?<=\.)\s+", text)
+        reason = f"{type(e).__name__}: " + " ".join(s for s in sentences if "weights_only" not in s and "trusted source" not in s)
+    return CheckpointError(f"could not read checkpoint {path}: {reason} (truncated, corrupt, or not a PyTorch checkpoint of tensors)")
+
+
+def _read_pth(path: Path, fmt: str) -> dict:
+    """torch.load, always with weights_only=True."""
+    # torch can memory-map only the zip format, and only from a path, which it hands to safetensors
+    # when it ends in .safetensors: other files are read whole from an open file.
+    mmap = fmt == _TORCH_ZIP and path.suffix != ".safetensors"
     try:
-        # torch can memory-map only the zip format (torch >= 1.6); older .pth files are read whole.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with open(path, "rb") as f:
+            obj = torch.load(path if mmap else f, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle / zip / EOF errors from a truncated or foreign file
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e} (truncated, corrupt, or not a weights-only .pth file)") from e
-    # Training checkpoints sometimes wrap the weights.
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict) and len(obj) <= 3:
-            obj = obj[wrapper]
+        raise _torch_load_error(path, e) from None
+    obj = _unwrap(obj, path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a flat state dict of tensors (found {type(obj).__name__})")
+        found = f"a dict with keys {', '.join(map(repr, list(obj)[:8]))}" if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors (found {found})")
     return obj
+
+
+# Where training checkpoints keep the weights: {"model": state_dict, "optimizer": ..., "epoch": ...}.
+WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj, path: Path):
+    """The state dict inside (possibly nested) training wrappers: the one entry under a WRAPPER_KEYS
+    name that is a dict of tensors (or a wrapper of one); `obj` itself when there is none."""
+    if not isinstance(obj, dict) or _is_tensor_dict(obj):
+        return obj
+    inner = {k: _unwrap(obj[k], path) for k in WRAPPER_KEYS if k in obj}
+    found = [k for k, v in inner.items() if _is_tensor_dict(v)]
+    if len(found) > 1:
+        raise CheckpointError(f"{path} holds several state dicts ({', '.join(map(repr, found))}): cannot tell which is the model")
+    return inner[found[0]] if found else obj
+
+
+_SAM_PREFIXES = ("image_encoder.", "vision_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+def _strip_shared_prefix(state_dict: dict) -> dict:
+    """Drop a prefix that every key shares ("module." from DDP, "model.", ...) when what is left
+    are SAM-HQ keys (original or HF layout)."""
+    keys = list(state_dict)
+    if not keys or any(k.startswith(_SAM_PREFIXES) for k in keys):
+        return state_dict
+    parts = keys[0].split(".")
+    for n in range(1, len(parts)):
+        prefix = ".".join(parts[:n]) + "."
+        if not all(k.startswith(prefix) for k in keys):
+            break
+        if any(k[len(prefix) :].startswith(_SAM_PREFIXES) for k in keys):
+            return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -136,17 +218,41 @@ def _read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"could not read safetensors file {path}: {e} (truncated or corrupt?)") from e
 
 
+def _read_file(path: Path) -> dict:
+    """A .pth / .bin / .safetensors file, read by the reader of its content (not of its name)."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    fmt = _sniff(path)
+    if fmt == _SAFETENSORS:
+        return _read_safetensors(path)
+    if fmt is not None:
+        return _read_pth(path, fmt)
+    with open(path, "rb") as f:
+        head = f.read(32)
+    hint = ": a Git LFS pointer, not the weights (run `git lfs pull`)" if head.startswith(b"version https://git-lfs") else ""
+    raise CheckpointError(
+        f"could not read checkpoint {path}: neither a PyTorch checkpoint (zip or pickle) nor a safetensors file "
+        f"(corrupt?); it starts with {head[:16]!r}{hint}"
+    )
+
+
 def _read_folder(path: Path) -> dict:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (no valid 'weight_map' of tensor name -> shard file)") from e
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are not in {path}: {', '.join(missing)}")
         state_dict = {}
         for shard in shards:
             state_dict.update(_read_safetensors(path / shard))
         return state_dict
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
-            return read_state_dict(path / name)
+            return _read_file(path / name)
     raise CheckpointError(f"folder {path} has no model.safetensors (or model.safetensors.index.json / pytorch_model.bin)")
 
 
@@ -177,13 +283,11 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise TypeError(f"checkpoint source must be a path or hub id string, got {type(source).__name__}")
     path = Path(source)
     if path.is_dir():
-        return _read_folder(path)
+        return _strip_shared_prefix(_read_folder(path))
     if path.is_file():
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-        return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pth(path)
+        return _strip_shared_prefix(_read_file(path))
     if isinstance(source, str) and _HUB_ID.match(source) and path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
-        return _read_folder(_download(source))
+        return _strip_shared_prefix(_read_folder(_download(source)))
     raise FileNotFoundError(f"checkpoint not found: {source!s} (expected a .pth or .safetensors file, an HF model folder, or a hub id)")
 
 
@@ -277,8 +381,16 @@ def load_state_dict_strict(model: SamHQ, state_dict: dict[str, torch.Tensor]) ->
         for k in expected
         if k in state_dict and state_dict[k].shape != expected[k].shape
     ]
+    # Weights must be floating point (any width: they are cast to the model's dtype); torch would
+    # otherwise fail inside load_state_dict.
+    not_float = [
+        f"{k}: {str(state_dict[k].dtype).removeprefix('torch.')}"
+        for k in expected
+        if k in state_dict and expected[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
     problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped tensors", misshaped)):
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped tensors", misshaped),
+                         ("tensors that are not floating point (weights must be float32/float16/bfloat16/float64)", not_float)):
         if items:
             shown = "\n    ".join(items[:40]) + (f"\n    ... and {len(items) - 40} more" if len(items) > 40 else "")
             problems.append(f"  {len(items)} {title}:\n    {shown}")

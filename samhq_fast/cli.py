@@ -13,17 +13,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import samhq_fast
-from samhq_fast.build import resolve_dtype
+from samhq_fast.build import DTYPE_NAMES, dtype_name, resolve_dtype
 from samhq_fast.checkpoint import hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
 
-DTYPES = ("fp32", "fp16", "bf16")
 # Distinct overlay colors (matplotlib's tab10), one per prompt, cycling.
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 POINT_COLORS = {1: (0, 255, 0), 0: (255, 0, 0)}  # foreground green, background red
+DTYPE_CHOICES = ", ".join(DTYPE_NAMES) + " (any case)"
 FORMATTER = argparse.RawDescriptionHelpFormatter  # keep the line breaks of the descriptions
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -131,7 +131,7 @@ examples:
   samhq-fast bench --variant vit_b,vit_h --batch 1,8,32 --output bench/results/run.json --plot run.png
   # a real checkpoint, the encoder only, two dtypes
   samhq-fast bench --checkpoint sam_hq_vit_b.pth --what encoder --dtype bf16,fp16
-  # check the tool on a CPU in ~30 s (tiny model; not speed figures)
+  # check the tool on a tiny model (about a minute on a 2-core CPU; not speed figures)
   samhq-fast bench --smoke --dtype fp32 --backends eager --output /tmp/smoke.json
   # the Markdown performance table of committed results (the README's)
   samhq-fast bench --table bench/results/*.json
@@ -191,6 +191,18 @@ def _choices(allowed: tuple[str, ...], what: str):
     return parse
 
 
+def _dtype(text: str) -> str:
+    """Any dtype name samhq_fast.load accepts, in any case -> its short name (fp32, fp16, bf16)."""
+    try:
+        return dtype_name(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text}: choose from {','.join(DTYPE_NAMES)}") from None
+
+
+def _dtypes(text: str) -> list[str]:
+    return list(dict.fromkeys(_dtype(v) for v in _comma_list(text)))
+
+
 def _variants(text: str) -> list[str]:
     return list(BENCH_VARIANTS) if text.strip() == "all" else _choices(BENCH_VARIANTS, "variant")(text)
 
@@ -226,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mask PNG: binary 0/255 for one prompt, index 0..N for N prompts")
     seg.add_argument("--overlay", metavar="OVERLAY.png", help="also write the photo with the masks and prompts drawn on it")
     seg.add_argument("--json", metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
-    seg.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    seg.add_argument("--dtype", choices=DTYPES, default="fp32", help="model precision (default fp32)")
+    seg.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+    seg.add_argument("--dtype", type=_dtype, default="fp32", metavar="fp32|fp16|bf16",
+                     help=f"model precision: {DTYPE_CHOICES} (default fp32)")
     seg.set_defaults(run=segment, parser=seg)
 
     conv = commands.add_parser("convert", help="re-save a checkpoint as .safetensors (original or HF key layout)",
@@ -236,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output", metavar="OUT", help="file to write, must end in .safetensors")
     conv.add_argument("--layout", choices=("original", "hf"), default="original",
                       help="key layout of OUT: original SAM-HQ names (default) or Hugging Face SamHQModel names")
-    conv.add_argument("--dtype", choices=DTYPES, default=None,
-                      help="cast floating-point tensors to this dtype (default: keep the dtypes of IN)")
+    conv.add_argument("--dtype", type=_dtype, default=None, metavar="fp32|fp16|bf16",
+                      help=f"cast floating-point tensors to this dtype: {DTYPE_CHOICES} (default: keep the dtypes of IN)")
     conv.set_defaults(run=convert, parser=conv)
 
     ben = commands.add_parser("bench", help="benchmark encoder / decoder / end to end; JSON, Markdown table, plot",
@@ -248,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encoder: images per call (default 1,8,32; --smoke: 1)")
     ben.add_argument("--prompts", type=_positive_ints, default=None, metavar="N,N,...",
                      help="decoder: box prompts per call (default 1,16,64,256,1024; --smoke: 1,4)")
-    ben.add_argument("--dtype", type=_choices(DTYPES, "dtype"), default=["bf16"], metavar="bf16,fp16,fp32",
-                     help="precision(s), one run each, all in one JSON (default bf16)")
+    ben.add_argument("--dtype", type=_dtypes, default=["bf16"], metavar="bf16,fp16,fp32",
+                     help=f"precision(s), one run each, all in one JSON (default bf16): {DTYPE_CHOICES}")
     ben.add_argument("--backends", type=_choices(BENCH_BACKENDS, "backend"), default=None, metavar="eager,compile,fused,hf",
                      help="backends to compare (default: all on a GPU, eager,compile on a CPU)")
     ben.add_argument("--what", type=_choices(BENCH_WHAT, "benchmark"), default=list(BENCH_WHAT), metavar="encoder,decoder,e2e",

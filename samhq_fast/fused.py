@@ -42,7 +42,7 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
         from samhq_fast.kernels import INTERPRETER_BF16_ERROR
 
         return False, INTERPRETER_BF16_ERROR
-    if device.type == "cuda" or interpreter:
+    if device.type == "cuda" or (interpreter and device.type == "cpu"):
         return True, ""
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU, slowly), got {device}"
 

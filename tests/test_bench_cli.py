@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from samhq_fast.benchmark.common import SMOKE_CONFIG
-from samhq_fast.cli import main
+from samhq_fast.cli import build_parser, main
 from samhq_fast.flops import encoder_flops
 
 
@@ -87,6 +87,31 @@ def test_bench_table_from_results(tmp_path, capsys):
             "disagree with eager (rel L2 vs eager 4.0e-01, vs fp32 4.1e-01): figures withheld |") in table
     assert "| encoder | vit_b | bf16 | hf | batch 1 | 20.000 |" in table and "numerics not checked" in table  # no reference
     assert "NOT SPEED FIGURES" in table
+
+
+SEGMENT_JSON = {"image": "assets/chelsea.jpg", "checkpoint": "sam_hq_vit_b.pth", "variant": "vit_b", "image_size": [300, 451],
+                "prompts": [{"points": [[220, 150]], "labels": [1], "box": None, "score": 0.9, "area": 1000}]}
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps(SEGMENT_JSON),  # what `samhq-fast segment --json` writes
+    json.dumps({"runs": [{"what": "encoder"}]}),
+    json.dumps([1, 2]),
+    "{not json",
+    "",
+], ids=["segment_json", "runs_without_machine", "list", "invalid_json", "empty"])
+def test_bench_table_rejects_other_files(text, tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(text)
+    assert main(["bench", "--table", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("samhq-fast: error:") and f"{path} is not a samhq-fast bench results file" in err
+    assert "Traceback" not in err and "KeyError" not in err
+
+
+def test_bench_dtype_names_are_those_load_accepts():
+    args = build_parser().parse_args(["bench", "--dtype", "half,FP16,bfloat16,float32,bf16"])
+    assert args.dtype == ["fp16", "bf16", "fp32"]  # short names, once each, in order
 
 
 def test_interpreter_rows_are_not_speed_figures():

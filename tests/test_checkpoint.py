@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import samhq_fast
 from samhq_fast import CheckpointError, SamHQ, SamHQConfig, sam_model_registry
-from samhq_fast.build import resolve_dtype
+from samhq_fast.build import resolve_backend, resolve_device, resolve_dtype
 from samhq_fast.checkpoint import hf_to_original, infer_config, original_to_hf, read_state_dict
 from samhq_fast.modeling import ViTConfig
 from conftest import TINY_CONFIG, make_model
@@ -138,6 +138,58 @@ def test_round_trip_formats(tiny_model, tiny_checkpoints, fmt, as_str):
 def test_round_trip_wrapped_pth(tiny_model, tiny_sd, tmp_path):
     # Training scripts save {"model": state_dict}; the original release accepts that too.
     path = save({"model": tiny_sd}, tmp_path / "wrapped.pth")
+    assert_same_model(samhq_fast.load(path, device="cpu"), tiny_model)
+
+
+TRAINING_STATE = {"optimizer": {"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+                  "epoch": 3, "args": {"lr": 1e-4, "batch_size": 4}}
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"model": sd, **TRAINING_STATE},
+    lambda sd: {"model_state_dict": sd, "optimizer_state_dict": TRAINING_STATE["optimizer"], "epoch": 3, "loss": 0.25},
+    lambda sd: {"state_dict": {"module": sd}, "epoch": 3},
+    lambda sd: {"net": sd, "step": 10, "model_ema": {"ema_decay": 0.99}},
+], ids=["model+optimizer+epoch+args", "model_state_dict", "nested", "net"])
+def test_round_trip_training_checkpoint(tiny_model, tiny_sd, tmp_path, wrap):
+    # Training scripts save the weights next to optimizer state, epoch, arguments...: find them.
+    assert_same_model(samhq_fast.load(save(wrap(tiny_sd), tmp_path / "train.pth"), device="cpu"), tiny_model)
+
+
+def test_training_checkpoint_with_two_state_dicts_is_refused(tiny_sd, tmp_path):
+    # Two candidate weight sets: refuse rather than pick one silently.
+    message = load_error(save({"model": tiny_sd, "state_dict": tiny_sd, "epoch": 3}, tmp_path / "two.pth"))
+    assert "several state dicts" in message and "'model'" in message and "'state_dict'" in message
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", "model.module."])
+@pytest.mark.parametrize("layout", ["original", "hf"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_round_trip_prefixed_keys(tiny_model, tiny_sd, tmp_path, prefix, layout, suffix):
+    # DDP saves "module.image_encoder..."; training wrappers add "model." and the like.
+    state_dict = original_to_hf(tiny_sd) if layout == "hf" else tiny_sd
+    path = save({prefix + k: v for k, v in state_dict.items()}, tmp_path / f"prefixed{suffix}")
+    assert_same_model(samhq_fast.load(path, device="cpu"), tiny_model)
+
+
+def test_shared_prefix_is_stripped_only_when_sam_keys_remain(tiny_sd, tmp_path):
+    prefixed = {"module." + k: v for k, v in tiny_sd.items()}
+    assert sorted(read_state_dict(save(prefixed, tmp_path / "ddp.safetensors"))) == sorted(tiny_sd)
+    # Keys that share a prefix but are no SAM-HQ keys under it stay as they are (and then fail to load).
+    other = {"module.head.x" + k: v for k, v in tiny_sd.items()}
+    assert sorted(read_state_dict(save(other, tmp_path / "other.safetensors"))) == sorted(other)
+
+
+@pytest.mark.parametrize("written, name", [
+    ("safetensors", "model.pth"), ("safetensors", "model.bin"),
+    ("torch_zip", "model.safetensors"), ("torch_legacy", "model.safetensors"),
+])
+def test_format_from_content_not_extension(tiny_model, tiny_sd, tmp_path, written, name):
+    path = tmp_path / name
+    if written == "safetensors":
+        save_file(tiny_sd, path)
+    else:
+        torch.save(tiny_sd, path, _use_new_zipfile_serialization=written == "torch_zip")
     assert_same_model(samhq_fast.load(path, device="cpu"), tiny_model)
 
 
@@ -466,6 +518,20 @@ def test_empty_folder(tmp_path):
     assert "model.safetensors" in message
 
 
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ('{"metadata": {}}', "is not a safetensors index (no valid 'weight_map'"),
+        ("not json", "is not a safetensors index"),
+        ('{"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}}', "names shard files that are not in"),
+    ],
+    ids=["no_weight_map", "invalid_json", "missing_shard"],
+)
+def test_broken_sharded_folder(tmp_path, index, message):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    assert message in load_error(tmp_path)
+
+
 @pytest.mark.parametrize("obj", [
     {"weight": torch.zeros(2), "epoch": 3},
     [torch.zeros(2)],
@@ -509,6 +575,56 @@ def test_malicious_pickle_is_not_executed(tmp_path, writer):
     with pytest.raises(CheckpointError):
         samhq_fast.load(path, device="cpu")
     assert not marker.exists(), "loading a checkpoint executed code from its pickle"
+
+
+@pytest.mark.parametrize("writer", ["torch_zip", "torch_legacy", "raw_pickle"])
+def test_unsafe_pickle_error_says_why_and_never_suggests_weights_only_false(tmp_path, writer):
+    # torch's own text suggests weights_only=False, which would run the code in the pickle.
+    path = tmp_path / "evil.pth"
+    payload = {"model": {"image_encoder.pos_embed": RunsCode(tmp_path / "code_ran")}, "epoch": 3}
+    if writer == "raw_pickle":
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch_zip")
+    message = load_error(path)
+    assert "<path>" in message and "non-tensor" in message and "io.open" in message and "safety" in message
+    assert "weights_only" not in message and "will likely succeed" not in message
+
+
+def test_broken_pickle_error_never_suggests_weights_only_false(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"\x80\x02garbage that is no pickle" * 10)
+    message = load_error(path)
+    assert "<path>" in message and "could not read checkpoint" in message
+    assert "weights_only" not in message and "will likely succeed" not in message
+
+
+def test_git_lfs_pointer_is_named(tmp_path):
+    path = tmp_path / "sam_hq_vit_b.pth"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 379000000\n")
+    assert "Git LFS pointer" in load_error(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_non_floating_point_tensor(tiny_sd, tmp_path, dtype, suffix):
+    keys = ["mask_decoder.iou_token.weight", "image_encoder.blocks.0.attn.rel_pos_h"]
+    state_dict = {**tiny_sd, **{k: tiny_sd[k].to(dtype) for k in keys}}
+    message = load_error(save(state_dict, tmp_path / f"ints{suffix}"))
+    dtype_name = str(dtype).removeprefix("torch.")
+    assert "not floating point" in message
+    for key in keys:
+        assert f"{key}: {dtype_name}" in message
+
+
+def test_float64_tensors_are_fine_integer_ones_are_named(tiny_model, tiny_sd, tmp_path):
+    # Any floating-point width is fine (tensors are cast to the requested dtype); only the integer one is named.
+    doubles = {k: v.double() for k, v in tiny_sd.items()}
+    assert_same_model(samhq_fast.load(save(doubles, tmp_path / "fp64.pth"), device="cpu"), tiny_model)
+    doubles["mask_decoder.hf_token.weight"] = doubles["mask_decoder.hf_token.weight"].long()
+    message = load_error(save(doubles, tmp_path / "fp64_and_int.pth"))
+    assert "1 tensors that are not floating point" in message and "mask_decoder.hf_token.weight: int64" in message
+    assert "float64" not in message.split("not floating point")[1].replace("float32/float16/bfloat16/float64", "")
 
 
 @pytest.mark.parametrize("name", ["nope.pth", "nope.safetensors", "no_dir/nope.pth", "nope_folder"])
@@ -618,16 +734,55 @@ def test_bad_device(tiny_checkpoints, device):
         samhq_fast.load(tiny_checkpoints["pth"], device=device)
 
 
+@pytest.mark.parametrize("device", ["meta", "xpu", "xpu:0", torch.device("meta")])
+def test_unsupported_device(tiny_checkpoints, device):
+    # meta would only fail in predict; xpu and the like with a raw error from deep inside torch.
+    with pytest.raises(ValueError, match="not supported") as info:
+        samhq_fast.load(tiny_checkpoints["pth"], device=device)
+    assert all(name in str(info.value) for name in ("'cpu'", "'cuda'", "'cuda:N'", "'mps'"))
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a torch without MPS")
+@pytest.mark.parametrize("device", ["mps", "mps:0"])
+def test_mps_device_without_mps(tiny_checkpoints, device):
+    with pytest.raises(ValueError, match="MPS"):
+        samhq_fast.load(tiny_checkpoints["pth"], device=device)
+
+
+def test_mps_device_runs_eager_only(monkeypatch):
+    # Where torch has MPS: accepted, "auto" is eager, and the Triton kernels are refused (not
+    # handed MPS tensors, even under TRITON_INTERPRET=1, which is set in this test suite).
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    device = resolve_device("mps")
+    assert device == torch.device("mps")
+    assert resolve_backend("auto", device, torch.float32) == "eager"
+    with pytest.raises(ValueError, match="backend='fused' cannot run here"):
+        resolve_backend("fused", device, torch.float32)
+
+
+def test_cuda_index_beyond_device_count(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="2 CUDA device"):
+        resolve_device("cuda:2")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(tiny_checkpoints):
     with pytest.raises(ValueError, match="CUDA"):
         samhq_fast.load(tiny_checkpoints["pth"], device="cuda")
 
 
-@pytest.mark.parametrize("backend", ["triton", "", "EAGER", None])
+@pytest.mark.parametrize("backend", ["triton", "", "eager ", None, 1])
 def test_bad_backend(tiny_checkpoints, backend):
     with pytest.raises(ValueError, match="backend"):
         samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["EAGER", "Eager", "AUTO"])
+def test_backend_any_case(tiny_checkpoints, backend):
+    assert samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend=backend).backend == "eager"
 
 
 def test_auto_backend_is_eager_on_cpu(tiny_checkpoints):
@@ -648,6 +803,7 @@ def test_checkpoint_error_is_a_value_error():
     ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("BF16", torch.bfloat16), (torch.bfloat16, torch.bfloat16),
     ("fp16", torch.float16), ("float16", torch.float16), ("half", torch.float16), (torch.float16, torch.float16),
     ("fp32", torch.float32), ("float32", torch.float32), (torch.float32, torch.float32), (None, torch.float32),
+    ("HALF", torch.float16), ("Float16", torch.float16), ("FP32", torch.float32),
 ])
 def test_dtype_names(dtype, expected):
     # Every spelling load() accepts (checked cheaply; the loads below use a few of them).

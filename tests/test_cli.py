@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import samhq_fast
-from samhq_fast.cli import main
+from samhq_fast.build import DTYPE_NAMES, dtype_name
+from samhq_fast.cli import build_parser, main
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
 
@@ -162,9 +163,10 @@ def test_convert(layout, source, capsys, tmp_path, tiny_checkpoints, tiny_model)
         assert torch.equal(v, reference[k]), k
 
 
-def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model):
+@pytest.mark.parametrize("dtype", ["fp16", "half", "FLOAT16"])
+def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model, dtype):
     out_path = tmp_path / "half.safetensors"
-    code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], out_path, "--dtype", "fp16")
+    code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], out_path, "--dtype", dtype)
     assert code == 0, err
     tensors = load_file(out_path)
     for k, v in tiny_model.state_dict().items():
@@ -199,6 +201,10 @@ ERROR_CASES = {
     "box_inverted": (["--box", "300,50,100,200"], "x2 > x1"),
     "point_outside": (["--point", "5000,100"], "far outside the 451x300"),
     "bad_device": (["--point", "220,150", "--device", "gpu0"], "device must be like"),
+    # meta used to fail inside predict, xpu inside torch: both with a traceback
+    "meta_device": (["--point", "220,150", "--device", "meta"], "device 'meta' is not supported: use 'cpu'"),
+    "xpu_device": (["--point", "220,150", "--device", "xpu"], "device 'xpu' is not supported: use 'cpu'"),
+    "bad_dtype": (["--point", "220,150", "--dtype", "fp8"], "unknown dtype fp8: choose from fp32,float32,fp16"),
     "points_with_several_boxes": (["--point", "220,150", "--box", "10,20,200,280", "--box", "230,40,440,290"], "--point cannot be combined with several --box"),
 }
 
@@ -210,6 +216,33 @@ def test_segment_prompt_errors(case, capsys, tmp_path, ckpt):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a torch without MPS")
+def test_segment_mps_device_without_mps(capsys, tmp_path, ckpt):
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "220,150", "--device", "mps", "-o", tmp_path / "m.png")
+    assert code == 2 and err.startswith("samhq-fast: error:") and "MPS" in err and "Traceback" not in err
+    assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.parametrize("command", [["segment", "x.jpg", "-c", "c.pth", "-o", "m.png"], ["convert", "a.pth", "b.safetensors"]])
+def test_dtype_names_are_those_load_accepts(command):
+    # The CLI takes every name samhq_fast.load takes, in any case, and passes on its short name.
+    parser = build_parser()
+    for name in DTYPE_NAMES:
+        for given in (name, name.upper()):
+            expected = dtype_name(name)
+            assert parser.parse_args([*command, "--dtype", given]).dtype == expected, given
+    assert {dtype_name(n) for n in DTYPE_NAMES} == {"fp32", "fp16", "bf16"}
+    assert "half" in DTYPE_NAMES and "float16" in DTYPE_NAMES
+
+
+def test_segment_dtype_alias(capsys, tmp_path, ckpt):
+    json_path = tmp_path / "out.json"
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "220,150", "--dtype", "half", "-o", tmp_path / "m.png",
+                       "--json", json_path)
+    assert code == 0, err
+    assert json.loads(json_path.read_text())["dtype"] == "fp16"
 
 
 def test_segment_input_errors(capsys, tmp_path, ckpt):

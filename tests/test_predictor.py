@@ -567,11 +567,11 @@ def test_gray_image_is_not_the_rgb_image(plain_rgb_predictors):
         ([[1, 2], [3, 4]], "RGB", TypeError, "numpy array, PIL image or torch tensor"),
         # torch images are accepted (tests/test_batched_images.py); their dtype and shape are checked
         (torch.zeros(20, 30, 3, dtype=torch.int32), "RGB", TypeError, "uint8"),
-        (torch.zeros(20, 30, 4, dtype=torch.uint8), "RGB", ValueError, "[H, W, 3] (HWC) or [3, H, W] (CHW)"),
+        (torch.zeros(20, 30, 2, dtype=torch.uint8), "RGB", ValueError, "[H, W, C] (HWC), [C, H, W] (CHW) (C = 1, 3 or 4)"),
     ],
     ids=[
         "float_above_1", "float_below_0", "nan", "empty_rows", "4d", "two_channels", "bad_format", "int32_range", "too_elongated", "list",
-        "tensor_int32", "tensor_4_channels",
+        "tensor_int32", "tensor_2_channels",
     ],
 )
 def test_bad_images_raise(tiny_model, image, image_format, error, message):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..build import resolve_dtype
+from ..build import SHORT_DTYPE_NAMES, resolve_dtype
 from ..modeling import SamHQConfig, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (editable install): git commit, default output folder
@@ -48,7 +48,7 @@ SMOKE_NOTE = (
 def add_run_args(p: argparse.ArgumentParser, name: str, target_s: float, time_budget_s: float) -> None:
     """Options every benchmark has; `finish_run_args` fills the smoke-dependent defaults."""
     p.add_argument("--variants", default="vit_b,vit_h", help="comma list of vit_b / vit_l / vit_h")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dtype", default="bf16", choices=SHORT_DTYPE_NAMES)
     p.add_argument("--output", default=None, help=f"JSON path (default bench/results/{name}-<date>.json); a .md goes next to it")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first one (default 3; smoke: 1)")
     p.add_argument("--min-repeats", type=int, default=None, help="timed calls at least (default 10; smoke: 3)")

@@ -16,7 +16,7 @@ import datetime
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..build import resolve_dtype
+from ..build import SHORT_DTYPE_NAMES, resolve_dtype
 from ..fused import FusedBlock, fused_available
 from ..modeling.image_encoder import Block, ViTConfig
 from ..modeling.sam_hq import VARIANTS
@@ -70,7 +70,7 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="vit_h", choices=sorted(VARIANTS))
     p.add_argument("--batch", default="1", help="comma list of batch sizes")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dtype", default="bf16", choices=SHORT_DTYPE_NAMES)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="a tiny block on the CPU (checks the tool; not a speed figure)")
     p.add_argument("--output", default=None, help="write the Markdown here (default: print it)")

@@ -115,9 +115,26 @@ def markdown_table(data: dict, source: str | None = None) -> str:
     return "\n".join(line for line in lines if line is not None).lstrip("\n") + "\n"
 
 
+def read_results(path: str | Path) -> dict:
+    """A results JSON (merged, or one benchmark's report), with ValueError naming the file when it is
+    not one: every report has "machine" and a list of "results"."""
+    not_results = f"{path} is not a samhq-fast bench results file"
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as e:  # invalid JSON or not text at all
+        raise ValueError(f"{not_results}: not valid JSON ({e})") from None
+    runs = data.get("runs", [data]) if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not runs or not all(
+        isinstance(run, dict) and "machine" in run and isinstance(run.get("results"), list) for run in runs
+    ):
+        raise ValueError(f"{not_results} (no 'machine' and 'results' in it, or in each of its 'runs'): "
+                         "pass the JSON that `samhq-fast bench --output` or a benchmark module wrote")
+    return data
+
+
 def table_from_files(paths: list[str]) -> str:
     """`samhq-fast bench --table FILE...`: one table per results JSON."""
-    return "\n".join(markdown_table(json.loads(Path(p).read_text()), source=str(p)) for p in paths)
+    return "\n".join(markdown_table(read_results(p), source=str(p)) for p in paths)
 
 
 def plot(data: dict, path: str) -> None:
