@@ -1,0 +1,341 @@
+"""Automatic mask generation, as the original SamAutomaticMaskGenerator: a grid of one-point prompts
+over the image (and, optionally, over overlapping zoomed-in crops of it), each decoded to one mask,
+filtered by predicted IoU and stability, de-duplicated by box NMS, one record per mask.
+
+Everything in a record is in the original image's pixels: "bbox" and "crop_box" are XYWH,
+"point_coords" (x, y). Masks are kept as run-length encodings (COCO's uncompressed RLE: column-major
+runs, the first one of zeros) between the steps, as the original does, to bound memory.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .modeling import SamHQ
+from .predictor import SamHQPredictor
+from .transforms import as_rgb_uint8, as_rgb_uint8_torch
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+CROP_EDGE_TOLERANCE = 20.0  # pixels: a box this close to a crop's inner edge was cut by the crop
+
+
+def point_grid(n_per_side: int) -> np.ndarray:
+    """[n * n, 2] (x, y) centres of the cells of an n x n grid over [0, 1]^2, x varying fastest."""
+    offset = 1 / (2 * n_per_side)
+    centres = np.linspace(offset, 1 - offset, n_per_side)
+    xs, ys = np.meshgrid(centres, centres)
+    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+
+def crop_boxes(height: int, width: int, n_layers: int, overlap_ratio: float) -> tuple[list[list[int]], list[int]]:
+    """The whole image, then for layer i = 1..n_layers a 2^i x 2^i set of overlapping crops
+    -> (boxes [x0, y0, x1, y1] in pixels, the layer of each)."""
+    boxes, layers = [[0, 0, width, height]], [0]
+    short_side = min(height, width)
+    for layer in range(1, n_layers + 1):
+        per_side = 2**layer
+        overlap = int(overlap_ratio * short_side * (2 / per_side))
+        crop_w = math.ceil((overlap * (per_side - 1) + width) / per_side)
+        crop_h = math.ceil((overlap * (per_side - 1) + height) / per_side)
+        starts_x = [int((crop_w - overlap) * i) for i in range(per_side)]
+        starts_y = [int((crop_h - overlap) * i) for i in range(per_side)]
+        for x0, y0 in itertools.product(starts_x, starts_y):
+            boxes.append([x0, y0, min(x0 + crop_w, width), min(y0 + crop_h, height)])
+            layers.append(layer)
+    return boxes, layers
+
+
+def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
+    """logits [N, H, W] -> [N]: IoU of the mask at threshold + offset with the one at threshold - offset
+    (the first lies inside the second, so it is a ratio of pixel counts)."""
+    inner = (logits > threshold + offset).flatten(1).sum(1, dtype=torch.int64)
+    outer = (logits > threshold - offset).flatten(1).sum(1, dtype=torch.int64)
+    return inner / outer
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """bool [N, H, W] -> [N, 4] int64 (x0, y0, x1, y1) of the set pixels, corners inclusive; 0s for an empty mask."""
+    height, width = masks.shape[-2:]
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, H], [N, W]
+    ys = torch.arange(height, device=masks.device)
+    xs = torch.arange(width, device=masks.device)
+    boxes = torch.stack(
+        [
+            torch.where(cols, xs, width).amin(1),
+            torch.where(rows, ys, height).amin(1),
+            torch.where(cols, xs, -1).amax(1),
+            torch.where(rows, ys, -1).amax(1),
+        ],
+        dim=1,
+    )
+    return boxes.masked_fill(~rows.any(1, keepdim=True), 0)
+
+
+def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression: boxes [N, 4] (x0, y0, x1, y1), scores [N] -> indices of the
+    boxes kept, best score first; a box is dropped when its IoU with a kept, better one exceeds
+    iou_threshold (areas (x1 - x0) * (y1 - y0), as torchvision's nms)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    boxes = boxes[order].float()
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    top_left = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    overlaps = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).cpu().numpy()  # [N, N]
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlaps[i]
+    return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)]
+
+
+def masks_to_rle(masks: torch.Tensor) -> list[dict]:
+    """bool [N, H, W] -> per mask {"size": [H, W], "counts": [run lengths]}: COCO's uncompressed RLE
+    (column-major, starting with a run of zeros, which is 0 long when the first pixel is set)."""
+    n, height, width = masks.shape
+    flat = masks.transpose(1, 2).reshape(n, height * width)  # column-major pixel order
+    changes = (flat[:, 1:] != flat[:, :-1]).nonzero().cpu().numpy()  # [M, (mask, pixel before a change)], by mask
+    starts_set = flat[:, 0].cpu().numpy()
+    bounds = np.searchsorted(changes[:, 0], np.arange(n + 1))
+    rles = []
+    for i in range(n):
+        edges = np.concatenate([[0], changes[bounds[i] : bounds[i + 1], 1] + 1, [height * width]])
+        counts = ([0] if starts_set[i] else []) + np.diff(edges).tolist()
+        rles.append({"size": [height, width], "counts": counts})
+    return rles
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Uncompressed RLE -> bool [H, W]."""
+    height, width = rle["size"]
+    values = np.arange(len(rle["counts"])) % 2 == 1  # runs alternate 0, 1, 0, ...
+    return np.ascontiguousarray(np.repeat(values, rle["counts"]).reshape(width, height).T)
+
+
+def rle_area(rle: dict) -> int:
+    return int(sum(rle["counts"][1::2]))
+
+
+def remove_small_regions(mask: np.ndarray, min_area: int, mode: str) -> tuple[np.ndarray, bool]:
+    """Fill the holes ("holes") or drop the islands ("islands") of fewer than min_area pixels
+    (8-connected) -> (mask, whether it changed). Islands mode keeps the largest if all are small."""
+    from scipy import ndimage
+
+    fill_holes = mode == "holes"
+    regions, count = ndimage.label(mask != fill_holes, structure=np.ones((3, 3), dtype=bool))  # holes: background regions
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+    small = np.flatnonzero(sizes < min_area) + 1
+    if small.size == 0:
+        return mask, False
+    if fill_holes:
+        return mask | np.isin(regions, small), True
+    large = np.setdiff1d(np.arange(1, count + 1), small)
+    return np.isin(regions, large if large.size else [int(np.argmax(sizes)) + 1]), True
+
+
+def _select(data: dict, keep: torch.Tensor) -> dict:
+    """Rows `keep` (bool mask or indices) of every tensor and list in data."""
+    if keep.dtype == torch.bool:
+        keep = keep.nonzero()[:, 0]
+    keep = keep.cpu()
+    return {k: [v[i] for i in keep.tolist()] if isinstance(v, list) else v[keep] for k, v in data.items()}
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {k: sum((p[k] for p in parts), []) if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class SamHQAutomaticMaskGenerator:
+    def __init__(
+        self,
+        model: SamHQ,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ):
+        """The original generator's arguments and defaults. points_per_side: the grid is n x n
+        points per crop layer 0 (n / downscale_factor^i in layer i), or give point_grids (one [P, 2]
+        array of (x, y) in [0, 1] per layer) instead. points_per_batch: prompts decoded together.
+        pred_iou_thresh / stability_score_thresh: keep masks above them (0 turns a filter off).
+        crop_n_layers > 0 adds 4, 16, ... overlapping crops, each set as its own image.
+        min_mask_region_area > 0 fills small holes and removes small islands (needs scipy).
+        output_mode: "binary_mask" (bool [H, W] numpy), "uncompressed_rle" or "coco_rle" (needs pycocotools).
+        """
+        if not isinstance(model, SamHQ):
+            raise TypeError(f"model must be a samhq_fast SamHQ (from samhq_fast.load), got {type(model).__name__}")
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("give exactly one of points_per_side and point_grids")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+        if points_per_batch < 1 or crop_n_layers < 0 or crop_n_points_downscale_factor < 1 or (points_per_side is not None and points_per_side < 1):
+            raise ValueError("points_per_side, points_per_batch and crop_n_points_downscale_factor must be >= 1, crop_n_layers >= 0")
+        if output_mode == "coco_rle":
+            _require("pycocotools", "output_mode='coco_rle'")
+        if min_mask_region_area > 0:
+            _require("scipy", "min_mask_region_area > 0")
+        if point_grids is None:
+            point_grids = [point_grid(int(points_per_side / crop_n_points_downscale_factor**i)) for i in range(crop_n_layers + 1)]
+        elif len(point_grids) != crop_n_layers + 1:
+            raise ValueError(f"point_grids needs one grid per crop layer ({crop_n_layers + 1}), got {len(point_grids)}")
+        self.point_grids = [np.asarray(grid, dtype=np.float64).reshape(-1, 2) for grid in point_grids]
+        self.predictor = SamHQPredictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+
+    @torch.inference_mode()
+    def generate(self, image, multimask_output: bool = True, hq_token_only: bool = False) -> list[dict]:
+        """image: what `SamHQPredictor.set_image` takes (numpy [H, W, 3] uint8 RGB, PIL, or a torch
+        tensor) -> one record per mask: "segmentation" (per output_mode), "area" (pixels), "bbox"
+        [x, y, w, h], "predicted_iou", "point_coords" [[x, y]], "stability_score", "crop_box" [x, y, w, h].
+        multimask_output / hq_token_only: as in `SamHQPredictor.predict` (one mask per point either way).
+        """
+        if isinstance(image, torch.Tensor):
+            rgb = as_rgb_uint8_torch(image, device=self.predictor.device)  # [1, 3, H, W]: crops stay on the device
+        elif isinstance(image, (np.ndarray, Image.Image)):
+            rgb = as_rgb_uint8(image)  # [H, W, 3]: crops take the original's PIL resize
+        else:
+            raise TypeError(f"image must be a numpy array, PIL image or torch tensor, got {type(image).__name__}")
+        height, width = rgb.shape[-2:] if isinstance(rgb, torch.Tensor) else rgb.shape[:2]
+        boxes, layers = crop_boxes(height, width, self.crop_n_layers, self.crop_overlap_ratio)
+        parts = [self._process_crop(rgb, box, layer, (height, width), multimask_output, hq_token_only) for box, layer in zip(boxes, layers)]
+        data = _concat(parts)
+        if len(boxes) > 1:  # the same object from several crops: prefer the smaller crop (more zoomed in)
+            crop_area = (data["crop_boxes"][:, 2] - data["crop_boxes"][:, 0]) * (data["crop_boxes"][:, 3] - data["crop_boxes"][:, 1])
+            data = _select(data, box_nms(data["boxes"], 1 / crop_area.double(), self.crop_nms_thresh))
+        if self.min_mask_region_area > 0:
+            data = self._remove_small_regions(data, max(self.box_nms_thresh, self.crop_nms_thresh))
+        return [self._record(data, i) for i in range(len(data["rles"]))]
+
+    def _process_crop(self, rgb, crop_box, layer, image_size, multimask_output, hq_token_only) -> dict:
+        x0, y0, x1, y1 = crop_box
+        self.predictor.set_image(rgb[..., y0:y1, x0:x1] if isinstance(rgb, torch.Tensor) else rgb[y0:y1, x0:x1])
+        points = self.point_grids[layer] * [x1 - x0, y1 - y0]  # crop pixels (x, y)
+        parts = [
+            self._process_batch(points[i : i + self.points_per_batch], crop_box, image_size, multimask_output, hq_token_only)
+            for i in range(0, len(points), self.points_per_batch)
+        ]
+        self.predictor.reset_image()
+        data = _concat(parts)
+        data = _select(data, box_nms(data["boxes"], data["iou"], self.box_nms_thresh))
+        data["boxes"] = data["boxes"] + torch.tensor([x0, y0, x0, y0])
+        data["points"] = data["points"] + torch.tensor([x0, y0])
+        data["crop_boxes"] = torch.tensor([crop_box] * len(data["rles"]), dtype=torch.int64).reshape(-1, 4)
+        return data
+
+    def _process_batch(self, points: np.ndarray, crop_box, image_size, multimask_output, hq_token_only) -> dict:
+        """points [B, 2] in crop pixels -> the masks that pass the filters, as RLEs in the full image."""
+        predictor = self.predictor
+        x0, y0, x1, y1 = crop_box
+        coords = predictor.transform.apply_coords(points, (y1 - y0, x1 - x0))
+        coords = torch.as_tensor(coords, dtype=torch.float32, device=predictor.device)[:, None, :]  # [B, 1, 2]
+        labels = torch.ones(len(points), 1, dtype=torch.int64, device=predictor.device)
+        logits, iou, _ = predictor.predict_torch(coords, labels, multimask_output=multimask_output, return_logits=True, hq_token_only=hq_token_only)
+        logits, iou = logits[:, 0], iou[:, 0]  # [B, h, w], [B]
+        threshold = self.predictor.model.mask_threshold
+        stability = stability_score(logits, threshold, self.stability_score_offset)
+        keep = torch.ones_like(iou, dtype=torch.bool)
+        if self.pred_iou_thresh > 0:
+            keep &= iou > self.pred_iou_thresh
+        if self.stability_score_thresh > 0:
+            keep &= stability >= self.stability_score_thresh
+        masks = logits > threshold
+        boxes = mask_boxes(masks)
+        keep &= ~self._cut_by_crop(boxes, crop_box, image_size)
+        keep = keep.nonzero()[:, 0]
+        masks, boxes = masks[keep], boxes[keep]
+        height, width = image_size
+        masks = torch.nn.functional.pad(masks, (x0, width - x1, y0, height - y1))  # back into the full image
+        return {
+            "rles": masks_to_rle(masks),
+            "boxes": boxes.cpu(),
+            "iou": iou[keep].float().cpu(),
+            "stability": stability[keep].float().cpu(),
+            "points": torch.as_tensor(points)[keep.cpu()],
+        }
+
+    @staticmethod
+    def _cut_by_crop(boxes: torch.Tensor, crop_box, image_size) -> torch.Tensor:
+        """boxes [N, 4] in crop pixels -> [N] bool: a side lies on an edge of the crop that is not an
+        edge of the image (the object probably goes on outside the crop)."""
+        x0, y0, x1, y1 = crop_box
+        height, width = image_size
+        boxes = (boxes + torch.tensor([x0, y0, x0, y0], device=boxes.device)).float()
+        crop = torch.tensor(crop_box, dtype=torch.float32, device=boxes.device)
+        image = torch.tensor([0, 0, width, height], dtype=torch.float32, device=boxes.device)
+        near_crop = torch.isclose(boxes, crop[None], atol=CROP_EDGE_TOLERANCE, rtol=0)
+        near_image = torch.isclose(boxes, image[None], atol=CROP_EDGE_TOLERANCE, rtol=0)
+        return (near_crop & ~near_image).any(dim=1)
+
+    def _remove_small_regions(self, data: dict, nms_thresh: float) -> dict:
+        """Fill small holes and drop small islands in every mask; where that changed masks that now
+        overlap an unchanged one, NMS keeps the unchanged one."""
+        if not data["rles"]:
+            return data
+        masks, unchanged = [], []
+        for rle in data["rles"]:
+            mask, holes_changed = remove_small_regions(rle_to_mask(rle), self.min_mask_region_area, "holes")
+            mask, islands_changed = remove_small_regions(mask, self.min_mask_region_area, "islands")
+            masks.append(torch.from_numpy(mask))
+            unchanged.append(not (holes_changed or islands_changed))
+        masks = torch.stack(masks)
+        boxes = mask_boxes(masks)
+        keep = box_nms(boxes, torch.tensor(unchanged, dtype=torch.float32), nms_thresh)
+        data = dict(data, rles=list(data["rles"]), boxes=data["boxes"].clone())
+        for i in keep.tolist():
+            if not unchanged[i]:
+                data["rles"][i] = masks_to_rle(masks[i : i + 1])[0]
+                data["boxes"][i] = boxes[i]
+        return _select(data, keep)
+
+    def _record(self, data: dict, i: int) -> dict:
+        rle = data["rles"][i]
+        if self.output_mode == "binary_mask":
+            segmentation = rle_to_mask(rle)
+        elif self.output_mode == "coco_rle":
+            from pycocotools import mask as coco_mask
+
+            segmentation = coco_mask.frPyObjects(rle, *rle["size"])
+            segmentation["counts"] = segmentation["counts"].decode("utf-8")
+        else:
+            segmentation = rle
+        x0, y0, x1, y1 = data["boxes"][i].tolist()
+        cx0, cy0, cx1, cy1 = data["crop_boxes"][i].tolist()
+        return {
+            "segmentation": segmentation,
+            "area": rle_area(rle),
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "predicted_iou": float(data["iou"][i]),
+            "point_coords": [data["points"][i].tolist()],
+            "stability_score": float(data["stability"][i]),
+            "crop_box": [cx0, cy0, cx1 - cx0, cy1 - cy0],
+        }
+
+
+def _require(module: str, what: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as e:
+        raise ImportError(f"{what} needs {module}: pip install {module}") from e

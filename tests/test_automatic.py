@@ -1,0 +1,292 @@
+"""Automatic mask generation (SamHQAutomaticMaskGenerator).
+
+The helpers are checked against hand-derived values or plain-Python re-derivations; the generator
+against the single-image predictor (itself checked against the original pipeline in
+test_predictor.py): every record must be the predictor's mask for its grid point, with the
+filters, NMS and crop rules of the original applied. The tiny random-weight model's logits are
+small (|logit| ~ 0.2), so the tests use a stability offset of 0.05 instead of the default 1.0.
+"""
+
+import itertools
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from samhq_fast import SamHQPredictor
+from samhq_fast.automatic import (
+    SamHQAutomaticMaskGenerator,
+    box_nms,
+    crop_boxes,
+    mask_boxes,
+    masks_to_rle,
+    point_grid,
+    remove_small_regions,
+    rle_area,
+    rle_to_mask,
+    stability_score,
+)
+from test_predictor import make_photo
+
+OFFSET = 0.05
+LOOSE = dict(pred_iou_thresh=0, stability_score_thresh=0, stability_score_offset=OFFSET, box_nms_thresh=1.0)  # keep every mask
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return make_photo(200, 300, seed=3)
+
+
+def box_iou(a, b) -> float:
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def xywh_to_xyxy(box):
+    return [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers, against hand-derived values and plain re-derivations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_point_grid():
+    np.testing.assert_allclose(point_grid(2), [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+    grid = point_grid(32)
+    assert grid.shape == (1024, 2) and np.isclose(grid.min(), 1 / 64) and np.isclose(grid.max(), 1 - 1 / 64)
+
+
+def test_crop_boxes_by_hand():
+    """100 x 200 image, one layer, overlap ratio 0.25: overlap int(0.25 * 100 * 1) = 25 px, crops
+    ceil((25 + 200) / 2) = 113 wide and ceil((25 + 100) / 2) = 63 high, starting at 0 and 113 - 25 = 88
+    (x), 0 and 63 - 25 = 38 (y); x outer, y inner, as the original."""
+    boxes, layers = crop_boxes(100, 200, 1, 0.25)
+    assert boxes == [[0, 0, 200, 100], [0, 0, 113, 63], [0, 38, 113, 100], [88, 0, 200, 63], [88, 38, 200, 100]]
+    assert layers == [0, 1, 1, 1, 1]
+    boxes, layers = crop_boxes(100, 200, 2, 512 / 1500)
+    assert len(boxes) == 1 + 4 + 16 and layers.count(2) == 16
+    assert all(0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 100 for x0, y0, x1, y1 in boxes)
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE counts, re-derived: runs of the column-major pixels, zeros first."""
+    counts = [len(list(group)) for _, group in itertools.groupby(mask.T.ravel().tolist())]
+    return ([0] if mask.T.ravel()[0] else []) + counts
+
+
+def test_rle_round_trip_and_counts():
+    gen = np.random.default_rng(0)
+    masks = gen.random((5, 7, 9)) > 0.6
+    masks[1] = False
+    masks[2] = True
+    masks[3, 0, 0] = True  # the first pixel set: a leading 0-run
+    masks[4, 0, 0] = False
+    rles = masks_to_rle(torch.from_numpy(masks))
+    for mask, rle in zip(masks, rles):
+        assert rle["size"] == [7, 9] and rle["counts"] == _runs(mask)
+        np.testing.assert_array_equal(rle_to_mask(rle), mask)
+        assert rle_area(rle) == mask.sum()
+
+
+def test_mask_boxes():
+    masks = torch.zeros(3, 6, 8, dtype=torch.bool)
+    masks[0, 1:4, 2:7] = True
+    masks[1, 5, 0] = True
+    masks[1, 0, 3] = True
+    boxes = mask_boxes(masks)
+    assert boxes.tolist() == [[2, 1, 6, 3], [0, 0, 3, 5], [0, 0, 0, 0]]  # inclusive corners; empty -> zeros
+
+
+def test_stability_score():
+    logits = torch.randn(4, 10, 12, generator=torch.Generator().manual_seed(1))
+    got = stability_score(logits, 0.0, 0.3)
+    for g, l in zip(got, logits.numpy()):
+        assert np.isclose(g.item(), ((l > 0.3) & (l > -0.3)).sum() / ((l > 0.3) | (l > -0.3)).sum())
+
+
+def test_box_nms_against_a_plain_greedy_loop():
+    gen = np.random.default_rng(2)
+    corners = gen.uniform(0, 50, (40, 2))
+    boxes = np.concatenate([corners, corners + gen.uniform(5, 30, (40, 2))], axis=1)
+    scores = gen.random(40)
+    for threshold in (0.2, 0.5, 0.8):
+        expected = []
+        for i in np.argsort(-scores):
+            if all(box_iou(boxes[i], boxes[j]) <= threshold for j in expected):
+                expected.append(i)
+        assert box_nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold).tolist() == expected
+    assert box_nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
+
+
+def test_remove_small_regions():
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[1:9, 1:9] = True
+    mask[4:6, 4:6] = False  # a 4-pixel hole
+    mask[10, 10] = mask[11, 11] = True  # a 2-pixel island, diagonally connected (8-connectivity)
+    filled, changed = remove_small_regions(mask, 5, "holes")
+    assert changed and filled[4:6, 4:6].all() and filled.sum() == mask.sum() + 4
+    cleaned, changed = remove_small_regions(mask, 3, "islands")
+    assert changed and not cleaned[10:, 10:].any() and cleaned.sum() == mask.sum() - 2
+    unchanged, changed = remove_small_regions(mask, 2, "islands")  # the island has 2 pixels: not < 2
+    assert not changed and unchanged is mask
+    only_small = np.zeros((5, 5), dtype=bool)
+    only_small[0, 0] = only_small[3:5, 3:5] = True
+    kept, _ = remove_small_regions(only_small, 10, "islands")  # all small: the largest stays
+    assert kept.sum() == 4 and kept[3:5, 3:5].all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator, against the single-image predictor
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model, photo) -> SamHQPredictor:
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_image(photo)
+    return predictor
+
+
+def test_every_grid_point_gives_the_predictors_mask(tiny_model, photo, oracle):
+    records = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, points_per_batch=5, **LOOSE).generate(photo)
+    grid = point_grid(4) * [300, 200]
+    assert len(records) == 16 and sorted(map(tuple, (r["point_coords"][0] for r in records))) == sorted(map(tuple, grid))
+    scores = [r["predicted_iou"] for r in records]
+    assert scores == sorted(scores, reverse=True)  # NMS order: best first
+    for record in records:
+        logits, score, _ = oracle.predict(point_coords=np.array(record["point_coords"]), point_labels=np.array([1]), return_logits=True)
+        mask = record["segmentation"]
+        assert mask.dtype == np.bool_ and mask.shape == (200, 300)
+        away = np.abs(logits[0]) > 1e-4
+        np.testing.assert_array_equal(mask[away], (logits[0] > 0)[away])
+        assert np.isclose(record["predicted_iou"], score[0], atol=1e-5)
+        stability = ((logits[0] > OFFSET).sum()) / ((logits[0] > -OFFSET).sum())
+        assert np.isclose(record["stability_score"], stability, atol=1e-3)
+        ys, xs = np.nonzero(mask)
+        assert record["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert record["area"] == mask.sum() and record["crop_box"] == [0, 0, 300, 200]
+
+
+def test_filters_keep_exactly_the_masks_above_the_thresholds(tiny_model, photo):
+    every = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, **LOOSE).generate(photo)
+    iou_cut = float(np.median([r["predicted_iou"] for r in every]))
+    stability_cut = float(np.median([r["stability_score"] for r in every]))
+    filtered = SamHQAutomaticMaskGenerator(
+        tiny_model, points_per_side=4, **dict(LOOSE, pred_iou_thresh=iou_cut, stability_score_thresh=stability_cut)
+    ).generate(photo)
+    expected = [r for r in every if r["predicted_iou"] > iou_cut and r["stability_score"] >= stability_cut]
+    assert 0 < len(filtered) < len(every)
+    assert [r["point_coords"] for r in filtered] == [r["point_coords"] for r in expected]
+
+
+def test_box_nms_between_records(tiny_model, photo):
+    """With box_nms_thresh 0.7: no two records' boxes overlap by more, and every dropped mask
+    overlaps a kept, better-scored one by more."""
+    every = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=5, **LOOSE).generate(photo)
+    kept = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=5, **dict(LOOSE, box_nms_thresh=0.7)).generate(photo)
+    assert 0 < len(kept) < len(every)
+    kept_boxes = [(xywh_to_xyxy(r["bbox"]), r["predicted_iou"]) for r in kept]
+    for (a, _), (b, _) in itertools.combinations(kept_boxes, 2):
+        assert box_iou(a, b) <= 0.7
+    kept_points = {tuple(r["point_coords"][0]) for r in kept}
+    for record in every:
+        if tuple(record["point_coords"][0]) not in kept_points:
+            box = xywh_to_xyxy(record["bbox"])
+            assert any(box_iou(box, k) > 0.7 and score >= record["predicted_iou"] for k, score in kept_boxes)
+
+
+def test_masks_cut_by_a_crop_edge():
+    """Crop [88, 0, 200, 63] of a 200 x 100 image; boxes in crop pixels. A side within 20 px of a crop
+    edge that is not also an image edge marks a mask the crop cut."""
+    boxes = torch.tensor([[10, 10, 50, 40], [40, 5, 60, 30], [40, 5, 100, 30], [40, 5, 60, 50]])
+    cut = SamHQAutomaticMaskGenerator._cut_by_crop(boxes, [88, 0, 200, 63], (100, 200))
+    # left side 98 near the crop's 88; top 5 near the crop's AND the image's 0; right 188 near both
+    # 200s; bottom 50 near the crop's 63, not the image's 100
+    assert cut.tolist() == [True, False, False, True]
+
+
+def test_crop_layers(tiny_model, photo, monkeypatch):
+    """One crop layer on a torch image: a record of a crop is the predictor's mask on that crop
+    (as its own image) at the point, placed back into the full image. (The tiny model's masks are
+    large blobs that the crops cut, which the 20-pixel edge rule, tested above, would drop: the
+    rule is switched off here.)"""
+    monkeypatch.setattr("samhq_fast.automatic.CROP_EDGE_TOLERANCE", 0.0)
+    generator = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, crop_n_layers=1, **dict(LOOSE, crop_nms_thresh=1.0))
+    records = generator.generate(torch.from_numpy(photo))
+    boxes, _ = crop_boxes(200, 300, 1, 512 / 1500)
+    as_xywh = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in boxes]
+    assert {tuple(r["crop_box"]) for r in records} <= set(map(tuple, as_xywh))
+    from_crops = [r for r in records if r["crop_box"] != [0, 0, 300, 200]]
+    assert from_crops
+    for record in from_crops[:4]:
+        x0, y0, w, h = record["crop_box"]
+        crop = SamHQPredictor(tiny_model)
+        crop.set_image(torch.from_numpy(photo[y0 : y0 + h, x0 : x0 + w]))
+        point = np.array(record["point_coords"]) - [x0, y0]
+        logits = crop.predict(point_coords=point, point_labels=np.array([1]), return_logits=True)[0][0]
+        expected = np.zeros((200, 300), dtype=bool)
+        expected[y0 : y0 + h, x0 : x0 + w] = logits > 0
+        away = np.zeros((200, 300), dtype=bool)
+        away[y0 : y0 + h, x0 : x0 + w] = np.abs(logits) > 1e-4
+        np.testing.assert_array_equal(record["segmentation"][away], expected[away])
+        assert not record["segmentation"][~np.pad(np.ones((h, w), bool), ((y0, 200 - y0 - h), (x0, 300 - x0 - w)))].any()
+
+
+def test_output_modes_agree(tiny_model, photo):
+    binary = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=3, **LOOSE).generate(photo)
+    rle = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=3, output_mode="uncompressed_rle", **LOOSE).generate(photo)
+    for b, r in zip(binary, rle):
+        assert r["segmentation"]["size"] == [200, 300]
+        np.testing.assert_array_equal(rle_to_mask(r["segmentation"]), b["segmentation"])
+
+
+def test_min_mask_region_area_cleans_every_mask(tiny_model, photo):
+    pytest.importorskip("scipy")
+    from scipy import ndimage
+
+    area = 400
+    records = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=3, min_mask_region_area=area, **LOOSE).generate(photo)
+    assert records
+    eight = np.ones((3, 3), dtype=bool)
+    for record in records:
+        mask = record["segmentation"]
+        islands, count = ndimage.label(mask, structure=eight)
+        holes, hole_count = ndimage.label(~mask, structure=eight)
+        assert count == 1 or np.bincount(islands.ravel())[1:].min() >= area
+        assert hole_count == 0 or np.bincount(holes.ravel())[1:].min() >= area
+        ys, xs = np.nonzero(mask)
+        assert record["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(points_per_side=None), ValueError, "exactly one of points_per_side and point_grids"),
+        (dict(point_grids=[point_grid(2)]), ValueError, "exactly one of points_per_side and point_grids"),
+        (dict(points_per_side=None, point_grids=[point_grid(2)], crop_n_layers=1), ValueError, "one grid per crop layer (2), got 1"),
+        (dict(output_mode="png"), ValueError, "output_mode must be one of"),
+        (dict(points_per_batch=0), ValueError, "must be >= 1"),
+    ],
+    ids=["no_points", "both", "grids_per_layer", "output_mode", "batch_0"],
+)
+def test_bad_arguments(tiny_model, kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        SamHQAutomaticMaskGenerator(tiny_model, **kwargs)
+
+
+@pytest.mark.parametrize("module, kwargs", [("pycocotools", dict(output_mode="coco_rle")), ("scipy", dict(min_mask_region_area=10))])
+def test_optional_dependencies_are_named(tiny_model, monkeypatch, module, kwargs):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(ImportError, match=f"needs {module}: pip install {module}"):
+        SamHQAutomaticMaskGenerator(tiny_model, **kwargs)
+
+
+def test_bad_model_and_image(tiny_model):
+    with pytest.raises(TypeError, match="SamHQ"):
+        SamHQAutomaticMaskGenerator(object())
+    with pytest.raises(TypeError, match="numpy array, PIL image or torch tensor"):
+        SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2).generate("photo.jpg")
