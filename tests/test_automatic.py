@@ -7,6 +7,7 @@ filters, NMS and crop rules of the original applied. The tiny random-weight mode
 small (|logit| ~ 0.2), so the tests use a stability offset of 0.05 instead of the default 1.0.
 """
 
+import copy
 import itertools
 import re
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import samhq_fast
 from samhq_fast import SamHQPredictor
 from samhq_fast.automatic import (
     SamHQAutomaticMaskGenerator,
@@ -28,6 +30,7 @@ from samhq_fast.automatic import (
     rle_to_mask,
     stability_score,
 )
+from samhq_fast.decoding import PromptDecoder
 from test_predictor import make_photo
 
 OFFSET = 0.05
@@ -290,3 +293,37 @@ def test_bad_model_and_image(tiny_model):
         SamHQAutomaticMaskGenerator(object())
     with pytest.raises(TypeError, match="numpy array, PIL image or torch tensor"):
         SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2).generate("photo.jpg")
+
+
+def _assert_same_records(got: list[dict], expected: list[dict], score_tol: float, pixel_tol: float = 1e-3) -> None:
+    """The same grid points, scores within score_tol, masks equal but for a fraction pixel_tol of
+    their pixels (at the threshold, where the two paths' rounding may differ)."""
+    by_point = {tuple(r["point_coords"][0]): r for r in expected}
+    assert sorted(tuple(r["point_coords"][0]) for r in got) == sorted(by_point)
+    for g in got:
+        e = by_point[tuple(g["point_coords"][0])]
+        assert abs(g["predicted_iou"] - e["predicted_iou"]) <= score_tol
+        assert (g["segmentation"] != e["segmentation"]).mean() <= pixel_tol
+
+
+def test_fused_decoder_gives_the_eager_records(tiny_model, photo):
+    """The fused backend's padded decoder (here uncompiled, to stay fast on the CPU; the compiled one
+    is checked against it in test_decoding.py) behind the generator: the eager backend's records."""
+    fused_model = copy.deepcopy(tiny_model)
+    fused_model.backend = "fused"  # the decoder path (the fused encoder is checked in test_fused_backend.py)
+    generator = SamHQAutomaticMaskGenerator(fused_model, points_per_side=4, points_per_batch=6, **LOOSE)
+    generator.predictor._prompt_decoder = PromptDecoder(fused_model, compile=False)
+    expected = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, points_per_batch=6, **LOOSE).generate(photo)
+    _assert_same_records(generator.generate(photo), expected, score_tol=1e-5)
+
+
+@pytest.mark.gpu
+def test_generator_on_the_gpu(tiny_checkpoints, photo):
+    """The fused CUDA model (Triton encoder, compiled and graphed decoder) against the eager CPU one."""
+    options = dict(points_per_side=6, points_per_batch=16, **LOOSE)
+    cuda = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
+    cpu = samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="eager")
+    got = SamHQAutomaticMaskGenerator(cuda, **options).generate(torch.from_numpy(photo).cuda())
+    expected = SamHQAutomaticMaskGenerator(cpu, **options).generate(photo)
+    # the CUDA path resizes on the GPU (within 1 level of PIL) and runs TF32-free fp32 kernels
+    _assert_same_records(got, expected, score_tol=5e-4, pixel_tol=1e-2)
