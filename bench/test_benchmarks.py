@@ -13,9 +13,11 @@ import os
 import pytest
 import torch
 
+from samhq_fast.automatic import SamHQAutomaticMaskGenerator
 from samhq_fast.benchmark import decoder as dec
 from samhq_fast.benchmark import encoder as enc
 from samhq_fast.benchmark.common import SMOKE_CONFIG
+from samhq_fast.fused import apply_fused_backend
 from samhq_fast.modeling import SamHQConfig
 
 ON_GPU = torch.cuda.is_available()
@@ -94,3 +96,22 @@ def test_e2e(benchmark, variant, backend):
     with torch.inference_mode():
         fn(*arg_sets[0])
         benchmark.pedantic(fn, args=arg_sets[0], rounds=10 if ON_GPU else 3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", ("eager", "fused"))
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_automatic_masks(benchmark, variant, backend):
+    """SamHQAutomaticMaskGenerator on one uint8 frame: the original's 32 x 32 point grid, 64 points per
+    decoder call (4 x 4 on the CPU). The IoU and stability filters are off (random weights would
+    reject every mask), so every mask goes through RLE encoding and box NMS: an upper bound."""
+    if backend == "fused":
+        _skip_fused()
+    config = CONFIGS[variant]
+    image = dec.Image(config, DEVICE, DTYPE, seed=0)
+    model = apply_fused_backend(image.model) if backend == "fused" else image.model
+    generator = SamHQAutomaticMaskGenerator(model, points_per_side=32 if ON_GPU else 4, pred_iou_thresh=0, stability_score_thresh=0)
+    frame = torch.randint(0, 256, (*dec.frame_size(config), 3), generator=torch.Generator(device=DEVICE).manual_seed(3), device=DEVICE, dtype=torch.uint8)
+    fn = _sync(generator.generate)
+    benchmark.group = f"automatic masks {variant} {str(DTYPE).removeprefix('torch.')}"
+    fn(frame)
+    benchmark.pedantic(fn, args=(frame,), rounds=5 if ON_GPU else 2, warmup_rounds=1)

@@ -50,9 +50,9 @@ import torch
 
 from ..build import build_sam_hq
 from ..decoding import PROMPT_BUCKETS, PromptDecoder
-from ..modeling.sam_hq import decode_eager
 from ..fused import apply_fused_backend
 from ..modeling import SamHQConfig
+from ..modeling.sam_hq import decode_eager
 from ..predictor import SamHQPredictor
 from . import common
 
