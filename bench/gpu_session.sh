@@ -4,7 +4,7 @@
 # (~25 of a session's 30 device minutes with the machine's start-ups):
 #   bash bench/gpu_session.sh OUT_DIR tests,profile     (<= 6.5 + 2 min, under the 10-minute cap)
 #   bash bench/gpu_session.sh OUT_DIR encoder           (<= 9.5 min)
-#   bash bench/gpu_session.sh OUT_DIR decoder           (~5.5 min)
+#   bash bench/gpu_session.sh OUT_DIR decoder           (~5.5 min + 2.5 min of automatic masks)
 # Writes OUT_DIR/gpu_tests.log, OUT_DIR/block-profile.md (one vit_h block, eager vs fused, kernel by
 # kernel), OUT_DIR/encoder-DATE.json, OUT_DIR/decoder-DATE.json (samhq-fast bench's merged JSON, plus
 # per-run parts *.encoder-bf16.json ...) and their .md (copy them to bench/results/; the README table:
@@ -50,4 +50,9 @@ if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 5 min (--time-b
     # The decoder is the same network for every variant (only e2e includes the encoder): vit_h first.
     timeout 330 python3 -m samhq_fast.cli bench --what decoder,e2e --variant vit_h,vit_b --prompts 1,16,64,256,1024 --dtype bf16 \
         --backends eager,compile,fused --output "$out/decoder-$(date +%F).json" 2>&1 | tee "$out/decoder.log"
+    # automatic masks (32 x 32 points, eager vs fused; <= 2.5 min), where pytest-benchmark is installed
+    if python3 -c "import pytest_benchmark" 2>/dev/null; then
+        timeout -s INT -k 20 150 python3 -m pytest bench/test_benchmarks.py --benchmark-only -q -k automatic \
+            --benchmark-json "$out/automatic-masks-$(date +%F).json" 2>&1 | tail -15
+    fi
 fi
