@@ -77,21 +77,24 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression: boxes [N, 4] (x0, y0, x1, y1), scores [N] -> indices of the
     boxes kept, best score first; a box is dropped when its IoU with a kept, better one exceeds
-    iou_threshold (areas (x1 - x0) * (y1 - y0), as torchvision's nms)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    boxes = boxes[order].float()
+    iou_threshold (areas (x1 - x0) * (y1 - y0), as torchvision's nms). O(N) memory: one kept box
+    against the rest at a time, on the host (N reaches ~20,000 with two crop layers)."""
+    order = torch.argsort(scores.cpu(), descending=True, stable=True)
+    boxes = boxes.cpu()[order].to(torch.float32).numpy()
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    top_left = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    bottom_right = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
-    overlaps = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).cpu().numpy()  # [N, N]
-    suppressed = np.zeros(len(order), dtype=bool)
+    alive = np.ones(len(boxes), dtype=bool)
     keep = []
-    for i in range(len(order)):
-        if not suppressed[i]:
-            keep.append(i)
-            suppressed |= overlaps[i]
-    return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)]
+    for i in range(len(boxes)):
+        if not alive[i]:
+            continue
+        keep.append(i)
+        rest = np.flatnonzero(alive[i + 1 :]) + i + 1
+        width = np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0])
+        height = np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1])
+        inter = np.clip(width, 0, None) * np.clip(height, 0, None)
+        with np.errstate(invalid="ignore", divide="ignore"):  # two empty boxes: 0 / 0, no overlap
+            alive[rest[inter / (area[i] + area[rest] - inter) > iou_threshold]] = False
+    return order[torch.as_tensor(keep, dtype=torch.int64)]
 
 
 def masks_to_rle(masks: torch.Tensor) -> list[dict]:
@@ -182,17 +185,25 @@ class SamHQAutomaticMaskGenerator:
             raise ValueError("give exactly one of points_per_side and point_grids")
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-        if points_per_batch < 1 or crop_n_layers < 0 or crop_n_points_downscale_factor < 1 or (points_per_side is not None and points_per_side < 1):
-            raise ValueError("points_per_side, points_per_batch and crop_n_points_downscale_factor must be >= 1, crop_n_layers >= 0")
+        counts = dict(
+            points_per_side=(points_per_side, 1), points_per_batch=(points_per_batch, 1),
+            crop_n_points_downscale_factor=(crop_n_points_downscale_factor, 1), crop_n_layers=(crop_n_layers, 0),
+        )
+        for name, (value, least) in counts.items():
+            if not (value is None and name == "points_per_side") and (not isinstance(value, int) or value < least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if output_mode == "coco_rle":
             _require("pycocotools", "output_mode='coco_rle'")
         if min_mask_region_area > 0:
             _require("scipy", "min_mask_region_area > 0")
         if point_grids is None:
-            point_grids = [point_grid(int(points_per_side / crop_n_points_downscale_factor**i)) for i in range(crop_n_layers + 1)]
+            sides = [int(points_per_side / crop_n_points_downscale_factor**i) for i in range(crop_n_layers + 1)]
+            if sides[-1] < 1:
+                raise ValueError(f"points_per_side {points_per_side} / crop_n_points_downscale_factor^{crop_n_layers} leaves crop layer {crop_n_layers} no points")
+            point_grids = [point_grid(side) for side in sides]
         elif len(point_grids) != crop_n_layers + 1:
             raise ValueError(f"point_grids needs one grid per crop layer ({crop_n_layers + 1}), got {len(point_grids)}")
-        self.point_grids = [np.asarray(grid, dtype=np.float64).reshape(-1, 2) for grid in point_grids]
+        self.point_grids = [_checked_grid(grid, i) for i, grid in enumerate(point_grids)]
         self.predictor = SamHQPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -213,16 +224,22 @@ class SamHQAutomaticMaskGenerator:
         multimask_output / hq_token_only: as in `SamHQPredictor.predict` (one mask per point either way).
         """
         if isinstance(image, torch.Tensor):
-            rgb = as_rgb_uint8_torch(image, device=self.predictor.device)  # [1, 3, H, W]: crops stay on the device
+            rgb = as_rgb_uint8_torch(image, device=self.predictor.device, batched=image.ndim == 4)  # crops stay on the device
+            if len(rgb) != 1:
+                raise ValueError(f"generate takes one image, got a batch of shape {list(image.shape)}")
+            # HWC: a crop one to four pixels wide is still read as HWC by set_image (CHW would be ambiguous)
+            rgb = rgb[0].permute(1, 2, 0)
         elif isinstance(image, (np.ndarray, Image.Image)):
-            rgb = as_rgb_uint8(image)  # [H, W, 3]: crops take the original's PIL resize
+            rgb = as_rgb_uint8(image)  # crops take the original's PIL resize
         else:
             raise TypeError(f"image must be a numpy array, PIL image or torch tensor, got {type(image).__name__}")
-        height, width = rgb.shape[-2:] if isinstance(rgb, torch.Tensor) else rgb.shape[:2]
+        height, width = rgb.shape[:2]  # rgb: [H, W, 3]
         boxes, layers = crop_boxes(height, width, self.crop_n_layers, self.crop_overlap_ratio)
-        parts = [self._process_crop(rgb, box, layer, (height, width), multimask_output, hq_token_only) for box, layer in zip(boxes, layers)]
+        # On a very small image, deep crop layers have crops 0 pixels wide or high: nothing to segment there.
+        crops = [(box, layer) for box, layer in zip(boxes, layers) if box[2] > box[0] and box[3] > box[1]]
+        parts = [self._process_crop(rgb, box, layer, (height, width), multimask_output, hq_token_only) for box, layer in crops]
         data = _concat(parts)
-        if len(boxes) > 1:  # the same object from several crops: prefer the smaller crop (more zoomed in)
+        if len(crops) > 1:  # the same object from several crops: prefer the smaller crop (more zoomed in)
             crop_area = (data["crop_boxes"][:, 2] - data["crop_boxes"][:, 0]) * (data["crop_boxes"][:, 3] - data["crop_boxes"][:, 1])
             data = _select(data, box_nms(data["boxes"], 1 / crop_area.double(), self.crop_nms_thresh))
         if self.min_mask_region_area > 0:
@@ -231,7 +248,7 @@ class SamHQAutomaticMaskGenerator:
 
     def _process_crop(self, rgb, crop_box, layer, image_size, multimask_output, hq_token_only) -> dict:
         x0, y0, x1, y1 = crop_box
-        self.predictor.set_image(rgb[..., y0:y1, x0:x1] if isinstance(rgb, torch.Tensor) else rgb[y0:y1, x0:x1])
+        self.predictor.set_image(rgb[y0:y1, x0:x1])
         points = self.point_grids[layer] * [x1 - x0, y1 - y0]  # crop pixels (x, y)
         parts = [
             self._process_batch(points[i : i + self.points_per_batch], crop_box, image_size, multimask_output, hq_token_only)
@@ -332,6 +349,16 @@ class SamHQAutomaticMaskGenerator:
             "stability_score": float(data["stability"][i]),
             "crop_box": [cx0, cy0, cx1 - cx0, cy1 - cy0],
         }
+
+
+def _checked_grid(grid, layer: int) -> np.ndarray:
+    """A user's point grid -> float64 [P, 2] (x, y) in [0, 1], or a ValueError naming the problem."""
+    array = np.asarray(grid, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 2 or len(array) == 0:
+        raise ValueError(f"point_grids[{layer}] must be a [P, 2] array of (x, y) with P >= 1, got shape {list(array.shape)}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"point_grids[{layer}] must hold (x, y) fractions of the crop's size, in [0, 1], not pixels")
+    return array
 
 
 def _require(module: str, what: str) -> None:

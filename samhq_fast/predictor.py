@@ -98,7 +98,7 @@ class SamHQPredictor:
 
         A tensor image stays on the device: it is moved to the model's device, resized there by
         `transforms.resize_longest_side_torch` (antialiased bilinear like the original's PIL resize:
-        equal on upscales, at most 1 level off on ~0.1 % of the values on downscales; an image whose
+        at most 1 level off on ~0.1 % of the values (some upscales measured identical); an image whose
         longest side already is the model's img_size is used unchanged, bit for bit the numpy
         path), normalized and padded there. uint8 tensors cost no host sync; float tensors cost one
         (their NaN / [0, 1] range check). A failed call leaves no image set (not the previous one).
@@ -267,7 +267,8 @@ class SamHQPredictor:
         of point and box tokens per prompt). Each prompt reads its own image's features. The prompts
         are validated on the host, as in `predict`; `predict_batch_torch` takes device tensors unread.
         """
-        convert = lambda i, **prompt: self._prompts_to_torch(**prompt, original_size=self.original_sizes[i])  # noqa: E731
+        # (warning_stacklevel: _prompts_to_torch < convert < _per_image_prompts < predict_batch < the caller)
+        convert = lambda i, **prompt: self._prompts_to_torch(**prompt, original_size=self.original_sizes[i], warning_stacklevel=5)  # noqa: E731
         converted = self._per_image_prompts(prompts, PROMPT_KEYS, convert)
         decoded = self._decode_images(converted, multimask_output, hq_token_only, return_logits)
         return [None if out is None else _to_output(out, return_torch, converted[i][4]) for i, out in enumerate(decoded)]
@@ -365,9 +366,10 @@ class SamHQPredictor:
                 decoded[i] = (low, score)
         return decoded
 
-    def _prompts_to_torch(self, point_coords, point_labels, box, mask_input, original_size=None):
+    def _prompts_to_torch(self, point_coords, point_labels, box, mask_input, original_size=None, warning_stacklevel=3):
         """Validate user prompts, scale them to the input frame, and give them a prompt-batch axis.
-        original_size: the (H, W) of the image they refer to (default: the single image set)."""
+        original_size: the (H, W) of the image they refer to (default: the single image set).
+        warning_stacklevel: how far up the user's call is (3: predict's caller)."""
         original_size = self.original_size if original_size is None else original_size
         size = self.model.config.img_size
         counts = {}  # prompt count implied by each argument
@@ -424,7 +426,7 @@ class SamHQPredictor:
             warnings.warn(
                 f"every prompt coordinate lies in [0, 1] on a {original_size[1]}x{original_size[0]} image: coordinates are "
                 "(x, y) pixels of the original image, not normalized ones (multiply by the width and height)",
-                stacklevel=3,
+                stacklevel=warning_stacklevel,
             )
         return coords, labels, boxes, masks, batched
 

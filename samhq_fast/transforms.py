@@ -37,6 +37,8 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint16:  # 16-bit images: rescale the full range
         return np.round(array / 257.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
+        if array.dtype == np.float16:  # x * 255 in float16 is up to a level off: round as the torch path does
+            array = array.astype(np.float32)
         if not np.isfinite(array).all():
             raise ValueError("image has NaN or infinite values")
         if array.min() < 0 or array.max() > 1:
@@ -96,7 +98,8 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
 
 
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> [h, w, 3] with max(h, w) == long_side (PIL bilinear, antialiased, as the original)."""
+    """uint8 [H, W, 3] (or [H, W], [H, W, 4]) -> [h, w, ...] with max(h, w) == long_side (PIL bilinear,
+    antialiased, as the original)."""
     h, w = _check_resized_shape(image.shape[0], image.shape[1], long_side)
     return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
@@ -220,11 +223,15 @@ class ResizeLongestSide:
         return preprocess_shape(old_h, old_w, long_side_length)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """RGB uint8 [H, W, 3] -> [h, w, 3] (PIL bilinear, antialiased, as the original)."""
-        return resize_longest_side(as_rgb_uint8(image), self.target_length)
+        """uint8 [H, W] or [H, W, C] -> [h, w] / [h, w, C] (PIL bilinear, antialiased, as the original)."""
+        return resize_longest_side(np.asarray(image), self.target_length)
 
     def apply_image_torch(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB uint8 [B, 3, H, W] -> [B, 3, h, w] on the images' device (see `resize_longest_side_torch`)."""
+        """[B, C, H, W] -> [B, C, h, w] on the images' device: uint8 RGB by `resize_longest_side_torch`
+        (PIL's rounding), floating point as the original (one antialiased bilinear pass, float32 out)."""
+        if isinstance(images, torch.Tensor) and images.is_floating_point() and images.ndim == 4:
+            size = _check_resized_shape(*images.shape[-2:], self.target_length)
+            return F.interpolate(images.float(), size, mode="bilinear", align_corners=False, antialias=True)
         return resize_longest_side_torch(images, self.target_length)
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:

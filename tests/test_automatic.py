@@ -9,6 +9,7 @@ small (|logit| ~ 0.2), so the tests use a stability offset of 0.05 instead of th
 
 import copy
 import itertools
+import json
 import re
 import sys
 
@@ -272,9 +273,16 @@ def test_min_mask_region_area_cleans_every_mask(tiny_model, photo):
         (dict(point_grids=[point_grid(2)]), ValueError, "exactly one of points_per_side and point_grids"),
         (dict(points_per_side=None, point_grids=[point_grid(2)], crop_n_layers=1), ValueError, "one grid per crop layer (2), got 1"),
         (dict(output_mode="png"), ValueError, "output_mode must be one of"),
-        (dict(points_per_batch=0), ValueError, "must be >= 1"),
+        (dict(points_per_batch=0), ValueError, "points_per_batch must be an integer >= 1, got 0"),
+        (dict(points_per_batch=2.5), ValueError, "points_per_batch must be an integer >= 1, got 2.5"),
+        (dict(crop_n_layers=-1), ValueError, "crop_n_layers must be an integer >= 0, got -1"),
+        (dict(points_per_side=1, crop_n_layers=1, crop_n_points_downscale_factor=2), ValueError, "leaves crop layer 1 no points"),
+        (dict(points_per_side=None, point_grids=[[[0.1, 0.2, 0.3], [0.5, 0.6, 0.7]]]), ValueError, "point_grids[0] must be a [P, 2] array"),
+        (dict(points_per_side=None, point_grids=[np.zeros((0, 2))]), ValueError, "with P >= 1, got shape [0, 2]"),
+        (dict(points_per_side=None, point_grids=[[[50.0, 40.0]]]), ValueError, "in [0, 1], not pixels"),
     ],
-    ids=["no_points", "both", "grids_per_layer", "output_mode", "batch_0"],
+    ids=["no_points", "both", "grids_per_layer", "output_mode", "batch_0", "batch_float", "negative_layers", "empty_layer_grid",
+         "transposed_grid", "empty_grid", "pixel_grid"],
 )
 def test_bad_arguments(tiny_model, kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
@@ -288,11 +296,31 @@ def test_optional_dependencies_are_named(tiny_model, monkeypatch, module, kwargs
         SamHQAutomaticMaskGenerator(tiny_model, **kwargs)
 
 
+@pytest.mark.parametrize("height, width, layers", [(1, 50, 1), (3, 3, 2), (5, 200, 2)])
+def test_crop_layers_on_tiny_images_skip_empty_crops(tiny_model, height, width, layers):
+    """Deep crop layers of a tiny image have crops 0 pixels wide or high (the original would fail on
+    them): they are skipped, the others give records inside the image."""
+    boxes, _ = crop_boxes(height, width, layers, 512 / 1500)
+    assert any(x1 <= x0 or y1 <= y0 for x0, y0, x1, y1 in boxes)  # the case at hand
+    generator = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2, crop_n_layers=layers, **LOOSE)
+    for image in (make_photo(height, width, seed=4), torch.from_numpy(make_photo(height, width, seed=4))[None]):  # also a batch of one
+        records = generator.generate(image)
+        assert records and all(r["segmentation"].shape == (height, width) for r in records)
+        assert all(w > 0 and h > 0 for _, _, w, h in (r["crop_box"] for r in records))
+
+
+def test_records_are_plain_json(tiny_model, photo):
+    records = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2, output_mode="uncompressed_rle", **LOOSE).generate(torch.from_numpy(photo))
+    assert records and json.loads(json.dumps(records)) == records
+
+
 def test_bad_model_and_image(tiny_model):
     with pytest.raises(TypeError, match="SamHQ"):
         SamHQAutomaticMaskGenerator(object())
     with pytest.raises(TypeError, match="numpy array, PIL image or torch tensor"):
         SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2).generate("photo.jpg")
+    with pytest.raises(ValueError, match=re.escape("generate takes one image, got a batch of shape [2, 20, 30, 3]")):
+        SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2).generate(torch.zeros(2, 20, 30, 3, dtype=torch.uint8))
 
 
 def _assert_same_records(got: list[dict], expected: list[dict], score_tol: float, pixel_tol: float = 1e-3) -> None:

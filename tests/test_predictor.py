@@ -698,6 +698,17 @@ def test_normalized_coordinates_warn(prepared, prompt):
         predictor.predict(**prompt)
 
 
+def test_normalized_coordinate_warning_points_at_the_callers_line(prepared, tiny_model):
+    """The warning names the user's line (this file), from predict and from predict_batch."""
+    predictor, _ = prepared("landscape_200x300")
+    batch = SamHQPredictor(tiny_model)
+    batch.set_images([make_photo(200, 300, seed=1)])
+    for call in (lambda: predictor.predict(box=np.array([0.1, 0.2, 0.6, 0.9])), lambda: batch.predict_batch([dict(box=np.array([0.1, 0.2, 0.6, 0.9]))])):
+        with pytest.warns(UserWarning, match="normalized") as record:
+            call()
+        assert record[0].filename == __file__
+
+
 def test_pixel_coordinates_do_not_warn(prepared):
     predictor, _ = prepared("landscape_200x300")
     with warnings.catch_warnings():
@@ -749,8 +760,9 @@ def test_original_model_attributes(tiny_model):
         ([dict(image=torch.zeros(256, 200, 3), original_size=(256, 200))], "must be a [3, h, w] tensor"),
         ([dict(image=torch.zeros(3, 256, 200))], "batched_input[0] has no 'original_size'"),
         ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200), boxes=torch.zeros(4))], "batched_input[0]: boxes must have shape [N, 4]"),
+        ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200), mask_inputs=torch.zeros(1, 1, 8, 8))], "batched_input[0]: mask_inputs must have shape [N, 1, 64, 64]"),
     ],
-    ids=["empty", "not_resized", "hwc", "no_original_size", "box_shape"],
+    ids=["empty", "not_resized", "hwc", "no_original_size", "box_shape", "mask_shape"],
 )
 def test_model_forward_rejects_bad_input(tiny_model, batched_input, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
@@ -775,7 +787,12 @@ def test_transform_gives_predict_torch_the_original_workflow(prepared):
         torch.testing.assert_close(g, torch.from_numpy(e), rtol=1e-5, atol=1e-5)
     photo = make_photo(330, 180, seed=1)
     assert transform.apply_image(photo).shape == (256, 140, 3)
-    assert transform.apply_image_torch(torch.from_numpy(photo).permute(2, 0, 1)[None]).shape == (1, 3, 256, 140)
+    assert transform.apply_image(photo[..., 0]).shape == (256, 140)  # gray stays gray, as the original
+    chw = torch.from_numpy(photo).permute(2, 0, 1)[None]
+    assert transform.apply_image_torch(chw).shape == (1, 3, 256, 140)
+    resized = transform.apply_image_torch(chw.float())  # float: the original's single antialiased pass
+    assert resized.dtype == torch.float32 and resized.shape == (1, 3, 256, 140)
+    torch.testing.assert_close(resized, F.interpolate(chw.float(), (256, 140), mode="bilinear", align_corners=False, antialias=True))
 
 
 @pytest.mark.parametrize("kind", list(BAD_TORCH_PROMPTS))

@@ -385,6 +385,16 @@ def test_as_rgb_uint8_torch_accepted_inputs(kind):
     np.testing.assert_array_equal(out[0].permute(1, 2, 0).numpy(), rgb)
 
 
+def test_float16_numpy_rounds_as_float32():
+    """x * 255 in float16 is up to one level off (0.7 -> 178.5 -> 178 instead of 179): float16 numpy
+    images are scaled in float32, as torch ones."""
+    values = np.linspace(0, 1, 1801, dtype=np.float16)[None, :]
+    expected = np.round(values.astype(np.float32) * 255).astype(np.uint8)
+    got = as_rgb_uint8(values)[..., 0]
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(as_rgb_uint8_torch(torch.from_numpy(values))[0, 0].numpy(), got)
+
+
 def test_as_rgb_uint8_torch_rounds_floats_as_numpy():
     values = torch.tensor([0.0, 0.0019, 0.0021, 0.5, 0.998, 1.0, 0.5 / 255, 1.5 / 255], dtype=torch.float64)
     image = values[None, :, None].expand(-1, -1, 3)  # 1 x n, HWC

@@ -81,15 +81,16 @@ class PromptEncoder(nn.Module):
         corner_tokens = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
         return corners + corner_tokens.float()
 
-    def check_prompts(self, point_coords, point_labels, boxes, mask_input) -> tuple:
+    def check_prompts(self, point_coords, point_labels, boxes, mask_input, mask_name: str = "mask_input") -> tuple:
         """Checks input-frame prompt tensors with a prompt axis N (point_coords [N, K, 2], point_labels
         [N, K], boxes [N, 4], mask_input [N, 1, 4h, 4w], each optional) for type, shape, dtype and
         device, and raises a ValueError / TypeError naming the problem -> the four, unchanged.
-        Values (NaN, ranges) are not read: on the GPU that would wait for it on every call."""
+        Values (NaN, ranges) are not read: on the GPU that would wait for it on every call.
+        mask_name: what the caller calls mask_input, for the messages."""
         mask_h, mask_w = self.mask_input_size
         device = self.no_mask_embed.weight.device
-        expected = {"point_coords": "[N, K, 2]", "point_labels": "[N, K]", "boxes": "[N, 4]", "mask_input": f"[N, 1, {mask_h}, {mask_w}]"}
-        given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
+        expected = {"point_coords": "[N, K, 2]", "point_labels": "[N, K]", "boxes": "[N, 4]", mask_name: f"[N, 1, {mask_h}, {mask_w}]"}
+        given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, mask_name: mask_input}
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         for name, tensor in given.items():
@@ -99,7 +100,7 @@ class PromptEncoder(nn.Module):
             "point_coords": point_coords is None or (point_coords.ndim == 3 and point_coords.shape[-1] == 2),
             "point_labels": point_labels is None or point_labels.shape == point_coords.shape[:2],
             "boxes": boxes is None or (boxes.ndim == 2 and boxes.shape[-1] == 4),
-            "mask_input": mask_input is None or tuple(mask_input.shape[1:]) == (1, mask_h, mask_w),
+            mask_name: mask_input is None or tuple(mask_input.shape[1:]) == (1, mask_h, mask_w),
         }
         for name, good in ok.items():
             if not good:
@@ -107,7 +108,7 @@ class PromptEncoder(nn.Module):
         if point_labels is not None and (point_labels.dtype == torch.bool or point_labels.is_complex()):
             raise TypeError(f"point_labels must hold 1 (foreground), 0 (background) or -1 (ignore) as numbers, got dtype {point_labels.dtype}")
         if mask_input is not None and not mask_input.is_floating_point():
-            raise TypeError(f"mask_input must be float logits (a previous predict's low_res_logits), got dtype {mask_input.dtype}")
+            raise TypeError(f"{mask_name} must be float logits (a previous predict's low_res_logits), got dtype {mask_input.dtype}")
         for name, tensor in given.items():
             if tensor is not None and tensor.device != device:
                 raise ValueError(f"{name} is on {tensor.device}, the model on {device}: move the prompts to the model's device")

@@ -165,7 +165,7 @@ class SamHQ(nn.Module):
         for i, record in enumerate(batched_input):
             prompts = [record.get(key) for key in ("point_coords", "point_labels", "boxes", "mask_inputs")]
             try:
-                self.prompt_encoder.check_prompts(*prompts)
+                self.prompt_encoder.check_prompts(*prompts, mask_name="mask_inputs")
             except (TypeError, ValueError) as e:
                 raise type(e)(f"batched_input[{i}]: {e}") from e
             low_res, iou = decode_eager(
