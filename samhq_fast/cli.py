@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import samhq_fast
+from samhq_fast.automatic import SamHQAutomaticMaskGenerator
 from samhq_fast.build import DTYPE_NAMES, dtype_name, resolve_dtype
 from samhq_fast.checkpoint import hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
@@ -54,6 +55,9 @@ Prompts (pixels of the original image, x right, y down, origin top-left):
 All --point options together with at most one --box form ONE prompt (one object, as in
 SAM's click workflow). Several --box options give one prompt (object) per box; they
 cannot be combined with --point (run the command once per object instead).
+--auto takes no prompts: it segments everything, as the original automatic mask
+generator (a --points-per-side grid of clicks, masks filtered by predicted IoU and
+stability, duplicates removed by box NMS).
 
 Outputs:
   --output MASK.png   one prompt: a binary 8-bit PNG, 255 = object, 0 = background.
@@ -62,7 +66,10 @@ Outputs:
                       the later prompt wins. Always the size of the input image.
   --overlay FILE      the photo with each mask blended in a distinct color and the prompts
                       drawn (green dots foreground, red dots background, box outlines).
-  --json FILE         per-prompt prompts, predicted IoU score, mask area and bounding box.
+                      --auto: an index PNG, i for the i-th largest mask (painted largest
+                      first, so smaller masks stay visible); 16-bit beyond 255 masks.
+  --json FILE         per-prompt prompts, predicted IoU score, mask area and bounding box
+                      (--auto: per mask its grid point, score, stability, area, box).
 A one-line summary per prompt is printed to stdout.
 """
 SEGMENT_EPILOG = """\
@@ -75,6 +82,8 @@ examples:
   # two objects, one box each -> index mask (values 0, 1, 2)
   samhq-fast segment assets/chelsea.jpg --checkpoint sam_hq_vit_b.pth --box 10,20,200,280 --box 230,40,440,290 \\
       --output objects.png
+  # everything, no prompts
+  samhq-fast segment assets/chelsea.jpg --checkpoint sam_hq_vit_b.pth --auto --output all.png --overlay all.jpg
 Negative coordinates need the `=` form: --point=-3,40.
 """
 
@@ -234,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--multimask", action="store_true",
                      help="let SAM propose 3 masks and keep the one with the best predicted IoU (good for a single ambiguous click)")
     seg.add_argument("--hq-only", action="store_true", help="use the HQ token's mask alone instead of SAM mask + HQ mask")
+    seg.add_argument("--auto", action="store_true",
+                     help="segment everything, without prompts: the automatic mask generator (a point grid, the original's filters "
+                          "and NMS); writes an index PNG, larger masks painted first")
+    seg.add_argument("--points-per-side", type=int, default=32, metavar="N", help="--auto: N x N grid points (default 32)")
+    seg.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="T", help="--auto: keep masks whose predicted IoU > T (default 0.88)")
+    seg.add_argument("--stability-thresh", type=float, default=0.95, metavar="T", help="--auto: keep masks whose stability >= T (default 0.95)")
+    seg.add_argument("--stability-offset", type=float, default=1.0, metavar="D",
+                     help="--auto: stability = IoU of the masks at logit thresholds +D and -D (default 1.0)")
+    seg.add_argument("--box-nms-thresh", type=float, default=0.7, metavar="T",
+                     help="--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default 0.7)")
     seg.add_argument("--output", "-o", required=True, metavar="MASK.png",
                      help="mask PNG: binary 0/255 for one prompt, index 0..N for N prompts")
     seg.add_argument("--overlay", metavar="OVERLAY.png", help="also write the photo with the masks and prompts drawn on it")
@@ -332,10 +351,49 @@ def _describe(prompt: dict) -> str:
     return " + ".join(parts)
 
 
+def segment_everything(args, image: np.ndarray, model) -> int:
+    """segment --auto: the automatic mask generator's masks in one index PNG (0 background, i for the
+    i-th largest mask; painted largest first so smaller masks stay visible on top; 16-bit beyond 255
+    masks), the grid points in the overlay, one JSON entry per mask."""
+    generator = SamHQAutomaticMaskGenerator(
+        model, points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh, stability_score_offset=args.stability_offset, box_nms_thresh=args.box_nms_thresh,
+    )
+    records = sorted(generator.generate(image, hq_token_only=args.hq_only), key=lambda r: -r["area"])
+    h, w = image.shape[:2]
+    index = np.zeros((h, w), dtype=np.uint8 if len(records) <= 255 else np.uint16)
+    for i, record in enumerate(records):
+        index[record["segmentation"]] = i + 1
+    Image.fromarray(index).save(args.output)
+    if args.overlay:
+        prompts = [{"points": r["point_coords"], "labels": [1], "box": None} for r in records]
+        draw_overlay(image, [r["segmentation"] for r in records], prompts).save(args.overlay)
+    masks = [
+        {"index": i + 1, "point": r["point_coords"][0], "score": r["predicted_iou"], "stability": r["stability_score"],
+         "area": r["area"], "bbox_xywh": r["bbox"]}
+        for i, r in enumerate(records)
+    ]
+    print(f"{len(records)} masks from a {args.points_per_side}x{args.points_per_side} point grid"
+          + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("points_per_side", "pred_iou_thresh", "stability_thresh", "stability_offset", "box_nms_thresh", "hq_only")}
+        result = {
+            "image": str(args.image), "checkpoint": str(args.checkpoint), "variant": model.variant, "image_size": [h, w],
+            "mask": str(args.output), "mask_format": "index", "auto": settings, "device": str(model.device), "dtype": args.dtype,
+            "masks": masks,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    written = ", ".join(p for p in (args.output, args.overlay, args.json) if p)
+    print(f"wrote {written} (index mask, {index.dtype.itemsize * 8}-bit, {w}x{h})")
+    return 0
+
+
 def segment(args) -> int:
     points, boxes = args.point, args.box
-    if not points and not boxes:
-        args.parser.error("give at least one prompt: --point X,Y[,LABEL] and/or --box X1,Y1,X2,Y2")
+    if args.auto and (points or boxes):
+        args.parser.error("--auto segments everything without prompts: drop --point / --box")
+    if not args.auto and not points and not boxes:
+        args.parser.error("give at least one prompt: --point X,Y[,LABEL] and/or --box X1,Y1,X2,Y2 (or --auto for everything)")
     if points and len(boxes) > 1:
         args.parser.error(
             f"--point cannot be combined with several --box ({len(boxes)} given): points and at most one box form one "
@@ -351,6 +409,8 @@ def segment(args) -> int:
 
     image = load_image(args.image)
     model = samhq_fast.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.auto:
+        return segment_everything(args, image, model)
     predictor = SamHQPredictor(model)
     predictor.set_image(image)
 

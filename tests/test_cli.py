@@ -142,6 +142,30 @@ def test_segment_several_boxes_writes_index_mask(capsys, tmp_path, ckpt, photo, 
     assert len([line for line in out.splitlines() if line.startswith("prompt ")]) == 3
 
 
+def test_segment_auto(capsys, tmp_path, ckpt, photo):
+    """--auto: the generator's records (the tiny model's logits are small: loose filters), painted
+    largest first into an index PNG, one JSON entry per mask."""
+    mask_path, json_path = tmp_path / "all.png", tmp_path / "all.json"
+    # (the tiny model's masks are overlapping blobs: box NMS off, or one would be left)
+    filters = dict(pred_iou_thresh=0.0, stability_score_thresh=0.3, stability_score_offset=0.05, box_nms_thresh=1.0)
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--points-per-side", 4, "--pred-iou-thresh", 0.0,
+                         "--stability-thresh", 0.3, "--stability-offset", 0.05, "--box-nms-thresh", 1.0,
+                         "-o", mask_path, "--json", json_path, "--overlay", tmp_path / "o.png")
+    assert code == 0, err
+    model = samhq_fast.load(ckpt, device="cpu")
+    records = sorted(samhq_fast.SamHQAutomaticMaskGenerator(model, points_per_side=4, **filters).generate(photo), key=lambda r: -r["area"])
+    assert 1 < len(records) <= 16 and f"{len(records)} masks from a 4x4 point grid" in out
+    expected = np.zeros(photo.shape[:2], np.uint8)
+    for i, record in enumerate(records):
+        expected[record["segmentation"]] = i + 1
+    np.testing.assert_array_equal(read_png(mask_path), expected)
+    result = json.loads(json_path.read_text())
+    assert result["mask_format"] == "index" and result["auto"]["points_per_side"] == 4
+    assert [(m["index"], m["area"], m["bbox_xywh"]) for m in result["masks"]] == [(i + 1, r["area"], r["bbox"]) for i, r in enumerate(records)]
+    assert [m["score"] for m in result["masks"]] == pytest.approx([r["predicted_iou"] for r in records], abs=1e-6)
+    assert read_png(tmp_path / "o.png").shape == (*photo.shape[:2], 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # convert
 
@@ -206,6 +230,7 @@ ERROR_CASES = {
     "xpu_device": (["--point", "220,150", "--device", "xpu"], "device 'xpu' is not supported: use 'cpu'"),
     "bad_dtype": (["--point", "220,150", "--dtype", "fp8"], "unknown dtype fp8: choose from fp32,float32,fp16"),
     "points_with_several_boxes": (["--point", "220,150", "--box", "10,20,200,280", "--box", "230,40,440,290"], "--point cannot be combined with several --box"),
+    "auto_with_a_prompt": (["--auto", "--box", "10,20,200,280"], "--auto segments everything without prompts: drop --point / --box"),
 }
 
 
