@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from .decoding import PromptDecoder
-from .modeling.sam_hq import decode_eager
 from .graphs import GraphedEncoder
 from .modeling import SamHQ
+from .modeling.sam_hq import decode_eager
 from .transforms import ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
 
 PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
@@ -163,8 +163,8 @@ class SamHQPredictor:
     @torch.inference_mode()
     def _encode_images(self, resized: list[torch.Tensor], original_sizes: list[tuple[int, int]]) -> None:
         """resized: groups of same-size images [b_i, 3, h_i, w_i] on a 0..255 scale (longest side =
-        img_size); original_sizes: one (H, W) per image -> the predictor's state, from one encoder batch."""
-        self.reset_image()
+        img_size); original_sizes: one (H, W) per image -> the predictor's state, from one encoder batch.
+        (Its callers reset the state first, so that a failure anywhere leaves no image set.)"""
         batch = torch.cat([self.model.preprocess(group.to(self.device)) for group in resized])  # normalize + pad each
         self.features, _, self.hq_features = self._encode(batch)
         self.dense_pe = self.model.prompt_encoder.get_dense_pe()
