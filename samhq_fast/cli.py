@@ -351,6 +351,19 @@ def _describe(prompt: dict) -> str:
     return " + ".join(parts)
 
 
+def _write_json(args, model, image_size: tuple[int, int], mask_format: str, **fields) -> None:
+    """segment --json: what was run (image, checkpoint, model, device, dtype), the mask file, then `fields`."""
+    result = {
+        "image": str(args.image), "checkpoint": str(args.checkpoint), "variant": model.variant, "image_size": list(image_size),
+        "mask": str(args.output), "mask_format": mask_format, "device": str(model.device), "dtype": args.dtype, **fields,
+    }
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _written(args) -> str:
+    return ", ".join(str(p) for p in (args.output, args.overlay, args.json) if p)
+
+
 def segment_everything(args, image: np.ndarray, model) -> int:
     """segment --auto: the automatic mask generator's masks in one index PNG (0 background, i for the
     i-th largest mask; painted largest first so smaller masks stay visible on top; 16-bit beyond 255
@@ -377,14 +390,8 @@ def segment_everything(args, image: np.ndarray, model) -> int:
           + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
     if args.json:
         settings = {k: getattr(args, k) for k in ("points_per_side", "pred_iou_thresh", "stability_thresh", "stability_offset", "box_nms_thresh", "hq_only")}
-        result = {
-            "image": str(args.image), "checkpoint": str(args.checkpoint), "variant": model.variant, "image_size": [h, w],
-            "mask": str(args.output), "mask_format": "index", "auto": settings, "device": str(model.device), "dtype": args.dtype,
-            "masks": masks,
-        }
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    written = ", ".join(p for p in (args.output, args.overlay, args.json) if p)
-    print(f"wrote {written} (index mask, {index.dtype.itemsize * 8}-bit, {w}x{h})")
+        _write_json(args, model, (h, w), "index", auto=settings, masks=masks)
+    print(f"wrote {_written(args)} (index mask, {index.dtype.itemsize * 8}-bit, {w}x{h})")
     return 0
 
 
@@ -444,15 +451,8 @@ def segment(args) -> int:
         print(f"prompt {i}: {_describe(prompt)}: score {score:.3f}, area {prompt['area']} px "
               f"({100 * prompt['area'] / (h * w):.1f}%), {bbox}")
     if args.json:
-        result = {
-            "image": str(args.image), "checkpoint": str(args.checkpoint), "variant": model.variant,
-            "image_size": [h, w], "mask": str(args.output), "mask_format": "binary" if len(masks) == 1 else "index",
-            "multimask": args.multimask, "hq_only": args.hq_only, "device": str(model.device), "dtype": args.dtype,
-            "prompts": prompts,
-        }
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    written = ", ".join(p for p in (args.output, args.overlay, args.json) if p)
-    print(f"wrote {written} ({'binary' if len(masks) == 1 else 'index'} mask, {w}x{h})")
+        _write_json(args, model, (h, w), "binary" if len(masks) == 1 else "index", multimask=args.multimask, hq_only=args.hq_only, prompts=prompts)
+    print(f"wrote {_written(args)} ({'binary' if len(masks) == 1 else 'index'} mask, {w}x{h})")
     return 0
 
 

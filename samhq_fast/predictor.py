@@ -375,6 +375,7 @@ class SamHQPredictor:
         counts = {}  # prompt count implied by each argument
         batched = False
         coords = labels = boxes = masks = None
+        pixel_coords = []  # the point and box coordinates given (original frame), for the normalized-coordinate warning
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         if point_coords is not None:
@@ -389,6 +390,7 @@ class SamHQPredictor:
             if not np.isin(lbl, (-1, 0, 1)).all():
                 raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {sorted(set(lbl.ravel().tolist()))}")
             self._check_in_image(pts, "point_coords", original_size)
+            pixel_coords.append(pts)
             batched |= pts.ndim == 3
             pts, lbl = (pts, lbl) if pts.ndim == 3 else (pts[None], lbl[None])
             counts["point_coords"] = pts.shape[0]
@@ -403,12 +405,13 @@ class SamHQPredictor:
                 first = bx[(bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])][0]
                 raise ValueError(f"box must be (x1, y1, x2, y2) with x2 > x1 and y2 > y1, got an empty or inverted box {first.tolist()}")
             self._check_in_image(bx.reshape(-1, 2, 2), "box", original_size)
+            pixel_coords.append(bx)
             batched |= bx.shape[0] > 1
             counts["box"] = bx.shape[0]
             boxes = torch.as_tensor(scale_coords(bx.reshape(-1, 2, 2), original_size, size).reshape(-1, 4), dtype=torch.float32, device=self.device)
         if mask_input is not None:
             low_res = 4 * self.model.config.embedding_size
-            if np.asarray(mask_input.detach().cpu() if isinstance(mask_input, torch.Tensor) else mask_input).dtype == np.bool_:
+            if (mask_input.dtype == torch.bool) if isinstance(mask_input, torch.Tensor) else np.asarray(mask_input).dtype == np.bool_:
                 raise TypeError("mask_input must be float logits (a previous predict's low_res_logits), got a bool mask")
             mk = _finite_array(mask_input, "mask_input")
             if mk.ndim not in (3, 4) or mk.shape[-3:] != (1, low_res, low_res):
@@ -421,8 +424,7 @@ class SamHQPredictor:
             raise ValueError(f"prompt counts disagree: {counts}; give the same number N of prompts in each argument")
         if counts and next(iter(counts.values())) == 0:
             raise ValueError("no prompts: the prompt arrays are empty")
-        given = [a for a in (pts if point_coords is not None else None, bx if box is not None else None) if a is not None]
-        if given and max(original_size) >= NORMALIZED_WARNING_MIN_SIDE and all(np.abs(a).max() <= 1 for a in given):
+        if pixel_coords and max(original_size) >= NORMALIZED_WARNING_MIN_SIDE and all(np.abs(a).max() <= 1 for a in pixel_coords):
             warnings.warn(
                 f"every prompt coordinate lies in [0, 1] on a {original_size[1]}x{original_size[0]} image: coordinates are "
                 "(x, y) pixels of the original image, not normalized ones (multiply by the width and height)",
