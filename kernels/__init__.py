@@ -8,7 +8,9 @@ On the CPU they run only in the Triton interpreter (TRITON_INTERPRET=1, set befo
 import contextlib
 import os
 
+import numpy as np
 import torch
+import triton
 
 
 INTERPRETER_BF16_ERROR = (
@@ -17,12 +19,32 @@ INTERPRETER_BF16_ERROR = (
 )
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why this Triton's interpreter cannot run the kernels with this NumPy, or None.
+
+    Before Triton 3.7 the interpreter passes scalar kernel arguments as 1-element arrays and turns
+    them into loop bounds with int(), which NumPy >= 2.4 refuses (a TypeError deep in the interpreter).
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} cannot run with numpy {numpy_version} "
+                "(fixed in triton 3.7): pip install 'triton>=3.7' or 'numpy<2.4'")
+    return None
+
+
 def interpreting(x: torch.Tensor, who: str) -> bool:
-    """True when the kernels run in the Triton interpreter; raises for a CPU tensor without it, and
-    for bf16 in it (a wrong answer otherwise)."""
+    """True when the kernels run in the Triton interpreter; raises for a CPU tensor without it, for
+    bf16 in it (a wrong answer otherwise), and for an interpreter that cannot run with this NumPy."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         if x.dtype == torch.bfloat16:
             raise TypeError(f"{who}: {INTERPRETER_BF16_ERROR}")
+        problem = interpreter_incompatibility(triton.__version__, np.__version__)
+        if problem:
+            raise RuntimeError(f"{who}: {problem}")
         return True
     if x.device.type != "cuda":
         raise RuntimeError(

@@ -3,7 +3,8 @@
 The helpers are checked against hand-derived values or plain-Python re-derivations; the generator
 against the single-image predictor (itself checked against the original pipeline in
 test_predictor.py): every record must be the predictor's mask for its grid point, with the
-filters, NMS and crop rules of the original applied. The tiny random-weight model's logits are
+filters, NMS and crop rules of the original applied. test_original_parity.py compares whole
+runs with the original release's own generator. The tiny random-weight model's logits are
 small (|logit| ~ 0.2), so the tests use a stability offset of 0.05 instead of the default 1.0.
 """
 

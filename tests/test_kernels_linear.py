@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from samhq_fast import kernels
 from samhq_fast.kernels.fused_linear import FusedLinear, fused_linear
 
 # (dtype, atol, rtol). The reference is fp64 computed from the same (rounded) inputs, so the
@@ -150,6 +151,16 @@ def test_module_rejects_bad_activation():
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA device.*TRITON_INTERPRET=1"):
+        fused_linear(torch.randn(5, 33), torch.randn(48, 33))
+
+
+def test_interpreter_incompatible_with_numpy_is_a_clear_error(monkeypatch):
+    """Triton < 3.7's interpreter fails deep inside with NumPy >= 2.4 (seen with triton 3.6.0)."""
+    assert kernels.interpreter_incompatibility("3.6.0", "2.4.6") and kernels.interpreter_incompatibility("2.3.1", "2.5.0rc1")
+    assert not kernels.interpreter_incompatibility("3.7.1", "2.4.6") and not kernels.interpreter_incompatibility("3.6.0", "2.3.5")
+    monkeypatch.setattr(kernels.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(kernels.np, "__version__", "2.4.6")
+    with pytest.raises(RuntimeError, match="fused_linear: the Triton interpreter of triton 3.6.0 cannot run with numpy 2.4.6"):
         fused_linear(torch.randn(5, 33), torch.randn(48, 33))
 
 

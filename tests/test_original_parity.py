@@ -1,0 +1,235 @@
+"""The eager engine against the original SAM-HQ release itself (`segment_anything_hq` 0.3), same weights.
+
+The original model is built from its own classes with the tiny test architecture (head_dim 80 as
+vit_h, windowed blocks with padding) and with vit_b's, given our random weights through its own
+`load_state_dict(strict=True)` (so the key layouts agree too), and saved as an original checkpoint
+that `samhq_fast.load` reads. REFERENCE.md's bar: mask logits within ~1e-3 of the logit scale,
+IoU scores within 1e-4, on fp32 CPU.
+"""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import samhq_fast
+from original_sam_hq import import_original
+from samhq_fast.automatic import SamHQAutomaticMaskGenerator, rle_to_mask
+from samhq_fast.modeling import SamHQConfig
+from samhq_fast.transforms import ResizeLongestSide
+from conftest import TINY_CONFIG, make_model
+
+LOGIT_TOL = 1e-3  # relative to the largest |logit|
+SCORE_TOL = 1e-4
+TIE_LOGIT = 1e-3  # a mask pixel may differ only where its logit is this close to the threshold (0)
+MAX_TIE_PIXELS = 4  # per automatic mask, which carries no logits to check the tie against
+
+
+@pytest.fixture(scope="module")
+def original():
+    return import_original()
+
+
+def build_original(original, config: SamHQConfig) -> nn.Module:
+    """The original Sam with `config`'s architecture, built as the original's `_build_sam` builds vit_b/l/h."""
+    enc, grid = config.encoder, config.embedding_size
+    modeling = original.modeling
+    return modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
+            depth=enc.depth, embed_dim=enc.embed_dim, img_size=enc.img_size, mlp_ratio=enc.mlp_dim / enc.embed_dim,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=enc.num_heads, patch_size=enc.patch_size, qkv_bias=True,
+            use_rel_pos=True, global_attn_indexes=enc.global_attn_indexes, window_size=enc.window_size, out_chans=enc.out_chans,
+        ),
+        prompt_encoder=modeling.PromptEncoder(
+            embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(enc.img_size, enc.img_size), mask_in_chans=16,
+        ),
+        mask_decoder=modeling.MaskDecoderHQ(
+            num_multimask_outputs=3, transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256, vit_dim=enc.embed_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+def original_and_ours(original, config: SamHQConfig, folder, seed: int = 0):
+    """(original Sam, our eager model loaded from the original's own saved state dict)."""
+    reference = build_original(original, config)
+    reference.load_state_dict(make_model(config, seed).state_dict(), strict=True)
+    path = folder / "original.pth"
+    torch.save(reference.state_dict(), path)
+    return reference, samhq_fast.load(path, backend="eager")
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(original, tmp_path_factory):
+    return original_and_ours(original, TINY_CONFIG, tmp_path_factory.mktemp("original_tiny"))
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A 150 x 223 RGB photo-like image (smooth gradients + noise): not square, not a multiple of 16."""
+    gen = np.random.default_rng(3)
+    y, x = np.mgrid[0:150, 0:223]
+    base = np.stack([x * 255 / 222, y * 255 / 149, (x + y) * 255 / 371], -1)
+    return np.clip(base + gen.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def assert_logits_close(actual, expected) -> None:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    scale = max(1.0, np.abs(expected).max())
+    err = np.abs(actual - expected).max() / scale
+    assert err < LOGIT_TOL, f"max |logit difference| is {err:.2e} of the logit scale {scale:.1f}"
+
+
+def assert_masks_match(masks, expected_logits) -> None:
+    """Equal to the original's logits > 0, except where a logit ties with the threshold."""
+    masks, expected_logits = np.asarray(masks), np.asarray(expected_logits)
+    assert masks.dtype == np.bool_ and masks.shape == expected_logits.shape
+    differ = masks != (expected_logits > 0)
+    assert np.all(np.abs(expected_logits[differ]) < TIE_LOGIT), f"{differ.sum()} mask pixels differ away from the threshold"
+
+
+def test_encoder_matches_original(tiny_pair, photo):
+    reference, ours = tiny_pair
+    x = reference.preprocess(torch.from_numpy(photo).permute(2, 0, 1)[None].float())
+    with torch.no_grad():
+        expected, expected_interm = reference.image_encoder(x)
+        actual, actual_interm = ours.image_encoder(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert len(actual_interm) >= 1  # the HQ decoder reads the first global block's output
+    torch.testing.assert_close(actual_interm[0], expected_interm[0], rtol=1e-5, atol=1e-5)
+
+
+PROMPTS = {
+    "one point": dict(point_coords=np.array([[111.0, 70.0]]), point_labels=np.array([1])),
+    "points, one background": dict(point_coords=np.array([[40.0, 30.0], [180.0, 120.0], [100.5, 75.25]]), point_labels=np.array([1, 0, 1])),
+    "box": dict(box=np.array([30.0, 20.0, 190.0, 140.0])),
+    "box and points": dict(box=np.array([10.0, 5.0, 150.0, 100.0]), point_coords=np.array([[60.0, 50.0], [140.0, 90.0]]), point_labels=np.array([1, 0])),
+}
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("multimask_output, hq_token_only", [(True, False), (False, False), (False, True), (True, True)])
+def test_predict_matches_original(original, tiny_pair, photo, prompt, multimask_output, hq_token_only):
+    """SamPredictor.set_image + predict (numpy image, photo pixels) of the original vs ours."""
+    reference, ours = tiny_pair
+    theirs = original.SamPredictor(reference)
+    theirs.set_image(photo)
+    predictor = samhq_fast.SamHQPredictor(ours)
+    predictor.set_image(photo)
+    kwargs = dict(PROMPTS[prompt], multimask_output=multimask_output, hq_token_only=hq_token_only)
+
+    expected_logits, expected_scores, expected_low = theirs.predict(**kwargs, return_logits=True)
+    logits, scores, low = predictor.predict(**kwargs, return_logits=True)
+    assert_logits_close(logits, expected_logits)
+    assert_logits_close(low, expected_low)
+    np.testing.assert_allclose(scores, expected_scores, atol=SCORE_TOL, rtol=0)
+    masks, _, _ = predictor.predict(**kwargs)
+    assert_masks_match(masks, expected_logits)
+
+    # The low-res logits go back in as mask_input (the original's refinement loop).
+    refine = dict(kwargs, mask_input=expected_low[np.argmax(expected_scores)][None])
+    expected_logits, expected_scores, _ = theirs.predict(**refine, return_logits=True)
+    logits, scores, _ = predictor.predict(**refine, return_logits=True)
+    assert_logits_close(logits, expected_logits)
+    np.testing.assert_allclose(scores, expected_scores, atol=SCORE_TOL, rtol=0)
+
+
+def test_predict_torch_several_boxes_matches_original(original, tiny_pair, photo):
+    """The original's batched path: apply_boxes_torch -> predict_torch with 3 boxes at once."""
+    reference, ours = tiny_pair
+    theirs = original.SamPredictor(reference)
+    theirs.set_image(photo)
+    predictor = samhq_fast.SamHQPredictor(ours)
+    predictor.set_image(photo)
+    boxes = torch.tensor([[30.0, 20.0, 190.0, 140.0], [0.0, 0.0, 60.0, 60.0], [100.0, 40.0, 222.0, 149.0]])
+    expected = theirs.predict_torch(None, None, theirs.transform.apply_boxes_torch(boxes, photo.shape[:2]), multimask_output=False, return_logits=True)
+    actual = predictor.predict_torch(None, None, predictor.transform.apply_boxes_torch(boxes, photo.shape[:2]), multimask_output=False, return_logits=True)
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+        assert_logits_close(a.numpy(), e.numpy())
+
+
+def test_forward_matches_original(tiny_pair, photo):
+    """Sam.forward(batched_input): two images of different sizes, points on one and boxes on the other."""
+    reference, ours = tiny_pair
+    other = np.ascontiguousarray(photo[:97, :131][::-1])
+    batched_input = []
+    for image, prompt in ((photo, dict(point_coords=torch.tensor([[[50.0, 60.0], [120.0, 30.0]]]), point_labels=torch.tensor([[1, 0]]))),
+                          (other, dict(boxes=torch.tensor([[5.0, 5.0, 90.0, 80.0], [40.0, 10.0, 130.0, 96.0]])))):
+        resized = ResizeLongestSide(TINY_CONFIG.img_size)
+        record = {"image": torch.from_numpy(resized.apply_image(image)).permute(2, 0, 1).contiguous(), "original_size": image.shape[:2]}
+        if "point_coords" in prompt:
+            record.update(point_coords=resized.apply_coords_torch(prompt["point_coords"], image.shape[:2]), point_labels=prompt["point_labels"])
+        else:
+            record["boxes"] = resized.apply_boxes_torch(prompt["boxes"], image.shape[:2])
+        batched_input.append(record)
+    with torch.no_grad():
+        expected = reference(batched_input, multimask_output=True)
+        actual = ours(batched_input, multimask_output=True)
+    for a, e, record in zip(actual, expected, batched_input):
+        # the original's full-size logits, from its own post-processing, to tell threshold ties apart
+        expected_logits = reference.postprocess_masks(e["low_res_logits"], record["image"].shape[-2:], record["original_size"])
+        assert_masks_match(a["masks"].numpy(), expected_logits.numpy())
+        np.testing.assert_allclose(a["iou_predictions"].numpy(), e["iou_predictions"].numpy(), atol=SCORE_TOL, rtol=0)
+        assert_logits_close(a["low_res_logits"].numpy(), e["low_res_logits"].numpy())
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # pycocotools 2.0 under numpy 2
+@pytest.mark.parametrize("crop_n_layers, box_nms_thresh, min_mask_region_area, output_mode, at_least", [
+    (0, 1.0, 0, "binary_mask", 20), (1, 0.7, 0, "uncompressed_rle", 1), (0, 1.0, 30, "coco_rle", 20),
+])
+def test_automatic_masks_match_original(original, tiny_pair, photo, crop_n_layers, box_nms_thresh, min_mask_region_area, output_mode, at_least):
+    """SamAutomaticMaskGenerator vs ours: the same records, in the same order. The tiny random
+    model's masks are large and scattered (|logit| ~ 0.2, every box spans the image): a stability
+    offset of 0.05 and thresholds at about the median IoU and stability leave dozens of masks. With
+    a crop layer, the quadrant crops' masks all touch their crop's edge and are dropped, as they must be."""
+    if min_mask_region_area:
+        pytest.importorskip("cv2", reason="the original removes small regions with OpenCV")
+    if output_mode == "coco_rle":
+        pytest.importorskip("pycocotools", reason="coco_rle needs pycocotools")
+    reference, ours = tiny_pair
+    settings = dict(points_per_side=8, points_per_batch=24, pred_iou_thresh=0.2, stability_score_thresh=0.71, stability_score_offset=0.05,
+                    box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, min_mask_region_area=min_mask_region_area, output_mode=output_mode)
+    expected = original.SamAutomaticMaskGenerator(reference, **settings).generate(photo)
+    actual = SamHQAutomaticMaskGenerator(ours, **settings).generate(photo)
+    assert at_least <= len(expected) < 64, "the filters should keep some masks and drop some: adjust the thresholds"
+    assert len(actual) == len(expected)
+    decode = {"binary_mask": np.asarray, "uncompressed_rle": rle_to_mask}
+    if output_mode == "coco_rle":
+        from pycocotools import mask as coco_mask
+        decode["coco_rle"] = coco_mask.decode
+    for a, e in zip(actual, expected):
+        assert a["crop_box"] == e["crop_box"]
+        np.testing.assert_allclose(a["point_coords"], e["point_coords"], rtol=0, atol=1e-9)
+        # The records carry no logits: allow the few pixels whose logit ties with 0 (float rounding
+        # differs between the two implementations, and between runs of either).
+        mask, expected_mask = decode[output_mode](a["segmentation"]), decode[output_mode](e["segmentation"])
+        assert mask.shape == expected_mask.shape
+        differ = int((mask != expected_mask).sum())
+        assert differ <= MAX_TIE_PIXELS, f"{differ} pixels differ"
+        assert abs(a["area"] - e["area"]) <= differ and a["area"] == int(mask.sum())
+        assert a["bbox"] == e["bbox"] or differ
+        assert a["predicted_iou"] == pytest.approx(e["predicted_iou"], abs=SCORE_TOL)
+        assert a["stability_score"] == pytest.approx(e["stability_score"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_vit_b_matches_original(original, tmp_path):
+    """The real vit_b architecture at 1024 input: one image, a point and a box prompt."""
+    reference, ours = original_and_ours(original, SamHQConfig.from_variant("vit_b"), tmp_path, seed=1)
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    theirs = original.SamPredictor(reference)
+    theirs.set_image(image)
+    predictor = samhq_fast.SamHQPredictor(ours)
+    predictor.set_image(image)
+    torch.testing.assert_close(predictor.get_image_embedding(), theirs.get_image_embedding(), rtol=1e-4, atol=1e-4)
+    for prompt in (dict(point_coords=np.array([[320.0, 200.0]]), point_labels=np.array([1])), dict(box=np.array([100.0, 80.0, 500.0, 400.0]))):
+        expected_logits, expected_scores, _ = theirs.predict(**prompt, return_logits=True)
+        logits, scores, _ = predictor.predict(**prompt, return_logits=True)
+        assert_logits_close(logits, expected_logits)
+        np.testing.assert_allclose(scores, expected_scores, atol=SCORE_TOL, rtol=0)
