@@ -94,14 +94,16 @@ def load(
     source: original SAM-HQ .pth (flat state dict), .safetensors in the original or HF
     `SamHQModel` key layout, an HF folder (config.json + model.safetensors), or a hub id
     (needs huggingface_hub). The architecture is inferred from tensor shapes; `model.variant`
-    says which ("vit_b", "vit_l", "vit_h" or "custom") and `model.config` holds the rest.
+    says which ("vit_b", "vit_l", "vit_h", "vit_tiny" (Light HQ-SAM) or "custom") and `model.config`
+    holds the rest.
     Training checkpoints ({"model": state_dict, "optimizer": ...}) and keys under a shared prefix
     ("module." from DDP) are unwrapped; the file format is read from the content, not the name.
     device: default CUDA when available, else CPU; "mps" where torch has it (eager only). Anything
     else (meta, xpu...) raises ValueError. dtype: default float32; any name in DTYPE_NAMES, any case.
-    backend (any case): "eager" (the reference), "fused" (Triton kernels in the image encoder; on
-    the CPU only under TRITON_INTERPRET=1), or "auto" (eager until the kernels are validated on a
-    GPU, then fused on CUDA and eager on the CPU).
+    backend (any case): "eager" (the reference), "fused" (Triton kernels in the ViT image encoder,
+    a compiled prompt decoder; vit_tiny's TinyViT encoder stays eager; on the CPU only under
+    TRITON_INTERPRET=1), or "auto" (eager until the kernels are validated on a GPU, then fused on
+    CUDA and eager on the CPU).
     Raises CheckpointError (a ValueError) listing every missing, unexpected, mis-shaped or
     non-floating-point tensor.
     """
@@ -143,5 +145,5 @@ def _registry_builder(variant: str):
 
 # Drop-in for segment_anything_hq.sam_model_registry: builds on the CPU like the original;
 # move it with .to(device) or use `load` directly.
-sam_model_registry = {name: _registry_builder(name) for name in ("vit_b", "vit_l", "vit_h")}
+sam_model_registry = {name: _registry_builder(name) for name in ("vit_b", "vit_l", "vit_h", "vit_tiny")}
 sam_model_registry["default"] = sam_model_registry["vit_h"]

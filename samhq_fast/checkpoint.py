@@ -2,13 +2,15 @@
 inferring the architecture from tensor shapes, and strict loading."""
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from .modeling import SamHQ, SamHQConfig, ViTConfig
+from .modeling import SamHQ, SamHQConfig, TinyViTConfig, ViTConfig
+from .modeling.tiny_vit import MERGE_STRIDES
 
 
 class CheckpointError(ValueError):
@@ -86,8 +88,23 @@ def is_hf_layout(state_dict: dict) -> bool:
     return any(k.startswith(("vision_encoder.", "shared_image_embedding.")) for k in state_dict)
 
 
+_TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"  # the TinyViT stem's first conv
+NO_HF_TINY_VIT = (
+    "Light HQ-SAM (vit_tiny, TinyViT image encoder) has no Hugging Face layout: transformers' SamHQModel "
+    "has a ViT image encoder only; keep vit_tiny checkpoints in the original layout"
+)
+
+
+def is_tiny_vit(state_dict: dict) -> bool:
+    """Whether an original-layout state dict has a TinyViT image encoder (Light HQ-SAM)."""
+    return _TINY_VIT_KEY in state_dict
+
+
 def original_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original SAM-HQ keys -> HF `SamHQModel` keys (both copies of the tied gaussian matrix)."""
+    """Original SAM-HQ keys -> HF `SamHQModel` keys (both copies of the tied gaussian matrix).
+    Raises CheckpointError for a vit_tiny state dict, which HF has no layout for."""
+    if is_tiny_vit(state_dict):
+        raise CheckpointError(NO_HF_TINY_VIT)
     out = {_rename(k, _TO_HF, mlp_from=0): v for k, v in state_dict.items()}
     gaussian = out.get("shared_image_embedding.positional_embedding")
     if gaussian is not None:
@@ -295,10 +312,72 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
 # Architecture from shapes
 
 
-def _shape(state_dict: dict, key: str) -> tuple[int, ...]:
+def _shape(state_dict: dict, key: str, encoder: str = "ViT") -> tuple[int, ...]:
     if key not in state_dict:
-        raise CheckpointError(f"checkpoint has no {key!r}: not a SAM-HQ checkpoint with a ViT image encoder")
+        raise CheckpointError(f"checkpoint has no {key!r}: not a SAM-HQ checkpoint with a {encoder} image encoder")
     return tuple(state_dict[key].shape)
+
+
+def _indices(state_dict: dict, prefix: str) -> list[int]:
+    """The sorted numbers n of keys `{prefix}n.*`."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in state_dict if (m := pattern.match(k))})
+
+
+# The original TinyViT merges with stride 1 (not 2) exactly into these widths; samhq-fast's
+# MERGE_STRIDES assume that happens at the last merge only, as in every released TinyViT.
+_ORIGINAL_STRIDE_1_WIDTHS = (320, 448, 576)
+
+
+def _infer_tiny_vit(state_dict: dict[str, torch.Tensor]) -> TinyViTConfig:
+    """TinyViT architecture from shapes: widths from the stem and the merges' 1x1 convs, depths from
+    the block counts, heads and windows from `attention_biases` [heads, window^2]. The input size
+    (1024) and the merge strides cannot be seen in shapes: the original's only ones are assumed."""
+    shape = lambda key: _shape(state_dict, "image_encoder." + key, "TinyViT")  # noqa: E731
+    default = TinyViTConfig()
+    stages = _indices(state_dict, "image_encoder.layers.")
+    if stages != list(range(4)):
+        raise CheckpointError(f"a TinyViT image encoder has 4 stages (image_encoder.layers.0-3), this checkpoint has layers {stages}")
+    dims = [shape("patch_embed.seq.2.c.weight")[0]] + [shape(f"layers.{i}.downsample.conv1.c.weight")[0] for i in range(3)]
+    strides = tuple(1 if d in _ORIGINAL_STRIDE_1_WIDTHS else 2 for d in dims[1:])
+    if strides != MERGE_STRIDES:
+        raise CheckpointError(
+            f"TinyViT widths {dims}: the original would merge stages with strides {strides} (stride 1 into a width of "
+            f"{'/'.join(map(str, _ORIGINAL_STRIDE_1_WIDTHS))}), samhq-fast supports {MERGE_STRIDES} (every released TinyViT)"
+        )
+    depths = [len(_indices(state_dict, f"image_encoder.layers.{i}.blocks.")) for i in range(4)]
+    heads, windows = [default.num_heads[0]], [default.window_sizes[0]]  # stage 0 is convolutional
+    for i in range(1, 4):
+        shapes = {shape(f"layers.{i}.blocks.{j}.attn.attention_biases") for j in range(depths[i])}
+        if len(shapes) != 1:
+            found = f"attention_biases of different shapes across blocks: {sorted(shapes)}" if shapes else "no blocks"
+            raise CheckpointError(f"TinyViT stage {i}: {found}")
+        (num_heads, offsets), = shapes
+        window = math.isqrt(offsets)
+        if window * window != offsets or dims[i] % num_heads:
+            raise CheckpointError(
+                f"TinyViT stage {i}: attention_biases [{num_heads}, {offsets}] is not [heads, window^2] "
+                f"with heads dividing the width {dims[i]}"
+            )
+        heads.append(num_heads)
+        windows.append(window)
+    hidden = shape("layers.0.blocks.0.conv1.c.weight")[0]
+    mlp_hidden = shape("layers.1.blocks.0.mlp.fc1.weight")[0]
+    if hidden % dims[0] or mlp_hidden % dims[1]:
+        raise CheckpointError(f"TinyViT: MBConv width {hidden} / MLP width {mlp_hidden} are not multiples of {dims[0]} / {dims[1]}")
+    head_key = "image_encoder.head.weight"
+    return TinyViTConfig(
+        img_size=default.img_size,
+        embed_dims=tuple(dims),
+        depths=tuple(depths),
+        num_heads=tuple(heads),
+        window_sizes=tuple(windows),
+        mlp_ratio=mlp_hidden // dims[1],
+        mbconv_expand_ratio=hidden // dims[0],
+        local_conv_size=shape("layers.1.blocks.0.local_conv.c.weight")[-1],
+        num_classes=state_dict[head_key].shape[0] if head_key in state_dict else 0,
+        out_chans=shape("neck.0.weight")[0],
+    )
 
 
 _HQ_PREFIXES = tuple(f"mask_decoder.{name}." for name in ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature"))
@@ -311,14 +390,11 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
             "this is a plain SAM checkpoint without the HQ keys (mask_decoder.hf_token, hf_mlp, compress_vit_feat, "
             "embedding_encoder, embedding_maskfeature): samhq-fast needs a SAM-HQ checkpoint"
         )
-    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
-        raise CheckpointError(
-            "this is a Light HQ-SAM (vit_tiny, TinyViT image encoder) checkpoint: samhq-fast loads the ViT "
-            "variants (vit_b, vit_l, vit_h) for now; vit_tiny support is planned"
-        )
+    if is_tiny_vit(state_dict):
+        return SamHQConfig(encoder=_infer_tiny_vit(state_dict))
     embed_dim, _, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight")
     _, grid, _, _ = _shape(state_dict, "image_encoder.pos_embed")
-    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
+    depth = len(_indices(state_dict, "image_encoder.blocks."))
     if depth == 0:
         raise CheckpointError("checkpoint has no image_encoder.blocks.*: not a ViT SAM-HQ checkpoint")
     rows = [_shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
@@ -360,6 +436,8 @@ def hf_config_kwargs(config: SamHQConfig) -> dict:
     """Keyword arguments for transformers' `SamHQConfig` of the same architecture. The decoder's
     LayerNorm eps is set to the original's 1e-5 (HF defaults to 1e-6, see REFERENCE.md)."""
     enc = config.encoder
+    if not isinstance(enc, ViTConfig):
+        raise ValueError(NO_HF_TINY_VIT)
     return dict(
         vision_config=dict(
             hidden_size=enc.embed_dim, num_hidden_layers=enc.depth, num_attention_heads=enc.num_heads,

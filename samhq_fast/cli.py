@@ -35,7 +35,7 @@ Coordinates are always (x, y) pixels of the ORIGINAL image: x to the right, y do
 the top-left corner, whatever size the model resizes the image to internally.
 Checkpoints: an original SAM-HQ .pth (sam_hq_vit_b.pth ...), a .safetensors file in the
 original or Hugging Face key layout, an HF model folder, or a hub id; the variant
-(vit_b / vit_l / vit_h) is inferred from the tensor shapes.
+(vit_b / vit_l / vit_h, or vit_tiny for Light HQ-SAM) is inferred from the tensor shapes.
 """
 MAIN_EPILOG = """\
 examples:
@@ -92,7 +92,8 @@ Re-save a SAM-HQ checkpoint as one .safetensors file, in the original SAM-HQ key
 (image_encoder.*, mask_decoder.hf_token ...) or the Hugging Face `SamHQModel` layout
 (vision_encoder.*, mask_decoder.hq_token ...). IN may be anything `samhq_fast.load` reads
 (.pth, .safetensors in either layout, an HF folder, a hub id). IN is checked by building the
-model from it before anything is written; OUT must end in .safetensors.
+model from it before anything is written; OUT must end in .safetensors. Light HQ-SAM (vit_tiny)
+has no HF layout (transformers has no TinyViT SAM-HQ): --layout hf refuses it.
 """
 CONVERT_EPILOG = """\
 examples:
@@ -109,7 +110,7 @@ against backend in the same run, and write JSON + a Markdown table (+ a bar char
 
 Weights: RANDOM weights of the real architecture by default (speed does not depend on weight
 values; the outputs are meaningless), or --checkpoint SRC (its architecture is used, --variant
-is ignored).
+is ignored; ViT checkpoints only: vit_tiny is refused).
 
 What is measured (--what):
   encoder   model.encode_image on --batch images per call: ms/img, img/s, achieved TFLOP/s

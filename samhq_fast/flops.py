@@ -39,6 +39,8 @@ LINEAR_KEYS = ("qkv", "proj", "mlp")
 
 def encoder_flops_breakdown(config: ViTConfig, batch: int = 1, padded_windows: bool = False) -> dict[str, int]:
     """FLOPs (2 x multiply-adds) of one image-encoder forward, by part; see the module docstring."""
+    if not isinstance(config, ViTConfig):
+        raise ValueError(f"FLOPs are counted for the ViT image encoder (a ViTConfig) only, got a {type(config).__name__} (vit_tiny: not counted)")
     grid = config.grid_size
     tokens = grid * grid
     dim, window = config.embed_dim, config.window_size

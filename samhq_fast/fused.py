@@ -11,6 +11,8 @@ untouched. Per block (x: [B, H, W, C] channels-last, H = W = 64 at 1024 input):
   x    = h @ W2^T + b2 + x                Triton GEMM, bias + residual in the epilogue
 (Every GEMM is Triton or cuBLAS + torch ops, whichever the tuner times faster for its shape on this
 GPU, with tiles tuned per GPU and shape: samhq_fast.kernels.autotune.)
+The kernels are written for SAM's ViT blocks: Light HQ-SAM's TinyViT encoder (vit_tiny) stays eager
+under the fused backend, whose prompt decoder (samhq_fast.decoding) it still uses.
 Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (kill switch).
 """
 
@@ -19,7 +21,7 @@ import os
 import torch
 from torch import nn
 
-from .modeling import SamHQ
+from .modeling import ImageEncoderViT, SamHQ
 from .modeling.image_encoder import Block
 
 KILL_SWITCH = "SAMHQ_FAST_DISABLE_FUSED"
@@ -68,13 +70,16 @@ class FusedBlock(nn.Module):
 
 
 def apply_fused_backend(model: SamHQ) -> SamHQ:
-    """Swap the image encoder's blocks for fused ones in place (idempotent); returns the model."""
+    """Swap a ViT image encoder's blocks for fused ones in place (idempotent); returns the model.
+    A TinyViT encoder (vit_tiny) is left eager: the model is still marked "fused", so that the
+    predictor decodes prompts with the fused backend's compiled decoder."""
     ok, why = fused_available(model.device, model.dtype)
     if not ok:
         raise ValueError(f"the fused backend cannot run here: {why}")
-    blocks = model.image_encoder.blocks
-    for i, block in enumerate(blocks):
-        if isinstance(block, Block):
-            blocks[i] = FusedBlock(block)
+    if isinstance(model.image_encoder, ImageEncoderViT):
+        blocks = model.image_encoder.blocks
+        for i, block in enumerate(blocks):
+            if isinstance(block, Block):
+                blocks[i] = FusedBlock(block)
     model.backend = "fused"
     return model

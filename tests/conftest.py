@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 from samhq_fast.checkpoint import original_to_hf
 from torch import nn
 
-from samhq_fast.modeling import SamHQ, SamHQConfig, ViTConfig
+from samhq_fast.modeling import ImageEncoderViT, SamHQ, SamHQConfig, ViTConfig
 from samhq_fast.modeling.common import LayerNorm2d
 from samhq_fast.modeling.image_encoder import Attention as ImageAttention
+from samhq_fast.modeling.tiny_vit import Attention as TinyViTAttention
 
 
 # 256 input -> 16x16 grid: windowed blocks pad it to 28x28 (4 windows of 14x14); head_dim 80 as vit_h.
@@ -30,7 +31,8 @@ TINY_CONFIG = SamHQConfig(
 
 def randomize_(model: SamHQ, seed: int = 0) -> SamHQ:
     """Give every parameter a non-trivial random value (PyTorch's init leaves pos_embed, rel-pos
-    tables and norms at 0/1, which would hide bugs in the parts they feed)."""
+    tables, TinyViT's attention biases, norms and BatchNorm statistics at 0/1, which would hide bugs
+    in the parts they feed)."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(p: torch.Tensor, scale: float, offset: float = 0.0) -> None:
@@ -50,7 +52,15 @@ def randomize_(model: SamHQ, seed: int = 0) -> SamHQ:
             elif isinstance(module, ImageAttention):
                 draw(module.rel_pos_h, 0.5)
                 draw(module.rel_pos_w, 0.5)
-        draw(model.image_encoder.pos_embed, 0.1)
+            elif isinstance(module, nn.BatchNorm2d):  # TinyViT: eval mode normalizes with the running statistics
+                draw(module.weight, 0.1, 1.0)
+                draw(module.bias, 0.1)
+                draw(module.running_mean, 0.1)
+                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
+            elif isinstance(module, TinyViTAttention):
+                draw(module.attention_biases, 0.5)
+        if isinstance(model.image_encoder, ImageEncoderViT):
+            draw(model.image_encoder.pos_embed, 0.1)
         draw(model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix, 1.0)
     return model
 

@@ -9,8 +9,9 @@ stand-ins take their place while the original is imported (and only then). None 
   bilinear `Image.resize`, the same call REFERENCE.md describes;
 - `box_area` / `batched_nms` (automatic masks): a dense greedy NMS with torchvision's IoU rule
   (drop when IoU > threshold, areas (x1 - x0) * (y1 - y0)), best score first;
-- timm's DropPath / to_2tuple / trunc_normal_ / register_model: used by TinyViT only (Light HQ-SAM),
-  which these tests do not build.
+- timm's DropPath / to_2tuple / trunc_normal_ / register_model: used by TinyViT only (Light HQ-SAM,
+  tests/test_tiny_vit.py), in eval mode: DropPath is the identity there (and `build_sam_vit_t` uses
+  none: its drop-path rate is 0), trunc_normal_ only draws the initial weights the tests overwrite.
 """
 
 import importlib
@@ -59,14 +60,26 @@ def _torchvision_stand_in() -> dict[str, types.ModuleType]:
 
 
 def _timm_stand_in() -> dict[str, types.ModuleType]:
-    def tiny_vit_only(*args, **kwargs):
-        raise NotImplementedError("timm stand-in: TinyViT (vit_tiny) is not built by these tests")
-
     class DropPath(torch.nn.Module):  # subclassed by the original at import time
-        __init__ = tiny_vit_only
+        """Stochastic depth: the identity in eval mode, the only mode the tests run."""
+
+        def __init__(self, drop_prob: float | None = None):
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training and self.drop_prob:
+                raise NotImplementedError("timm stand-in: DropPath runs in eval mode only")
+            return x
+
+    def to_2tuple(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+    def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+        return torch.nn.init.trunc_normal_(tensor, mean, std, a, b)
 
     modules = {name: types.ModuleType(name) for name in ("timm", "timm.models", "timm.models.layers", "timm.models.registry")}
-    modules["timm.models.layers"].__dict__.update(DropPath=DropPath, to_2tuple=tiny_vit_only, trunc_normal_=tiny_vit_only)
+    modules["timm.models.layers"].__dict__.update(DropPath=DropPath, to_2tuple=to_2tuple, trunc_normal_=trunc_normal_)
     modules["timm.models.registry"].__dict__.update(register_model=lambda fn: fn)
     return modules
 

@@ -242,3 +242,17 @@ def test_block_profile_smoke(tmp_path):
         assert "`aten::addmm`" in eager_rows  # the eager block's linear layers
         shares = [float(line.rsplit("|", 2)[-2].strip().rstrip("%")) for line in eager_rows.splitlines() if line.startswith("| `")]
         assert abs(sum(shares) - 100) < 1
+
+
+@pytest.mark.slow
+def test_block_profile_real_variant(tmp_path, monkeypatch):
+    """A real architecture's block (vit_b, fp32, eager only on the CPU): the path the GPU session
+    runs for vit_h, which the smoke test does not take."""
+    from samhq_fast.benchmark import profile_block
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager only: a real-size block in the interpreter would take minutes
+    text = profile_block.main(["--variant", "vit_b", "--dtype", "fp32", "--repeats", "1"])
+    assert text.startswith("# One ViT block, kernel by kernel: vit_b, float32")
+    for kind in ("windowed", "global"):
+        section = text.split(f"\n## {kind} block, batch 1:")[1].split("\n## ")[0]
+        assert "### eager" in section and "`aten::addmm`" in section

@@ -93,6 +93,20 @@ def assert_masks_match(masks, expected_logits) -> None:
     assert np.all(np.abs(expected_logits[differ]) < TIE_LOGIT), f"{differ.sum()} mask pixels differ away from the threshold"
 
 
+def assert_predict_matches(theirs, predictor, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """The original SamPredictor's `predict(**kwargs)` against ours (both with the image set): logits
+    (return_logits=True), low-res logits, scores, and the thresholded masks.
+    -> the original's (scores, low-res logits)."""
+    expected_logits, expected_scores, expected_low = theirs.predict(**kwargs, return_logits=True)
+    logits, scores, low = predictor.predict(**kwargs, return_logits=True)
+    assert_logits_close(logits, expected_logits)
+    assert_logits_close(low, expected_low)
+    np.testing.assert_allclose(scores, expected_scores, atol=SCORE_TOL, rtol=0)
+    masks, _, _ = predictor.predict(**kwargs)
+    assert_masks_match(masks, expected_logits)
+    return expected_scores, expected_low
+
+
 def test_encoder_matches_original(tiny_pair, photo):
     reference, ours = tiny_pair
     x = reference.preprocess(torch.from_numpy(photo).permute(2, 0, 1)[None].float())
@@ -122,14 +136,7 @@ def test_predict_matches_original(original, tiny_pair, photo, prompt, multimask_
     predictor = samhq_fast.SamHQPredictor(ours)
     predictor.set_image(photo)
     kwargs = dict(PROMPTS[prompt], multimask_output=multimask_output, hq_token_only=hq_token_only)
-
-    expected_logits, expected_scores, expected_low = theirs.predict(**kwargs, return_logits=True)
-    logits, scores, low = predictor.predict(**kwargs, return_logits=True)
-    assert_logits_close(logits, expected_logits)
-    assert_logits_close(low, expected_low)
-    np.testing.assert_allclose(scores, expected_scores, atol=SCORE_TOL, rtol=0)
-    masks, _, _ = predictor.predict(**kwargs)
-    assert_masks_match(masks, expected_logits)
+    expected_scores, expected_low = assert_predict_matches(theirs, predictor, **kwargs)
 
     # The low-res logits go back in as mask_input (the original's refinement loop).
     refine = dict(kwargs, mask_input=expected_low[np.argmax(expected_scores)][None])

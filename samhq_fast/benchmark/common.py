@@ -97,6 +97,9 @@ def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.
         configs = args.configs
     else:
         configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
+    not_vit = [name for name, config in configs.items() if not isinstance(config.encoder, ViTConfig)]
+    if not_vit:  # the kernels, FLOP counts and HF backends measured here are those of SAM's ViT
+        raise ValueError(f"the benchmarks measure ViT image encoders (vit_b / vit_l / vit_h), not {', '.join(not_vit)} (TinyViT)")
     return device, resolve_dtype(args.dtype), configs, Path(args.output)
 
 

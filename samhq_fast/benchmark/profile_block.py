@@ -78,7 +78,7 @@ def main(argv=None) -> str:
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.smoke else resolve_dtype(args.dtype)
-    config = common.SMOKE_CONFIG.encoder if args.smoke else VARIANTS[args.variant].encoder
+    config = common.SMOKE_CONFIG.encoder if args.smoke else VARIANTS[args.variant]
     fused_ok, why_not = fused_available(device, dtype)
     results = {}
     with torch.inference_mode():

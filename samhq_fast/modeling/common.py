@@ -21,6 +21,17 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+def neck(in_chans: int, out_chans: int) -> nn.Sequential:
+    """The image encoders' neck: conv1x1 -> LayerNorm2d -> conv3x3 -> LayerNorm2d, no conv bias
+    (keys neck.0 to neck.3). NCHW in and out."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans),
+    )
+
+
 class MLPBlock(nn.Module):
     """lin1 -> activation -> lin2 (ViT blocks use GELU, the two-way transformer ReLU)."""
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import MLPBlock, neck
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class ViTConfig:
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def interm_dim(self) -> int:
+        """Channels of the feature the HQ decoder reads (the first global block's output)."""
+        return self.embed_dim
 
 
 def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
@@ -170,12 +175,7 @@ class ImageEncoderViT(nn.Module):
             )
             for i in range(config.depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(config.out_chans),
-            nn.Conv2d(config.out_chans, config.out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(config.out_chans),
-        )
+        self.neck = neck(config.embed_dim, config.out_chans)
 
     @property
     def img_size(self) -> int:

@@ -9,12 +9,13 @@ from torch import nn
 from .image_encoder import ImageEncoderViT, ViTConfig
 from .mask_decoder import MaskDecoderHQ
 from .prompt_encoder import PromptEncoder
+from .tiny_vit import ImageEncoderTinyViT, TinyViTConfig
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 scale
 PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_EMBED_DIM = 256
-# Image encoder class per encoder-config type: Light HQ-SAM's TinyViT slots in here.
-IMAGE_ENCODERS = {ViTConfig: ImageEncoderViT}
+# Image encoder class per encoder-config type.
+IMAGE_ENCODERS = {ViTConfig: ImageEncoderViT, TinyViTConfig: ImageEncoderTinyViT}
 
 
 def _vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> ViTConfig:
@@ -28,13 +29,16 @@ VARIANTS: dict[str, ViTConfig] = {
     "vit_l": _vit(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": _vit(1280, 32, 16, (7, 15, 23, 31)),
 }
+# Light HQ-SAM. Apart from VARIANTS, which the ViT-only code (kernels, FLOP counts, benchmarks) iterates.
+TINY_VARIANTS: dict[str, TinyViTConfig] = {"vit_tiny": TinyViTConfig()}
+ALL_VARIANTS: dict[str, ViTConfig | TinyViTConfig] = {**VARIANTS, **TINY_VARIANTS}
 
 
 @dataclass(frozen=True)
 class SamHQConfig:
     """Everything needed to build the model; inferred from checkpoint shapes by `samhq_fast.load`."""
 
-    encoder: ViTConfig = field(default_factory=ViTConfig)
+    encoder: ViTConfig | TinyViTConfig = field(default_factory=ViTConfig)
 
     @property
     def img_size(self) -> int:
@@ -47,21 +51,21 @@ class SamHQConfig:
 
     @property
     def vit_dim(self) -> int:
-        """Channels of the ViT features the HQ decoder reads."""
-        return self.encoder.embed_dim
+        """Channels of the encoder features the HQ decoder reads (160 for vit_tiny)."""
+        return self.encoder.interm_dim
 
     @property
     def variant(self) -> str:
-        return next((name for name, enc in VARIANTS.items() if enc == self.encoder), "custom")
+        return next((name for name, enc in ALL_VARIANTS.items() if enc == self.encoder), "custom")
 
     def to_dict(self) -> dict:
         return {"variant": self.variant, "encoder": asdict(self.encoder)}
 
     @classmethod
     def from_variant(cls, name: str) -> "SamHQConfig":
-        if name not in VARIANTS:
-            raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
-        return cls(encoder=VARIANTS[name])
+        if name not in ALL_VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; expected one of {sorted(ALL_VARIANTS)}")
+        return cls(encoder=ALL_VARIANTS[name])
 
 
 def decode_eager(prompt_encoder, mask_decoder, image_embeddings, image_pe, hq_features, point_coords, point_labels, boxes,
@@ -89,7 +93,7 @@ class SamHQ(nn.Module):
 
     @property
     def variant(self) -> str:
-        """"vit_b", "vit_l", "vit_h", or "custom" for any other consistent architecture."""
+        """"vit_b", "vit_l", "vit_h", "vit_tiny", or "custom" for any other consistent architecture."""
         return self.config.variant
 
     @property
@@ -122,9 +126,10 @@ class SamHQ(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Preprocessed images [B, 3, S, S] -> (image embeddings [B, 256, G, G],
-        first global block's output [B, G, G, vit_dim], HQ features [B, 32, 4G, 4G])."""
-        embeddings, global_outputs = self.image_encoder(images)
-        early = global_outputs[0]
+        early encoder features [B, G, G, vit_dim] (ViT: the first global block's output; TinyViT:
+        stage 1 merged to 160 channels), HQ features [B, 32, 4G, 4G])."""
+        embeddings, interm = self.image_encoder(images)
+        early = interm[0]
         return embeddings, early, self.mask_decoder.hq_features(embeddings, early)
 
     def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
