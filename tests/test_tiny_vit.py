@@ -23,6 +23,7 @@ from samhq_fast.modeling import ImageEncoderTinyViT, SamHQConfig, TinyViTConfig
 from samhq_fast.modeling.tiny_vit import window_offsets
 from conftest import make_model
 from test_checkpoint import assert_same_model, meta_state_dict, read_tsv, state_dict_of, variant_shapes
+from test_fused_backend import tf32_off  # noqa: F401 (fixture)
 from test_original_parity import assert_predict_matches, original, photo  # noqa: F401 (fixtures)
 
 VIT_TINY = SamHQConfig.from_variant("vit_tiny")
@@ -184,3 +185,19 @@ def test_fused_backend_keeps_tiny_vit_eager(pair, predictors, photo):
         for got, expected in ((logits_f, logits_e), (low_f, low_e)):
             np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
     assert fused._prompt_decoder is not None  # the compiled decoder ran
+
+
+@pytest.mark.gpu
+def test_tiny_vit_on_cuda_gpu(pair, predictors, photo, tf32_off):
+    """vit_tiny on the GPU: fp32 (TF32 off) equals the CPU eager model; bf16 with the fused backend
+    (eager TinyViT encoder, graphed decoder) stays within bf16 rounding of it."""
+    _, _, path = pair
+    _, cpu = predictors
+    prompt = dict(box=np.array([30.0, 20.0, 190.0, 140.0]), multimask_output=False, return_logits=True)
+    logits_cpu, scores_cpu, _ = cpu.predict(**prompt)
+    for dtype, backend, tolerance in (("fp32", "eager", 1e-4), ("bf16", "fused", 3e-2)):
+        gpu = SamHQPredictor(samhq_fast.load(path, device="cuda", dtype=dtype, backend=backend))
+        gpu.set_image(photo)
+        logits, scores, _ = gpu.predict(**prompt)
+        assert np.linalg.norm(logits - logits_cpu) / np.linalg.norm(logits_cpu) < tolerance, dtype
+        np.testing.assert_allclose(scores, scores_cpu, atol=tolerance)
