@@ -71,6 +71,18 @@ def gpu_results() -> dict:
                          "reason": "time budget: 500 s of 420 s used"}]}
 
 
+def test_bench_checkpoint_runs_its_own_architecture(tiny_checkpoints, tmp_path):
+    """--checkpoint: the checkpoint's architecture (here "custom") is what every benchmark runs and
+    reports, whatever --variant says (it used to look up --variant's and fail)."""
+    out = tmp_path / "ckpt.json"
+    argv = ["bench", "--checkpoint", str(tiny_checkpoints["pth"]), "--smoke", "--variant", "vit_h", "--what", "encoder,decoder",
+            "--backends", "eager", "--prompts", "1", "--output", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert {run["what"]: run["settings"]["variants"] for run in report["runs"]} == {"encoder": ["custom"], "decoder": ["custom"]}
+    assert {row["variant"] for row in report["rows"]} == {"custom"}
+
+
 def test_bench_table_from_results(tmp_path, capsys):
     path = tmp_path / "encoder-gpu.json"
     path.write_text(json.dumps(gpu_results()))

@@ -163,7 +163,9 @@ def test_decoder_smoke_eager_report_schema(decoder_bench, tmp_path):
             assert 0 < r["numerics"]["rel_l2_vs_fp32"] < 0.05  # bf16 rounding noise, measured ~1e-2
         else:
             assert s["p50_ms"] == s["median_ms"] and positive(s["p50_ms"])
-    assert rows[("latency", "eager", "box", 1)]["speed"]["repeats"] == 20
+    latency = rows[("latency", "eager", "box", 1)]["speed"]
+    # 20 calls, unless the series hit its time cap first (a loaded CPU): then the calls took >= the cap
+    assert latency["repeats"] == 20 or (0 < latency["repeats"] < 20 and latency["repeats"] * latency["max_ms"] >= 1e3 * decoder_bench.LATENCY_MAX_S)
     assert rows[("e2e", "eager", "box", 1)]["speed"]["repeats"] == 3
 
     best = report["targets"]["best_valid"]["tiny"]

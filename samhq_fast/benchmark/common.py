@@ -95,6 +95,7 @@ def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.
         raise SystemExit("no CUDA device: run on a GPU, or pass --smoke to test the script on the CPU")
     if getattr(args, "configs", None):  # given by the caller (samhq-fast bench --checkpoint: the checkpoint's architecture)
         configs = args.configs
+        args.variant_list = list(configs)  # what the runs iterate and the JSON reports, not --variant's
     else:
         configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
     not_vit = [name for name, config in configs.items() if not isinstance(config.encoder, ViTConfig)]
@@ -299,10 +300,11 @@ def record_peak_memory(result: dict, device: torch.device) -> None:
 def measure(fn, arg_sets: list[tuple], device: torch.device, args, keep=lambda out: out) -> tuple[dict, object]:
     """first_call on arg_sets[0] (its kept output is returned for numerics), warm_up with
     args.warmup calls, then back-to-back timed calls (time_calls) rotating arg_sets: >=
-    args.min_repeats, about args.target_s, at most args.max_repeats. Peak memory over it all on CUDA."""
-    reset_peak_memory(device)
+    args.min_repeats, about args.target_s, at most args.max_repeats. Peak memory (CUDA) over the
+    timed calls: the steady state, without the first call's autotune / compile allocations."""
     first_call_s, kept = first_call(fn, arg_sets[0], device, keep)
     result = {"first_call_s": first_call_s, "warmup_s": warm_up(fn, arg_sets, args.warmup, device)}
+    reset_peak_memory(device)
     per_call_ms = statistics.median(time_calls(fn, rotation(arg_sets, 1, 1), device))
     repeats = int(min(args.max_repeats, max(args.min_repeats, math.ceil(1e3 * args.target_s / max(per_call_ms, 1e-3)))))
     result["timing"] = timing_summary(time_calls(fn, rotation(arg_sets, repeats), device))

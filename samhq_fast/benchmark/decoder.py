@@ -235,9 +235,9 @@ def run_throughput(fn, image: Image, mode, variant, kind, num, config, device, d
 
 def measure_latency(fn, arg_sets, device, args, calls: int) -> dict:
     """First call and warm-up as `measure`, then `calls` calls each timed alone (common.wall_latencies)."""
-    common.reset_peak_memory(device)
     first_call_s, _ = common.first_call(fn, arg_sets[0], device, keep=lambda out: None)
     result = {"first_call_s": first_call_s, "warmup_s": common.warm_up(fn, arg_sets, args.warmup, device)}
+    common.reset_peak_memory(device)
     times = common.wall_latencies(fn, common.rotation(arg_sets, calls), device, max_s=LATENCY_MAX_S)
     stats = common.timing_summary(times)
     result["latency"] = {"p50_ms": stats["median_ms"], **stats}
@@ -461,7 +461,8 @@ def method_notes(args, dtype) -> dict:
                     f"or else vs-fp32 <= max(tol, {common.FP32_SLACK} x eager's own vs-fp32 error). e2e: vs eager e2e <= "
                     f"{E2E_TOL[dtype]:g} (different encoders). numerics_ok false -> figures under 'invalid_speed', not 'speed'.",
         "peak_memory_gb": "torch.cuda.max_memory_allocated over a throughput, latency or e2e config (both variants' weights and features, the "
-                          "eager reference logits, prompts, activations), reset before it",
+                          "eager reference logits, prompts, activations) during the timed calls, reset after the warm-up (autotune / "
+                          "compile allocations are not counted)",
     }
 
 

@@ -387,7 +387,8 @@ def method_notes(args, dtype) -> dict:
                     "eager's own vs-fp32 error) (bf16 eager is 1.5e-2 (vit_b) / 2.5e-2 (vit_h) from fp32 with these random "
                     "weights, so two correct bf16 backends can be over 2e-2 apart). numerics_ok false -> the speed goes "
                     "under 'invalid_speed', not 'speed'.",
-        "peak_memory_gb": "torch.cuda.max_memory_allocated over the config (weights + inputs + activations), reset before it",
+        "peak_memory_gb": "torch.cuda.max_memory_allocated during the timed calls (weights + inputs + activations), reset "
+                          "after the warm-up (autotune / compile allocations are not counted)",
     }
 
 
