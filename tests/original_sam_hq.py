@@ -15,6 +15,7 @@ stand-ins take their place while the original is imported (and only then). None 
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 import types

@@ -139,11 +139,7 @@ def test_predict_matches_original(original, tiny_pair, photo, prompt, multimask_
     expected_scores, expected_low = assert_predict_matches(theirs, predictor, **kwargs)
 
     # The low-res logits go back in as mask_input (the original's refinement loop).
-    refine = dict(kwargs, mask_input=expected_low[np.argmax(expected_scores)][None])
-    expected_logits, expected_scores, _ = theirs.predict(**refine, return_logits=True)
-    logits, scores, _ = predictor.predict(**refine, return_logits=True)
-    assert_logits_close(logits, expected_logits)
-    np.testing.assert_allclose(scores, expected_scores, atol=SCORE_TOL, rtol=0)
+    assert_predict_matches(theirs, predictor, **kwargs, mask_input=expected_low[np.argmax(expected_scores)][None])
 
 
 def test_predict_torch_several_boxes_matches_original(original, tiny_pair, photo):
@@ -236,7 +232,4 @@ def test_vit_b_matches_original(original, tmp_path):
     predictor.set_image(image)
     torch.testing.assert_close(predictor.get_image_embedding(), theirs.get_image_embedding(), rtol=1e-4, atol=1e-4)
     for prompt in (dict(point_coords=np.array([[320.0, 200.0]]), point_labels=np.array([1])), dict(box=np.array([100.0, 80.0, 500.0, 400.0]))):
-        expected_logits, expected_scores, _ = theirs.predict(**prompt, return_logits=True)
-        logits, scores, _ = predictor.predict(**prompt, return_logits=True)
-        assert_logits_close(logits, expected_logits)
-        np.testing.assert_allclose(scores, expected_scores, atol=SCORE_TOL, rtol=0)
+        assert_predict_matches(theirs, predictor, **prompt)
