@@ -11,6 +11,8 @@ import os
 import numpy as np
 import torch
 import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 
 INTERPRETER_BF16_ERROR = (
@@ -36,9 +38,26 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
     return None
 
 
+def interpreter_set_too_late() -> str | None:
+    """Why TRITON_INTERPRET=1 cannot take effect in this process, or None.
+
+    Triton builds its own @triton.jit helpers (tl.cdiv ...) compiled or interpreted when it is
+    imported, which `import samhq_fast` already did (torch imports Triton): set later, the variable
+    leaves the kernels half interpreted, failing deep inside Triton. (Cleared later, the kernels
+    stay interpreted: slow, still right.)
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(tl.standard.cdiv, InterpretedFunction):
+        return "TRITON_INTERPRET=1 was set after Triton was imported: set it before Python starts (TRITON_INTERPRET=1 python ...)"
+    return None
+
+
 def interpreting(x: torch.Tensor, who: str) -> bool:
     """True when the kernels run in the Triton interpreter; raises for a CPU tensor without it, for
-    bf16 in it (a wrong answer otherwise), and for an interpreter that cannot run with this NumPy."""
+    bf16 in it (a wrong answer otherwise), for an interpreter that cannot run with this NumPy, and
+    for a TRITON_INTERPRET=1 set after Triton was imported."""
+    too_late = interpreter_set_too_late()
+    if too_late:
+        raise RuntimeError(f"{who}: {too_late}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         if x.dtype == torch.bfloat16:
             raise TypeError(f"{who}: {INTERPRETER_BF16_ERROR}")

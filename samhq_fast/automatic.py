@@ -9,6 +9,7 @@ runs, the first one of zeros) between the steps, as the original does, to bound 
 
 import itertools
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -190,8 +191,18 @@ class SamHQAutomaticMaskGenerator:
             crop_n_points_downscale_factor=(crop_n_points_downscale_factor, 1), crop_n_layers=(crop_n_layers, 0),
         )
         for name, (value, least) in counts.items():
-            if not (value is None and name == "points_per_side") and (not isinstance(value, int) or value < least):
+            if not (value is None and name == "points_per_side") and (not isinstance(value, numbers.Integral) or value < least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        thresholds = dict(
+            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh, crop_nms_thresh=crop_nms_thresh, crop_overlap_ratio=crop_overlap_ratio,
+            min_mask_region_area=min_mask_region_area,
+        )
+        for name, value in thresholds.items():
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0 <= crop_overlap_ratio <= 1:  # crops wider than the image beyond 1: negative offsets
+            raise ValueError(f"crop_overlap_ratio must be in [0, 1] (a fraction of the crop size), got {crop_overlap_ratio!r}")
         if output_mode == "coco_rle":
             _require("pycocotools", "output_mode='coco_rle'")
         if min_mask_region_area > 0:

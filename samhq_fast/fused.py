@@ -36,13 +36,14 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
     if fused_disabled():
         return False, f"{KILL_SWITCH} is set"
     try:
-        import triton  # noqa: F401
+        from samhq_fast.kernels import INTERPRETER_BF16_ERROR, interpreter_set_too_late
     except ImportError:
         return False, "triton is not installed"
+    too_late = interpreter_set_too_late()
+    if too_late:
+        return False, too_late
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     if interpreter and dtype == torch.bfloat16:
-        from samhq_fast.kernels import INTERPRETER_BF16_ERROR
-
         return False, INTERPRETER_BF16_ERROR
     if device.type == "cuda" or (interpreter and device.type == "cpu"):
         return True, ""

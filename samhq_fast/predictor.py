@@ -1,6 +1,7 @@
 """SamHQPredictor: the original SamPredictor's API (set an image once, prompt it many times),
 plus several prompts per call, torch-tensor images and outputs, and several images at once."""
 
+import numbers
 import warnings
 
 import numpy as np
@@ -11,7 +12,9 @@ from .decoding import PromptDecoder
 from .graphs import GraphedEncoder
 from .modeling import SamHQ
 from .modeling.sam_hq import decode_eager
-from .transforms import ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, resize_longest_side, resize_longest_side_torch, scale_coords
+from .transforms import (
+    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, preprocess_shape, resize_longest_side, resize_longest_side_torch, scale_coords,
+)
 
 PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
 TORCH_PROMPT_KEYS = ("point_coords", "point_labels", "boxes", "mask_input")  # and a predict_batch_torch one
@@ -26,12 +29,19 @@ NORMALIZED_WARNING_MIN_SIDE = 32
 
 
 def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bfloat16
     try:
-        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
+        array = np.asarray(value)
+        complex_values = np.iscomplexobj(array)
+        array = array if complex_values else array.astype(np.float64)
     except (TypeError, ValueError) as e:
         if isinstance(value, (list, tuple)) and "sequence" in str(e):  # numpy's words for nested lists of unequal lengths
             raise ValueError(f"{name} is ragged (nested lists of different lengths): every prompt needs the same number of points (pad with label -1)") from e
         raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from e
+    if complex_values:
+        raise TypeError(f"{name} must hold real numbers, got complex values")
     if last_dim is not None and (array.ndim == 0 or array.shape[-1] != last_dim):
         raise ValueError(f"{name} must have a last dimension of {last_dim}, got shape {list(array.shape)}")
     if not np.isfinite(array).all():
@@ -104,11 +114,8 @@ class SamHQPredictor:
         (their NaN / [0, 1] range check). A failed call leaves no image set (not the previous one).
         """
         self.reset_image()
-        if isinstance(image, torch.Tensor) and image.ndim == 4:
-            if image.shape[0] != 1:
-                raise ValueError(f"set_image takes one image, got a batch of shape {list(image.shape)}: use set_images for several")
-            self.set_images(image, image_format)
-            return
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[0] != 1:
+            raise ValueError(f"set_image takes one image, got a batch of shape {list(image.shape)}: use set_images for several")
         resized, original_size = self._transform_image(image, image_format)
         self._encode_images([resized], [original_size])
 
@@ -148,11 +155,13 @@ class SamHQPredictor:
         self._encode_images([t for t, _ in transformed], [size for _, size in transformed])
 
     def _transform_image(self, image, image_format: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Any accepted image -> (RGB uint8 [1, 3, h, w] resized to the model's input, on the model's
-        device; the original (H, W))."""
+        """Any accepted image (a torch tensor also as a batch of one) -> (RGB uint8 [1, 3, h, w] resized
+        to the model's input, on the model's device; the original (H, W))."""
         size = self.model.config.img_size
         if isinstance(image, torch.Tensor):
-            rgb = as_rgb_uint8_torch(image, image_format, self.device)
+            if image.ndim == 4 and image.shape[0] != 1:
+                raise ValueError(f"a 4-D image tensor must be a batch of one, got shape {list(image.shape)}")
+            rgb = as_rgb_uint8_torch(image, image_format, self.device, batched=image.ndim == 4)
             return resize_longest_side_torch(rgb, size), tuple(rgb.shape[-2:])
         if not isinstance(image, (np.ndarray, Image.Image)):
             raise TypeError(f"image must be a numpy array, PIL image or torch tensor, got {type(image).__name__}")
@@ -185,6 +194,16 @@ class SamHQPredictor:
             raise ValueError(f"transformed_image must be a [1, 3, h, w] tensor, got {shape}")
         if max(transformed_image.shape[-2:]) != size:
             raise ValueError(f"transformed_image must have its longest side resized to {size}, got {list(transformed_image.shape[-2:])}")
+        input_size = tuple(transformed_image.shape[-2:])
+        if not (isinstance(original_image_size, (tuple, list)) and len(original_image_size) == 2
+                and all(isinstance(s, numbers.Integral) and s > 0 for s in original_image_size)):
+            raise ValueError(f"original_image_size must be (H, W), two positive integers, got {original_image_size!r}")
+        if preprocess_shape(*original_image_size, size) != input_size:
+            height, width = original_image_size
+            raise ValueError(
+                f"original_image_size (H, W) = {tuple(original_image_size)} resizes to {preprocess_shape(height, width, size)}, "
+                f"not to transformed_image's {input_size}: give the (H, W) of the image before predictor.transform.apply_image_torch"
+            )
         self._encode_images([transformed_image], [original_image_size])
 
     def get_image_embedding(self) -> torch.Tensor:

@@ -281,13 +281,24 @@ def test_min_mask_region_area_cleans_every_mask(tiny_model, photo):
         (dict(points_per_side=None, point_grids=[[[0.1, 0.2, 0.3], [0.5, 0.6, 0.7]]]), ValueError, "point_grids[0] must be a [P, 2] array"),
         (dict(points_per_side=None, point_grids=[np.zeros((0, 2))]), ValueError, "with P >= 1, got shape [0, 2]"),
         (dict(points_per_side=None, point_grids=[[[50.0, 40.0]]]), ValueError, "in [0, 1], not pixels"),
+        (dict(crop_n_layers=1, crop_overlap_ratio=2.0), ValueError, "crop_overlap_ratio must be in [0, 1]"),
+        (dict(crop_overlap_ratio=-0.1), ValueError, "crop_overlap_ratio must be in [0, 1]"),
+        (dict(pred_iou_thresh=float("nan")), ValueError, "pred_iou_thresh must be a finite number, got nan"),
+        (dict(box_nms_thresh="0.7"), ValueError, "box_nms_thresh must be a finite number, got '0.7'"),
     ],
     ids=["no_points", "both", "grids_per_layer", "output_mode", "batch_0", "batch_float", "negative_layers", "empty_layer_grid",
-         "transposed_grid", "empty_grid", "pixel_grid"],
+         "transposed_grid", "empty_grid", "pixel_grid", "overlap_above_1", "overlap_negative", "nan_threshold", "string_threshold"],
 )
 def test_bad_arguments(tiny_model, kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         SamHQAutomaticMaskGenerator(tiny_model, **kwargs)
+
+
+def test_numpy_integers_are_accepted(tiny_model):
+    """As the original: counts often come from numpy (np.int64 from an array or a config file)."""
+    generator = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=np.int64(4), points_per_batch=np.int32(8), crop_n_layers=np.int64(1))
+    expected = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, points_per_batch=8, crop_n_layers=1)
+    assert all(np.array_equal(a, b) for a, b in zip(generator.point_grids, expected.point_grids)) and len(generator.point_grids) == 2
 
 
 @pytest.mark.parametrize("module, kwargs", [("pycocotools", dict(output_mode="coco_rle")), ("scipy", dict(min_mask_region_area=10))])

@@ -429,6 +429,17 @@ def test_set_images_of_a_numpy_frame_batch_equals_a_list(tiny_model, frames):
     assert stacked.original_sizes == listed.original_sizes and torch.equal(stacked.features, listed.features)
 
 
+def test_set_images_list_entries_may_be_batches_of_one(tiny_model, frames, frames_as_list):
+    """Each list entry takes what set_image takes, a [1, H, W, 3] / [1, 3, H, W] tensor included."""
+    predictor = SamHQPredictor(tiny_model)
+    bhwc = torch.from_numpy(frames)
+    predictor.set_images([bhwc[:1], bhwc[1:2].permute(0, 3, 1, 2), bhwc[2]])
+    assert predictor.original_sizes == frames_as_list.original_sizes
+    assert torch.equal(predictor.features, frames_as_list.features)
+    with pytest.raises(ValueError, match=r"images\[1\]: a 4-D image tensor must be a batch of one, got shape \[2, "):
+        predictor.set_images([bhwc[0], bhwc[:2]])
+
+
 def test_set_image_takes_a_batch_of_one(tiny_model, frames):
     batch_of_one, single = SamHQPredictor(tiny_model), SamHQPredictor(tiny_model)
     batch_of_one.set_image(torch.from_numpy(frames[:1]).permute(0, 3, 1, 2))

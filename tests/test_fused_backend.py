@@ -5,6 +5,9 @@ tiny random model; the GPU tests run real vit_b / vit_h sizes.
 """
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -85,6 +88,23 @@ def test_fused_on_cpu_without_interpreter_is_a_clear_error(tiny_checkpoints, mon
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" on the CPU quietly picks eager
         assert samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="auto").backend == "eager"
+
+
+def test_interpreter_set_after_import_is_a_clear_error(tiny_checkpoints):
+    """Triton fixes interpreted vs compiled when it is imported (`import samhq_fast` does that): a
+    TRITON_INTERPRET=1 set later is refused by load, not a failure deep inside Triton at set_image."""
+    script = (
+        "import os, samhq_fast\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        f"    samhq_fast.load({str(tiny_checkpoints['pth'])!r}, device='cpu', backend='fused')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "backend='fused' cannot run here: TRITON_INTERPRET=1 was set after Triton was imported" in out.stdout
 
 
 def test_auto_backend_choice(monkeypatch):

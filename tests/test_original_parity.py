@@ -157,6 +157,21 @@ def test_predict_torch_several_boxes_matches_original(original, tiny_pair, photo
         assert_logits_close(a.numpy(), e.numpy())
 
 
+@pytest.mark.parametrize("points", [1, 3, 0])
+@pytest.mark.parametrize("with_box", [False, True])
+def test_prompt_encoder_matches_original(tiny_pair, points, with_box):
+    """Sparse and dense prompt embeddings, the not-a-point padding included (without a box the
+    original appends one, even to an empty point list; the predictor APIs refuse K = 0)."""
+    reference, ours = tiny_pair
+    gen = torch.Generator().manual_seed(points)
+    coords, labels = torch.rand(2, points, 2, generator=gen) * 200, torch.tensor([[1, 0, -1][:points]] * 2)
+    boxes = torch.tensor([[10.0, 20.0, 150.0, 120.0], [0.0, 0.0, 60.0, 60.0]]) if with_box else None
+    with torch.no_grad():
+        expected, actual = reference.prompt_encoder((coords, labels), boxes, None), ours.prompt_encoder((coords, labels), boxes, None)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
 def test_forward_matches_original(tiny_pair, photo):
     """Sam.forward(batched_input): two images of different sizes, points on one and boxes on the other."""
     reference, ours = tiny_pair

@@ -386,6 +386,8 @@ def test_prompts_accept_lists_and_tensors(prepared):
     for coords, labels, box in [
         ([[120, 80]], [1], [30, 40, 250, 160]),
         (torch.tensor([[120.0, 80.0]]), torch.tensor([1]), torch.tensor([30.0, 40.0, 250.0, 160.0])),
+        # bfloat16 (numpy has none; these values are exact in it)
+        (torch.tensor([[120.0, 80.0]], dtype=torch.bfloat16), torch.tensor([1]), torch.tensor([30.0, 40.0, 250.0, 160.0], dtype=torch.bfloat16)),
     ]:
         out = predictor.predict(point_coords=coords, point_labels=labels, box=box)
         for a, b in zip(out, expected):
@@ -443,6 +445,24 @@ def test_prediction_depends_only_on_the_input_frame(tiny_model, size, input_size
     assert_logits_close(low2, low1)
     np.testing.assert_allclose(scores2, scores1, rtol=0, atol=SCORE_TOL)
     assert_masks_match(masks2, reference_postprocess(torch.from_numpy(low1)[None], input_size, (2 * height, 2 * width))[0].numpy())
+
+
+@pytest.mark.parametrize(
+    "transformed, original_size, message",
+    [
+        (torch.zeros(3, 170, 256), (200, 300), "must be a [1, 3, h, w] tensor, got [3, 170, 256]"),
+        (torch.zeros(1, 3, 170, 250), (200, 300), "longest side resized to 256, got [170, 250]"),
+        (torch.zeros(1, 3, 170, 256), (300, 200), "(H, W) = (300, 200) resizes to (256, 171), not to transformed_image's (170, 256)"),  # swapped
+        (torch.zeros(1, 3, 170, 256), (200, 300, 3), "must be (H, W), two positive integers, got (200, 300, 3)"),  # image.shape
+        (torch.zeros(1, 3, 170, 256), (200.5, 300), "two positive integers"),
+        (torch.zeros(1, 3, 170, 256), (0, 0), "two positive integers"),
+    ],
+    ids=["no_batch_axis", "not_resized", "swapped_size", "shape_with_channels", "float_size", "zero_size"],
+)
+def test_set_torch_image_rejects_mismatched_input(tiny_model, transformed, original_size, message):
+    """The original takes any original_image_size and returns masks of a wrong shape, or fails later."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamHQPredictor(tiny_model).set_torch_image(transformed, original_size)
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one_prompt", "three_prompts"])
@@ -631,6 +651,7 @@ BAD_PROMPTS = {
     "coords_flat": (dict(point_coords=np.array([1.0, 2.0]), point_labels=np.array(1)), ValueError, "[K, 2] or [N, K, 2]"),
     "coords_4d": (dict(point_coords=np.zeros((1, 1, 1, 2)), point_labels=np.zeros((1, 1, 1))), ValueError, "[K, 2] or [N, K, 2]"),
     "coords_not_numeric": (dict(point_coords="10,20", point_labels=L1), TypeError, "numeric array"),
+    "coords_complex": (dict(point_coords=np.array([[10 + 5j, 20]]), point_labels=L1), TypeError, "point_coords must hold real numbers"),
     "point_far_right": (dict(point_coords=np.array([[5 * 300.0, 50.0]]), point_labels=L1), ValueError, "far outside the 300x200"),
     "point_far_above": (dict(point_coords=np.array([[50.0, -31.0]]), point_labels=L1), ValueError, "far outside"),
     "swapped_xy_like_point": (dict(point_coords=np.array([[50.0, 290.0]]), point_labels=L1), ValueError, "far outside"),
@@ -679,6 +700,8 @@ BAD_TORCH_PROMPTS = {
     "count_mismatch": (dict(point_coords=torch.zeros(2, 1, 2), point_labels=torch.ones(2, 1), boxes=torch.zeros(3, 4)), ValueError, "prompt counts disagree"),
     "numpy_box": (dict(point_coords=None, point_labels=None, boxes=np.zeros((1, 4))), TypeError, "boxes must be a torch.Tensor"),
     "no_prompts": (dict(point_coords=torch.zeros(0, 1, 2), point_labels=torch.ones(0, 1)), ValueError, "no prompts: the prompt tensors are empty"),
+    # (the original would decode these as one not-a-point token each; the padded fused decoder cannot tell them from no points)
+    "zero_points_per_prompt": (dict(point_coords=torch.zeros(2, 0, 2), point_labels=torch.ones(2, 0)), ValueError, "point_coords has no points (shape [2, 0, 2])"),
     # (the meta device stands in for a GPU: a device mismatch is metadata, checked without a sync)
     "wrong_device": (dict(point_coords=None, point_labels=None, boxes=torch.zeros(1, 4, device="meta")), ValueError, "boxes is on meta, the model on cpu"),
     "bool_labels": (dict(point_coords=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1, dtype=torch.bool)), TypeError, "point_labels must hold 1"),

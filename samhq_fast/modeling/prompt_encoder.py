@@ -117,6 +117,8 @@ class PromptEncoder(nn.Module):
             raise ValueError(f"prompt counts disagree: {counts}; every prompt tensor needs the same N")
         if 0 in counts.values():
             raise ValueError(f"no prompts: the prompt tensors are empty (N = 0: {counts})")
+        if point_coords is not None and point_coords.shape[1] == 0:
+            raise ValueError(f"point_coords has no points (shape {list(point_coords.shape)}): pass None for no points, or label -1 for padding")
         return point_coords, point_labels, boxes, mask_input
 
     def forward(
@@ -133,8 +135,8 @@ class PromptEncoder(nn.Module):
         if points is not None:
             coords, labels = points
             if boxes is None:  # a "not a point" token stands in for the missing box
-                coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
-                labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
+                coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)
+                labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
             sparse.append(self.embed_points(coords, labels))
         if boxes is not None:
             sparse.append(self.embed_boxes(boxes))
