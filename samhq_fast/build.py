@@ -5,7 +5,9 @@ import warnings
 
 import torch
 
-from .checkpoint import CheckpointError, hf_to_original, infer_config, is_hf_layout, load_state_dict_strict, read_state_dict
+from .checkpoint import (
+    CheckpointError, hf_to_original, infer_config, is_hf_layout, known_variant_part, load_state_dict_strict, read_state_dict,
+)
 from .fused import KILL_SWITCH, apply_fused_backend, fused_available, fused_disabled
 from .modeling import SamHQ, SamHQConfig
 
@@ -115,6 +117,14 @@ def load(
     with torch.device("meta"):
         model = SamHQ(infer_config(state_dict))
     load_state_dict_strict(model, state_dict)
+    part = known_variant_part(state_dict) if model.variant == "custom" else None
+    if part:
+        name, missing = part
+        warnings.warn(
+            f"{source}: loaded as a custom model, but it is {name} with {len(missing)} tensors missing "
+            f"(e.g. {', '.join(missing[:3])}): a truncated or partial export? Its outputs are not {name}'s",
+            stacklevel=2,
+        )
     model.backend = "eager"
     model = model.to(device=device, dtype=dtype).eval()
     return apply_fused_backend(model) if backend == "fused" else model

@@ -1,6 +1,7 @@
 """Reading SAM-HQ checkpoints (original .pth, safetensors in either key layout, HF folders, hub ids),
 inferring the architecture from tensor shapes, and strict loading."""
 
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .modeling import SamHQ, SamHQConfig, TinyViTConfig, ViTConfig
+from .modeling.sam_hq import ALL_VARIANTS
 from .modeling.tiny_vit import MERGE_STRIDES
 
 
@@ -449,9 +451,31 @@ def hf_config_kwargs(config: SamHQConfig) -> dict:
     )
 
 
+@functools.cache
+def _variant_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(t.shape) for k, t in SamHQ(SamHQConfig(encoder=ALL_VARIANTS[name])).state_dict().items()}
+
+
+def known_variant_part(state_dict: dict[str, torch.Tensor]) -> tuple[str, list[str]] | None:
+    """(name, missing keys) of the released variant whose weights this state dict is a strict part of
+    (same shapes, some keys absent: e.g. a last block dropped, which infer_config reads as a
+    shallower custom model), or None."""
+    shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
+    for name in ALL_VARIANTS:
+        expected = _variant_shapes(name)
+        if shapes.keys() < expected.keys() and all(expected[k] == shape for k, shape in shapes.items()):
+            return name, sorted(expected.keys() - shapes.keys())
+    return None
+
+
 def load_state_dict_strict(model: SamHQ, state_dict: dict[str, torch.Tensor]) -> None:
     """Load with assign=True after checking every key and shape; one error lists every problem."""
     expected = model.state_dict()
+    # BatchNorm step counters (TinyViT's) are unused at inference, and some exporters leave them out:
+    # torch's own strict load fills them in too.
+    counters = {k: torch.zeros((), dtype=torch.long) for k in expected if k.endswith(".num_batches_tracked") and k not in state_dict}
+    state_dict = {**state_dict, **counters}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshaped = [
@@ -466,9 +490,11 @@ def load_state_dict_strict(model: SamHQ, state_dict: dict[str, torch.Tensor]) ->
         for k in expected
         if k in state_dict and expected[k].is_floating_point() and not state_dict[k].is_floating_point()
     ]
+    without_data = [k for k in expected if k in state_dict and state_dict[k].is_meta]
     problems = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped tensors", misshaped),
-                         ("tensors that are not floating point (weights must be float32/float16/bfloat16/float64)", not_float)):
+                         ("tensors that are not floating point (weights must be float32/float16/bfloat16/float64)", not_float),
+                         ("tensors without data (on the meta device)", without_data)):
         if items:
             shown = "\n    ".join(items[:40]) + (f"\n    ... and {len(items) - 40} more" if len(items) > 40 else "")
             problems.append(f"  {len(items)} {title}:\n    {shown}")

@@ -5,6 +5,7 @@ and silently produces garbage)."""
 
 import functools
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -346,6 +347,34 @@ def test_load_real_variant(real_variant_pth, variant):
     model = samhq_fast.load(real_variant_pth[variant], device="cpu")
     assert model.variant == variant
     assert model.config == SamHQConfig.from_variant(variant)
+
+
+@pytest.mark.parametrize("variant, dropped", [("vit_b", "image_encoder.blocks.11."), ("vit_tiny", "image_encoder.layers.2.blocks.5.")])
+def test_a_variant_without_its_last_block_warns(tmp_path, variant, dropped):
+    """Shapes alone read a state dict missing a stage's LAST block as a shallower custom model: the
+    loader says which released variant it is a part of (a block missing anywhere else is an error)."""
+    one = torch.zeros(())
+    state_dict = {k: one.expand(s) for k, s in variant_shapes(variant).items() if not k.startswith(dropped)}
+    path = save(state_dict, tmp_path / "partial.pth")
+    with pytest.warns(UserWarning, match=f"loaded as a custom model, but it is {variant} with .* tensors missing .*{re.escape(dropped)}"):
+        assert samhq_fast.load(path, device="cpu").variant == "custom"
+
+
+def test_missing_batchnorm_counters_are_filled_in(tmp_path):
+    """TinyViT's BatchNorm num_batches_tracked counters (unused at inference) may be absent, as
+    torch's own strict load_state_dict allows; the model equals the one from the full state dict."""
+    full = state_dict_of(make_model(SamHQConfig.from_variant("vit_tiny")))
+    counters = [k for k in full if k.endswith(".num_batches_tracked")]
+    assert counters
+    loaded = samhq_fast.load(save({k: v for k, v in full.items() if k not in counters}, tmp_path / "no_counters.pth"), device="cpu")
+    reference = samhq_fast.load(save(full, tmp_path / "full.pth"), device="cpu")
+    assert_same_model(loaded, reference)
+
+
+def test_tensors_without_data_are_named(tmp_path, tiny_sd):
+    state_dict = dict(tiny_sd, **{"mask_decoder.hf_token.weight": torch.empty(tiny_sd["mask_decoder.hf_token.weight"].shape, device="meta")})
+    message = load_error(save(state_dict, tmp_path / "meta.pth"))
+    assert "1 tensors without data (on the meta device):\n    mask_decoder.hf_token.weight" in message
 
 
 # ---------------------------------------------------------------------------------------------
