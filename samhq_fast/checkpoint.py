@@ -2,6 +2,7 @@
 inferring the architecture from tensor shapes, and strict loading."""
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -153,17 +154,38 @@ _WEIGHTS_ONLY_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n\s*
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
+def _names_a_real_global(name: str) -> bool:
+    """Whether "module.attr..." resolves here (a file cut inside a pickle's GLOBAL opcode names a
+    fragment such as torch._utils._rebuild_ten: truncation, not code that could run)."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
 def _torch_load_error(path: Path, e: Exception) -> CheckpointError:
     text = str(e)
     unsafe = _UNSAFE_GLOBAL.search(text)
-    if unsafe:
+    detail = _WEIGHTS_ONLY_DETAIL.search(text)
+    if unsafe and _names_a_real_global(unsafe.group(1)):
         return CheckpointError(
             f"{path} holds non-tensor Python objects ({unsafe.group(1)}), which could run code when unpickled: "
             "it is not loaded, for safety (samhq-fast reads tensors only). If you trust the file, re-save just its "
             "state dict of tensors with torch.save"
         )
-    detail = _WEIGHTS_ONLY_DETAIL.search(text)
-    if detail:
+    if unsafe:
+        reason = (f"its pickle names {unsafe.group(1)}, which does not exist here (a file cut short inside a record, "
+                  "or an object of a package that is not installed)")
+    elif detail:
         reason = detail.group(1).strip()
     else:
         sentences = re.split(r"(?<=\.)\s+", text)
@@ -182,9 +204,12 @@ def _read_pth(path: Path, fmt: str) -> dict:
     except Exception as e:  # pickle / zip / EOF errors from a truncated or foreign file
         raise _torch_load_error(path, e) from None
     obj = _unwrap(obj, path)
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = f"a dict with keys {', '.join(map(repr, list(obj)[:8]))}" if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{path} does not hold a flat state dict of tensors (found {found})")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors (found {type(obj).__name__})")
+    others = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors: {len(others)} entries are not tensors: {shown}")
     return obj
 
 
@@ -267,7 +292,7 @@ def _read_folder(path: Path) -> dict:
             raise CheckpointError(f"{index} names shard files that are not in {path}: {', '.join(missing)}")
         state_dict = {}
         for shard in shards:
-            state_dict.update(_read_safetensors(path / shard))
+            state_dict.update(_read_file(path / shard))
         return state_dict
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
@@ -300,6 +325,8 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     an HF-style folder, or a hub id like "syscv-community/sam-hq-vit-base"."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"checkpoint source must be a path or hub id string, got {type(source).__name__}")
+    if not str(source).strip():  # Path("") is the current folder
+        raise FileNotFoundError("checkpoint source is an empty string: give a .pth or .safetensors file, an HF model folder, or a hub id")
     path = Path(source)
     if path.is_dir():
         return _strip_shared_prefix(_read_folder(path))

@@ -313,6 +313,8 @@ def _check_output(path: str, option: str, suffixes: tuple[str, ...]) -> None:
     parent = Path(path).parent
     if not parent.is_dir():
         raise FileNotFoundError(f"{option} {path}: folder {parent} does not exist")
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {path} is a folder: give a file name")
     if Path(path).suffix.lower() not in suffixes:
         raise ValueError(f"{option} must end in {' / '.join(suffixes)}, got {path}")
 
@@ -414,6 +416,9 @@ def segment(args) -> int:
         _check_output(args.overlay, "--overlay", OVERLAY_SUFFIXES)
     if args.json:
         _check_output(args.json, "--json", (".json",))
+    paths = [Path(p).resolve() for p in (args.image, args.output, args.overlay, args.json) if p]
+    if len(set(paths)) < len(paths):
+        args.parser.error("IMAGE, --output, --overlay and --json must be different files (one would overwrite another)")
 
     image = load_image(args.image)
     model = samhq_fast.load(args.checkpoint, device=args.device, dtype=args.dtype)
@@ -569,12 +574,13 @@ def bench(args) -> int:
     if output.suffix != ".json":
         args.parser.error(f"--output must end in .json, got {output}")
     output.parent.mkdir(parents=True, exist_ok=True)
+    _check_output(str(output), "--output", (".json",))
     overrides = {"allow_cpu": True, "checkpoint": args.checkpoint}
     if args.checkpoint:
         model = samhq_fast.load(args.checkpoint, device="cpu")
         overrides["configs"] = {model.variant: model.config}
         del model
-    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else common.RANDOM_WEIGHTS_NOTE
+    weights = common.weights_note(args.checkpoint, args.smoke)
     print(f"[bench] weights: {weights}", flush=True)
     if device == "cpu":
         print(f"[bench] CPU only: {report.NOT_SPEED_FIGURES} (the figures check that the benchmark runs)", flush=True)

@@ -443,7 +443,7 @@ class SamHQPredictor:
             raise ValueError(f"prompt counts disagree: {counts}; give the same number N of prompts in each argument")
         if counts and next(iter(counts.values())) == 0:
             raise ValueError("no prompts: the prompt arrays are empty")
-        if pixel_coords and max(original_size) >= NORMALIZED_WARNING_MIN_SIDE and all(np.abs(a).max() <= 1 for a in pixel_coords):
+        if pixel_coords and max(original_size) >= NORMALIZED_WARNING_MIN_SIDE and all(a.min() >= 0 and a.max() <= 1 for a in pixel_coords):
             warnings.warn(
                 f"every prompt coordinate lies in [0, 1] on a {original_size[1]}x{original_size[0]} image: coordinates are "
                 "(x, y) pixels of the original image, not normalized ones (multiply by the width and height)",

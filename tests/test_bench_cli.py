@@ -28,7 +28,8 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["tool"] == "samhq-fast bench" and data["schema_version"] == 1
     assert data["speed_figures"] is False and "NOT SPEED FIGURES" in data["note"]
-    assert data["weights"].startswith("random weights")
+    assert data["weights"] == "random weights of a tiny test model (smoke run)"
+    assert all(run["weights"] == data["weights"] for run in data["runs"])
     machine = data["machine"]
     assert machine["gpu"] is None and machine["torch"] and machine["date"] and "triton" in machine
     assert [r["what"] for r in data["runs"]] == ["encoder", "decoder"]
@@ -111,7 +112,9 @@ SEGMENT_JSON = {"image": "assets/chelsea.jpg", "checkpoint": "sam_hq_vit_b.pth",
     json.dumps([1, 2]),
     "{not json",
     "",
-], ids=["segment_json", "runs_without_machine", "list", "invalid_json", "empty"])
+    json.dumps({"machine": {}, "results": []}),  # hand-made: no versions, no date
+    json.dumps({"machine": "H200", "results": []}),
+], ids=["segment_json", "runs_without_machine", "list", "invalid_json", "empty", "empty_machine", "machine_not_a_dict"])
 def test_bench_table_rejects_other_files(text, tmp_path, capsys):
     path = tmp_path / "other.json"
     path.write_text(text)
@@ -119,6 +122,13 @@ def test_bench_table_rejects_other_files(text, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("samhq-fast: error:") and f"{path} is not a samhq-fast bench results file" in err
     assert "Traceback" not in err and "KeyError" not in err
+
+
+def test_bench_table_of_a_folder(tmp_path, capsys):
+    """`--table bench/results/` instead of `bench/results/*.json`: named, not an IsADirectoryError."""
+    assert main(["bench", "--table", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"samhq-fast: error: cannot read {tmp_path}: Is a directory") and "Traceback" not in err
 
 
 def test_bench_dtype_names_are_those_load_accepts():

@@ -4,6 +4,7 @@ fails loudly with a CheckpointError that says what is wrong (the original loads 
 and silently produces garbage)."""
 
 import functools
+import json
 import pickle
 import re
 import sys
@@ -562,15 +563,42 @@ def test_broken_sharded_folder(tmp_path, index, message):
     assert message in load_error(tmp_path)
 
 
-@pytest.mark.parametrize("obj", [
-    {"weight": torch.zeros(2), "epoch": 3},
-    [torch.zeros(2)],
-    {"model": {"weight": torch.zeros(2), "note": "not a tensor"}},
-    torch.zeros(2),
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty (0 bytes)"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 379000000\n", "a Git LFS pointer, not the weights"),
+], ids=["empty", "git_lfs_pointer"])
+def test_bad_shard_is_diagnosed_like_a_file(tmp_path, tiny_sd, content, message):
+    """A shard of a sharded folder gets the same diagnosis as a checkpoint file given alone."""
+    keys = list(tiny_sd)
+    save({k: tiny_sd[k] for k in keys[:10]}, tmp_path / "model-00001-of-00002.safetensors")
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(content)
+    weight_map = {k: f"model-0000{1 + (i >= 10)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert message in load_error(tmp_path)
+
+
+@pytest.mark.parametrize("obj, named", [
+    ({"weight": torch.zeros(2), "epoch": 3}, "1 entries are not tensors: 'epoch' (int)"),
+    ([torch.zeros(2)], "found list"),
+    ({"model": {"weight": torch.zeros(2), "note": "not a tensor"}}, "'model' (dict)"),  # not a state dict: not unwrapped
+    (torch.zeros(2), "found Tensor"),
 ], ids=["int_value", "list", "wrapped_str_value", "bare_tensor"])
-def test_not_a_state_dict_of_tensors(tmp_path, obj):
+def test_not_a_state_dict_of_tensors(tmp_path, obj, named):
     message = load_error(save(obj, tmp_path / "odd.pth"))
-    assert "state dict of tensors" in message
+    assert "state dict of tensors" in message and named in message
+
+
+def test_legacy_pth_cut_inside_a_global_is_truncation(tiny_sd, tmp_path):
+    """A legacy (pre-zip) file cut inside a pickle GLOBAL names a fragment like torch._utils._rebu:
+    truncation, not an unsafe object."""
+    path = tmp_path / "legacy.pth"
+    torch.save(tiny_sd, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[:data.index(b"_rebuild_tensor") + 6])
+    message = load_error(cut)
+    assert re.search(r"names torch\._utils\._reb\w*, which does not exist here \(a file cut short", message) and "truncated" in message
+    assert "non-tensor" not in message and "safe_globals" not in message
 
 
 def test_empty_state_dict(tmp_path):
@@ -661,6 +689,14 @@ def test_float64_tensors_are_fine_integer_ones_are_named(tiny_model, tiny_sd, tm
 def test_missing_path(tmp_path, name):
     with pytest.raises(FileNotFoundError):
         samhq_fast.load(tmp_path / name, device="cpu")
+
+
+def test_empty_source_is_not_the_current_folder(tmp_path, monkeypatch, tiny_sd):
+    """Path("") is ".": an empty --checkpoint must not load whatever model.safetensors sits in the cwd."""
+    save(tiny_sd, tmp_path / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoint source is an empty string"):
+        samhq_fast.load("", device="cpu")
 
 
 def test_missing_relative_file_is_not_a_hub_id(tmp_path, monkeypatch):

@@ -286,6 +286,11 @@ def test_segment_input_errors(capsys, tmp_path, ckpt):
     assert code == 2 and "--output must end in .png" in err
     code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "10,10", "-o", tmp_path / "no_dir" / "m.png")
     assert code == 2 and "does not exist" in err
+    (tmp_path / "folder.png").mkdir()
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "10,10", "-o", tmp_path / "folder.png")
+    assert code == 2 and "folder.png is a folder: give a file name" in err and "Traceback" not in err
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "10,10", "-o", tmp_path / "m.png", "--overlay", tmp_path / "m.png")
+    assert code == 2 and "must be different files" in err
     assert not list(tmp_path.glob("m.*"))
 
 

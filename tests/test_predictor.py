@@ -721,6 +721,14 @@ def test_normalized_coordinates_warn(prepared, prompt):
         predictor.predict(**prompt)
 
 
+def test_negative_coordinates_near_the_corner_do_not_warn(prepared):
+    """(-1, -1) is a pixel just off the corner, not a normalized coordinate."""
+    predictor, _ = prepared("landscape_200x300")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor.predict(point_coords=np.array([[-1.0, -1.0]]), point_labels=L1)
+
+
 def test_normalized_coordinate_warning_points_at_the_callers_line(prepared, tiny_model):
     """The warning names the user's line (this file), from predict and from predict_batch."""
     predictor, _ = prepared("landscape_200x300")

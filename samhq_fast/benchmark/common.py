@@ -169,6 +169,13 @@ RANDOM_WEIGHTS_NOTE = ("random weights of the real architecture (speed does not 
                        "outputs are meaningless)")
 
 
+def weights_note(checkpoint: str | None, smoke: bool) -> str:
+    """What the weights of a run are, for its report."""
+    if checkpoint:
+        return f"checkpoint {checkpoint}"
+    return "random weights of a tiny test model (smoke run)" if smoke else RANDOM_WEIGHTS_NOTE
+
+
 def checkpoint_state_dict(args) -> dict | None:
     """The state dict of args.checkpoint (read once, via samhq_fast.load, on the CPU, in args.dtype),
     or None for random weights."""
@@ -188,7 +195,7 @@ def new_report(args, argv, device: torch.device, settings: dict, method: dict) -
     return {
         "smoke": args.smoke,
         **({"note": SMOKE_NOTE} if args.smoke else {}),
-        "weights": f"checkpoint {checkpoint}" if checkpoint else RANDOM_WEIGHTS_NOTE,
+        "weights": weights_note(checkpoint, args.smoke),
         "machine": machine_info(device),
         "settings": {**settings, "dtype": args.dtype, "seed": args.seed, "time_budget_s": args.time_budget_s,
                      "argv": sys.argv[1:] if argv is None else list(argv)},

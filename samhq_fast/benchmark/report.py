@@ -115,6 +115,9 @@ def markdown_table(data: dict, source: str | None = None) -> str:
     return "\n".join(line for line in lines if line is not None).lstrip("\n") + "\n"
 
 
+MACHINE_KEYS = ("torch", "triton", "transformers", "cuda", "date")  # what common.machine_line reads
+
+
 def read_results(path: str | Path) -> dict:
     """A results JSON (merged, or one benchmark's report), with ValueError naming the file when it is
     not one: every report has "machine" and a list of "results"."""
@@ -123,12 +126,15 @@ def read_results(path: str | Path) -> dict:
         data = json.loads(Path(path).read_text())
     except ValueError as e:  # invalid JSON or not text at all
         raise ValueError(f"{not_results}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder (bench/results/ for bench/results/*.json), unreadable...
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
     runs = data.get("runs", [data]) if isinstance(data, dict) else None
     if not isinstance(runs, list) or not runs or not all(
-        isinstance(run, dict) and "machine" in run and isinstance(run.get("results"), list) for run in runs
+        isinstance(run, dict) and isinstance(run.get("machine"), dict) and set(MACHINE_KEYS) <= run["machine"].keys()
+        and isinstance(run.get("results"), list) for run in runs
     ):
-        raise ValueError(f"{not_results} (no 'machine' and 'results' in it, or in each of its 'runs'): "
-                         "pass the JSON that `samhq-fast bench --output` or a benchmark module wrote")
+        raise ValueError(f"{not_results} (no 'machine' with {', '.join(MACHINE_KEYS)} and no 'results' list in it, or in "
+                         "each of its 'runs'): pass the JSON that `samhq-fast bench --output` or a benchmark module wrote")
     return data
 
 
