@@ -13,7 +13,7 @@ or hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled with
 
 import torch
 
-from .graphs import GraphCache
+from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import select_masks
 
@@ -94,13 +94,23 @@ class PromptDecoder:
 
     # Dynamo's per-function recompile limit (8 by default) is below the number of bucket shapes
     # (5 prompt x 7 point buckets, times the image counts seen): past it a fullgraph compile fails
-    # hard. New shapes are compiled under this higher limit; known shapes skip the (slow) config patch.
+    # hard. New shapes are compiled under this higher limit; known shapes skip the (slow) config
+    # patch, unless a guard other than the shape fails (requires_grad, a tensor layout, inference
+    # mode...): that recompile hits the default limit, and is retried under the higher one.
     RECOMPILE_LIMIT = 256
 
     def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | str | None = None):
         if cuda_graphs not in self.GRAPH_MODES:
             raise ValueError(f"cuda_graphs must be one of {self.GRAPH_MODES}, got {cuda_graphs!r}")
         self.model = model
+        self._options = compile, backend, cuda_graphs
+        self._bind()
+
+    def _bind(self) -> None:
+        """Everything that depends on the model's device, dtype and weight tensors: the graph mode,
+        the compiled function, its graphs, the positional encoding. Done again when the model has
+        been moved or cast since (its graphs would replay the old weights' addresses)."""
+        model, (compile, backend, cuda_graphs) = self.model, self._options
         on_cuda = model.device.type == "cuda"
         if cuda_graphs and not (compile and on_cuda):
             why = "compile=False" if not compile else f"the model is on {model.device}, not a CUDA device"
@@ -118,14 +128,20 @@ class PromptDecoder:
         self._decode = fn
         self._graphs = GraphCache(fn) if graphs == "manual" else None
         self._shapes_seen = set()
+        self._weights = weights_state(model)
 
     def _run(self, *args):
         """decode_padded(model, *args) through the compiled function / its graphs."""
         image_embeddings, _, _, image_index, coords = args[:5]
         shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None)
         call = self._decode if self._graphs is None else (lambda *a: self._graphs(shape, *a))  # noqa: E731
-        if not self.compiled or shape in self._shapes_seen:
+        if not self.compiled:
             return call(*args)
+        if shape in self._shapes_seen:
+            try:
+                return call(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                pass
         with torch._dynamo.config.patch({RECOMPILE_LIMIT_NAME: self.RECOMPILE_LIMIT}):
             out = call(*args)
         self._shapes_seen.add(shape)
@@ -161,6 +177,8 @@ class PromptDecoder:
         """
         if not prompt_sets:
             return []
+        if weights_state(self.model) != self._weights:
+            self._bind()
         model = self.model
         device = model.device
         counts = [next((t.shape[0] for t in prompt[1:] if t is not None), 1) for prompt in prompt_sets]  # no prompt: 1 (as SAM)

@@ -14,6 +14,14 @@ import torch
 from .modeling import SamHQ
 
 
+def weights_state(model: torch.nn.Module) -> tuple:
+    """(device, dtype, address) of the model's first weight. Moving or casting a model (.to, .half)
+    replaces every weight tensor, so this changes: graphs captured before replay the old weights'
+    addresses (freed memory), and anything computed from them is stale."""
+    weight = next(model.parameters())
+    return weight.device, weight.dtype, weight.data_ptr()
+
+
 class GraphCache:
     """Replays fn(*args) from one CUDA graph per shape key, captured on the key's first call.
 
@@ -75,6 +83,7 @@ class GraphedEncoder:
             raise ValueError(f"GraphedEncoder needs a model on a CUDA device, got {model.device}")
         self.model = model
         self._graphs = GraphCache(model.encode_image)
+        self._weights = weights_state(model)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,5 +92,7 @@ class GraphedEncoder:
             raise ValueError(f"images must be [B, 3, {size}, {size}] (preprocessed), got {list(images.shape)}")
         if images.device != self.model.device:
             raise ValueError(f"images are on {images.device}, the model on {self.model.device}")
+        if weights_state(self.model) != self._weights:  # moved or cast since the capture: capture again
+            self._graphs, self._weights = GraphCache(self.model.encode_image), weights_state(self.model)
         outputs = self._graphs((tuple(images.shape), images.dtype), images)
         return tuple(t.clone() for t in outputs)

@@ -177,6 +177,41 @@ def test_more_bucket_shapes_than_dynamos_recompile_limit(tiny_model, image_state
     assert counter.frame_count == len(shapes)
 
 
+def test_a_known_shape_recompiled_past_the_limit(tiny_model, image_state):
+    """Past 8 compiled shapes, a known bucket shape whose other guards fail (here the embedding's
+    memory layout) recompiles instead of hitting Dynamo's default limit, and still equals eager."""
+    counter = CompileCounterWithBackend("eager")
+    decoder = PromptDecoder(tiny_model, backend=counter)
+    shapes = [(num, points) for num in (1, 2, 5) for points in (1, 2, 3)]
+    for num, points in shapes:
+        decoder(*image_state, **make_prompts("points", num, points), multimask_output=True, hq_token_only=False)
+    assert counter.frame_count == len(shapes) > torch._dynamo.config.recompile_limit
+    embeddings, hq_features = image_state
+    channels_last = (embeddings.contiguous(memory_format=torch.channels_last), hq_features.contiguous(memory_format=torch.channels_last))
+    assert channels_last[0].stride() != embeddings.stride()
+    prompts = make_prompts("points", 1, 1, seed=2)
+    got = decoder(*channels_last, **prompts, multimask_output=True, hq_token_only=False)
+    assert counter.frame_count == len(shapes) + 1
+    for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, True, False)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_follows_a_model_cast_after_first_use(tiny_model, image_state):
+    """The decoder holds what it derived from the model (positional encoding, compiled function,
+    graphs): casting the model after first use must not leave a float32 encoding in a float16 call."""
+    model = copy.deepcopy(tiny_model)
+    decoder = PromptDecoder(model, backend="eager")
+    prompts = make_prompts("points+box", 2, 2)
+    decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
+    model.half()
+    half_state = tuple(t.half() for t in image_state)
+    got = decoder(*half_state, **prompts, multimask_output=True, hq_token_only=False)
+    expected = eager_decode(model, half_state, prompts, True, False)
+    assert got[0].dtype == torch.float16 and decoder.image_pe.dtype == torch.float16
+    for g, e in zip(got, expected):
+        assert rel_l2(g, e) < 1e-2
+
+
 @pytest.fixture(scope="module")
 def two_images_state(tiny_model):
     return encoded_images(tiny_model, 2, seed=5)

@@ -233,6 +233,23 @@ def test_graphed_fused_encoder_gpu(tiny_model):
 
 
 @pytest.mark.gpu
+def test_graphed_encoder_follows_a_model_cast_gpu(tiny_model):
+    """A graph replays the weight addresses it captured: after model.half() and back to float32 (new
+    weight tensors, the old ones freed) the encoder is captured again, not replayed from freed memory."""
+    model = apply_fused_backend(copy.deepcopy(tiny_model).cuda())
+    graphed = GraphedEncoder(model)
+    images = torch.randn(1, 3, 256, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    graphed(images)
+    model.half()
+    graphed(images.half())
+    model.float()
+    with torch.inference_mode():
+        expected = model.encode_image(images)
+    for g, e in zip(graphed(images), expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
 def test_predictor_with_encoder_graphs_gpu(tiny_checkpoints):
     """SamHQPredictor(encoder_graphs=True) gives what the plain predictor gives, for frames that
     alternate through one graph (a stale replay would repeat the previous frame's masks) and for a
