@@ -280,7 +280,9 @@ def rel_pos_attention(
     if qkv.ndim != 4:
         raise ValueError(f"qkv must be [B, H, W, 3C], got shape {list(qkv.shape)}")
     b, h, w, c3 = qkv.shape
-    if c3 % 3 or (c3 // 3) % num_heads:
+    if h == 0 or w == 0:
+        raise ValueError(f"qkv has an empty token grid: shape {list(qkv.shape)}")
+    if num_heads < 1 or c3 == 0 or c3 % 3 or (c3 // 3) % num_heads:
         raise ValueError(f"qkv last dim {c3} must be 3 * num_heads * head_dim (num_heads={num_heads})")
     c = c3 // 3
     head_dim = c // num_heads

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -60,9 +61,15 @@ def _write_cache(path: Path, key: str, config: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         entries = _read_cache(path)
         entries[key] = config
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        # One temporary file per writer (threads of one process too), so writers never share one.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(entries, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # the replace failed (e.g. the cache path is a folder)
+                os.unlink(tmp)
     except OSError as e:  # a read-only home must not break inference: the choice stays in memory
         warnings.warn(f"could not write the autotune cache {path} ({e}); the choice is kept for this process only", stacklevel=3)
 

@@ -236,6 +236,7 @@ def fused_linear(
     if M == 0 or N == 0:
         return torch.empty(out_shape, device=x.device, dtype=x.dtype)
     x2 = x.contiguous().view(M, K)  # [M, K], unit stride along K for coalesced loads
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
     r2 = residual.reshape(M, N) if residual is not None else None  # [M, N], view when possible
     with on_device(x):
         if interpreted:

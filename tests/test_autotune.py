@@ -7,6 +7,7 @@ the Triton interpreter at small awkward shapes, and at real shapes in the GPU-ma
 
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -100,6 +101,27 @@ def test_unwritable_cache_folder_warns_and_keeps_the_choice(fresh_cache, monkeyp
         best = autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, []), CPU, tune=True)
     assert best == {"tile": 128}
     assert autotune.pick("k", KEY, CANDIDATES, timer({}, []), CPU, tune=True) == {"tile": 128}  # kept in memory
+
+
+def test_concurrent_writers_keep_the_file_valid(fresh_cache):
+    """Threads of one process (e.g. one model per GPU) write at once: each through its own temporary
+    file, so the cache is never half-written and no writer fails."""
+    path = fresh_cache / autotune.CACHE_FILE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "could not write" nor "unreadable"
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: autotune._write_cache(path, f"key {i}", {"tile": i}), range(200)))
+    entries = json.loads(path.read_text())
+    assert entries and all(entries[key] == {"tile": int(key.split()[1])} for key in entries)
+    assert not list(fresh_cache.glob("*.tmp"))
+
+
+def test_cache_path_that_is_a_folder_warns_and_leaves_no_files(fresh_cache):
+    (fresh_cache / autotune.CACHE_FILE).mkdir()
+    with pytest.warns(UserWarning) as record:  # the unreadable cache, then the failed write
+        autotune._write_cache(fresh_cache / autotune.CACHE_FILE, "k", {"tile": 64})
+    assert any("could not write the autotune cache" in str(w.message) for w in record)
+    assert sorted(p.name for p in fresh_cache.iterdir()) == [autotune.CACHE_FILE]
 
 
 def test_tuning_switches(monkeypatch):

@@ -158,6 +158,8 @@ def test_padded_keys_stay_in_the_softmax():
         (dict(qkv=torch.zeros(1, 4, 4, 96, dtype=torch.float64)), TypeError, "float32, float16 or bfloat16"),
         (dict(qkv=torch.zeros(1, 4, 4, 96, dtype=torch.bfloat16)), TypeError, "bfloat16 cannot run in the Triton interpreter"),
         (dict(window_size=-1), ValueError, "window_size must be >= 0"),
+        (dict(qkv=torch.zeros(1, 0, 4, 96), window_size=0), ValueError, "empty token grid"),
+        (dict(num_heads=0), ValueError, "qkv last dim 96 must be 3 * num_heads * head_dim"),
         (dict(config=dict(BLOCK_M=64, BLOCK_N=24)), ValueError, "powers of two >= 16"),
         (dict(config=dict(BLOCK_M=8, BLOCK_N=16)), ValueError, "powers of two >= 16"),
     ],

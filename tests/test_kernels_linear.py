@@ -90,14 +90,14 @@ def test_channels_last_4d(dtype, atol, rtol):
 
 def test_non_contiguous_inputs():
     # x: NCHW storage permuted to channels-last (stride along C != 1); weight: a transposed
-    # [K, N] buffer; residual: a strided slice. The launcher copies x, the kernel takes the
-    # other strides as they are.
+    # [K, N] buffer; bias and residual: strided slices. The launcher copies x and the bias, the
+    # kernel takes the other strides as they are.
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 80, 6, 7, generator=gen).permute(0, 2, 3, 1)  # [2, 6, 7, 80]
     w = (torch.randn(80, 48, generator=gen) / math.sqrt(80)).T  # [48, 80], stride (1, 48)
-    b = torch.randn(48, generator=gen)
+    b = torch.randn(96, generator=gen)[::2]  # stride 2: e.g. a checkpoint's view, loaded with assign=True
     r = torch.randn(2, 6, 7, 96, generator=gen)[..., ::2]  # [2, 6, 7, 48], stride 2 along N
-    assert not (x.is_contiguous() or w.is_contiguous() or r.is_contiguous())
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous() or r.is_contiguous())
     out = fused_linear(x, w, b, activation="gelu", residual=r)
     assert_matches(out, reference(x, w, b, "gelu", r), torch.float32, 1e-5, 1e-5)
 
