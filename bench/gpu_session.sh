@@ -7,9 +7,11 @@
 #   bash bench/gpu_session.sh OUT_DIR decoder           (~5.5 min + 2.5 min of automatic masks)
 # Writes OUT_DIR/gpu_tests.log, OUT_DIR/block-profile.md (one vit_h block, eager vs fused, kernel by
 # kernel), OUT_DIR/encoder-DATE.json, OUT_DIR/decoder-DATE.json (samhq-fast bench's merged JSON, plus
-# per-run parts *.encoder-bf16.json ...) and their .md (copy them to bench/results/; the README table:
-# samhq-fast bench --table bench/results/*.json). Each benchmark rewrites its JSON after every
-# configuration, so a run cut short by a time limit still leaves what it finished.
+# per-run parts *.encoder-bf16.json ...) and their .md. Copy the merged encoder-DATE.json /
+# decoder-DATE.json (+ .md) to bench/results/, not the parts (they repeat the merged runs' rows);
+# the README table: samhq-fast bench --table bench/results/*.json. Each benchmark rewrites its JSON
+# after every configuration, and a run cut by a stage's SIGINT still writes the merged JSON from
+# what it finished (marked "interrupted").
 # The machine is given back between calls, and with it the autotune cache: each call copies
 # autotune.json to OUT_DIR; put it in .gpu_cache/ (git-ignored) and name .gpu_cache in the next
 # call's carry, so later stages reuse the tuned configs instead of timing every candidate again.
@@ -40,7 +42,7 @@ if [[ $stages == *,tests,* ]]; then
     save_tuning
 fi
 if [[ $stages == *,profile,* ]]; then
-    timeout 120 python3 -m samhq_fast.benchmark.profile_block --variant vit_h --batch 1,8 --dtype bf16 \
+    timeout -s INT -k 20 120 python3 -m samhq_fast.benchmark.profile_block --variant vit_h --batch 1,8 --dtype bf16 \
         --output "$out/block-profile.md" 2>&1 | tail -5
     save_tuning
 fi
@@ -50,13 +52,15 @@ if [[ $stages == *,encoder,* ]]; then  # torch.compile(max-autotune) last: its c
     plot=()
     if python3 -c "import matplotlib" 2>/dev/null; then plot=(--plot "$out/encoder-$(date +%F).png"); fi
     timeout -s INT -k 20 480 python3 -m samhq_fast.cli bench --what encoder --variant vit_b,vit_h --batch 1,8,32 --dtype bf16 \
-        --backends eager,fused,fused-graphed,hf,hf-eager,compile --time-budget-s 360 --output "$out/encoder-$(date +%F).json" "${plot[@]}"
+        --backends eager,fused,fused-graphed,hf,hf-eager,compile --time-budget-s 360 --output "$out/encoder-$(date +%F).json" "${plot[@]}" \
+        2>&1 | tee "$out/encoder.log"
     save_tuning
 fi
-if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 5 min (--time-budget-s 220 + the last configuration)
+if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 5.5 min (--time-budget-s 250 + the last configuration)
     # The decoder is the same network for every variant (only e2e includes the encoder): vit_h first.
-    timeout 330 python3 -m samhq_fast.cli bench --what decoder,e2e --variant vit_h,vit_b --prompts 1,16,64,256,1024 --dtype bf16 \
-        --backends eager,compile,fused --output "$out/decoder-$(date +%F).json" 2>&1 | tee "$out/decoder.log"
+    # SIGINT at the limit: the merged JSON is still written from the configurations finished.
+    timeout -s INT -k 20 330 python3 -m samhq_fast.cli bench --what decoder,e2e --variant vit_h,vit_b --prompts 1,16,64,256,1024 --dtype bf16 \
+        --backends eager,compile,fused --time-budget-s 250 --output "$out/decoder-$(date +%F).json" 2>&1 | tee "$out/decoder.log"
     # automatic masks (32 x 32 points, eager vs fused; <= 2.5 min), where pytest-benchmark is installed
     if python3 -c "import pytest_benchmark" 2>/dev/null; then
         timeout -s INT -k 20 150 python3 -m pytest bench/test_benchmarks.py --benchmark-only -q -k automatic \

@@ -598,7 +598,16 @@ def bench(args) -> int:
     for what, argv in runs:
         part = output.with_name(f"{output.stem}.{what}-{argv[argv.index('--dtype') + 1]}.json")
         print(f"[bench] {what}: {' '.join(argv)} -> {part}", flush=True)
-        run = importlib.import_module(modules[what]).main([*argv, "--output", str(part)], **overrides)
+        try:
+            run = importlib.import_module(modules[what]).main([*argv, "--output", str(part)], **overrides)
+        except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: merge what the runs saved so far
+            merged["interrupted"] = f"interrupted during the {what} run {' '.join(argv)}"
+            if part.is_file():  # rewritten after every configuration
+                merged["runs"].append({"what": what, **json.loads(part.read_text()), "interrupted": True})
+            if not merged["runs"]:
+                raise
+            print(f"[bench] {merged['interrupted']}: writing the configurations finished so far", flush=True)
+            break
         merged["runs"].append({"what": what, **run})
     merged["machine"] = merged["runs"][0]["machine"]
     merged["rows"] = report.load_rows(merged)
@@ -613,7 +622,7 @@ def bench(args) -> int:
     if args.plot:
         report.plot(merged, args.plot)
     print(f"wrote {', '.join(str(p) for p in (output, output.with_suffix('.md'), args.plot) if p)}")
-    return 0
+    return 130 if "interrupted" in merged else 0  # 130: the shell's status for SIGINT
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from samhq_fast.benchmark.common import SMOKE_CONFIG
 from samhq_fast.cli import build_parser, main
@@ -49,6 +50,45 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys):
     assert "Machine: CPU" in table and "| encoder | tiny | fp32 | eager | batch 1 |" in table
     assert (tmp_path / "results.encoder-fp32.json").is_file() and (tmp_path / "results.decoder-fp32.json").is_file()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_interrupted_writes_what_finished(tmp_path, capsys, monkeypatch):
+    """A stage's time limit sends SIGINT (KeyboardInterrupt): the merged JSON, table and status still
+    come out, from the configurations the interrupted run had saved."""
+    from samhq_fast.benchmark import common
+
+    make_recorder = common.make_recorder
+
+    def interrupting_recorder(*args):
+        record = make_recorder(*args)
+
+        def record_then_interrupt(entry):
+            record(entry)  # saved to the run's own JSON first, as after every configuration
+            raise KeyboardInterrupt
+
+        return record_then_interrupt
+
+    monkeypatch.setattr(common, "make_recorder", interrupting_recorder)
+    out = tmp_path / "cut.json"
+    code = main(["bench", "--smoke", "--dtype", "fp32", "--backends", "eager", "--what", "encoder", "--batch", "1,2", "--output", str(out)])
+    assert code == 130
+    data = json.loads(out.read_text())
+    assert data["interrupted"].startswith("interrupted during the encoder run") and data["runs"][0]["interrupted"] is True
+    assert [(r["what"], r["size"]) for r in data["rows"]] == [("encoder", "batch 1")]  # batch 2 never ran
+    assert "**Incomplete: interrupted during the encoder run" in out.with_suffix(".md").read_text()
+
+
+def test_free_memory_survives_a_sticky_cuda_error(monkeypatch):
+    """After a kernel fault every CUDA call raises the same error; free_memory runs in `finally`
+    blocks, where raising it again would lose the failing configuration's record and the run."""
+    from samhq_fast.benchmark import common
+
+    def sticky(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", sticky)
+    common.free_memory(torch.device("cuda"))
 
 
 def gpu_results() -> dict:

@@ -213,10 +213,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA memory. Called from `finally` blocks: after a kernel
+    fault (illegal address, device assert) every later CUDA call raises the same sticky error, which
+    the configuration already recorded; raising it here again would lose that record and the run."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
 
 
 def time_calls(fn, args_list: list, device: torch.device) -> list[float]:

@@ -66,22 +66,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Reference rates
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> dict:
+# Warm-up calls before a reference rate is timed: cuBLAS heuristics, and ~0.1 s of back-to-back work
+# so the clocks have ramped up (8192^3 bf16 takes ~1.4 ms on an H200); a rate read low would
+# overstate every "% of the matmul rate".
+REFERENCE_WARMUP = 64
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 20) -> dict:
     """Dense n x n x n matmul: the achievable GEMM rate of this GPU in `dtype` (the ceiling that
     achieved TFLOP/s is compared with; the datasheet peak is not reachable)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    common.time_calls(torch.matmul, [(a, b)] * 3, device)  # warm-up (cuBLAS heuristics, clocks)
+    common.time_calls(torch.matmul, [(a, b)] * REFERENCE_WARMUP, device)
     ms = statistics.median(common.time_calls(torch.matmul, [(a, b)] * repeats, device))
     return {"shape": [n, n, n], "dtype": str(dtype).removeprefix("torch."), "median_ms": ms,
             "tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "repeats": repeats}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict:
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 20) -> dict:
     """Device-to-device copy of nbytes: GB/s counting bytes read + written (the memory-bound ceiling)."""
     src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    common.time_calls(dst.copy_, [(src,)] * 3, device)
+    common.time_calls(dst.copy_, [(src,)] * REFERENCE_WARMUP, device)
     ms = statistics.median(common.time_calls(dst.copy_, [(src,)] * repeats, device))
     return {"bytes_copied": src.numel() * 4, "median_ms": ms, "gb_per_s_read_plus_write": 2 * src.numel() * 4 / (ms * 1e-3) / 1e9,
             "repeats": repeats}

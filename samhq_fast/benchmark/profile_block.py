@@ -80,15 +80,6 @@ def main(argv=None) -> str:
     dtype = torch.float32 if args.smoke else resolve_dtype(args.dtype)
     config = common.SMOKE_CONFIG.encoder if args.smoke else VARIANTS[args.variant]
     fused_ok, why_not = fused_available(device, dtype)
-    results = {}
-    with torch.inference_mode():
-        for kind, block in make_blocks(config, device, dtype).items():
-            backends = {"eager": block}
-            if fused_ok:
-                backends["fused"] = FusedBlock(copy.deepcopy(block))
-            for batch in common.comma_list(args.batch, int):
-                x = torch.randn(batch, config.grid_size, config.grid_size, config.embed_dim, device=device, dtype=dtype)
-                results[(kind, batch)] = {name: profile_calls(fn, x, args.repeats) for name, fn in backends.items()}
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU: NOT A SPEED FIGURE (op times of the CPU)"
     header = [
         f"# One ViT block, kernel by kernel: {'smoke (tiny block)' if args.smoke else args.variant}, {str(dtype).removeprefix('torch.')}",
@@ -98,11 +89,20 @@ def main(argv=None) -> str:
         + ("GPU kernel time per block call" if device.type == "cuda" else "CPU op time per block call")
         + ("" if fused_ok else f"; fused not run ({why_not})"),
     ]
+    results = {}
+    with torch.inference_mode():
+        for kind, block in make_blocks(config, device, dtype).items():
+            backends = {"eager": block}
+            if fused_ok:
+                backends["fused"] = FusedBlock(copy.deepcopy(block))
+            for batch in common.comma_list(args.batch, int):
+                x = torch.randn(batch, config.grid_size, config.grid_size, config.embed_dim, device=device, dtype=dtype)
+                results[(kind, batch)] = {name: profile_calls(fn, x, args.repeats) for name, fn in backends.items()}
+                if args.output:  # after every profile: a run cut by a time limit keeps what it finished
+                    with open(args.output, "w") as f:
+                        f.write(markdown(results, header))
     text = markdown(results, header)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
+    if not args.output:
         print(text)
     return text
 

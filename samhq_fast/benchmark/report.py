@@ -100,7 +100,8 @@ def markdown_table(data: dict, source: str | None = None) -> str:
         machines.setdefault(line.split(";")[0], line)
     rows = [row for run in runs for row in rows_of(run)]
     lines = [f"Results from `{source}`." if source else "", *(f"Machine: {m}" for m in machines.values()),
-             *rate_lines(runs), f"Weights: {data.get('weights') or runs[0].get('weights') or 'random'}.", ""]
+             *rate_lines(runs), f"Weights: {data.get('weights') or runs[0].get('weights') or 'random'}.",
+             f"**Incomplete: {data['interrupted']}.**" if data.get("interrupted") else None, ""]
     if any(not row["speed_figure"] for row in rows):
         lines += [f"**Rows whose note is not empty are {NOT_SPEED_FIGURES}** (CPU, smoke run, Triton interpreter or "
                   "failed numerics): do not quote them.", ""]
