@@ -325,13 +325,9 @@ def rel_pos_attention(
         )
 
     with on_device(qkv):
-        if config is None and interpreted:
-            config = INTERPRETER_CONFIG
-        elif config is None:
+        if config is not None or interpreted:
+            launch(config if config is not None else INTERPRETER_CONFIG)
+        else:
             shape_key = (str(qkv.dtype), triton.next_power_of_2(b), h, w, num_heads, head_dim, win_h, win_w)
-            config = autotune.pick(
-                "rel_pos_attention", shape_key, candidate_configs(qkv.dtype),
-                lambda c: autotune.bench_ms(lambda: launch(c)), qkv.device, autotune.tuning_enabled(qkv.device),
-            )
-        launch(config)
+            autotune.run("rel_pos_attention", shape_key, candidate_configs(qkv.dtype), launch, qkv.device)
     return out

@@ -14,7 +14,9 @@ largest takes 144 KiB); one that fails on some other GPU is skipped by `pick`, n
 
 SAMHQ_FAST_AUTOTUNE=0 skips the timing and uses each family's default. Nothing is timed in the
 Triton interpreter (its timings mean nothing) or while a CUDA graph is being captured (timing
-syncs); the defaults are used there and not cached.
+syncs); the defaults are used there and not cached. A default this GPU cannot launch (the 16-bit
+linear default takes 96 KiB of shared memory: a T4 has 64 KiB) is passed over for the next
+candidate in the list (`run`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from typing import Callable
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 CACHE_DIR_ENV = "SAMHQ_FAST_CACHE_DIR"
 AUTOTUNE_ENV = "SAMHQ_FAST_AUTOTUNE"
 CACHE_FILE = "autotune.json"
 
-_chosen: dict[tuple, dict] = {}  # (device, kernel, shape key) -> config, this process
+_chosen: dict[tuple, dict] = {}  # (device, kernel, shape key) -> timed choice, this process
+_untuned: dict[tuple, dict] = {}  # (device, kernel, shape key) -> first candidate that launched untimed
 
 
 def cache_path() -> Path:
@@ -119,6 +123,30 @@ def pick(
     _chosen[memory_key] = best
     _write_cache(path, key, best)
     return best
+
+
+def run(kernel: str, shape_key: tuple, candidates: list[dict], launch: Callable[[dict], object], device: torch.device):
+    """launch(config) with this shape's config; returns what launch returns.
+
+    Tuned (see tuning_enabled): the fastest candidate, timed on first use (see pick). Untuned: the
+    timed choice if this process has one, else the default, or the first candidate after it that
+    this GPU can launch. Triton raises OutOfResources (shared memory, registers) before anything is
+    queued, so trying the next is safe, in a CUDA graph capture too.
+    """
+    memory_key = (device, kernel, shape_key)
+    tune = tuning_enabled(device)
+    if tune or memory_key in _chosen:
+        return launch(pick(kernel, shape_key, candidates, lambda c: bench_ms(lambda: launch(c)), device, tune))
+    errors = []
+    for config in candidates[candidates.index(_untuned.get(memory_key, candidates[0])):]:
+        try:
+            result = launch(config)
+        except OutOfResources as e:
+            errors.append(f"{config}: {e}")
+            continue
+        _untuned[memory_key] = config
+        return result
+    raise RuntimeError(f"{kernel}: no candidate config fits this GPU for shape {shape_key}:\n" + "\n".join(errors))
 
 
 def bench_ms(fn: Callable[[], object]) -> float:

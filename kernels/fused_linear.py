@@ -240,19 +240,17 @@ def fused_linear(
     r2 = residual.reshape(M, N) if residual is not None else None  # [M, N], view when possible
     with on_device(x):
         if interpreted:
-            config = INTERPRETER_CONFIG
-        else:
-            # Tuned per power-of-two row count: batch sizes of one model share a choice per bucket. In fp32
-            # the cuBLAS candidate runs TF32 when torch allows it (the Triton ones never do): part of the key.
-            shape_key = (str(x.dtype), triton.next_power_of_2(M), N, K, activation, bias is not None, r2 is not None)
-            if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-                shape_key += ("tf32",)
-            config = autotune.pick(
-                "fused_linear", shape_key, candidate_configs(x.dtype),
-                lambda c: autotune.bench_ms(lambda: _linear(x2, weight, bias, r2, activation, c)),
-                x.device, autotune.tuning_enabled(x.device),
-            )
-        return _linear(x2, weight, bias, r2, activation, config).view(out_shape)
+            return _linear(x2, weight, bias, r2, activation, INTERPRETER_CONFIG).view(out_shape)
+        # Tuned per power-of-two row count: batch sizes of one model share a choice per bucket. In fp32
+        # the cuBLAS candidate runs TF32 when torch allows it (the Triton ones never do): part of the key.
+        shape_key = (str(x.dtype), triton.next_power_of_2(M), N, K, activation, bias is not None, r2 is not None)
+        if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+            shape_key += ("tf32",)
+        out = autotune.run(
+            "fused_linear", shape_key, candidate_configs(x.dtype),
+            lambda config: _linear(x2, weight, bias, r2, activation, config), x.device,
+        )
+        return out.view(out_shape)
 
 
 class FusedLinear(nn.Linear):

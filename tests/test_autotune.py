@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from samhq_fast.kernels import attention, autotune, fused_linear
 from test_kernels_attention import check as check_attention
@@ -27,6 +28,7 @@ def fresh_cache(tmp_path, monkeypatch):
     """An empty cache folder and no in-process choices, for every test."""
     monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(autotune, "_chosen", {})
+    monkeypatch.setattr(autotune, "_untuned", {})
     return tmp_path
 
 
@@ -76,6 +78,50 @@ def test_untuned_is_the_default_and_not_cached(fresh_cache):
     assert calls == [] and not (fresh_cache / autotune.CACHE_FILE).exists()
     # a later tuned call still times (the default was not remembered as a choice)
     assert autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU, tune=True) == {"tile": 128}
+
+
+def launcher(launchable: set, calls: list):
+    """launch(config) -> its tile; a tile not in `launchable` raises Triton's OutOfResources, as a
+    kernel whose shared memory exceeds the GPU's does before anything is queued."""
+    def launch(config):
+        calls.append(config["tile"])
+        if config["tile"] not in launchable:
+            raise OutOfResources(98304, 65536, "shared memory")
+        return config["tile"]
+    return launch
+
+
+def test_untuned_run_passes_over_a_default_that_does_not_fit(fresh_cache):
+    calls = []
+    assert autotune.run("k", KEY, CANDIDATES, launcher({128, 256}, calls), CPU) == 128
+    assert calls == [64, 128]
+    # remembered for this process (the default is not tried again), never written to the cache file
+    assert autotune.run("k", KEY, CANDIDATES, launcher({128, 256}, calls), CPU) == 128
+    assert calls == [64, 128, 128] and not (fresh_cache / autotune.CACHE_FILE).exists()
+    # another shape starts from the default again
+    assert autotune.run("k", ("other",), CANDIDATES, launcher({64}, calls), CPU) == 64
+    with pytest.raises(RuntimeError, match=r"(?s)k: no candidate config fits this GPU.*shared memory"):
+        autotune.run("k", ("none fits",), CANDIDATES, launcher(set(), []), CPU)
+
+
+def test_untuned_run_lets_other_errors_through():
+    """Only "does not fit" moves on to the next candidate: a real bug in a launch is not hidden."""
+    def broken(config):
+        raise ValueError("bad stride")
+    with pytest.raises(ValueError, match="bad stride"):
+        autotune.run("k", KEY, CANDIDATES, broken, CPU)
+
+
+def test_run_uses_the_timed_choice(monkeypatch):
+    """Tuning on: every candidate is timed once, then the fastest launched; with tuning off later
+    (e.g. during a CUDA graph capture) the same process keeps launching that choice."""
+    monkeypatch.setattr(autotune, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(autotune, "bench_ms", lambda fn: {64: 3.0, 128: 1.0, 256: 2.0}[fn()])
+    calls = []
+    assert autotune.run("k", KEY, CANDIDATES, launcher({64, 128, 256}, calls), CPU) == 128
+    assert calls == [64, 128, 256, 128]
+    monkeypatch.setattr(autotune, "tuning_enabled", lambda device: False)
+    assert autotune.run("k", KEY, CANDIDATES, launcher({64, 128, 256}, calls), CPU) == 128
 
 
 def test_corrupt_or_stale_cache_is_timed_again(fresh_cache, monkeypatch):
@@ -210,13 +256,28 @@ def test_tuned_launch_on_the_gpu(fresh_cache, monkeypatch):
     assert key.startswith(torch.cuda.get_device_name()) and config in fused_linear.candidate_configs(torch.float16)
 
 
+@pytest.mark.gpu
+def test_untuned_default_that_does_not_fit_falls_back_gpu(monkeypatch):
+    """A default tile larger than any GPU's shared memory (4 stages of 256x128 + 256x128 fp16 tiles:
+    512 KiB) is passed over for the next candidate, and the answer is right: what a 64 KiB GPU
+    (T4) gets from the real 96 KiB default with SAMHQ_FAST_AUTOTUNE=0."""
+    too_big = dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    real_candidates = fused_linear.candidate_configs
+    monkeypatch.setattr(fused_linear, "candidate_configs", lambda dtype: [too_big, *real_candidates(dtype)])
+    x, w, b, r = make_inputs((300,), 256, 384, torch.float16, device="cuda", residual=True)
+    got = fused_linear.fused_linear(x, w, b, activation="gelu", residual=r)
+    torch.testing.assert_close(got.double(), reference(x, w, b, "gelu", r), atol=1e-2, rtol=1e-2)
+    (config,) = autotune._untuned.values()
+    assert config != too_big
+
+
 def test_fp32_linear_tuning_key_says_when_cublas_may_use_tf32(monkeypatch):
     """The cuBLAS candidate runs TF32 when torch allows it, the Triton ones never: a choice timed with
     TF32 on must not be reused with it off. (The key is built on the compiled path: stand-ins for the
     interpreter check and the tuner let it run on the CPU.)"""
     keys = []
     monkeypatch.setattr(fused_linear, "interpreting", lambda x, who: False)
-    monkeypatch.setattr(fused_linear.autotune, "pick", lambda kernel, key, *rest: keys.append(key) or fused_linear.TORCH_OP)
+    monkeypatch.setattr(fused_linear.autotune, "run", lambda kernel, key, candidates, launch, device: keys.append(key) or launch(fused_linear.TORCH_OP))
     x, w = torch.randn(5, 8), torch.randn(3, 8)
     previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's, not an attribute monkeypatch can restore
     try:
