@@ -223,14 +223,17 @@ def _is_tensor_dict(obj) -> bool:
 
 def _unwrap(obj, path: Path):
     """The state dict inside (possibly nested) training wrappers: the one entry under a WRAPPER_KEYS
-    name that is a dict of tensors (or a wrapper of one); `obj` itself when there is none."""
+    name that is a dict of tensors (or a wrapper of one); else the one such entry that holds some
+    tensors (so the caller's error names its non-tensor entries); `obj` itself when there is none."""
     if not isinstance(obj, dict) or _is_tensor_dict(obj):
         return obj
     inner = {k: _unwrap(obj[k], path) for k in WRAPPER_KEYS if k in obj}
     found = [k for k, v in inner.items() if _is_tensor_dict(v)]
     if len(found) > 1:
         raise CheckpointError(f"{path} holds several state dicts ({', '.join(map(repr, found))}): cannot tell which is the model")
-    return inner[found[0]] if found else obj
+    if not found:
+        found = [k for k, v in inner.items() if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())]
+    return inner[found[0]] if len(found) == 1 else obj
 
 
 _SAM_PREFIXES = ("image_encoder.", "vision_encoder.", "prompt_encoder.", "mask_decoder.")

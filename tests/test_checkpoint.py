@@ -580,7 +580,7 @@ def test_bad_shard_is_diagnosed_like_a_file(tmp_path, tiny_sd, content, message)
 @pytest.mark.parametrize("obj, named", [
     ({"weight": torch.zeros(2), "epoch": 3}, "1 entries are not tensors: 'epoch' (int)"),
     ([torch.zeros(2)], "found list"),
-    ({"model": {"weight": torch.zeros(2), "note": "not a tensor"}}, "'model' (dict)"),  # not a state dict: not unwrapped
+    ({"model": {"weight": torch.zeros(2), "note": "not a tensor"}, "epoch": 3}, "1 entries are not tensors: 'note' (str)"),  # the inner entry named
     (torch.zeros(2), "found Tensor"),
 ], ids=["int_value", "list", "wrapped_str_value", "bare_tensor"])
 def test_not_a_state_dict_of_tensors(tmp_path, obj, named):
