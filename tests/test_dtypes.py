@@ -1,12 +1,15 @@
 """Half-precision eager models run end to end (the original SAM-HQ fails on bf16 prompts) and stay
 close to fp32."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 import samhq_fast
 from samhq_fast import SamHQPredictor
+from samhq_fast.modeling.prompt_encoder import PromptEncoder
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -27,3 +30,29 @@ def test_half_precision_predictor_matches_fp32(tiny_checkpoints, dtype):
     assert rel_l2 < 3e-2, rel_l2  # bf16 keeps 8 mantissa bits: ~4e-3 per rounding, a few dozen layers deep
     np.testing.assert_allclose(scores16, scores32, atol=1e-2)
     assert (masks16 == masks32).mean() > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_prompt_positional_encoding_stays_fp32_in_half_models(dtype):
+    """Casting the model keeps the random Fourier basis G fp32 (its phases reach ~25 rad: a bf16 G
+    puts point encodings up to 0.05 off, bf16 arithmetic 0.13). So a half model's prompt tokens are
+    the fp32 function of its own rounded learned embeddings, and its dense encoding is the fp32 one
+    rounded once."""
+    full = PromptEncoder(256, (64, 64), (1024, 1024))
+    half = copy.deepcopy(full).to(dtype)
+    basis = half.pe_layer.positional_encoding_gaussian_matrix
+    assert basis.dtype == torch.float32 and torch.equal(basis, full.pe_layer.positional_encoding_gaussian_matrix)
+    assert copy.deepcopy(half).half().float().pe_layer.positional_encoding_gaussian_matrix.equal(basis)  # no rounding on the way
+    rounded = copy.deepcopy(full)  # fp32 arithmetic, learned embeddings rounded to the half dtype
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(module.weight.to(dtype))
+    gen = torch.Generator().manual_seed(0)
+    coords = torch.rand(3, 5, 2, generator=gen) * 1024
+    labels = torch.randint(-1, 2, (3, 5), generator=gen)
+    boxes = torch.sort(torch.rand(4, 2, 2, generator=gen) * 1024, dim=1).values.reshape(4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(half.embed_points(coords, labels), rounded.embed_points(coords, labels), atol=1e-6, rtol=0)
+        torch.testing.assert_close(half.embed_boxes(boxes), rounded.embed_boxes(boxes), atol=1e-6, rtol=0)
+        torch.testing.assert_close(half.get_dense_pe(), full.get_dense_pe().to(dtype), atol=0, rtol=0)

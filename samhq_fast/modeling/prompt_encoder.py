@@ -11,18 +11,34 @@ from torch import nn
 from .common import LayerNorm2d
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class PositionEmbeddingRandom(nn.Module):
-    """Random Fourier features: [sin, cos](2 pi (2c - 1) @ G), G [2, embed_dim // 2]."""
+    """Random Fourier features: [sin, cos](2 pi (2c - 1) @ G), G [2, embed_dim // 2].
+
+    G and the phases stay fp32 in fp16 / bf16 models: the phases reach ~25 rad, where a bf16 G
+    (or bf16 arithmetic) puts sin/cos up to 0.05 (0.13) off; fp32 then one rounding: 0.002.
+    """
 
     def __init__(self, num_pos_feats: int):
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
 
-    def encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """coords [..., 2] normalized to [0, 1] -> [..., 2 * num_pos_feats] (computed in fp32)."""
+    def _apply(self, fn, recurse=True):
+        """model.half() / .to(torch.bfloat16) cast buffers too: G keeps its fp32 values (device moves apply)."""
         gaussian = self.positional_encoding_gaussian_matrix
-        coords = 2 * math.pi * ((2 * coords.to(gaussian.dtype) - 1) @ gaussian)
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+        super()._apply(fn, recurse)
+        moved = self.positional_encoding_gaussian_matrix
+        if moved.dtype in HALF_DTYPES and gaussian.dtype not in HALF_DTYPES:
+            self.positional_encoding_gaussian_matrix = gaussian.to(device=moved.device, dtype=torch.float32)
+        return self
+
+    def encode(self, coords: torch.Tensor) -> torch.Tensor:
+        """coords [..., 2] normalized to [0, 1] -> [..., 2 * num_pos_feats] fp32."""
+        gaussian = self.positional_encoding_gaussian_matrix.float()
+        phases = 2 * math.pi * ((2 * coords.float() - 1) @ gaussian)
+        return torch.cat([torch.sin(phases), torch.cos(phases)], dim=-1)
 
     def grid(self, size: tuple[int, int]) -> torch.Tensor:
         """Dense encoding of an h x w grid of cell centres -> [C, h, w]."""
