@@ -64,12 +64,14 @@ Outputs:
                       N > 1 prompts: an 8-bit index PNG, 0 = background, i + 1 where the
                       mask of prompt i (the i-th --box, from 0) is set; where masks overlap,
                       the later prompt wins. Always the size of the input image.
-  --overlay FILE      the photo with each mask blended in a distinct color and the prompts
-                      drawn (green dots foreground, red dots background, box outlines).
                       --auto: an index PNG, i for the i-th largest mask (painted largest
                       first, so smaller masks stay visible); 16-bit beyond 255 masks.
+  --overlay FILE      the photo with each mask blended in a distinct color and the prompts
+                      drawn (green dots foreground, red dots background, box outlines;
+                      --auto: every mask, largest first, and its grid point).
   --json FILE         per-prompt prompts, predicted IoU score, mask area and bounding box
                       (--auto: per mask its grid point, score, stability, area, box).
+                      bbox_xywh: x, y of the top-left mask pixel, width and height in pixels.
 A one-line summary per prompt is printed to stdout.
 """
 SEGMENT_EPILOG = """\
@@ -119,7 +121,8 @@ What is measured (--what):
             numerics against eager (a backend that disagrees gets no speed figure).
   decoder   prompt encoder + mask decoder on --prompts N prompts against one image's cached
             features: prompts/s, single-prompt p50 / p99 latency.
-  e2e       set_image + one box through SamHQPredictor (includes the encoder).
+  e2e       set_image + one box through SamHQPredictor (includes the encoder): eager and
+            fused only.
 Backends (--backends): eager (the reference), compile (torch.compile of the eager model;
 decoder: PromptDecoder without CUDA graphs), fused (Triton encoder kernels, and the same encoder
 replayed from a CUDA graph per batch as "fused-graphed"; decoder: PromptDecoder with torch.compile's
@@ -141,7 +144,7 @@ examples:
   samhq-fast bench --variant vit_b,vit_h --batch 1,8,32 --output bench/results/run.json --plot run.png
   # a real checkpoint, the encoder only, two dtypes
   samhq-fast bench --checkpoint sam_hq_vit_b.pth --what encoder --dtype bf16,fp16
-  # check the tool on a tiny model (about a minute on a 2-core CPU; not speed figures)
+  # check the tool on a tiny model (a minute or two on a 2-core CPU; not speed figures)
   samhq-fast bench --smoke --dtype fp32 --backends eager --output /tmp/smoke.json
   # the Markdown performance table of committed results (the README's)
   samhq-fast bench --table bench/results/*.json
@@ -386,7 +389,7 @@ def segment_everything(args, image: np.ndarray, model) -> int:
         draw_overlay(image, [r["segmentation"] for r in records], prompts).save(args.overlay)
     masks = [
         {"index": i + 1, "point": r["point_coords"][0], "score": r["predicted_iou"], "stability": r["stability_score"],
-         "area": r["area"], "bbox_xywh": r["bbox"]}
+         "area": r["area"], "bbox_xywh": _bbox_xywh(r["segmentation"])}  # not r["bbox"]: the original's is 1 px short
         for i, r in enumerate(records)
     ]
     print(f"{len(records)} masks from a {args.points_per_side}x{args.points_per_side} point grid"
@@ -523,7 +526,6 @@ def _bench_plan(args) -> tuple[str, list[str]]:
         parser.error("--interpret needs TRITON_INTERPRET=1 in the environment before Python starts: "
                      "TRITON_INTERPRET=1 samhq-fast bench --interpret ...")
     if args.plot:
-        _check_output(args.plot, "--plot", (".png",))
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -570,11 +572,17 @@ def bench(args) -> int:
         print(report.table_from_files(args.table), end="")
         return 0
     device, backends = _bench_plan(args)
+    runs = _bench_runs(args, backends, device)
+    if not runs:
+        args.parser.error(f"nothing to run: --what {','.join(args.what)} with --backends {','.join(backends)} (the encoder runs "
+                          "every backend, the decoder eager, compile and fused (on a GPU), e2e eager and fused)")
     output = Path(args.output) if args.output else common.results_dir() / f"bench-{datetime.date.today().isoformat()}.json"
     if output.suffix != ".json":
         args.parser.error(f"--output must end in .json, got {output}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _check_output(str(output), "--output", (".json",))
+    for path, option, suffixes in ((output, "--output", (".json",)), (args.plot, "--plot", (".png",))):
+        if path:  # folders are made as needed, like --output's default bench/results/
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _check_output(str(path), option, suffixes)
     overrides = {"allow_cpu": True, "checkpoint": args.checkpoint}
     if args.checkpoint:
         model = samhq_fast.load(args.checkpoint, device="cpu")
@@ -591,10 +599,6 @@ def bench(args) -> int:
                            "interpret": args.interpret, "smoke": args.smoke, "device": device},
               "runs": []}
     modules = {"encoder": "samhq_fast.benchmark.encoder", "decoder": "samhq_fast.benchmark.decoder"}
-    runs = _bench_runs(args, backends, device)
-    if not runs:
-        args.parser.error(f"nothing to run: --what {','.join(args.what)} with --backends {','.join(backends)} "
-                          "(the decoder and e2e have no hf backends)")
     for what, argv in runs:
         part = output.with_name(f"{output.stem}.{what}-{argv[argv.index('--dtype') + 1]}.json")
         print(f"[bench] {what}: {' '.join(argv)} -> {part}", flush=True)
@@ -605,7 +609,8 @@ def bench(args) -> int:
             if part.is_file():  # rewritten after every configuration
                 merged["runs"].append({"what": what, **json.loads(part.read_text()), "interrupted": True})
             if not merged["runs"]:
-                raise
+                print(f"[bench] {merged['interrupted']}, before any configuration finished: nothing written", file=sys.stderr)
+                return 130
             print(f"[bench] {merged['interrupted']}: writing the configurations finished so far", flush=True)
             break
         merged["runs"].append({"what": what, **run})

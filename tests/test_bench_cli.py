@@ -199,6 +199,36 @@ def test_bench_plot_leaves_out_withheld_figures(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_interrupted_before_anything_finished(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the first configuration (or the reference rates): exit 130 with one line, no
+    traceback, and no merged JSON made of nothing."""
+    from samhq_fast.benchmark import encoder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encoder, "reference_rates", interrupted)
+    out = tmp_path / "cut.json"
+    code = main(["bench", "--smoke", "--dtype", "fp32", "--backends", "eager", "--what", "encoder", "--output", str(out)])
+    assert code == 130 and not out.exists()
+    assert "before any configuration finished: nothing written" in capsys.readouterr().err
+
+
+def test_bench_makes_the_plot_folder(tmp_path, capsys):
+    """--plot, like --output, may name a folder that does not exist yet."""
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "new" / "r.json", tmp_path / "figures" / "r.png"
+    assert main(["bench", "--smoke", "--dtype", "fp32", "--backends", "eager", "--what", "encoder", "--output", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_nothing_to_run_says_why_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "new" / "r.json"
+    assert main(["bench", "--smoke", "--what", "e2e", "--backends", "compile", "--output", str(out)]) == 2
+    assert "e2e eager and fused" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--variant", "vit_x"], "unknown variant vit_x"),
     (["--batch", "0,8"], "positive integers"),

@@ -258,3 +258,21 @@ def test_block_profile_real_variant(tmp_path, monkeypatch):
     for kind in ("windowed", "global"):
         section = text.split(f"\n## {kind} block, batch 1:")[1].split("\n## ")[0]
         assert "### eager" in section and "`aten::addmm`" in section
+
+
+def test_kill_switch_skips_the_fused_rows(bench, tmp_path, monkeypatch):
+    """With SAMHQ_FAST_DISABLE_FUSED=1, load(backend="fused") builds the eager model: timing it under
+    the name "fused" would publish eager figures as fused ones. The rows are skipped, saying why."""
+    monkeypatch.setenv("SAMHQ_FAST_DISABLE_FUSED", "1")
+    _, report = run(bench, tmp_path, "--backends", "eager,fused", "--dtype", "fp32")
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["eager"]["status"] == "ok"
+    assert rows["fused"]["status"] == "skipped" and "SAMHQ_FAST_DISABLE_FUSED" in rows["fused"]["reason"]
+
+
+def test_cpu_reference_rates_use_small_sizes(bench):
+    """Not a speed figure on the CPU: the GPU's 8192^3 matmul and 2 GiB copy (tens of minutes on a
+    2-core CPU, before the first configuration) are not run there, smoke run or not."""
+    rates = bench.reference_rates(torch.device("cpu"), torch.float32, smoke=False)
+    assert max(rates["matmul_float32"]["shape"]) <= 1024 and rates["copy"]["bytes_copied"] <= 2**28
+    assert positive(rates["matmul_bf16"]["tflops"]) and positive(rates["copy"]["gb_per_s_read_plus_write"])

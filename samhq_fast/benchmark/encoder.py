@@ -30,6 +30,7 @@ import torch
 from ..build import build_sam_hq
 from ..checkpoint import hf_config_kwargs
 from ..flops import encoder_flops, encoder_flops_breakdown
+from ..fused import KILL_SWITCH, fused_disabled
 from ..graphs import GraphedEncoder
 from ..modeling import SamHQConfig
 from . import common
@@ -72,33 +73,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 REFERENCE_WARMUP = 64
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 20) -> dict:
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, warmup: int, repeats: int = 20) -> dict:
     """Dense n x n x n matmul: the achievable GEMM rate of this GPU in `dtype` (the ceiling that
     achieved TFLOP/s is compared with; the datasheet peak is not reachable)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    common.time_calls(torch.matmul, [(a, b)] * REFERENCE_WARMUP, device)
+    common.time_calls(torch.matmul, [(a, b)] * warmup, device)
     ms = statistics.median(common.time_calls(torch.matmul, [(a, b)] * repeats, device))
     return {"shape": [n, n, n], "dtype": str(dtype).removeprefix("torch."), "median_ms": ms,
             "tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "repeats": repeats}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 20) -> dict:
+def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int = 20) -> dict:
     """Device-to-device copy of nbytes: GB/s counting bytes read + written (the memory-bound ceiling)."""
     src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    common.time_calls(dst.copy_, [(src,)] * REFERENCE_WARMUP, device)
+    common.time_calls(dst.copy_, [(src,)] * warmup, device)
     ms = statistics.median(common.time_calls(dst.copy_, [(src,)] * repeats, device))
     return {"bytes_copied": src.numel() * 4, "median_ms": ms, "gb_per_s_read_plus_write": 2 * src.numel() * 4 / (ms * 1e-3) / 1e9,
             "repeats": repeats}
 
 
 def reference_rates(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
-    n, nbytes = (512, 64 * 2**20) if smoke else (8192, 2 * 2**30)
-    rates = {"matmul_bf16": matmul_rate(device, torch.bfloat16, n)}
+    # On the CPU (never a speed figure) small sizes and a short warm-up: an 8192^3 bf16 matmul takes
+    # ~30 s on a 2-core CPU, so the GPU's sizes would take most of an hour before the first configuration.
+    on_gpu = device.type == "cuda" and not smoke
+    n, nbytes, warmup = (8192, 2 * 2**30, REFERENCE_WARMUP) if on_gpu else (512, 64 * 2**20, 3)
+    rates = {"matmul_bf16": matmul_rate(device, torch.bfloat16, n, warmup)}
     if dtype != torch.bfloat16:
-        rates[f"matmul_{str(dtype).removeprefix('torch.')}"] = matmul_rate(device, dtype, n)
-    rates["copy"] = copy_bandwidth(device, nbytes)
+        rates[f"matmul_{str(dtype).removeprefix('torch.')}"] = matmul_rate(device, dtype, n, warmup)
+    rates["copy"] = copy_bandwidth(device, nbytes, warmup)
     return rates
 
 
@@ -425,6 +429,9 @@ def run_backend(variant, name, config, weights, device, dtype, args, references,
         if name in HF_ATTENTION and common.package_version("transformers") is None:
             record({**entry, "status": "skipped", "reason": "transformers is not installed"})
             continue
+        if name.startswith("fused") and fused_disabled():  # load would build the eager model: not a fused figure
+            record({**entry, "status": "skipped", "reason": f"{KILL_SWITCH} is set"})
+            continue
         print(f"[bench] {elapsed:6.0f}s  {variant} batch {batch} {name} ...", flush=True)
         if backend is None and build_error is None:
             try:
@@ -470,14 +477,15 @@ def main(argv=None, **overrides) -> dict:
         "numerics_context": {},
         "results": [],
     }
-    print(f"[bench] {report['machine'].get('gpu') or 'CPU (smoke)'}, torch {torch.__version__}, dtype {args.dtype}", flush=True)
+    where = report["machine"].get("gpu") or "CPU" + (" (smoke)" if args.smoke else "")
+    print(f"[bench] {where}, torch {torch.__version__}, dtype {args.dtype}: measuring the matmul rate and copy bandwidth", flush=True)
 
     try:
         rates = reference_rates(device, dtype, args.smoke)
         key = "matmul_bf16" if dtype == torch.bfloat16 else f"matmul_{str(dtype).removeprefix('torch.')}"
         rates["matmul_reference"] = rates[key]
         report["reference_rates"] = rates
-        print(f"[bench] matmul {rates[key]['tflops']:.0f} TFLOP/s, copy {rates['copy']['gb_per_s_read_plus_write']:.0f} GB/s", flush=True)
+        print(f"[bench] matmul {rates[key]['tflops']:.3g} TFLOP/s, copy {rates['copy']['gb_per_s_read_plus_write']:.3g} GB/s", flush=True)
     except Exception as e:  # noqa: BLE001
         report["reference_rates"] = {"error": f"{type(e).__name__}: {e}"}
     matmul_tflops = report["reference_rates"].get("matmul_reference", {}).get("tflops")
