@@ -144,6 +144,34 @@ def test_remove_small_regions():
     assert kept.sum() == 4 and kept[3:5, 3:5].all()
 
 
+@pytest.mark.parametrize("overlapping", [True, False], ids=["overlapping", "apart"])
+def test_small_region_clean_up_prefers_unchanged_masks(overlapping):
+    """After small regions are removed, NMS (at the generator's threshold) scores unchanged masks 1
+    and changed ones 0, as the original does. A higher-scored mask that was a clean square plus a
+    1-pixel island is, once cleaned, the clean square again: dropped for the unchanged copy. One
+    elsewhere is kept, cleaned, its box recomputed, and ranked after the unchanged mask."""
+    pytest.importorskip("scipy")
+    clean = np.zeros((20, 20), dtype=bool)
+    clean[2:14, 2:14] = True
+    speckled = np.zeros((20, 20), dtype=bool)
+    if overlapping:
+        speckled[2:14, 2:14] = True
+    else:
+        speckled[2:14, 10:20] = True  # box IoU with the clean square: 48 / 216
+    speckled[19, 0] = True  # the island
+    masks = torch.from_numpy(np.stack([speckled, clean]))
+    data = {"rles": masks_to_rle(masks), "boxes": mask_boxes(masks), "iou": torch.tensor([0.9, 0.8]), "points": torch.zeros(2, 2)}
+    generator = SamHQAutomaticMaskGenerator.__new__(SamHQAutomaticMaskGenerator)  # only min_mask_region_area is read
+    generator.min_mask_region_area = 2
+    cleaned = generator._remove_small_regions(data, 0.7)
+    speckled[19, 0] = False
+    expected = [(0.8, clean)] if overlapping else [(0.8, clean), (0.9, speckled)]
+    assert cleaned["iou"].tolist() == pytest.approx([score for score, _ in expected])
+    for rle, (_, mask) in zip(cleaned["rles"], expected):
+        np.testing.assert_array_equal(rle_to_mask(rle), mask)
+    assert cleaned["boxes"].tolist() == [[2, 2, 13, 13]] + ([] if overlapping else [[10, 2, 19, 13]])
+
+
 # ---------------------------------------------------------------------------------------------
 # The generator, against the single-image predictor
 # ---------------------------------------------------------------------------------------------
@@ -156,14 +184,17 @@ def oracle(tiny_model, photo) -> SamHQPredictor:
     return predictor
 
 
-def test_every_grid_point_gives_the_predictors_mask(tiny_model, photo, oracle):
-    records = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, points_per_batch=5, **LOOSE).generate(photo)
+@pytest.mark.parametrize("multimask_output, hq_token_only", [(True, False), (False, False), (True, True)],
+                         ids=["multimask", "single", "hq_only"])
+def test_every_grid_point_gives_the_predictors_mask(tiny_model, photo, oracle, multimask_output, hq_token_only):
+    flags = dict(multimask_output=multimask_output, hq_token_only=hq_token_only)
+    records = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, points_per_batch=5, **LOOSE).generate(photo, **flags)
     grid = point_grid(4) * [300, 200]
     assert len(records) == 16 and sorted(map(tuple, (r["point_coords"][0] for r in records))) == sorted(map(tuple, grid))
     scores = [r["predicted_iou"] for r in records]
     assert scores == sorted(scores, reverse=True)  # NMS order: best first
     for record in records:
-        logits, score, _ = oracle.predict(point_coords=np.array(record["point_coords"]), point_labels=np.array([1]), return_logits=True)
+        logits, score, _ = oracle.predict(point_coords=np.array(record["point_coords"]), point_labels=np.array([1]), return_logits=True, **flags)
         mask = record["segmentation"]
         assert mask.dtype == np.bool_ and mask.shape == (200, 300)
         away = np.abs(logits[0]) > 1e-4

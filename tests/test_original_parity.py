@@ -16,7 +16,7 @@ from torch import nn
 
 import samhq_fast
 from original_sam_hq import import_original
-from samhq_fast.automatic import SamHQAutomaticMaskGenerator, rle_to_mask
+from samhq_fast.automatic import CROP_EDGE_TOLERANCE, SamHQAutomaticMaskGenerator, rle_to_mask
 from samhq_fast.modeling import SamHQConfig
 from samhq_fast.transforms import ResizeLongestSide
 from conftest import TINY_CONFIG, make_model
@@ -198,24 +198,35 @@ def test_forward_matches_original(tiny_pair, photo):
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # pycocotools 2.0 under numpy 2
-@pytest.mark.parametrize("crop_n_layers, box_nms_thresh, min_mask_region_area, output_mode, at_least", [
-    (0, 1.0, 0, "binary_mask", 20), (1, 0.7, 0, "uncompressed_rle", 1), (0, 1.0, 30, "coco_rle", 20),
+@pytest.mark.parametrize("crop_n_layers, box_nms_thresh, min_mask_region_area, output_mode, crop_edge_tolerance, at_least", [
+    (0, 1.0, 0, "binary_mask", 20.0, 20), (1, 0.7, 0, "uncompressed_rle", 20.0, 1), (0, 1.0, 30, "coco_rle", 20.0, 20),
+    (1, 0.7, 0, "binary_mask", 0.0, 1), (0, 0.7, 30, "binary_mask", 20.0, 1),
 ])
-def test_automatic_masks_match_original(original, tiny_pair, photo, crop_n_layers, box_nms_thresh, min_mask_region_area, output_mode, at_least):
+def test_automatic_masks_match_original(original, tiny_pair, photo, monkeypatch, crop_n_layers, box_nms_thresh, min_mask_region_area,
+                                        output_mode, crop_edge_tolerance, at_least):
     """SamAutomaticMaskGenerator vs ours: the same records, in the same order. The tiny random
     model's masks are large and scattered (|logit| ~ 0.2, every box spans the image): a stability
     offset of 0.05 and thresholds at about the median IoU and stability leave dozens of masks. With
-    a crop layer, the quadrant crops' masks all touch their crop's edge and are dropped, as they must be."""
+    a crop layer, the quadrant crops' masks all touch their crop's edge and are dropped, as they must be;
+    with the edge tolerance at 0 on both sides (the original's is an argument default) some crops'
+    masks survive, so the NMS across crops (smaller crops preferred) decides. Box NMS 0.7 with small
+    regions removed runs the NMS that prefers the masks the clean-up left unchanged."""
     if min_mask_region_area:
         pytest.importorskip("cv2", reason="the original removes small regions with OpenCV")
     if output_mode == "coco_rle":
         pytest.importorskip("pycocotools", reason="coco_rle needs pycocotools")
+    if crop_edge_tolerance != CROP_EDGE_TOLERANCE:
+        monkeypatch.setattr("samhq_fast.automatic.CROP_EDGE_TOLERANCE", crop_edge_tolerance)
+        theirs = original.automatic_mask_generator
+        monkeypatch.setattr(theirs, "is_box_near_crop_edge", partial(theirs.is_box_near_crop_edge, atol=crop_edge_tolerance))
     reference, ours = tiny_pair
     settings = dict(points_per_side=8, points_per_batch=24, pred_iou_thresh=0.2, stability_score_thresh=0.71, stability_score_offset=0.05,
                     box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, min_mask_region_area=min_mask_region_area, output_mode=output_mode)
     expected = original.SamAutomaticMaskGenerator(reference, **settings).generate(photo)
     actual = SamHQAutomaticMaskGenerator(ours, **settings).generate(photo)
     assert at_least <= len(expected) < 64, "the filters should keep some masks and drop some: adjust the thresholds"
+    if crop_edge_tolerance != CROP_EDGE_TOLERANCE:
+        assert any(e["crop_box"] != [0, 0, photo.shape[1], photo.shape[0]] for e in expected), "no crop's mask survived"
     assert len(actual) == len(expected)
     decode = {"binary_mask": np.asarray, "uncompressed_rle": rle_to_mask}
     if output_mode == "coco_rle":
