@@ -20,6 +20,9 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be read, or does not describe a SAM-HQ model."""
 
 
+# The prompt encoder's random Fourier basis [2, 128]: kept fp32 when the rest is cast (see PositionEmbeddingRandom).
+FOURIER_BASIS_KEY = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+
 # (original prefix, HF SamHQModel prefix); "{}" stands for a block / layer index. First match wins.
 _KEY_PREFIXES = [
     ("image_encoder.patch_embed.proj.", "vision_encoder.patch_embed.projection."),
@@ -31,7 +34,7 @@ _KEY_PREFIXES = [
     ("image_encoder.neck.2.", "vision_encoder.neck.conv2."),
     ("image_encoder.neck.3.", "vision_encoder.neck.layer_norm2."),
     ("image_encoder.", "vision_encoder."),
-    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
+    (FOURIER_BASIS_KEY, "shared_image_embedding.positional_embedding"),
     ("prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
     ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
     ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 import samhq_fast
 from samhq_fast.automatic import SamHQAutomaticMaskGenerator
 from samhq_fast.build import DTYPE_NAMES, dtype_name, resolve_dtype
-from samhq_fast.checkpoint import hf_to_original, is_hf_layout, original_to_hf, read_state_dict
+from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--layout", choices=("original", "hf"), default="original",
                       help="key layout of OUT: original SAM-HQ names (default) or Hugging Face SamHQModel names")
     conv.add_argument("--dtype", type=_dtype, default=None, metavar="fp32|fp16|bf16",
-                      help=f"cast floating-point tensors to this dtype: {DTYPE_CHOICES} (default: keep the dtypes of IN)")
+                      help=f"cast floating-point tensors to this dtype: {DTYPE_CHOICES} (default: keep the dtypes of IN); "
+                           "fp16 / bf16 leave the prompt encoder's small Fourier basis as it is (fp32 keeps point encodings exact)")
     conv.set_defaults(run=convert, parser=conv)
 
     ben = commands.add_parser("bench", help="benchmark encoder / decoder / end to end; JSON, Markdown table, plot",
@@ -470,6 +471,8 @@ def segment(args) -> int:
 
 
 def convert(args) -> int:
+    import torch
+
     if not args.output.endswith(".safetensors"):
         args.parser.error(f"OUT must end in .safetensors, got {args.output}")
     if os.path.exists(args.input) and os.path.exists(args.output) and os.path.samefile(args.input, args.output):
@@ -484,7 +487,8 @@ def convert(args) -> int:
         state_dict = hf_to_original(state_dict)
     if args.dtype:
         dtype = resolve_dtype(args.dtype)
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        keep = FOURIER_BASIS_KEY if dtype in (torch.float16, torch.bfloat16) else None  # half models keep it fp32 too
+        state_dict = {k: v.to(dtype) if v.is_floating_point() and k != keep else v for k, v in state_dict.items()}
     if args.layout == "hf":
         state_dict = original_to_hf(state_dict)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}

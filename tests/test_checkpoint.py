@@ -883,7 +883,7 @@ def test_dtype(tiny_model, tiny_checkpoints, dtype, expected):
     reference = tiny_model.state_dict()
     for key, value in model.state_dict().items():  # parameters and buffers alike
         # ...but the prompt encoder's Fourier basis, kept fp32 (see test_dtypes.py)
-        kept = torch.float32 if key == "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" else expected
+        kept = torch.float32 if key == GAUSSIAN else expected
         assert value.dtype == kept, key
         assert torch.equal(value, reference[key].to(kept)), key
 
