@@ -17,6 +17,7 @@ from samhq_fast.automatic import SamHQAutomaticMaskGenerator
 from samhq_fast.build import DTYPE_NAMES, dtype_name, resolve_dtype
 from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
+from samhq_fast.modeling.prompt_encoder import HALF_DTYPES
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
 
@@ -471,8 +472,6 @@ def segment(args) -> int:
 
 
 def convert(args) -> int:
-    import torch
-
     if not args.output.endswith(".safetensors"):
         args.parser.error(f"OUT must end in .safetensors, got {args.output}")
     if os.path.exists(args.input) and os.path.exists(args.output) and os.path.samefile(args.input, args.output):
@@ -487,7 +486,7 @@ def convert(args) -> int:
         state_dict = hf_to_original(state_dict)
     if args.dtype:
         dtype = resolve_dtype(args.dtype)
-        keep = FOURIER_BASIS_KEY if dtype in (torch.float16, torch.bfloat16) else None  # half models keep it fp32 too
+        keep = FOURIER_BASIS_KEY if dtype in HALF_DTYPES else None  # half models keep it fp32 too
         state_dict = {k: v.to(dtype) if v.is_floating_point() and k != keep else v for k, v in state_dict.items()}
     if args.layout == "hf":
         state_dict = original_to_hf(state_dict)
