@@ -17,6 +17,7 @@ from samhq_fast.automatic import SamHQAutomaticMaskGenerator
 from samhq_fast.build import DTYPE_NAMES, dtype_name, resolve_dtype
 from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
+from samhq_fast.modeling import ViTConfig
 from samhq_fast.modeling.prompt_encoder import HALF_DTYPES
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
@@ -587,9 +588,14 @@ def bench(args) -> int:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             _check_output(str(path), option, suffixes)
     overrides = {"allow_cpu": True, "checkpoint": args.checkpoint}
+    variants = args.variant
     if args.checkpoint:
         model = samhq_fast.load(args.checkpoint, device="cpu")
+        if not isinstance(model.config.encoder, ViTConfig):
+            args.parser.error(f"--checkpoint {args.checkpoint} is Light HQ-SAM ({model.variant}, a TinyViT encoder): "
+                              "the benchmarks measure ViT image encoders (vit_b / vit_l / vit_h)")
         overrides["configs"] = {model.variant: model.config}
+        variants = [model.variant]
         del model
     weights = common.weights_note(args.checkpoint, args.smoke)
     print(f"[bench] weights: {weights}", flush=True)
@@ -597,7 +603,7 @@ def bench(args) -> int:
         print(f"[bench] CPU only: {report.NOT_SPEED_FIGURES} (the figures check that the benchmark runs)", flush=True)
 
     merged = {"tool": "samhq-fast bench", "schema_version": 1, "weights": weights,
-              "settings": {"variants": args.variant, "dtypes": args.dtype, "backends": backends, "what": args.what,
+              "settings": {"variants": variants, "dtypes": args.dtype, "backends": backends, "what": args.what,
                            "batch": args.batch, "prompts": args.prompts, "checkpoint": args.checkpoint,
                            "interpret": args.interpret, "smoke": args.smoke, "device": device},
               "runs": []}
