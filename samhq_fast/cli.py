@@ -17,7 +17,6 @@ from samhq_fast.automatic import SamHQAutomaticMaskGenerator
 from samhq_fast.build import DTYPE_NAMES, dtype_name, resolve_dtype
 from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
-from samhq_fast.modeling import ViTConfig
 from samhq_fast.modeling.prompt_encoder import HALF_DTYPES
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
@@ -591,10 +590,8 @@ def bench(args) -> int:
     variants = args.variant
     if args.checkpoint:
         model = samhq_fast.load(args.checkpoint, device="cpu")
-        if not isinstance(model.config.encoder, ViTConfig):
-            args.parser.error(f"--checkpoint {args.checkpoint} is Light HQ-SAM ({model.variant}, a TinyViT encoder): "
-                              "the benchmarks measure ViT image encoders (vit_b / vit_l / vit_h)")
         overrides["configs"] = {model.variant: model.config}
+        common.check_vit_only(overrides["configs"])  # before any run starts
         variants = [model.variant]
         del model
     weights = common.weights_note(args.checkpoint, args.smoke)

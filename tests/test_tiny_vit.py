@@ -161,7 +161,9 @@ def test_vit_only_tools_refuse_vit_tiny(pair, tmp_path, capsys):
         encoder_flops(VIT_TINY.encoder)
     out = tmp_path / "bench.json"
     assert main(["bench", "--checkpoint", str(path), "--smoke", "--what", "encoder", "--backends", "eager", "--output", str(out)]) == 2
-    assert "the benchmarks measure ViT image encoders" in capsys.readouterr().err and not out.exists()
+    captured = capsys.readouterr()
+    assert "the benchmarks measure ViT image encoders" in captured.err and "Light HQ-SAM" in captured.err and not out.exists()
+    assert "[bench]" not in captured.out  # refused before any benchmark starts
 
 
 @pytest.mark.slow

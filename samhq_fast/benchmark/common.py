@@ -80,6 +80,15 @@ def comma_list(text: str, cast=str) -> list:
     return [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def check_vit_only(configs: dict) -> None:
+    """ValueError naming the {variant: config} entries that are not SAM ViT encoders: the kernels,
+    FLOP counts and HF backends measured here are the ViT's."""
+    not_vit = [name for name, config in configs.items() if not isinstance(config.encoder, ViTConfig)]
+    if not_vit:
+        raise ValueError(f"the benchmarks measure ViT image encoders (vit_b / vit_l / vit_h), not {', '.join(not_vit)} "
+                         "(Light HQ-SAM's TinyViT)")
+
+
 def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.dtype, dict, Path]:
     """device (the CPU for --smoke, else CUDA), dtype, {variant: config} (SMOKE_CONFIG as "tiny" for
     --smoke) and the output path. overrides: attributes the command line has no option for, set on
@@ -98,9 +107,7 @@ def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.
         args.variant_list = list(configs)  # what the runs iterate and the JSON reports, not --variant's
     else:
         configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
-    not_vit = [name for name, config in configs.items() if not isinstance(config.encoder, ViTConfig)]
-    if not_vit:  # the kernels, FLOP counts and HF backends measured here are those of SAM's ViT
-        raise ValueError(f"the benchmarks measure ViT image encoders (vit_b / vit_l / vit_h), not {', '.join(not_vit)} (TinyViT)")
+    check_vit_only(configs)
     return device, resolve_dtype(args.dtype), configs, Path(args.output)
 
 
