@@ -1,6 +1,7 @@
 """Reading SAM-HQ checkpoints (original .pth, safetensors in either key layout, HF folders, hub ids),
 inferring the architecture from tensor shapes, and strict loading."""
 
+import argparse
 import functools
 import importlib
 import json
@@ -202,7 +203,9 @@ def _read_pth(path: Path, fmt: str) -> dict:
     # when it ends in .safetensors: other files are read whole from an open file.
     mmap = fmt == _TORCH_ZIP and path.suffix != ".safetensors"
     try:
-        with open(path, "rb") as f:
+        # Training scripts often store their argparse arguments next to the weights. A Namespace is a
+        # plain attribute holder, and what it holds still passes weights_only's own checks.
+        with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path if mmap else f, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle / zip / EOF errors from a truncated or foreign file
         raise _torch_load_error(path, e) from None
