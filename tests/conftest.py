@@ -88,6 +88,34 @@ def tiny_checkpoints(tiny_model, tmp_path_factory) -> dict:
     return paths
 
 
+class KernelSpy:
+    """Stands in for a @triton.jit kernel and still runs it; `launches` records each launch's keyword
+    arguments (constexprs and config), so a test can tell the kernel really ran, and how."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def kernel_spies(monkeypatch) -> dict[str, KernelSpy]:
+    """Spies on the three Triton kernels: "attention", "rel_pos_terms" and "linear"."""
+    from samhq_fast.kernels import attention, fused_linear
+
+    kernels = {"attention": (attention, "_rel_pos_attention_kernel"), "rel_pos_terms": (attention, "_rel_pos_terms_kernel"),
+               "linear": (fused_linear, "_fused_linear_kernel")}
+    spies = {}
+    for name, (module, attr) in kernels.items():
+        spies[name] = KernelSpy(getattr(module, attr))
+        monkeypatch.setattr(module, attr, spies[name])
+    return spies
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gpu` tests need a CUDA device and compiled kernels (TRITON_INTERPRET=0)."""
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

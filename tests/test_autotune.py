@@ -171,12 +171,49 @@ def test_cache_path_that_is_a_folder_warns_and_leaves_no_files(fresh_cache):
 
 
 def test_tuning_switches(monkeypatch):
-    """Never in the interpreter, never on the CPU, never with SAMHQ_FAST_AUTOTUNE=0."""
+    """Never in the interpreter, never on the CPU, never while a CUDA graph is being captured (timing
+    syncs), never with SAMHQ_FAST_AUTOTUNE=0."""
+    cuda = torch.device("cuda", 0)
     assert not autotune.tuning_enabled(CPU)  # conftest runs the interpreter
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not autotune.tuning_enabled(CPU)
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    for capturing in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        assert autotune.tuning_enabled(cuda) is not capturing
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
-    assert not autotune.tuning_enabled(torch.device("cuda", 0))
+    assert not autotune.tuning_enabled(cuda)
+
+
+def test_each_gpu_model_is_timed_separately(fresh_cache, monkeypatch):
+    """A choice timed on one GPU model is not reused on another (same kernel and shape)."""
+    calls = []
+    for name in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"):
+        monkeypatch.setattr(autotune, "device_name", lambda device: name)
+        monkeypatch.setattr(autotune, "_chosen", {})  # a new process on that GPU
+        autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU, tune=True)
+    assert calls == [64, 128, 256] * 2
+    assert len(json.loads((fresh_cache / autotune.CACHE_FILE).read_text())) == 2
+
+
+def test_tuning_keys_tell_dtypes_apart(monkeypatch):
+    """Each kernel family keys its choice by dtype: a tile timed for fp32 is not reused for fp16
+    (the candidates differ too). The keys are built on the compiled path: stand-ins for the
+    interpreter check and the tuner let it run on the CPU."""
+    keys = {"fused_linear": [], "rel_pos_attention": []}
+
+    def record(kernel, key, candidates, launch, device):
+        keys[kernel].append(key)
+        return launch(fused_linear.TORCH_OP if kernel == "fused_linear" else attention.INTERPRETER_CONFIG)
+
+    for module in (fused_linear, attention):
+        monkeypatch.setattr(module, "interpreting", lambda x, who: False)
+        monkeypatch.setattr(module.autotune, "run", record)
+    for dtype in (torch.float32, torch.float16):
+        x, w, b, _ = make_inputs((5,), 32, 24, dtype)
+        fused_linear.fused_linear(x, w, b)
+        attention.rel_pos_attention(x.new_zeros(1, 3, 4, 96), x.new_zeros(96), x.new_zeros(5, 16), x.new_zeros(7, 16), 2, 0)
+    assert all(len(family) == 2 and family[0] != family[1] for family in keys.values()), keys
 
 
 # ---------------------------------------------------------------------------------------------

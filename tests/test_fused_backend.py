@@ -41,16 +41,23 @@ def test_fused_swap_keeps_parameters_and_keys(tiny_model, fused_tiny):
     assert all(torch.equal(eager_sd[k], fused_sd[k]) for k in eager_sd)
 
 
-def test_fused_encoder_matches_eager_fp32(tiny_model, fused_tiny):
+def test_fused_encoder_matches_eager_fp32(tiny_model, fused_tiny, kernel_spies):
     images = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = tiny_model.encode_image(images)
+        assert not any(spy.launches for spy in kernel_spies.values())
         got = fused_tiny.encode_image(images)
     for name, g, e in zip(("embeddings", "early ViT features", "HQ features"), got, expected):
         assert rel_error(g, e) < 1e-4, name
+    # The kernels computed it (not torch ops behind the same names), with exact fp32 dots (no TF32).
+    depth = tiny_model.config.encoder.depth
+    launches = {name: spy.launches for name, spy in kernel_spies.items()}
+    assert {name: len(runs) for name, runs in launches.items()} == {"attention": depth, "rel_pos_terms": 2 * depth, "linear": 4 * depth}
+    precisions = [run.get("DOT_PRECISION", run.get("INPUT_PRECISION")) for runs in launches.values() for run in runs]
+    assert set(precisions) == {"ieee"}
 
 
-def test_fused_predictor_matches_eager(tiny_checkpoints):
+def test_fused_predictor_matches_eager(tiny_checkpoints, kernel_spies):
     """load(backend="fused") end to end: same masks and scores as the eager backend, for every
     multimask_output / hq_token_only combination (one compiled decoder graph serves them all)."""
     photo = np.random.default_rng(1).integers(0, 256, (180, 240, 3), dtype=np.uint8)
@@ -65,6 +72,8 @@ def test_fused_predictor_matches_eager(tiny_checkpoints):
         predictor.set_image(photo)
         outputs[backend] = [predictor.predict(**prompts, multimask_output=m, hq_token_only=hq) for m, hq in flag_sets]
         assert (predictor._prompt_decoder is not None) == (backend == "fused")  # the compiled decoder
+        # the Triton attention ran once per ViT block in the fused encoder, never in the eager one
+        assert len(kernel_spies["attention"].launches) == (model.config.encoder.depth if backend == "fused" else 0)
     for flags, eager, fused in zip(flag_sets, outputs["eager"], outputs["fused"]):
         (masks_e, scores_e, logits_e), (masks_f, scores_f, logits_f) = eager, fused
         np.testing.assert_allclose(scores_f, scores_e, atol=1e-5, err_msg=str(flags))

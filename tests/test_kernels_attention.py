@@ -61,6 +61,8 @@ SHAPES = {
     "global9_hd80_3img": (3, 9, 160, 2, 0),  # 81 tokens: not a power of two, tail tiles
     "global12_hd64_3img": (3, 12, 128, 2, 0),
     "window_equals_grid": (1, 14, 64, 1, 14),  # one unpadded window == global attention
+    "window7_wide_9x20_2img": (2, (9, 20), 64, 2, 7),  # 2 x 3 windows: rows and columns of windows differ
+    "window7_tall_20x9": (1, (20, 9), 64, 2, 7),  # 3 x 2 windows
 }
 
 
@@ -83,9 +85,24 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol):
+def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, kernel_spies):
     *shape, (block_m, block_n) = LAYOUTS[layout]
     check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
+    (launch,) = kernel_spies["attention"].launches  # the config asked for is the one that ran
+    assert (launch["BLOCK_M"], launch["BLOCK_N"]) == (block_m, block_n)
+
+
+def test_qkv_with_a_strided_last_dim():
+    """qkv as a view whose channels are not adjacent (last-dim stride 2): the same answer as from a
+    contiguous copy (the kernel assumes unit channel stride, the launcher must provide it)."""
+    attn = make_attention(64, 2, (5, 5), seed=3)
+    with torch.no_grad():
+        qkv = attn.qkv(torch.randn(2, 7, 8, 64))
+    strided = torch.stack([qkv, torch.full_like(qkv, 1e3)], -1).flatten(-2)[..., ::2]  # [2, 7, 8, 192], stride 2
+    assert strided.stride(-1) == 2 and torch.equal(strided, qkv)
+    tables = (attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, 5)
+    with torch.no_grad():
+        assert torch.equal(rel_pos_attention(strided, *tables), rel_pos_attention(qkv, *tables))
 
 
 # The pre-pass kernel alone: one launch over grid rows (rel_h) and one over columns (rel_w).
@@ -181,6 +198,6 @@ GPU_DTYPES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 5e-3, 5e-3), (torch.b
 @pytest.mark.parametrize("dim, heads", [(768, 12), (1280, 16)], ids=["vit_b", "vit_h"])
 @pytest.mark.parametrize("window", [14, 0], ids=["windowed", "global"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_kernel_matches_eager_real_sizes_gpu(batch, dim, heads, window, dtype, atol, rtol):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_kernel_matches_eager_real_sizes_gpu(batch, dim, heads, window, dtype, atol, rtol, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the fp32 qkv / proj linears
     check(batch, 64, dim, heads, window, dtype, atol, rtol, device="cuda")
