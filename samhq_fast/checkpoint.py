@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -197,8 +198,28 @@ def _torch_load_error(path: Path, e: Exception) -> CheckpointError:
     return CheckpointError(f"could not read checkpoint {path}: {reason} (truncated, corrupt, or not a PyTorch checkpoint of tensors)")
 
 
+def _foreign_zip(path: Path) -> str | None:
+    """Why a zip file is not torch.save's (None when it is, or when it is too damaged to list, which
+    torch.load reports): torch.save writes <folder>/data.pkl, torch.jit.save adds code/ and
+    constants.pkl (and torch.load would hand the file to torch.jit.load), NumPy's .npz holds .npy."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+        return ("it is a TorchScript archive (torch.jit.save), not a state dict: in a trusted session, "
+                "torch.save(torch.jit.load(path).state_dict(), new_path)")
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"it is a zip archive without torch.save's data.pkl (it holds {shown or 'nothing'}): not a PyTorch checkpoint"
+    return None
+
+
 def _read_pth(path: Path, fmt: str) -> dict:
     """torch.load, always with weights_only=True."""
+    if fmt == _TORCH_ZIP and (problem := _foreign_zip(path)):
+        raise CheckpointError(f"could not read checkpoint {path}: {problem}")
     # torch can memory-map only the zip format, and only from a path, which it hands to safetensors
     # when it ends in .safetensors: other files are read whole from an open file.
     mmap = fmt == _TORCH_ZIP and path.suffix != ".safetensors"
@@ -350,10 +371,14 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
 # Architecture from shapes
 
 
-def _shape(state_dict: dict, key: str, encoder: str = "ViT") -> tuple[int, ...]:
+def _shape(state_dict: dict, key: str, rank: int, encoder: str = "ViT") -> tuple[int, ...]:
+    """The shape of a tensor the architecture is read from, which must exist and have `rank` dims."""
     if key not in state_dict:
-        raise CheckpointError(f"checkpoint has no {key!r}: not a SAM-HQ checkpoint with a {encoder} image encoder")
-    return tuple(state_dict[key].shape)
+        raise CheckpointError(f"checkpoint has no {key!r}, which every SAM-HQ checkpoint with a {encoder} image encoder has")
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != rank:
+        raise CheckpointError(f"{key} has shape {list(shape)}: a SAM-HQ checkpoint's is {rank}-dimensional")
+    return shape
 
 
 def _indices(state_dict: dict, prefix: str) -> list[int]:
@@ -371,12 +396,12 @@ def _infer_tiny_vit(state_dict: dict[str, torch.Tensor]) -> TinyViTConfig:
     """TinyViT architecture from shapes: widths from the stem and the merges' 1x1 convs, depths from
     the block counts, heads and windows from `attention_biases` [heads, window^2]. The input size
     (1024) and the merge strides cannot be seen in shapes: the original's only ones are assumed."""
-    shape = lambda key: _shape(state_dict, "image_encoder." + key, "TinyViT")  # noqa: E731
+    shape = lambda key, rank: _shape(state_dict, "image_encoder." + key, rank, "TinyViT")  # noqa: E731
     default = TinyViTConfig()
     stages = _indices(state_dict, "image_encoder.layers.")
     if stages != list(range(4)):
         raise CheckpointError(f"a TinyViT image encoder has 4 stages (image_encoder.layers.0-3), this checkpoint has layers {stages}")
-    dims = [shape("patch_embed.seq.2.c.weight")[0]] + [shape(f"layers.{i}.downsample.conv1.c.weight")[0] for i in range(3)]
+    dims = [shape("patch_embed.seq.2.c.weight", 4)[0]] + [shape(f"layers.{i}.downsample.conv1.c.weight", 4)[0] for i in range(3)]
     strides = tuple(1 if d in _ORIGINAL_STRIDE_1_WIDTHS else 2 for d in dims[1:])
     if strides != MERGE_STRIDES:
         raise CheckpointError(
@@ -386,7 +411,7 @@ def _infer_tiny_vit(state_dict: dict[str, torch.Tensor]) -> TinyViTConfig:
     depths = [len(_indices(state_dict, f"image_encoder.layers.{i}.blocks.")) for i in range(4)]
     heads, windows = [default.num_heads[0]], [default.window_sizes[0]]  # stage 0 is convolutional
     for i in range(1, 4):
-        shapes = {shape(f"layers.{i}.blocks.{j}.attn.attention_biases") for j in range(depths[i])}
+        shapes = {shape(f"layers.{i}.blocks.{j}.attn.attention_biases", 2) for j in range(depths[i])}
         if len(shapes) != 1:
             found = f"attention_biases of different shapes across blocks: {sorted(shapes)}" if shapes else "no blocks"
             raise CheckpointError(f"TinyViT stage {i}: {found}")
@@ -399,8 +424,8 @@ def _infer_tiny_vit(state_dict: dict[str, torch.Tensor]) -> TinyViTConfig:
             )
         heads.append(num_heads)
         windows.append(window)
-    hidden = shape("layers.0.blocks.0.conv1.c.weight")[0]
-    mlp_hidden = shape("layers.1.blocks.0.mlp.fc1.weight")[0]
+    hidden = shape("layers.0.blocks.0.conv1.c.weight", 4)[0]
+    mlp_hidden = shape("layers.1.blocks.0.mlp.fc1.weight", 2)[0]
     if hidden % dims[0] or mlp_hidden % dims[1]:
         raise CheckpointError(f"TinyViT: MBConv width {hidden} / MLP width {mlp_hidden} are not multiples of {dims[0]} / {dims[1]}")
     head_key = "image_encoder.head.weight"
@@ -412,9 +437,9 @@ def _infer_tiny_vit(state_dict: dict[str, torch.Tensor]) -> TinyViTConfig:
         window_sizes=tuple(windows),
         mlp_ratio=mlp_hidden // dims[1],
         mbconv_expand_ratio=hidden // dims[0],
-        local_conv_size=shape("layers.1.blocks.0.local_conv.c.weight")[-1],
-        num_classes=state_dict[head_key].shape[0] if head_key in state_dict else 0,
-        out_chans=shape("neck.0.weight")[0],
+        local_conv_size=shape("layers.1.blocks.0.local_conv.c.weight", 4)[-1],
+        num_classes=_shape(state_dict, head_key, 2, "TinyViT")[0] if head_key in state_dict else 0,
+        out_chans=shape("neck.0.weight", 4)[0],
     )
 
 
@@ -430,12 +455,12 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
         )
     if is_tiny_vit(state_dict):
         return SamHQConfig(encoder=_infer_tiny_vit(state_dict))
-    embed_dim, _, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight")
-    _, grid, _, _ = _shape(state_dict, "image_encoder.pos_embed")
+    embed_dim, _, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight", 4)
+    _, grid, _, _ = _shape(state_dict, "image_encoder.pos_embed", 4)
     depth = len(_indices(state_dict, "image_encoder.blocks."))
     if depth == 0:
         raise CheckpointError("checkpoint has no image_encoder.blocks.*: not a ViT SAM-HQ checkpoint")
-    rows = [_shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
+    rows = [_shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h", 2) for i in range(depth)]
     head_dim = rows[0][1]
     global_rows = 2 * grid - 1
     global_idx = tuple(i for i, r in enumerate(rows) if r[0] == global_rows)
@@ -454,8 +479,8 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
     window = (window_rows.pop() + 1) // 2 if window_rows else grid
     if embed_dim % head_dim:
         raise CheckpointError(f"embed dim {embed_dim} is not a multiple of head_dim {head_dim}")
-    mlp_dim = _shape(state_dict, "image_encoder.blocks.0.mlp.lin1.weight")[0]
-    out_chans = _shape(state_dict, "image_encoder.neck.0.weight")[0]
+    mlp_dim = _shape(state_dict, "image_encoder.blocks.0.mlp.lin1.weight", 2)[0]
+    out_chans = _shape(state_dict, "image_encoder.neck.0.weight", 4)[0]
     encoder = ViTConfig(
         img_size=grid * patch,
         patch_size=patch,

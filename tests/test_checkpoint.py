@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -457,6 +458,18 @@ def test_missing_key(tiny_sd, tmp_path, key):
     assert key in message
 
 
+@pytest.mark.parametrize("key, bad", [
+    ("image_encoder.blocks.0.attn.rel_pos_h", lambda t: t[:, 0]),  # 1-D
+    ("image_encoder.patch_embed.proj.weight", lambda t: t.flatten(1)),  # [C, 3 * 16 * 16]
+    ("image_encoder.pos_embed", lambda t: t[0]),  # 3-D
+    ("image_encoder.neck.0.weight", lambda t: t.flatten(1)),
+])
+def test_tensor_of_the_wrong_rank_is_named(tiny_sd, tmp_path, key, bad):
+    # The architecture is read from these shapes: a wrong rank must be named, not an IndexError.
+    message = load_error(save({**tiny_sd, key: bad(tiny_sd[key])}, tmp_path / "rank.pth"))
+    assert key in message and str(list(bad(tiny_sd[key]).shape)) in message
+
+
 def test_missing_hf_token_is_not_called_plain_sam(tiny_sd, tmp_path):
     # Only one HQ key is missing: the other HQ keys are there, so this is a broken SAM-HQ
     # checkpoint, not a plain SAM one, and the error must list the missing key.
@@ -667,6 +680,21 @@ def test_broken_pickle_error_never_suggests_weights_only_false(tmp_path):
     message = load_error(path)
     assert "<path>" in message and "could not read checkpoint" in message
     assert "weights_only" not in message and "will likely succeed" not in message
+
+
+def test_torchscript_archive_is_named_and_not_run(tmp_path):
+    # torch.load would hand a TorchScript zip to torch.jit.load, and fail with an empty message.
+    path = tmp_path / "sam_hq_scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 3)), path)
+    message = load_error(path)
+    assert "TorchScript archive" in message and "state_dict()" in message
+
+
+def test_zip_that_is_not_a_torch_checkpoint_is_named(tmp_path):
+    path = tmp_path / "weights.npz"
+    np.savez(path, image_encoder_pos_embed=np.zeros(3))
+    message = load_error(path)
+    assert "zip archive without torch.save's data.pkl" in message and "image_encoder_pos_embed.npy" in message
 
 
 def test_git_lfs_pointer_is_named(tmp_path):
