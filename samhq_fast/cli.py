@@ -492,9 +492,13 @@ def convert(args) -> int:
         state_dict = original_to_hf(state_dict)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(state_dict, args.output, metadata={"format": "pt", "variant": variant, "layout": args.layout})
+    try:
+        save_file(state_dict, args.output, metadata={"format": "pt", "variant": variant, "layout": args.layout})
+    except SafetensorError as e:  # its I/O errors: a full disk, a read-only folder...
+        raise OSError(f"could not write {args.output}: {e}") from None
     params = sum(v.numel() for v in state_dict.values())
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state_dict.values()})
     size = os.path.getsize(args.output)
@@ -587,7 +591,7 @@ def bench(args) -> int:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             _check_output(str(path), option, suffixes)
     overrides = {"allow_cpu": True, "checkpoint": args.checkpoint}
-    variants = args.variant
+    variants = [common.SMOKE_VARIANT] if args.smoke else args.variant
     if args.checkpoint:
         model = samhq_fast.load(args.checkpoint, device="cpu")
         overrides["configs"] = {model.variant: model.config}
@@ -647,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except SystemExit as e:  # argparse already printed --help / --version (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 1
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad checkpoint, image, prompt...
+    except (ValueError, TypeError, OSError) as e:  # bad checkpoint, image, prompt, an output that cannot be written...
         print(f"samhq-fast: error: {e}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,7 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "results.json", tmp_path / "results.png"
     code = main(["bench", "--smoke", "--dtype", "fp32", "--backends", "eager", "--what", "encoder,decoder", "--prompts", "1",
-                 "--output", str(out), "--plot", str(png)])
+                 "--batch", "1,2", "--output", str(out), "--plot", str(png)])
     printed = capsys.readouterr().out
     assert code == 0
     assert "random weights" in printed and "NOT SPEED FIGURES" in printed
@@ -33,17 +33,30 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys):
     assert all(run["weights"] == data["weights"] for run in data["runs"])
     machine = data["machine"]
     assert machine["gpu"] is None and machine["torch"] and machine["date"] and "triton" in machine
+    assert {"python", "torch", "triton", "transformers", "cuda", "cpu_count", "samhq_fast_commit", "allow_tf32_matmul", "env"} <= set(machine)
+    # what ran is what the settings say: the smoke model's name, the options passed on to each benchmark
+    settings = data["settings"]
+    assert (settings["variants"], settings["dtypes"], settings["device"]) == (["tiny"], ["fp32"], "cpu")
     assert [r["what"] for r in data["runs"]] == ["encoder", "decoder"]
-    encoder = data["runs"][0]
+    encoder, decoder = data["runs"]
+    assert encoder["settings"]["batches"] == [1, 2] and decoder["settings"]["prompts"] == [1]
+    assert {r["variant"] for run in data["runs"] for r in run["results"]} == {"tiny"}
     assert encoder["flops_per_image"]["tiny"]["total"] == encoder_flops(SMOKE_CONFIG.encoder)
+    # fp32 results are measured against the fp32 matmul rate, not the bf16 one
+    rates = encoder["reference_rates"]
+    assert rates["matmul_reference"] == rates["matmul_float32"] != rates["matmul_bf16"]
     assert data["rows"], "no rows"
     for row in data["rows"]:
         assert row["status"] == "ok" and row["dtype"] == "fp32" and row["backend"] == "eager"
         assert positive(row["median_ms"]) and positive(row["throughput"])
         assert row["speed_figure"] is False and "measured on the CPU" in row["note"] and "smoke" in row["note"]
-    [enc] = [r for r in data["rows"] if r["what"] == "encoder"]
-    assert enc["flops"] == encoder_flops(SMOKE_CONFIG.encoder, 1)
-    assert enc["tflops"] == pytest.approx(enc["flops"] / (enc["median_ms"] * 1e-3) / 1e12)
+    encoder_rows = [r for r in data["rows"] if r["what"] == "encoder"]
+    assert [r["size"] for r in encoder_rows] == ["batch 1", "batch 2"]
+    for batch, enc in enumerate(encoder_rows, 1):
+        assert enc["flops"] == encoder_flops(SMOKE_CONFIG.encoder, batch)
+        assert enc["tflops"] == pytest.approx(enc["flops"] / (enc["median_ms"] * 1e-3) / 1e12)
+        assert enc["pct_of_matmul"] == pytest.approx(100 * enc["tflops"] / rates["matmul_float32"]["tflops"])
+        assert enc["throughput"] == pytest.approx(batch * 1e3 / enc["median_ms"])
     assert {r["what"] for r in data["rows"]} == {"encoder", "decoder", "decoder latency"}
 
     table = out.with_suffix(".md").read_text()

@@ -210,6 +210,20 @@ def test_decoder_smoke_withholds_figures_that_disagree(decoder_bench, tmp_path, 
         r["speed"]["prompts_per_s"] for r in report["results"] if r["mode"] == "eager" and r["test"] == "throughput")
 
 
+def test_decoder_smoke_withholds_end_to_end_figures_that_disagree(decoder_bench, tmp_path, monkeypatch):
+    """The end-to-end rows get the same check: a backend over E2E_TOL has no speed and no figures in
+    the table. (The fused encoder is swapped for the eager one here: only the verdict is under test.)"""
+    monkeypatch.setattr(decoder_bench, "apply_fused_backend", lambda model: model)
+    monkeypatch.setitem(decoder_bench.E2E_TOL, torch.bfloat16, -1.0)
+    _, report = run(decoder_bench, tmp_path, "--modes", "", "--prompts", "1", "--point-prompts", "", "--e2e", "eager,fused")
+    rows = by_test(report)
+    eager, fused = rows[("e2e", "eager", "box", 1)], rows[("e2e", "fused", "box", 1)]
+    assert eager["numerics_ok"] is True and "speed" in eager
+    assert fused["status"] == "ok" and fused["numerics_ok"] is False and "speed" not in fused and positive(fused["invalid_speed"]["p50_ms"])
+    line = next(x for x in table_lines(tmp_path) if "fused" in x and "e2e" in x)
+    assert "figures withheld" in line
+
+
 def test_decoder_smoke_failures_are_recorded_not_fatal(decoder_bench, tmp_path, monkeypatch):
     """CUDA graphs and the fused encoder cannot run on the CPU: each row says so and the run goes on;
     past the time budget every configuration is recorded as skipped."""

@@ -9,6 +9,7 @@ import json
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +363,15 @@ def test_a_variant_without_its_last_block_warns(tmp_path, variant, dropped):
     path = save(state_dict, tmp_path / "partial.pth")
     with pytest.warns(UserWarning, match=f"loaded as a custom model, but it is {variant} with .* tensors missing .*{re.escape(dropped)}"):
         assert samhq_fast.load(path, device="cpu").variant == "custom"
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=f"sam_model_registry\\['{variant}'\\] was given a custom checkpoint"):
+        sam_model_registry[variant](path)
+
+
+def test_a_custom_architecture_is_not_called_part_of_a_variant(tiny_checkpoints):
+    # The tiny test model's keys are a subset of vit_b's (fewer blocks), but its shapes are not.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert samhq_fast.load(tiny_checkpoints["pth"], device="cpu").variant == "custom"
 
 
 def test_missing_batchnorm_counters_are_filled_in(tmp_path):

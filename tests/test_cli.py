@@ -213,6 +213,19 @@ def test_convert_rejects_bad_input_before_writing(capsys, tmp_path):
     assert not out_path.exists()
 
 
+def test_convert_write_failure_is_one_line(capsys, tmp_path, tiny_checkpoints, monkeypatch):
+    # safetensors reports a full disk or a read-only folder as its own SafetensorError.
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], tmp_path / "out.safetensors")
+    assert code == 2 and "could not write" in err and "No space left on device" in err and "Traceback" not in err
+
+
 def test_convert_needs_safetensors_output(capsys, tmp_path, tiny_checkpoints):
     code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], tmp_path / "out.pth")
     assert code == 2 and ".safetensors" in err

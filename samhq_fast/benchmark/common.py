@@ -32,6 +32,7 @@ NUMERICS_TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-3}
 # apart. A suspect one still passes when it is as close to the fp32 truth as eager in the same dtype
 # is, with this much slack.
 FP32_SLACK = 1.25
+SMOKE_VARIANT = "tiny"  # the name --smoke's model runs and is reported under
 SMOKE_CONFIG = SamHQConfig(
     ViTConfig(img_size=256, embed_dim=160, depth=4, num_heads=2, mlp_dim=320, global_attn_indexes=(1, 3))
 )
@@ -63,7 +64,7 @@ def add_run_args(p: argparse.ArgumentParser, name: str, target_s: float, time_bu
 
 def finish_run_args(args: argparse.Namespace, name: str, target_s: float) -> None:
     smoke = args.smoke
-    args.variant_list = ["tiny"] if smoke else comma_list(args.variants)
+    args.variant_list = [SMOKE_VARIANT] if smoke else comma_list(args.variants)
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if smoke else 10)
     args.target_s = args.target_s if args.target_s is not None else (target_s / 10 if smoke else target_s)
@@ -90,7 +91,7 @@ def check_vit_only(configs: dict) -> None:
 
 
 def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.dtype, dict, Path]:
-    """device (the CPU for --smoke, else CUDA), dtype, {variant: config} (SMOKE_CONFIG as "tiny" for
+    """device (the CPU for --smoke, else CUDA), dtype, {variant: config} (SMOKE_CONFIG as SMOKE_VARIANT for
     --smoke) and the output path. overrides: attributes the command line has no option for, set on
     args first (samhq-fast bench: allow_cpu, checkpoint, configs)."""
     vars(args).update(overrides or {})
@@ -106,7 +107,7 @@ def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.
         configs = args.configs
         args.variant_list = list(configs)  # what the runs iterate and the JSON reports, not --variant's
     else:
-        configs = {"tiny": SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
+        configs = {SMOKE_VARIANT: SMOKE_CONFIG} if args.smoke else {v: SamHQConfig.from_variant(v) for v in args.variant_list}
     check_vit_only(configs)
     return device, resolve_dtype(args.dtype), configs, Path(args.output)
 
@@ -344,7 +345,8 @@ def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
 def numerics_verdict(is_reference: bool, err_ref: float | None, err_fp32: float | None,
                      ref_err_fp32: float | None, tol: float, slack: float) -> tuple[bool | None, str]:
     """(numerics_ok, why): within `tol` (rel L2) of eager in the same dtype, or, failing that, no
-    further from the fp32 truth than `slack` x eager's own distance (ref_err_fp32). NaN fails."""
+    further from the fp32 truth than `slack` x eager's own distance (ref_err_fp32). NaN fails, and so
+    does a disagreement with eager that no fp32 truth can excuse. None: nothing to compare with."""
     if is_reference:
         return True, "the reference"
     if err_ref is not None and err_ref <= tol:
@@ -353,6 +355,8 @@ def numerics_verdict(is_reference: bool, err_ref: float | None, err_fp32: float 
         bound = max(tol, slack * ref_err_fp32) if ref_err_fp32 is not None else tol
         ok = bool(err_fp32 <= bound)
         return ok, f"rel L2 vs fp32 {'<=' if ok else '>'} {bound:.2e} (max(tol, {slack} x eager's own))"
+    if err_ref is not None:
+        return False, f"rel L2 vs eager {err_ref:.2e} > {tol:.0e}, and no fp32 reference to excuse it"
     return None, "no reference to compare with"
 
 
