@@ -106,8 +106,8 @@ def load(
     a compiled prompt decoder; vit_tiny's TinyViT encoder stays eager; on the CPU only under
     TRITON_INTERPRET=1), or "auto" (eager until the kernels are validated on a GPU, then fused on
     CUDA and eager on the CPU).
-    Raises CheckpointError (a ValueError) listing every missing, unexpected, mis-shaped or
-    non-floating-point tensor.
+    Raises CheckpointError (a ValueError) listing every missing, unexpected, mis-shaped,
+    non-floating-point or non-finite (NaN / inf) tensor.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     backend = resolve_backend(backend, device, dtype)
@@ -127,7 +127,20 @@ def load(
         )
     model.backend = "eager"
     model = model.to(device=device, dtype=dtype).eval()
+    _check_finite(model, source, dtype)
     return apply_fused_backend(model) if backend == "fused" else model
+
+
+def _check_finite(model: SamHQ, source, dtype: torch.dtype) -> None:
+    """NaN / inf weights (a corrupt file, or values beyond a half dtype's range) would give NaN masks
+    silently. One fp32 sum per tensor on the model's device, read back with a single sync."""
+    named = [(k, t) for k, t in model.state_dict().items() if t.is_floating_point() and t.numel()]
+    finite = torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for _, t in named])).tolist()
+    bad = [k for (k, _), ok in zip(named, finite) if not ok]
+    if bad:
+        hint = " (or values beyond float16's range: try dtype='fp32' or 'bf16')" if dtype == torch.float16 else ""
+        raise CheckpointError(f"{source}: NaN or infinite values in {len(bad)} of {len(named)} tensors{hint}: {', '.join(bad[:8])}"
+                              + (f" and {len(bad) - 8} more" if len(bad) > 8 else ""))
 
 
 def build_sam_hq(config: SamHQConfig | str, *, device=None, dtype=None, backend: str = "eager") -> SamHQ:

@@ -385,6 +385,16 @@ def test_missing_batchnorm_counters_are_filled_in(tmp_path):
     assert_same_model(loaded, reference)
 
 
+@pytest.mark.parametrize("value, dtype, hint", [(float("nan"), "fp32", ""), (float("-inf"), "bf16", ""),
+                                                 (1e6, "fp16", "beyond float16's range")])
+def test_non_finite_weights_are_named(tmp_path, tiny_sd, value, dtype, hint):
+    # NaN weights would give NaN logits and empty masks without a word.
+    key = "image_encoder.blocks.1.mlp.lin2.weight"
+    state_dict = dict(tiny_sd, **{key: tiny_sd[key].clone().index_fill_(1, torch.tensor([3]), value)})
+    message = load_error(save(state_dict, tmp_path / "nan.pth"), dtype=dtype)
+    assert "NaN or infinite values in 1 of" in message and key in message and hint in message
+
+
 def test_tensors_without_data_are_named(tmp_path, tiny_sd):
     state_dict = dict(tiny_sd, **{"mask_decoder.hf_token.weight": torch.empty(tiny_sd["mask_decoder.hf_token.weight"].shape, device="meta")})
     message = load_error(save(state_dict, tmp_path / "meta.pth"))
