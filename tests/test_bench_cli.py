@@ -156,6 +156,22 @@ def test_bench_table_from_results(tmp_path, capsys):
     assert "NOT SPEED FIGURES" in table
 
 
+@pytest.mark.parametrize("backends, expected", [(("eager", "fused"), True), (None, False)], ids=["all-valid", "mixed"])
+def test_bench_speed_figures_only_when_every_row_is_one(tmp_path, capsys, monkeypatch, backends, expected):
+    """The merged JSON's speed_figures is true only when every row is a speed figure (here a GPU run:
+    the mixed one has a withheld, an unchecked and a skipped row)."""
+    from samhq_fast.benchmark import encoder
+
+    results = gpu_results()
+    if backends:
+        results["results"] = [r for r in results["results"] if r["backend"] in backends]
+    monkeypatch.setattr(encoder, "main", lambda argv, **overrides: results)
+    out = tmp_path / "merged.json"
+    assert main(["bench", "--what", "encoder", "--backends", "eager", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["speed_figures"] is expected and ("note" in data) is not expected
+
+
 SEGMENT_JSON = {"image": "assets/chelsea.jpg", "checkpoint": "sam_hq_vit_b.pth", "variant": "vit_b", "image_size": [300, 451],
                 "prompts": [{"points": [[220, 150]], "labels": [1], "box": None, "score": 0.9, "area": 1000}]}
 
