@@ -124,11 +124,20 @@ class PromptDecoder:
             options = CPU_HALF_PRECISION_OPTIONS if cpu_half else None
             fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend, options=options)
         self.compiled = compile
-        self.image_pe = model.prompt_encoder.get_dense_pe()  # [1, 256, G, G]: the same for every call
+        self._encode_dense_pe()
         self._decode = fn
         self._graphs = GraphCache(fn) if graphs == "manual" else None
         self._shapes_seen = set()
         self._weights = weights_state(model)
+
+    def _encode_dense_pe(self) -> None:
+        """image_pe [1, 256, G, G], the same for every call, and the version of the Fourier basis it
+        comes from: loading weights in place (model.load_state_dict) keeps every tensor's address, so
+        only the version counter tells that this cache is stale (the compiled function and its graphs
+        read the new weights where they were)."""
+        basis = self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        self._pe_version = None if basis.is_inference() else basis._version  # inference tensors cannot change in place
+        self.image_pe = self.model.prompt_encoder.get_dense_pe()
 
     def _run(self, *args):
         """decode_padded(model, *args) through the compiled function / its graphs."""
@@ -179,6 +188,9 @@ class PromptDecoder:
             return []
         if weights_state(self.model) != self._weights:
             self._bind()
+        basis = self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        if self._pe_version is not None and basis._version != self._pe_version:
+            self._encode_dense_pe()
         model = self.model
         device = model.device
         counts = [next((t.shape[0] for t in prompt[1:] if t is not None), 1) for prompt in prompt_sets]  # no prompt: 1 (as SAM)

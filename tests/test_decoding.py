@@ -68,7 +68,42 @@ def test_padded_decoder_equals_eager(tiny_model, image_state, kind, num, points,
                                                    hq_token_only=hq_token_only)
     for g, e in zip(got, expected):
         assert g.shape == e.shape
-        torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
+        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)  # scores: 1e-5
+
+
+def test_a_reused_decoder_never_reads_stale_prompt_slots(tiny_model, image_state):
+    """Two calls padded to one shape (4 rows of 4 point slots), the second with a prompt, a point and
+    the box fewer: its padding must be empty slots, not what the first call left there."""
+    decoder = PromptDecoder(tiny_model, compile=False)
+    decoder(*image_state, **make_prompts("points+box", 4, 4, seed=1), multimask_output=False, hq_token_only=False)
+    prompts = make_prompts("points", 3, 3, seed=2)
+    expected = eager_decode(tiny_model, image_state, prompts, False, False)
+    got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+
+
+def test_weights_loaded_in_place_are_used(tiny_model, image_state):
+    """model.load_state_dict copies into the existing tensors (same addresses): the decoder's cached
+    positional encoding must follow, as the compiled function's weights do."""
+    model = copy.deepcopy(tiny_model)
+    decoder = PromptDecoder(model, compile=False)
+    prompts = make_prompts("points+box", 2, 2, seed=4)
+    decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    with torch.no_grad():
+        model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(1.5)  # as a load_state_dict would
+    expected = eager_decode(model, image_state, prompts, False, False)
+    got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+
+
+@pytest.mark.parametrize("n, buckets, expected", [(1, decoding.PROMPT_BUCKETS, 1), (4, decoding.PROMPT_BUCKETS, 4),
+                                                   (5, decoding.PROMPT_BUCKETS, 16), (256, decoding.PROMPT_BUCKETS, 256),
+                                                   (64, decoding.POINT_BUCKETS, 64), (65, decoding.POINT_BUCKETS, 128),
+                                                   (129, decoding.POINT_BUCKETS, 192)])
+def test_bucket_edges(n, buckets, expected):
+    assert decoding.bucket(n, buckets) == expected
 
 
 def test_image_features_are_broadcast_not_copied_per_prompt(tiny_model, image_state, monkeypatch):
@@ -301,7 +336,8 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs)
     decoder = PromptDecoder(model, cuda_graphs=cuda_graphs)
     assert decoder.cuda_graphs == cuda_graphs
     counters.clear()
-    first, second = make_prompts("points+box", 3, 2, seed=1), make_prompts("points+box", 3, 2, seed=2)
+    # one padded shape (4 rows of 4 point slots); the second set has a prompt, a point and the box fewer
+    first, second = make_prompts("points+box", 4, 4, seed=1), make_prompts("points", 3, 3, seed=2)
     for prompts in (first, second, first, second):
         prompts = {k: None if v is None else v.cuda() for k, v in prompts.items()}
         expected = eager_decode(model, state, prompts, True, False)

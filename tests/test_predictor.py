@@ -25,6 +25,7 @@ from PIL import Image
 
 from conftest import TINY_CONFIG, make_model
 from samhq_fast import SamHQPredictor
+from samhq_fast import predictor as predictor_module
 from samhq_fast.predictor import POINT_MARGIN, ImageNotSetError
 
 S = TINY_CONFIG.img_size  # 256: model input side
@@ -231,6 +232,16 @@ def test_one_prompt_matches_reference_pipeline(prepared, image, kind, multimask_
     assert_logits_close(low_res, ref_low_res)
     np.testing.assert_allclose(scores, ref_score, rtol=0, atol=SCORE_TOL)
     assert_masks_match(masks, ref_logits)
+
+
+def test_a_logit_of_exactly_the_threshold_is_background(prepared, monkeypatch):
+    """mask = logits > 0 (REFERENCE.md), strictly: a pixel whose logit is exactly 0 is off. (Real
+    logits seldom land on 0 exactly, so the parity tests allow ties either way.)"""
+    predictor, _ = prepared(next(iter(IMAGE_SIZES)))
+    low_res = 4 * predictor.model.config.embedding_size
+    monkeypatch.setattr(predictor_module, "decode_eager", lambda *args: (torch.zeros(1, 1, low_res, low_res), torch.ones(1, 1)))
+    masks, _, logits = predictor.predict(box=np.array([10, 10, 50, 50]), multimask_output=False)
+    assert masks.shape == (1, *predictor.original_size) and (logits == 0).all() and not masks.any()
 
 
 def test_selection_flags_change_the_output(prepared):
@@ -508,6 +519,12 @@ def test_prompt_encoder_reads_the_padded_input_frame(tiny_model):
         sparse, _ = enc((coords[:, :1], labels[:, :1]), torch.tensor([[20.0, 30.0, 200.0, 150.0]]), None)
         expected = torch.stack([pe([10.0, 200.0]) + emb[1], pe([20.0, 30.0]) + emb[2], pe([200.0, 150.0]) + emb[3]])
         torch.testing.assert_close(sparse[0], expected, rtol=1e-5, atol=1e-5)
+
+        # The image's dense PE: grid cell (x, y) of the G x G embedding is the same encoding of its
+        # centre, c = ((x + 0.5) / G, (y + 0.5) / G); cells off the diagonal tell x from y.
+        dense_pe = enc.get_dense_pe()[0]  # [C, G, G], indexed [:, y, x]
+        for x, y in ((0, 5), (11, 2), (3, 15), (15, 0)):
+            torch.testing.assert_close(dense_pe[:, y, x], pe([(x + 0.5) * S / G - 0.5, (y + 0.5) * S / G - 0.5]), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
