@@ -130,13 +130,17 @@ class PromptDecoder:
         self._shapes_seen = set()
         self._weights = weights_state(model)
 
-    def _encode_dense_pe(self) -> None:
-        """image_pe [1, 256, G, G], the same for every call, and the version of the Fourier basis it
-        comes from: loading weights in place (model.load_state_dict) keeps every tensor's address, so
-        only the version counter tells that this cache is stale (the compiled function and its graphs
-        read the new weights where they were)."""
+    def _basis_version(self) -> int | None:
+        """The Fourier basis's version counter. Loading weights in place (model.load_state_dict) keeps
+        every tensor's address, so only this tells that image_pe is stale (the compiled function and
+        its graphs read the new weights where they were). None for an inference tensor, which cannot
+        change in place."""
         basis = self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-        self._pe_version = None if basis.is_inference() else basis._version  # inference tensors cannot change in place
+        return None if basis.is_inference() else basis._version
+
+    def _encode_dense_pe(self) -> None:
+        """image_pe [1, 256, G, G], the same for every call, and the basis version it comes from."""
+        self._pe_version = self._basis_version()
         self.image_pe = self.model.prompt_encoder.get_dense_pe()
 
     def _run(self, *args):
@@ -188,8 +192,7 @@ class PromptDecoder:
             return []
         if weights_state(self.model) != self._weights:
             self._bind()
-        basis = self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-        if self._pe_version is not None and basis._version != self._pe_version:
+        if self._basis_version() != self._pe_version:
             self._encode_dense_pe()
         model = self.model
         device = model.device
