@@ -126,3 +126,54 @@ def test_graphs_are_captured_and_replayed_on_the_inputs_device(fake_cuda):
     cache("k", x, None)
     assert FakeGraph.log == [("capture", x.device), ("replay", x.device), ("replay", x.device)]
     assert FakeGraph.device is None  # restored after each call
+
+
+class StubModel:
+    """Stands in for a SamHQ model in GraphedEncoder: encode_image is three scaled_sum 'kernels'
+    (each output 2 x images); one weight, whose replacement (like a .to() / .half()) must re-capture."""
+
+    def __init__(self):
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.config = types.SimpleNamespace(img_size=4)
+        self.device = torch.device("cuda")
+        self.calls = []
+
+    def parameters(self):
+        yield self.weight
+
+    def encode_image(self, images):
+        return tuple(scaled_sum(images, None, self.calls) for _ in range(3))
+
+
+@pytest.fixture
+def graphed_stub(fake_cuda):
+    model = StubModel()
+    encoder = graphs.GraphedEncoder(model)
+    model.device = torch.device("cpu")  # built as a CUDA model; the stand-in graphs then run on CPU tensors
+    return model, encoder
+
+
+def test_graphed_encoder_results_survive_the_next_replay(graphed_stub):
+    _, encoder = graphed_stub
+    first_images = torch.ones(1, 3, 4, 4)
+    first = encoder(first_images)
+    encoder(5 * first_images)  # the same graph replays into its buffers: what the caller holds must not change
+    for t in first:
+        torch.testing.assert_close(t, 2 * first_images)
+
+
+def test_graphed_encoder_one_graph_per_batch_size(graphed_stub):
+    model, encoder = graphed_stub
+    for batch in (1, 2, 1, 3, 2):
+        images = torch.arange(batch * 48.0).view(batch, 3, 4, 4)
+        for t in encoder(images):
+            torch.testing.assert_close(t, 2 * images)
+    assert model.calls.count("capture") == 3 * 3  # three batch sizes, three outputs each
+
+
+def test_graphed_encoder_captures_again_after_a_cast(graphed_stub):
+    model, encoder = graphed_stub
+    encoder(torch.ones(1, 3, 4, 4))
+    model.weight = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))  # what model.double() does to a weight
+    encoder(torch.ones(1, 3, 4, 4))
+    assert model.calls.count("capture") == 2 * 3

@@ -18,6 +18,7 @@ import samhq_fast
 from original_sam_hq import import_original
 from samhq_fast.automatic import CROP_EDGE_TOLERANCE, SamHQAutomaticMaskGenerator, rle_to_mask
 from samhq_fast.modeling import SamHQConfig
+from samhq_fast.modeling.image_encoder import decomposed_rel_pos_bias, get_rel_pos
 from samhq_fast.transforms import ResizeLongestSide
 from conftest import TINY_CONFIG, make_model
 
@@ -105,6 +106,24 @@ def assert_predict_matches(theirs, predictor, **kwargs) -> tuple[np.ndarray, np.
     masks, _, _ = predictor.predict(**kwargs)
     assert_masks_match(masks, expected_logits)
     return expected_scores, expected_low
+
+
+# The released models never resize a rel-pos table and always have q_size == k_size, so the parity
+# tests above cannot reach these branches; the kernels' rel-pos pre-pass resizes with the same code.
+@pytest.mark.parametrize("q_size, k_size, rows", [(7, 7, 13), (7, 7, 5), (14, 14, 31), (4, 8, 9), (8, 4, 15), (6, 9, 17)])
+def test_get_rel_pos_matches_original(original, q_size, k_size, rows):
+    table = torch.randn(rows, 16, generator=torch.Generator().manual_seed(rows))
+    expected = original.modeling.image_encoder.get_rel_pos(q_size, k_size, table)
+    torch.testing.assert_close(get_rel_pos(q_size, k_size, table), expected, rtol=0, atol=1e-6)
+
+
+def test_decomposed_bias_with_resized_tables_matches_original(original):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 5 * 6, 8, generator=gen)  # [batch * heads, tokens of a 5 x 6 grid, head_dim]
+    rel_pos_h, rel_pos_w = torch.randn(7, 8, generator=gen), torch.randn(9, 8, generator=gen)  # 9 and 11 rows needed
+    zero_scores = torch.zeros(3, 30, 30)
+    expected = original.modeling.image_encoder.add_decomposed_rel_pos(zero_scores, q, rel_pos_h, rel_pos_w, (5, 6), (5, 6))
+    torch.testing.assert_close(decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (5, 6), (5, 6)), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_encoder_matches_original(tiny_pair, photo):
