@@ -61,10 +61,10 @@ def test_decoder_speedups_use_the_median_for_throughput_and_p50_for_latency():
                row("throughput", "graphed", 16, median_ms=1.0, p50_ms=1.0, prompts_per_s=16000.0),
                row("latency", "eager", 1, median_ms=1.0, p50_ms=3.0, p99_ms=4.0),
                row("latency", "graphed", 1, median_ms=9.0, p50_ms=0.5, p99_ms=0.7)]
-    report_ = {"results": results}
-    decoder_bench.finalize(report_)
+    decoder_report = {"results": results}
+    decoder_bench.finalize(decoder_report)
     assert [r["speed"].get("speedup_vs_eager") for r in results] == [1.0, 4.0, None, 1.0, 6.0]
-    best = report_["targets"]["best_valid"]["vit_h"]
+    best = decoder_report["targets"]["best_valid"]["vit_h"]
     assert best["prompts_per_s"] == 32000.0 and best["single_prompt_p50_ms"] == 0.5 and best["single_prompt_mode"] == "graphed"
 
 
