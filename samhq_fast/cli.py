@@ -591,12 +591,10 @@ def bench(args) -> int:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             _check_output(str(path), option, suffixes)
     overrides = {"allow_cpu": True, "checkpoint": args.checkpoint}
-    variants = [common.SMOKE_VARIANT] if args.smoke else args.variant
     if args.checkpoint:
         model = samhq_fast.load(args.checkpoint, device="cpu")
         overrides["configs"] = {model.variant: model.config}
         common.check_vit_only(overrides["configs"])  # before any run starts
-        variants = [model.variant]
         del model
     weights = common.weights_note(args.checkpoint, args.smoke)
     print(f"[bench] weights: {weights}", flush=True)
@@ -604,7 +602,7 @@ def bench(args) -> int:
         print(f"[bench] CPU only: {report.NOT_SPEED_FIGURES} (the figures check that the benchmark runs)", flush=True)
 
     merged = {"tool": "samhq-fast bench", "schema_version": 1, "weights": weights,
-              "settings": {"variants": variants, "dtypes": args.dtype, "backends": backends, "what": args.what,
+              "settings": {"dtypes": args.dtype, "backends": backends, "what": args.what,
                            "batch": args.batch, "prompts": args.prompts, "checkpoint": args.checkpoint,
                            "interpret": args.interpret, "smoke": args.smoke, "device": device},
               "runs": []}
@@ -624,6 +622,8 @@ def bench(args) -> int:
             print(f"[bench] {merged['interrupted']}: writing the configurations finished so far", flush=True)
             break
         merged["runs"].append({"what": what, **run})
+    # what the runs ran (the smoke model's name, a checkpoint's variant), not --variant's names
+    merged["settings"] = {"variants": merged["runs"][0]["settings"]["variants"], **merged["settings"]}
     merged["machine"] = merged["runs"][0]["machine"]
     merged["rows"] = report.load_rows(merged)
     merged["speed_figures"] = bool(merged["rows"]) and all(r["speed_figure"] for r in merged["rows"])
