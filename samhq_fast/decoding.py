@@ -4,7 +4,8 @@ torch.compile, prompt batches padded to a few bucket sizes and point lists to a 
 Padding is exact, not approximate: padded point slots are masked out of every attention whose keys
 are prompt tokens, so the real prompts' outputs are those of the eager decoder. Sparse slots per
 prompt (the order of prompt tokens does not matter to the decoder, which has no token positions):
-  K point slots      label 1 / 0 / -1 as in SAM, or PAD_LABEL for an empty slot
+  K point slots      any label, as in SAM (1 / 0 / -1, others the bare positional encoding);
+                     has_point [P, K] says which slots hold a point (the rest are empty)
   1 "no box" slot    SAM's padding point (not_a_point_embed): real when points are given without a box
   2 box-corner slots real when the prompt has a box
 On CUDA the compiled function runs as CUDA graphs, one per bucket shape (mode="reduce-overhead",
@@ -17,7 +18,6 @@ from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import select_masks
 
-PAD_LABEL = -2  # an empty point slot: no token at all
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
 POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # points per prompt; more are padded to a multiple of the last
 # Dynamo's setting, renamed in torch 2.7 (cache_size_limit before)
@@ -31,28 +31,28 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
-def embed_padded_prompts(model: SamHQ, coords, labels, boxes, has_box, masks, has_mask):
+def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box, masks, has_mask):
     """Fixed-shape prompt embedding.
 
-    coords [P, K, 2] / labels [P, K] (PAD_LABEL in empty slots), boxes [P, 4] with has_box [P],
+    coords [P, K, 2] / labels [P, K] with has_point [P, K] (bool: False in empty slots, whose label
+    is not read, so that every label value means what it means to the eager decoder), boxes [P, 4] with has_box [P],
     masks [P, 1, 4G, 4G] with has_mask [P], all in the resized input frame
     -> sparse [P, K + 3, C], sparse_mask [P, K + 3] bool, dense [P, C, G, G] (model dtype).
     """
     enc = model.prompt_encoder
     dtype = enc.no_mask_embed.weight.dtype
     num = coords.shape[0]
-    point_real = labels != PAD_LABEL  # [P, K]
-    no_box_real = point_real.any(dim=1) & ~has_box  # SAM pads points with one not-a-point without a box
+    no_box_real = has_point.any(dim=1) & ~has_box  # SAM pads points with one not-a-point without a box
     no_box = enc.not_a_point_embed.weight.float().expand(num, 1, -1)
     sparse = torch.cat([enc.embed_points(coords, labels), no_box, enc.embed_boxes(boxes)], dim=1).to(dtype)
-    sparse_mask = torch.cat([point_real, no_box_real[:, None], has_box[:, None].expand(-1, 2)], dim=1)
+    sparse_mask = torch.cat([has_point, no_box_real[:, None], has_box[:, None].expand(-1, 2)], dim=1)
     g = enc.image_embedding_size
     no_mask = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(num, -1, *g)
     dense = torch.where(has_mask[:, None, None, None], enc.mask_downscaling(masks.to(dtype)), no_mask)
     return sparse, sparse_mask, dense
 
 
-def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, boxes, has_box, masks, has_mask):
+def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask):
     """-> all five mask logits [P, 5, 4G, 4G] and four IoU scores [P, 4] (selection happens outside,
     so one compiled graph serves every multimask / hq_token_only combination).
 
@@ -60,7 +60,7 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy)."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
-    sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, boxes, has_box, masks, has_mask)
+    sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, has_point, boxes, has_box, masks, has_mask)
     return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
 
 
@@ -210,7 +210,8 @@ class PromptDecoder:
         # The padded batch: empty rows are all padding (no point, no box, no mask) and read image 0.
         index = torch.zeros(rows, dtype=torch.int64, device=device)
         coords = torch.zeros(rows, k_pad, 2, device=device)
-        labels = torch.full((rows, k_pad), PAD_LABEL, dtype=torch.int64, device=device)
+        labels = torch.zeros(rows, k_pad, dtype=torch.int64, device=device)
+        has_point = torch.zeros(rows, k_pad, dtype=torch.bool, device=device)
         box = torch.zeros(rows, 4, device=device)
         has_box = torch.zeros(rows, dtype=torch.bool, device=device)
         masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=model.dtype)
@@ -222,6 +223,7 @@ class PromptDecoder:
             if point_coords is not None:
                 coords[set_rows, : point_coords.shape[1]] = point_coords
                 labels[set_rows, : point_coords.shape[1]] = point_labels
+                has_point[set_rows, : point_coords.shape[1]] = True
             if boxes is not None:
                 box[set_rows] = boxes
                 has_box[set_rows] = True
@@ -235,7 +237,7 @@ class PromptDecoder:
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
             chunk_index = index[chunk] if image_embeddings.shape[0] > 1 else None
             all_masks, iou = self._run(image_embeddings, self.image_pe, hq_features, chunk_index, coords[chunk], labels[chunk],
-                                       box[chunk], has_box[chunk], masks[chunk], has_mask[chunk])
+                                       has_point[chunk], box[chunk], has_box[chunk], masks[chunk], has_mask[chunk])
             real = min(total - chunk_start, all_masks.shape[0])  # padding rows only in the last chunk
             chunk_logits, chunk_scores = select_masks(all_masks[:real], iou[:real], multimask_output, hq_token_only)
             # Copy out of the CUDA graph's static outputs now: the next chunk's replay overwrites them.

@@ -465,8 +465,9 @@ class SamHQPredictor:
         """Like `predict`, with torch tensors already in the resized INPUT frame (see `transforms`):
         point_coords [N, K, 2], point_labels [N, K], boxes [N, 4], mask_input [N, 1, 4G, 4G]
         -> masks [N, 1, H, W] (bool, or logits), scores [N, 1], low_res_logits [N, 1, 4G, 4G].
-        Shapes, dtypes and devices are checked, values are not (that would sync with the GPU): labels
-        must be 1, 0 or -1 (`predict` checks), others give undefined, backend-dependent results."""
+        Shapes, dtypes and devices are checked, values are not (that would sync with the GPU). Labels
+        mean 1 foreground, 0 background, -1 not a point (`predict` allows only these); any other
+        label gives a token with no label embedding, as in the original, on every backend."""
         self._require_image()
         model = self.model
         model.prompt_encoder.check_prompts(point_coords, point_labels, boxes, mask_input)

@@ -122,17 +122,35 @@ def test_image_features_are_broadcast_not_copied_per_prompt(tiny_model, image_st
 
 
 def test_padded_point_slots_are_invisible(tiny_model, image_state):
-    """A point list padded by hand with PAD_LABEL slots gives the unpadded result, while the same slots
-    given label -1 (SAM's "not a point", which IS attended to) change it: the mask is doing the work."""
-    decoder = PromptDecoder(tiny_model, compile=False)
+    """Point slots padded by hand, with has_point False and any label, give the unpadded result,
+    while the same slots marked as points with label -1 (SAM's "not a point", which IS attended to)
+    change it: the mask is doing the work."""
+    embeddings, hq_features = image_state
     prompts = make_prompts("points", 2, 3, seed=3)
-    base = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)[0]
-    coords = torch.cat([prompts["point_coords"], torch.zeros(2, 2, 2)], dim=1)
-    for label, same in ((decoding.PAD_LABEL, True), (-1, False)):
-        labels = torch.cat([prompts["point_labels"], torch.full((2, 2), label)], dim=1)
-        got = decoder(*image_state, point_coords=coords, point_labels=labels, boxes=None, mask_input=None,
-                      multimask_output=False, hq_token_only=False)[0]
-        assert torch.allclose(got, base, atol=1e-5 * base.abs().max().item()) == same
+    base = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=False, hq_token_only=True)[0]
+    coords = torch.cat([prompts["point_coords"], 100 * torch.rand(2, 2, 2)], dim=1)
+    labels = torch.cat([prompts["point_labels"], torch.full((2, 2), -1)], dim=1)
+    no_box, no_mask = torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    for padded_slots_are_points in (False, True):
+        has_point = torch.tensor([[True] * 3 + [padded_slots_are_points] * 2] * 2)
+        with torch.inference_mode():
+            all_masks, iou = decoding.decode_padded(tiny_model, embeddings, tiny_model.prompt_encoder.get_dense_pe(), hq_features,
+                                                    None, coords, labels, has_point, torch.zeros(2, 4), no_box,
+                                                    torch.zeros(2, 1, 4 * G, 4 * G), no_mask)
+        got = all_masks[:, 4:5]  # the HQ mask, as base
+        assert torch.allclose(got, base, atol=1e-5 * base.abs().max().item()) != padded_slots_are_points
+
+
+@pytest.mark.parametrize("label", [-2, 2, 7])
+def test_labels_outside_sam_set_match_eager(tiny_model, image_state, label):
+    """A label other than 1 / 0 / -1 is a point with no label embedding in the original; the padded
+    decoder must not read any label value as its own padding."""
+    prompts = make_prompts("points", 3, 2, seed=4)
+    prompts["point_labels"][:, 1] = label
+    expected = eager_decode(tiny_model, image_state, prompts, False, False)
+    got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0)
 
 
 def test_more_prompts_than_the_largest_bucket(tiny_model, image_state, monkeypatch):

@@ -84,7 +84,7 @@ class PromptEncoder(nn.Module):
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Point tokens: coords [B, N, 2] (input-frame pixels), labels [B, N] -> [B, N, C] fp32.
         Label 1 / 0 add the foreground / background embedding, -1 is "not a point"; any other
-        label leaves the bare positional encoding (the fixed-shape decoder masks those slots)."""
+        label leaves the bare positional encoding (as in the original)."""
         embedding = self.pe_layer.points(coords + 0.5, self.input_image_size)  # +0.5: centre of the pixel
         labels = labels[..., None]
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight.float(), embedding)
