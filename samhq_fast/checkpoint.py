@@ -2,6 +2,7 @@
 inferring the architecture from tensor shapes, and strict loading."""
 
 import argparse
+import collections
 import functools
 import importlib
 import json
@@ -381,6 +382,12 @@ def _shape(state_dict: dict, key: str, rank: int, encoder: str = "ViT") -> tuple
     return shape
 
 
+def _most_common(sizes: list[int]) -> int:
+    """The size most blocks agree on: read from block 0 alone, one broken block 0 would make every
+    other block look mis-shaped in the error, instead of itself."""
+    return collections.Counter(sizes).most_common(1)[0][0]
+
+
 def _indices(state_dict: dict, prefix: str) -> list[int]:
     """The sorted numbers n of keys `{prefix}n.*`."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
@@ -461,7 +468,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
     if depth == 0:
         raise CheckpointError("checkpoint has no image_encoder.blocks.*: not a ViT SAM-HQ checkpoint")
     rows = [_shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h", 2) for i in range(depth)]
-    head_dim = rows[0][1]
+    head_dim = _most_common([r[1] for r in rows])
     global_rows = 2 * grid - 1
     global_idx = tuple(i for i, r in enumerate(rows) if r[0] == global_rows)
     window_rows = {r[0] for r in rows if r[0] != global_rows}
@@ -479,7 +486,9 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
     window = (window_rows.pop() + 1) // 2 if window_rows else grid
     if embed_dim % head_dim:
         raise CheckpointError(f"embed dim {embed_dim} is not a multiple of head_dim {head_dim}")
-    mlp_dim = _shape(state_dict, "image_encoder.blocks.0.mlp.lin1.weight", 2)[0]
+    lin1 = [f"image_encoder.blocks.{i}.mlp.lin1.weight" for i in range(depth)]
+    lin1_shapes = [state_dict[k].shape for k in lin1 if k in state_dict and state_dict[k].dim() == 2]
+    mlp_dim = _most_common([s[0] for s in lin1_shapes]) if lin1_shapes else _shape(state_dict, lin1[0], 2)[0]
     out_chans = _shape(state_dict, "image_encoder.neck.0.weight", 4)[0]
     encoder = ViTConfig(
         img_size=grid * patch,

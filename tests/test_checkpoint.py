@@ -526,6 +526,18 @@ def test_misshaped_tensor(tiny_sd, tmp_path, key):
     assert key in message and str(wrong) in message and str(shape) in message
 
 
+@pytest.mark.parametrize("key", ["image_encoder.blocks.0.mlp.lin1.weight", "image_encoder.blocks.0.attn.rel_pos_h"])
+def test_broken_first_block_is_the_one_reported(tiny_sd, tmp_path, key):
+    """The MLP width and head_dim are read from what most blocks agree on, so a wrong tensor in
+    block 0 (a transposed lin1, a rel_pos table 8 columns too wide) is named alone, not every
+    other block as mis-shaped against it."""
+    rows, cols = tiny_sd[key].shape
+    wrong = torch.zeros(cols, rows) if "lin1" in key else torch.zeros(rows, cols + 8)
+    state_dict = {**tiny_sd, key: wrong}
+    message = load_error(save(state_dict, tmp_path / "block0.pth"))
+    assert "1 mis-shaped" in message and key in message
+
+
 def test_several_problems_in_one_error(tiny_sd, tmp_path):
     # Fixing problems one error at a time is slow: one message must list all of them.
     missing = ["mask_decoder.iou_prediction_head.layers.0.bias", "image_encoder.blocks.3.norm2.weight"]
