@@ -479,8 +479,13 @@ def test_single_image_calls_refuse_several_images(batch):
         ([{}, {}, {"point_coords": np.array([[1.0, 1.0]])}], ValueError, "prompts[2]: point_coords and point_labels must be given together"),
         # x = 250 is inside image 0 (300 wide) but far outside image 2 (160 wide): checked per image
         ([{}, {}, {"point_coords": np.array([[250.0, 50.0]]), "point_labels": np.array([1])}], ValueError, "prompts[2]: point_coords has a coordinate (250, 50) far outside the 160x120"),
+        # 2 point prompts with 3 boxes, 2 boxes with 1 mask: the decoder would fail deep inside torch
+        ([{"box": np.array([[1.0, 1.0, 5.0, 5.0]] * 3), "point_coords": np.ones((2, 1, 2)), "point_labels": np.ones((2, 1))}, {}, {}],
+         ValueError, "prompts[0]: prompt counts disagree"),
+        ([{}, {"box": np.array([[1.0, 1.0, 5.0, 5.0]] * 2), "mask_input": np.zeros((1, 1, 64, 64))}, {}], ValueError, "prompts[1]: prompt counts disagree"),
     ],
-    ids=["too_few", "too_many", "a_dict", "unknown_key", "not_a_dict", "bad_box", "labels_missing", "outside_its_image"],
+    ids=["too_few", "too_many", "a_dict", "unknown_key", "not_a_dict", "bad_box", "labels_missing", "outside_its_image",
+         "points_vs_boxes", "boxes_vs_mask"],
 )
 def test_bad_predict_batch_prompts(batch, prompts, error, message):
     with pytest.raises(error, match=re.escape(message)):

@@ -666,6 +666,8 @@ BAD_PROMPTS = {
     "coords_inf": (dict(point_coords=np.array([[5.0, np.inf]]), point_labels=L1), ValueError, "point_coords has NaN or infinite"),
     "coords_three_columns": (dict(point_coords=np.array([[1.0, 2.0, 3.0]]), point_labels=L1), ValueError, "last dimension of 2"),
     "coords_flat": (dict(point_coords=np.array([1.0, 2.0]), point_labels=np.array(1)), ValueError, "[K, 2] or [N, K, 2]"),
+    "coords_scalar": (dict(point_coords=5.0, point_labels=1), ValueError, "last dimension of 2"),
+    "box_scalar": (dict(box=3.0), ValueError, "last dimension of 4"),
     "coords_4d": (dict(point_coords=np.zeros((1, 1, 1, 2)), point_labels=np.zeros((1, 1, 1))), ValueError, "[K, 2] or [N, K, 2]"),
     "coords_not_numeric": (dict(point_coords="10,20", point_labels=L1), TypeError, "numeric array"),
     "coords_complex": (dict(point_coords=np.array([[10 + 5j, 20]]), point_labels=L1), TypeError, "point_coords must hold real numbers"),

@@ -26,6 +26,8 @@ from samhq_fast.transforms import (
     scale_coords,
 )
 
+from original_sam_hq import import_original
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -57,6 +59,17 @@ def photo(h: int = 37, w: int = 53, seed: int = 0) -> np.ndarray:
 )
 def test_preprocess_shape_hand_values(height, width, long_side, expected):
     assert preprocess_shape(height, width, long_side) == expected
+
+
+@pytest.mark.parametrize("long_side", [256, 1024])
+def test_preprocess_shape_ties_round_up_as_the_original(long_side):
+    """With a power-of-two long side, every odd short side is an exact .5 tie (2048x1365 -> 1024x682.5):
+    the original's int(x + 0.5) rounds it up, where Python's round() would go to the even neighbour.
+    Every short side of a 2048-long image, both orientations, against the original's own function."""
+    original = import_original().utils.transforms.ResizeLongestSide.get_preprocess_shape
+    for short in range(1, 2049):
+        for height, width in ((short, 2048), (2048, short)):
+            assert preprocess_shape(height, width, long_side) == original(height, width, long_side)
 
 
 @given(st.integers(1, 6000), st.integers(1, 6000), st.sampled_from([256, 1024]))
@@ -167,6 +180,23 @@ def test_as_rgb_uint8_accepted_inputs(kind):
     out = as_rgb_uint8(image, image_format)
     assert out.dtype == np.uint8 and out.shape == expected.shape and out.flags.c_contiguous
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("mode", ["P", "CMYK", "LA", "1", "L", "RGBA", "YCbCr"])
+def test_pil_modes_convert_as_pil_does(mode):
+    """Palette, CMYK, gray + alpha, bilevel...: the pixels PIL's own convert("RGB") gives."""
+    image = Image.fromarray(photo()).convert(mode)
+    np.testing.assert_array_equal(as_rgb_uint8(image), np.asarray(image.convert("RGB")))
+
+
+def test_pil_float_image_is_read_as_a_float_array():
+    """Mode "F" (32-bit float gray) follows the numpy float rule (values in [0, 1]); PIL's convert("RGB")
+    would clip it to a black image."""
+    levels = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(as_rgb_uint8(Image.fromarray(levels, mode="F")), as_rgb_uint8(levels))
+    assert as_rgb_uint8(levels)[..., 0].max() == 255
+    with pytest.raises(ValueError, match=re.escape("[0, 1]")):
+        as_rgb_uint8(Image.fromarray(levels * 255, mode="F"))
 
 
 @pytest.mark.parametrize(
