@@ -13,6 +13,7 @@ import itertools
 import json
 import re
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -33,6 +34,8 @@ from samhq_fast.automatic import (
     stability_score,
 )
 from samhq_fast.decoding import PromptDecoder
+from samhq_fast.transforms import preprocess_shape
+from original_sam_hq import import_original
 from test_predictor import make_photo
 
 OFFSET = 0.05
@@ -386,6 +389,106 @@ def test_fused_decoder_gives_the_eager_records(tiny_model, photo):
     generator.predictor._prompt_decoder = PromptDecoder(fused_model, compile=False)
     expected = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, points_per_batch=6, **LOOSE).generate(photo)
     _assert_same_records(generator.generate(photo), expected, score_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and thresholds, against the original generator: both driven by one synthetic mask model
+# ---------------------------------------------------------------------------------------------
+# The tiny model's masks cover most of each crop, so the records kept come from crops at the image's
+# origin, where an uncrop offset of the wrong sign or axis changes nothing. A disk of logits around
+# each prompt point keeps every mask inside its crop, so every crop contributes records.
+
+
+def disk_masks(coords, original_size, input_size, integer_levels=False):
+    """A stand-in for predict_torch(..., return_logits=True): coords [N, 1, 2] in the input frame ->
+    (logits [N, 1, H, W] of a ~6-pixel disk around each point, IoU scores [N, 1], None).
+    integer_levels: integer logits and 2-decimal scores, some negative, so thresholds can tie exactly."""
+    (height, width), (input_h, input_w) = original_size, input_size
+    # our generator hands float32 grid points over, the original float64: compare from the same float32
+    points = coords[:, 0].float().double() * torch.tensor([width / input_w, height / input_h], dtype=torch.float64)
+    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
+    distance = ((xx - points[:, 0, None, None]) ** 2 + (yy - points[:, 1, None, None]) ** 2).sqrt()
+    logits = (3.0 - distance / 2 + 0.013 * points[:, 0, None, None]).float()
+    scores = (0.5 + 0.4 * torch.frac(0.37 * points[:, 0] + 0.61 * points[:, 1])).float()
+    if integer_levels:
+        logits, scores = logits.round(), (scores - 0.8).round(decimals=2)
+    return logits[:, None], scores[:, None], None
+
+
+def drive_with_disks(predictor, integer_levels=False) -> None:
+    """Replaces a predictor's image encoding and decoding (ours or the original's) with disk_masks."""
+    def set_image(image, *args, **kwargs):
+        predictor.original_size = tuple(image.shape[:2])
+        predictor.input_size = preprocess_shape(*image.shape[:2], 256)
+
+    predictor.set_image = set_image
+    predictor.reset_image = lambda: None
+    predictor.predict_torch = lambda coords, labels, *args, **kwargs: disk_masks(
+        coords, predictor.original_size, predictor.input_size, integer_levels)
+
+
+def run_both(tiny_model, image, integer_levels=False, **settings) -> tuple[list[dict], list[dict]]:
+    """(our records, the original generator's records) for one image under the same settings."""
+    original = import_original()
+    # all the original generator reads of its model
+    stub_model = types.SimpleNamespace(image_encoder=types.SimpleNamespace(img_size=256), mask_threshold=0.0, device=torch.device("cpu"))
+    ours, theirs = SamHQAutomaticMaskGenerator(tiny_model, **settings), original.SamAutomaticMaskGenerator(stub_model, **settings)
+    drive_with_disks(ours.predictor, integer_levels)
+    drive_with_disks(theirs.predictor, integer_levels)
+    return ours.generate(image), theirs.generate(image)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(crop_n_layers=1),
+        dict(crop_n_layers=2, crop_n_points_downscale_factor=2, crop_nms_thresh=0.3, box_nms_thresh=0.6),
+        dict(crop_n_layers=1, min_mask_region_area=30, box_nms_thresh=0.5, crop_nms_thresh=0.9),
+        dict(crop_n_layers=1, output_mode="coco_rle"),
+    ],
+    ids=["one_layer", "two_layers_downscaled", "small_regions", "coco_rle"],
+)
+def test_crops_match_the_original_record_for_record(tiny_model, settings):
+    """Crop grids, uncropping of boxes / points / masks, NMS within and across crops (smaller crops
+    preferred), clean-up and output formats: the original's records, in its order."""
+    if settings.get("min_mask_region_area") or settings.get("output_mode") == "coco_rle":
+        pytest.importorskip("scipy")
+        pytest.importorskip("pycocotools")
+    image = make_photo(150, 223, seed=1)
+    got, expected = run_both(tiny_model, image, points_per_side=12, points_per_batch=17, pred_iou_thresh=0.0,
+                             stability_score_thresh=0.0, stability_score_offset=0.05, **settings)
+    assert len({tuple(r["crop_box"]) for r in expected if r["crop_box"][:2] != [0, 0]}) >= 2  # crops off the origin count
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert (g["crop_box"], g["bbox"], g["area"]) == (e["crop_box"], e["bbox"], e["area"])
+        np.testing.assert_allclose(g["point_coords"], e["point_coords"])
+        assert g["predicted_iou"] == pytest.approx(e["predicted_iou"])
+        assert g["stability_score"] == pytest.approx(e["stability_score"])
+        if isinstance(e["segmentation"], np.ndarray):
+            np.testing.assert_array_equal(g["segmentation"], e["segmentation"])
+        else:
+            assert g["segmentation"] == e["segmentation"]
+
+
+def test_thresholds_at_exact_ties_match_the_original(tiny_model):
+    """Integer logits (ties with threshold +- offset in the stability score) and 2-decimal IoU scores,
+    some negative (kept by the original at pred_iou_thresh 0), with each threshold set to a value
+    that occurs: every > / >= of the original shows."""
+    image = make_photo(150, 223, seed=1)
+    common = dict(points_per_side=12, points_per_batch=17, stability_score_offset=1.0, box_nms_thresh=1.0, integer_levels=True)
+    every, _ = run_both(tiny_model, image, pred_iou_thresh=0.0, stability_score_thresh=0.0, **common)
+    ious = sorted(r["predicted_iou"] for r in every)
+    stabilities = sorted(r["stability_score"] for r in every)
+    assert ious[0] < 0 < ious[-len(ious) // 10]
+    # one threshold at a time: a tie in one filter can hide behind the other
+    for thresholds in (dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
+                       dict(pred_iou_thresh=ious[-len(ious) // 10], stability_score_thresh=0.0),
+                       dict(pred_iou_thresh=0.0, stability_score_thresh=stabilities[len(stabilities) // 2])):
+        got, expected = run_both(tiny_model, image, **thresholds, **common)
+        assert [r["point_coords"] for r in got] == [r["point_coords"] for r in expected]
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g["segmentation"], e["segmentation"])
+            assert g["stability_score"] == e["stability_score"]
 
 
 @pytest.mark.gpu

@@ -185,8 +185,9 @@ def to_input_frame(prompt: dict, original_size: tuple[int, int]) -> dict:
     return out
 
 
+@pytest.mark.parametrize("multimask_output, hq_token_only", [(False, False), (True, True)])
 @pytest.mark.parametrize("backend", ["eager", "fused"])
-def test_predict_batch_torch_equals_predict_batch(tiny_model, photos, singles, backend):
+def test_predict_batch_torch_equals_predict_batch(tiny_model, photos, singles, backend, multimask_output, hq_token_only):
     """Input-frame torch prompts (no host-side validation) give predict_batch's results, as batched tensors."""
     model = copy.deepcopy(tiny_model)
     model.backend = backend  # the decoder path (see test_fused_predict_batch_is_one_padded_decoder_call)
@@ -196,16 +197,17 @@ def test_predict_batch_torch_equals_predict_batch(tiny_model, photos, singles, b
         predictor._prompt_decoder = PromptDecoder(model, compile=False)
     prompts = mixed_prompts(singles)
     prompts[1] = None  # a skipped image
-    expected = predictor.predict_batch(prompts, return_logits=True, return_torch=True, multimask_output=False)
+    flags = dict(multimask_output=multimask_output, hq_token_only=hq_token_only)
+    expected = predictor.predict_batch(prompts, return_logits=True, return_torch=True, **flags)
     torch_prompts = [None if p is None else to_input_frame(p, size) for p, size in zip(prompts, SIZES)]
-    got = predictor.predict_batch_torch(torch_prompts, return_logits=True, multimask_output=False)
+    got = predictor.predict_batch_torch(torch_prompts, return_logits=True, **flags)
     assert got[1] is None and expected[1] is None
     for result, reference in zip(got[::2], expected[::2]):
         for g, e in zip(result, reference):
             e = e if g.ndim == e.ndim else e[None]  # predict_batch dropped the prompt axis of an unbatched prompt
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert [r[0].shape for r in got[::2]] == [(1, 1, *SIZES[0]), (5, 1, *SIZES[2])]
-    masks = predictor.predict_batch_torch([None, None, torch_prompts[2]], multimask_output=False)[2][0]
+    masks = predictor.predict_batch_torch([None, None, torch_prompts[2]], **flags)[2][0]
     assert masks.dtype == torch.bool and torch.equal(masks, got[2][0] > 0)
 
 
