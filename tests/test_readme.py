@@ -48,6 +48,8 @@ def test_readme_python_api_runs(tiny_checkpoints, tmp_path, monkeypatch):
 
     height, width = 480, 640
     assert namespace["sam"].variant == "vit_b"
+    # the first predict call's low-res logits: [1, 256, 256] for a 1024-input model, [1, 64, 64] for the tiny 256 one
+    assert namespace["low_res"].shape == (1, 64, 64)
     # the last predict call: two boxes -> masks [N, 1, H, W] bool, scores [N, 1]
     masks, scores = namespace["masks"], namespace["scores"]
     assert masks.shape == (2, 1, height, width) and masks.dtype == np.bool_ and scores.shape == (2, 1)
