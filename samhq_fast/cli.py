@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 import samhq_fast
 from samhq_fast.automatic import SamHQAutomaticMaskGenerator
-from samhq_fast.build import DTYPE_NAMES, dtype_name, resolve_dtype
+from samhq_fast.build import BACKENDS, DTYPE_NAMES, dtype_name, resolve_dtype
 from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
 from samhq_fast.modeling.prompt_encoder import HALF_DTYPES
@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     seg.add_argument("--dtype", type=_dtype, default="fp32", metavar="fp32|fp16|bf16",
                      help=f"model precision: {DTYPE_CHOICES} (default fp32)")
+    seg.add_argument("--backend", type=str.lower, choices=BACKENDS, default="auto",
+                     help="eager: the reference PyTorch model; fused: Triton kernels in the image encoder and a compiled "
+                          "prompt decoder (CUDA, or the Triton interpreter with TRITON_INTERPRET=1); auto: eager for now "
+                          "(see the README) (default auto)")
     seg.set_defaults(run=segment, parser=seg)
 
     conv = commands.add_parser("convert", help="re-save a checkpoint as .safetensors (original or HF key layout)",
@@ -360,10 +364,10 @@ def _describe(prompt: dict) -> str:
 
 
 def _write_json(args, model, image_size: tuple[int, int], mask_format: str, **fields) -> None:
-    """segment --json: what was run (image, checkpoint, model, device, dtype), the mask file, then `fields`."""
+    """segment --json: what was run (image, checkpoint, model, device, dtype, backend), the mask file, then `fields`."""
     result = {
         "image": str(args.image), "checkpoint": str(args.checkpoint), "variant": model.variant, "image_size": list(image_size),
-        "mask": str(args.output), "mask_format": mask_format, "device": str(model.device), "dtype": args.dtype, **fields,
+        "mask": str(args.output), "mask_format": mask_format, "device": str(model.device), "dtype": args.dtype, "backend": model.backend, **fields,
     }
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -426,7 +430,7 @@ def segment(args) -> int:
         args.parser.error("IMAGE, --output, --overlay and --json must be different files (one would overwrite another)")
 
     image = load_image(args.image)
-    model = samhq_fast.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    model = samhq_fast.load(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend)
     if args.auto:
         return segment_everything(args, image, model)
     predictor = SamHQPredictor(model)

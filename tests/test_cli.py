@@ -249,6 +249,7 @@ ERROR_CASES = {
     "meta_device": (["--point", "220,150", "--device", "meta"], "device 'meta' is not supported: use 'cpu'"),
     "xpu_device": (["--point", "220,150", "--device", "xpu"], "device 'xpu' is not supported: use 'cpu'"),
     "bad_dtype": (["--point", "220,150", "--dtype", "fp8"], "unknown dtype fp8: choose from fp32,float32,fp16"),
+    "bad_backend": (["--point", "220,150", "--backend", "turbo"], "argument --backend: invalid choice: 'turbo'"),
     "points_with_several_boxes": (["--point", "220,150", "--box", "10,20,200,280", "--box", "230,40,440,290"], "--point cannot be combined with several --box"),
     "auto_with_a_prompt": (["--auto", "--box", "10,20,200,280"], "--auto segments everything without prompts: drop --point / --box"),
 }
@@ -288,6 +289,32 @@ def test_segment_dtype_alias(capsys, tmp_path, ckpt):
                        "--json", json_path)
     assert code == 0, err
     assert json.loads(json_path.read_text())["dtype"] == "fp16"
+
+
+def test_segment_fused_backend_gives_the_eager_mask(capsys, tmp_path, ckpt, kernel_spies):
+    """--backend reaches load: fused (here under the Triton interpreter) runs the Triton kernels and gives
+    eager's mask and score; the JSON says which backend ran."""
+    results = {}
+    for backend in ("EAGER", "fused"):
+        mask_path, json_path = tmp_path / f"{backend}.png", tmp_path / f"{backend}.json"
+        code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--box", "100,50,350,280", "--backend", backend,
+                           "-o", mask_path, "--json", json_path)
+        assert code == 0, err
+        attention_ran = bool(kernel_spies["attention"].launches)
+        assert attention_ran == (backend == "fused")
+        results[backend] = read_png(mask_path), json.loads(json_path.read_text())
+    (eager_mask, eager_json), (fused_mask, fused_json) = results["EAGER"], results["fused"]
+    assert (eager_json["backend"], fused_json["backend"]) == ("eager", "fused")
+    assert (eager_mask != fused_mask).mean() < 1e-3  # fp32 logits agree to ~1e-5: a pixel may flip at the threshold
+    assert fused_json["prompts"][0]["score"] == pytest.approx(eager_json["prompts"][0]["score"], abs=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fused backend runs on a CUDA machine")
+def test_segment_fused_backend_where_it_cannot_run(capsys, tmp_path, ckpt, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "220,150", "--backend", "fused", "-o", tmp_path / "m.png")
+    assert code == 2 and "backend='fused' cannot run here: Triton kernels need a CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "m.png").exists()
 
 
 def test_segment_input_errors(capsys, tmp_path, ckpt):
