@@ -144,6 +144,15 @@ def _rel_pos_attention_kernel(
 
 
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64)  # fewer, larger programs: the interpreter pays per op
+# CUDA's limit on a grid's 2nd and 3rd dimensions. Both kernels put image x head on the 3rd: vit_h's
+# 16 heads reach it at 4,096 images (a batch only a small custom image size can hold in memory).
+MAX_GRID_YZ = 65535
+
+
+def batch_chunks(batch: int, num_heads: int) -> list[slice]:
+    """Image slices small enough that images x heads fits a grid dimension (one launch each)."""
+    step = max(1, MAX_GRID_YZ // num_heads)
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
 def _config(m: int, n: int, warps: int, stages: int) -> dict:
@@ -251,16 +260,17 @@ def rel_pos_terms(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.T
     for out, table, win, lines, runs, q_line, q_run, out_line, out_run in terms:
         table = resize_rel_pos(table, 2 * win - 1).contiguous()
         block_run = min(run_block, max(16, triton.next_power_of_2(runs)))
-        with on_device(qkv):
-            _rel_pos_terms_kernel[(triton.cdiv(runs, block_run), lines, b * num_heads)](
-                qkv, table, out, runs,
-                qkv.stride(0), q_line, q_run,
-                out.stride(1), out_line, out_run,
-                NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
-                WIN=win, WIN_PAD=max(16, triton.next_power_of_2(win)), BLOCK_RUN=block_run,
-                DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-                num_warps=warps,
-            )
+        for images in batch_chunks(b, num_heads):
+            with on_device(qkv):
+                _rel_pos_terms_kernel[(triton.cdiv(runs, block_run), lines, (images.stop - images.start) * num_heads)](
+                    qkv[images], table, out[images], runs,
+                    qkv.stride(0), q_line, q_run,
+                    out.stride(1), out_line, out_run,
+                    NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
+                    WIN=win, WIN_PAD=max(16, triton.next_power_of_2(win)), BLOCK_RUN=block_run,
+                    DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+                    num_warps=warps,
+                )
     return rel_h, rel_w
 
 
@@ -312,17 +322,18 @@ def rel_pos_attention(
     key_cols = triton.next_power_of_2(win_w)
 
     def launch(config: dict) -> None:
-        grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows_y * windows_x, b * num_heads)
-        _rel_pos_attention_kernel[grid](
-            qkv, bias, rel_h, rel_w, out, head_dim ** -0.5, h, w,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
-            WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
-            KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols),
-            DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-            **config,
-        )
+        for images in batch_chunks(b, num_heads):
+            grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows_y * windows_x, (images.stop - images.start) * num_heads)
+            _rel_pos_attention_kernel[grid](
+                qkv[images], bias, rel_h[images], rel_w[images], out[images], head_dim ** -0.5, h, w,
+                qkv.stride(0), qkv.stride(1), qkv.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
+                WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
+                KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols),
+                DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+                **config,
+            )
 
     with on_device(qkv):
         if config is not None or interpreted:

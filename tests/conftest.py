@@ -90,14 +90,14 @@ def tiny_checkpoints(tiny_model, tmp_path_factory) -> dict:
 
 class KernelSpy:
     """Stands in for a @triton.jit kernel and still runs it; `launches` records each launch's keyword
-    arguments (constexprs and config), so a test can tell the kernel really ran, and how."""
+    arguments (constexprs and config) and its "grid", so a test can tell the kernel really ran, and how."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append(kwargs)
+            self.launches.append({**kwargs, "grid": grid})
             return self.kernel[grid](*args, **kwargs)
         return launch
 

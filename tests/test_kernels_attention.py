@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from samhq_fast.kernels import attention
 from samhq_fast.kernels.attention import rel_pos_attention, rel_pos_terms, split_head_dim
 from samhq_fast.modeling.image_encoder import Attention, decomposed_rel_pos_bias, get_rel_pos, window_partition, window_unpartition
 
@@ -90,6 +91,16 @@ def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, kernel_spies):
     check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
     (launch,) = kernel_spies["attention"].launches  # the config asked for is the one that ran
     assert (launch["BLOCK_M"], launch["BLOCK_N"]) == (block_m, block_n)
+
+
+@pytest.mark.parametrize("window", [5, 0], ids=["windowed", "global"])
+def test_batches_past_the_grid_limit_launch_in_chunks(window, kernel_spies, monkeypatch):
+    """Images x heads share one grid dimension (CUDA's limit: 65,535): past it the launchers split the
+    batch. Here the limit is 4 programs, so 3 images of 2 heads run as images [0, 2) and [2, 3)."""
+    monkeypatch.setattr(attention, "MAX_GRID_YZ", 4)
+    check(3, (7, 9), 128, 2, window, torch.float32, 1e-5, 1e-5, seed=4)
+    assert [launch["grid"][2] for launch in kernel_spies["attention"].launches] == [4, 2]
+    assert len(kernel_spies["rel_pos_terms"].launches) == 4  # rows and columns, per chunk
 
 
 def test_qkv_with_a_strided_last_dim():
