@@ -238,7 +238,9 @@ class ResizeLongestSide:
     def apply_image_torch(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, h, w] on the images' device: uint8 RGB by `resize_longest_side_torch`
         (PIL's rounding), floating point as the original (one antialiased bilinear pass, float32 out)."""
-        if isinstance(images, torch.Tensor) and images.is_floating_point() and images.ndim == 4:
+        if isinstance(images, torch.Tensor) and images.ndim != 4:
+            raise ValueError(f"apply_image_torch takes a batch [B, C, H, W], as the original, got shape {list(images.shape)}")
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
             size = _check_resized_shape(*images.shape[-2:], self.target_length)
             return F.interpolate(images.float(), size, mode="bilinear", align_corners=False, antialias=True)
         return resize_longest_side_torch(images, self.target_length)
