@@ -25,6 +25,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return as_rgb_uint8(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"image {path} is too large to read safely ({e}): if you trust the file, set PIL.Image.MAX_IMAGE_PIXELS "
+            "higher (or to None) first"
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"could not read image {path}: {e}") from e
 

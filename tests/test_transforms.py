@@ -299,6 +299,18 @@ def test_load_image_errors(tmp_path):
         load_image(tmp_path / "junk.png")
 
 
+def test_load_image_past_pils_size_limit(tmp_path, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS with its own DecompressionBombError (not an
+    OSError): a ValueError naming the way out, and the image loads once the user raises the limit."""
+    Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 600 pixels > 2 x 100
+    with pytest.raises(ValueError, match=re.escape("is too large to read safely")) as info:
+        load_image(tmp_path / "big.png")
+    assert "MAX_IMAGE_PIXELS" in str(info.value)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert load_image(tmp_path / "big.png").shape == (20, 30, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # resize_longest_side_torch: the device-side resize, against PIL
 # ---------------------------------------------------------------------------------------------
