@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 import samhq_fast
 from samhq_fast.build import DTYPE_NAMES, dtype_name
 from samhq_fast.checkpoint import FOURIER_BASIS_KEY
-from samhq_fast.cli import build_parser, main
+from samhq_fast import cli
+from samhq_fast.cli import PALETTE, POINT_COLORS, build_parser, main
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
 
@@ -171,6 +172,117 @@ def test_segment_auto(capsys, tmp_path, ckpt, photo):
 
 
 # ---------------------------------------------------------------------------------------------
+# segment's outputs for masks known in advance: the tiny model's masks cover most of the photo, so
+# stand-ins for the predictor and the generator give small rectangles and single rows instead
+
+
+class RectanglePredictor:
+    """Stands in for SamHQPredictor: prompt i's mask is RECTANGLES[i] (x0, y0, x1, y1, end exclusive)
+    and its score 0.5 + i / 10, whatever the prompt."""
+
+    RECTANGLES = [(30, 30, 110, 110), (160, 50, 290, 190), (270, 160, 410, 270)]  # the third overlaps the second
+
+    def __init__(self, model):
+        pass
+
+    def set_image(self, image):
+        self.size = image.shape[:2]
+
+    def predict(self, box=None, point_coords=None, point_labels=None, multimask_output=False, hq_token_only=False):
+        count = len(box) if box is not None and box.ndim == 2 else 1
+        masks = np.zeros((count, 1, *self.size), dtype=bool)
+        for i, (x0, y0, x1, y1) in enumerate(self.RECTANGLES[:count]):
+            masks[i, 0, y0:y1, x0:x1] = True
+        return masks, 0.5 + np.arange(count, dtype=np.float32)[:, None] / 10, None
+
+
+def test_segment_outputs_of_known_masks(capsys, tmp_path, ckpt, photo, monkeypatch):
+    """Index values (later prompts over earlier ones), per-prompt area and bbox, and the overlay's
+    colours: mask i blended half-and-half with PALETTE[i], box i outlined in PALETTE[i]."""
+    monkeypatch.setattr(cli, "SamHQPredictor", RectanglePredictor)
+    boxes = [(20, 20, 120, 120), (150, 40, 300, 200), (260, 150, 420, 280)]
+    options = [opt for box in boxes for opt in ("--box", ",".join(map(str, box)))]
+    mask_path, json_path, overlay_path = tmp_path / "m.png", tmp_path / "m.json", tmp_path / "o.png"
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, *options, "-o", mask_path, "--json", json_path, "--overlay", overlay_path)
+    assert code == 0, err
+    index, overlay = read_png(mask_path), read_png(overlay_path).astype(int)
+    prompts = json.loads(json_path.read_text())["prompts"]
+    for i, (x0, y0, x1, y1) in enumerate(RectanglePredictor.RECTANGLES):
+        assert prompts[i]["area"] == (x1 - x0) * (y1 - y0) and prompts[i]["bbox_xywh"] == [x0, y0, x1 - x0, y1 - y0]
+        assert prompts[i]["score"] == pytest.approx(0.5 + i / 10)
+        assert index[y0 + 5, x1 - 5] == i + 1  # (the second's bottom-right corner is under the third)
+        inside = ((y0 + y1) // 2, (x0 + x1) // 2)  # the centre: in no other mask, on no outline
+        np.testing.assert_array_equal(overlay[inside], np.round(0.5 * photo[inside] + 0.5 * np.array(PALETTE[i])))
+        bx0, by0, _, by1 = boxes[i]
+        np.testing.assert_array_equal(overlay[(by0 + by1) // 2, bx0], PALETTE[i])
+    assert index[180, 280] == 3 and (index > 0).sum() == sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in RectanglePredictor.RECTANGLES) - 20 * 30
+
+
+def test_segment_one_prompt_outputs_of_a_known_mask(capsys, tmp_path, ckpt, photo, monkeypatch):
+    """One prompt: a 0/255 mask, "binary" in the JSON, foreground dots green and background red at (x, y)."""
+    monkeypatch.setattr(cli, "SamHQPredictor", RectanglePredictor)
+    mask_path, json_path, overlay_path = tmp_path / "m.png", tmp_path / "m.json", tmp_path / "o.PNG"  # any case
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "100,40", "--point", "40,100,0", "--box", "20,20,120,120",
+                       "-o", mask_path, "--json", json_path, "--overlay", overlay_path)
+    assert code == 0, err
+    x0, y0, x1, y1 = RectanglePredictor.RECTANGLES[0]
+    expected = np.zeros(photo.shape[:2], np.uint8)
+    expected[y0:y1, x0:x1] = 255
+    np.testing.assert_array_equal(read_png(mask_path), expected)
+    result = json.loads(json_path.read_text())
+    assert result["mask_format"] == "binary" and result["prompts"][0]["bbox_xywh"] == [x0, y0, x1 - x0, y1 - y0]
+    overlay = read_png(overlay_path)
+    np.testing.assert_array_equal(overlay[40, 100], POINT_COLORS[1])
+    np.testing.assert_array_equal(overlay[100, 40], POINT_COLORS[0])
+
+
+class RowGenerator:
+    """Stands in for SamHQAutomaticMaskGenerator: COUNT records, record i the first i + 1 pixels of row i."""
+
+    COUNT = 0
+
+    def __init__(self, model, **settings):
+        pass
+
+    def generate(self, image, hq_token_only=False):
+        RowGenerator.hq_token_only = hq_token_only
+        records = []
+        for i in range(self.COUNT):
+            segmentation = np.zeros(image.shape[:2], dtype=bool)
+            segmentation[i, : i + 1] = True
+            records.append({"segmentation": segmentation, "area": i + 1, "point_coords": [[i + 0.5, 2 * i + 0.25]],
+                            "predicted_iou": 0.9 - i / 1000, "stability_score": 0.8 - i / 1000})
+        return records
+
+
+@pytest.mark.parametrize("count, png_dtype", [(255, np.uint8), (256, np.uint16)])
+def test_segment_auto_index_png_width(count, png_dtype, capsys, tmp_path, ckpt, monkeypatch):
+    """Up to 255 masks an 8-bit index PNG, from 256 on 16-bit; largest first: row i (area i + 1) gets
+    index count - i. The JSON carries each record's own point and stability."""
+    monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", RowGenerator)
+    monkeypatch.setattr(RowGenerator, "COUNT", count)
+    mask_path, json_path = tmp_path / "all.png", tmp_path / "all.json"
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--hq-only", "-o", mask_path, "--json", json_path)
+    assert code == 0, err
+    assert RowGenerator.hq_token_only
+    index = read_png(mask_path)
+    assert index.dtype == png_dtype and index.max() == count
+    for i in range(count):
+        assert (index[i, : i + 1] == count - i).all() and not index[i, i + 1 :].any()
+    masks = json.loads(json_path.read_text())["masks"]
+    for entry in masks:
+        i = count - entry["index"]  # the record painted with this index
+        assert entry["point"] == [i + 0.5, 2 * i + 0.25] and entry["stability"] == pytest.approx(0.8 - i / 1000)
+        assert entry["score"] == pytest.approx(0.9 - i / 1000) and entry["bbox_xywh"] == [0, i, i + 1, 1]
+
+
+def test_segment_refuses_more_boxes_than_an_8_bit_index_holds(capsys, tmp_path, ckpt):
+    options = [opt for i in range(256) for opt in ("--box", f"{i % 400},1,{i % 400 + 10},20")]
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, *options, "-o", tmp_path / "m.png")
+    assert code == 2 and "at most 255 --box prompts" in err
+
+
+# ---------------------------------------------------------------------------------------------
 # convert
 
 
@@ -191,8 +303,9 @@ def test_convert(layout, source, capsys, tmp_path, tiny_checkpoints, tiny_model)
         assert torch.equal(v, reference[k]), k
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "half", "FLOAT16"])
-def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model, dtype):
+@pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("half", torch.float16), ("FLOAT16", torch.float16),
+                                               ("bf16", torch.bfloat16)])
+def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model, dtype, torch_dtype):
     out_path = tmp_path / "half.safetensors"
     code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], out_path, "--dtype", dtype)
     assert code == 0, err
@@ -201,7 +314,7 @@ def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model, dtype):
         if k == FOURIER_BASIS_KEY:  # kept fp32, as half models keep it
             assert tensors[k].dtype == torch.float32 and torch.equal(tensors[k], v), k
         else:
-            assert tensors[k].dtype == torch.float16 and torch.equal(tensors[k], v.half()), k
+            assert tensors[k].dtype == torch_dtype and torch.equal(tensors[k], v.to(torch_dtype)), k
 
 
 def test_convert_rejects_bad_input_before_writing(capsys, tmp_path):
