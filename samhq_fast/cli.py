@@ -614,6 +614,7 @@ def bench(args) -> int:
     for what, argv in runs:
         part = output.with_name(f"{output.stem}.{what}-{argv[argv.index('--dtype') + 1]}.json")
         print(f"[bench] {what}: {' '.join(argv)} -> {part}", flush=True)
+        part.unlink(missing_ok=True)  # an earlier run's part must not pass for this run's, if this one is cut short
         try:
             run = importlib.import_module(modules[what]).main([*argv, "--output", str(part)], **overrides)
         except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: merge what the runs saved so far

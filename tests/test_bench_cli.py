@@ -231,7 +231,7 @@ def test_bench_plot_leaves_out_withheld_figures(tmp_path):
 
 def test_bench_interrupted_before_anything_finished(tmp_path, capsys, monkeypatch):
     """Ctrl-C during the first configuration (or the reference rates): exit 130 with one line, no
-    traceback, and no merged JSON made of nothing."""
+    traceback, and no merged JSON made of nothing, nor of an earlier run's part file at the same output."""
     from samhq_fast.benchmark import encoder
 
     def interrupted(*args, **kwargs):
@@ -239,8 +239,10 @@ def test_bench_interrupted_before_anything_finished(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(encoder, "reference_rates", interrupted)
     out = tmp_path / "cut.json"
+    stale_part = tmp_path / "cut.encoder-fp32.json"  # what an earlier run with this --output left
+    stale_part.write_text(json.dumps({"settings": {"variants": ["tiny"]}, "machine": {}, "results": []}))
     code = main(["bench", "--smoke", "--dtype", "fp32", "--backends", "eager", "--what", "encoder", "--output", str(out)])
-    assert code == 130 and not out.exists()
+    assert code == 130 and not out.exists() and not stale_part.exists()
     assert "before any configuration finished: nothing written" in capsys.readouterr().err
 
 
