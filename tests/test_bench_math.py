@@ -1,8 +1,14 @@
 """The benchmark's bookkeeping against hand-computed values: the numerics verdict that decides
 whether a backend's speed may be reported, nearest-rank percentiles, speedups against the eager row
-of the same configuration, and throughput in the summary table."""
+of the same configuration, throughput in the summary table, the timing loop and the figures it feeds."""
+
+import random
+import time
+import types
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from samhq_fast.benchmark import common, report
 from samhq_fast.benchmark import decoder as decoder_bench
@@ -16,6 +22,8 @@ TOL, SLACK = 0.01, 1.25
     (0.5, 0.012, 0.01, True),  # far from eager, but no further from fp32 than 1.25 x eager's own 0.01
     (0.5, 0.3, 0.01, False),  # further from fp32 than max(tol, 1.25 x 0.01)
     (0.5, 0.0124, 0.002, False),  # eager's own error is small: the bound is tol, not 1.25 x 0.002
+    (0.5, 0.009, 0.002, True),  # ...and within tol of fp32 passes (1.25 x 0.002 alone would fail it)
+    (0.01, None, None, True),  # exactly at tol
     (float("nan"), float("nan"), 0.01, False),
     (0.5, None, None, False),  # disagrees with eager and there is no fp32 truth to excuse it
     (None, None, None, None),  # nothing to compare with
@@ -74,3 +82,71 @@ def test_table_throughput_counts_every_image_of_a_batch():
          "speed": {"median_ms": 40.0, "p90_ms": 41.0}}]}
     (row,) = report.rows_of(run)
     assert row["throughput"] == pytest.approx(200.0) and row["unit"] == "img/s"  # 8 images per 40 ms
+
+
+def test_timing_summary_fields():
+    times = [float(t) for t in range(1, 101)]
+    random.Random(0).shuffle(times)
+    assert common.timing_summary(times) == {"median_ms": 50.5, "p90_ms": 90.0, "p99_ms": 99.0, "min_ms": 1.0, "max_ms": 100.0,
+                                            "repeats": 100}
+
+
+def test_rel_l2_is_relative_to_the_expected_tensor():
+    x = torch.tensor([3.0, -4.0])
+    assert common.rel_l2(2 * x, x) == pytest.approx(1.0) and common.rel_l2(x, 2 * x) == pytest.approx(0.5)
+
+
+def test_cpu_call_times_are_milliseconds():
+    (elapsed,) = common.time_calls(lambda: time.sleep(0.02), [()], torch.device("cpu"))
+    assert elapsed >= 19  # a 20 ms sleep, in ms (not seconds)
+
+
+@pytest.mark.parametrize("target_s, repeats", [(0.0, 7), (1e3, 9)])  # too few calls for min_repeats, too many for max_repeats
+def test_measure_call_sequence(target_s, repeats, monkeypatch):
+    """First call on input 0, `warmup` calls rotating the inputs, one probe on input 1, then the timed
+    calls rotating from input 0, bounded by min/max_repeats; peak memory is reset after the warm-up."""
+    calls = []
+    monkeypatch.setattr(common, "reset_peak_memory", lambda device: calls.append("reset"))
+    args = types.SimpleNamespace(warmup=5, min_repeats=7, max_repeats=9, target_s=target_s)
+    result, kept = common.measure(lambda tag: calls.append(tag) or tag, [("a0",), ("a1",), ("a2",)], torch.device("cpu"), args)
+    timed = [f"a{i % 3}" for i in range(repeats)]
+    assert calls == ["a0", "a0", "a1", "a2", "a0", "a1", "reset", "a1", *timed]
+    assert kept == "a0" and result["timing"]["repeats"] == repeats
+
+
+def test_encoder_speed_figures():
+    figures = encoder_bench.speed_figures({"median_ms": 40.0}, batch=8, flops=8e12, matmul_tflops=400.0)
+    assert figures["ms_per_image"] == 5.0 and figures["images_per_s"] == 200.0
+    assert figures["tflops"] == pytest.approx(200.0) and figures["pct_of_matmul"] == pytest.approx(50.0)
+
+
+def test_hq_head_flops_match_torchs_flop_counter():
+    """The HQ feature head (two ConvT stacks) of vit_b and vit_h, counted by torch on the meta device."""
+    from samhq_fast.modeling import SamHQ, SamHQConfig
+    from samhq_fast.modeling.sam_hq import ALL_VARIANTS
+
+    for variant in ("vit_b", "vit_h"):
+        config = SamHQConfig(encoder=ALL_VARIANTS[variant])
+        g = config.embedding_size
+        with torch.device("meta"):
+            head = SamHQ(config).mask_decoder
+            with FlopCounterMode(display=False) as counter:
+                head.hq_features(torch.empty(3, 256, g, g), torch.empty(3, g, g, config.vit_dim))
+        assert encoder_bench.hq_head_flops(config, 3) == counter.get_total_flops(), variant
+
+
+def test_bench_runs_pass_the_time_budget_and_keep_graphs_off_the_cpu():
+    """gpu_session.sh relies on --time-budget-s reaching every run (each ends itself before the stage's
+    SIGINT); on the CPU the fused backend gets no CUDA-graph decoder modes and compile no max-autotune."""
+    from samhq_fast.cli import _bench_runs, build_parser
+
+    args = build_parser().parse_args(["bench", "--smoke", "--interpret", "--dtype", "fp32,fp16", "--backends", "eager,fused",
+                                      "--time-budget-s", "5"])
+    runs = _bench_runs(args, ["eager", "fused"], "cpu")
+    assert [what for what, _ in runs] == ["encoder", "decoder", "encoder", "decoder"]
+    for what, argv in runs:
+        assert float(argv[argv.index("--time-budget-s") + 1]) == 5
+        if what == "encoder":
+            assert argv[argv.index("--compile-mode") + 1] == "default"
+        else:
+            assert argv[argv.index("--modes") + 1] == "eager"
