@@ -260,8 +260,8 @@ def rel_pos_terms(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.T
     for out, table, win, lines, runs, q_line, q_run, out_line, out_run in terms:
         table = resize_rel_pos(table, 2 * win - 1).contiguous()
         block_run = min(run_block, max(16, triton.next_power_of_2(runs)))
-        for images in batch_chunks(b, num_heads):
-            with on_device(qkv):
+        with on_device(qkv):
+            for images in batch_chunks(b, num_heads):
                 _rel_pos_terms_kernel[(triton.cdiv(runs, block_run), lines, (images.stop - images.start) * num_heads)](
                     qkv[images], table, out[images], runs,
                     qkv.stride(0), q_line, q_run,

@@ -488,7 +488,9 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
         raise CheckpointError(f"embed dim {embed_dim} is not a multiple of head_dim {head_dim}")
     lin1 = [f"image_encoder.blocks.{i}.mlp.lin1.weight" for i in range(depth)]
     lin1_shapes = [state_dict[k].shape for k in lin1 if k in state_dict and state_dict[k].dim() == 2]
-    mlp_dim = _most_common([s[0] for s in lin1_shapes]) if lin1_shapes else _shape(state_dict, lin1[0], 2)[0]
+    if not lin1_shapes:
+        _shape(state_dict, lin1[0], 2)  # raises, naming block 0's missing or mis-ranked lin1
+    mlp_dim = _most_common([s[0] for s in lin1_shapes])
     out_chans = _shape(state_dict, "image_encoder.neck.0.weight", 4)[0]
     encoder = ViTConfig(
         img_size=grid * patch,
