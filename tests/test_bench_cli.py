@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from samhq_fast.benchmark import report
 from samhq_fast.benchmark.common import SMOKE_CONFIG
 from samhq_fast.cli import build_parser, main
 from samhq_fast.flops import encoder_flops
@@ -132,10 +133,10 @@ def test_bench_checkpoint_runs_its_own_architecture(tiny_checkpoints, tmp_path):
     argv = ["bench", "--checkpoint", str(tiny_checkpoints["pth"]), "--smoke", "--variant", "vit_h", "--what", "encoder,decoder",
             "--backends", "eager", "--prompts", "1", "--output", str(out)]
     assert main(argv) == 0
-    report = json.loads(out.read_text())
-    assert {run["what"]: run["settings"]["variants"] for run in report["runs"]} == {"encoder": ["custom"], "decoder": ["custom"]}
-    assert report["settings"]["variants"] == ["custom"]
-    assert {row["variant"] for row in report["rows"]} == {"custom"}
+    merged = json.loads(out.read_text())
+    assert {run["what"]: run["settings"]["variants"] for run in merged["runs"]} == {"encoder": ["custom"], "decoder": ["custom"]}
+    assert merged["settings"]["variants"] == ["custom"]
+    assert {row["variant"] for row in merged["rows"]} == {"custom"}
 
 
 def test_bench_table_from_results(tmp_path, capsys):
@@ -154,6 +155,21 @@ def test_bench_table_from_results(tmp_path, capsys):
             "disagree with eager (rel L2 vs eager 4.0e-01, vs fp32 4.1e-01): figures withheld |") in table
     assert "| encoder | vit_b | bf16 | hf | batch 1 | 20.000 |" in table and "numerics not checked" in table  # no reference
     assert "NOT SPEED FIGURES" in table
+
+
+def test_bench_table_rows_in_run_order_and_one_table_per_file(tmp_path, capsys):
+    """Rows come in the order the run measured them (eager first), each has the header's number of
+    cells (withheld and skipped rows too), and `--table A B` prints one table per file, each naming its source."""
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path in paths:
+        path.write_text(json.dumps(gpu_results()))
+    assert main(["bench", "--table", *map(str, paths)]) == 0
+    first, second = capsys.readouterr().out.split(f"Results from `{paths[1]}`.")
+    assert f"Results from `{paths[0]}`." in first
+    for table in (first, second):
+        rows = [line for line in table.splitlines() if line.startswith("| encoder")]
+        assert [row.split(" | ")[3] for row in rows] == ["eager", "fused", "fused-graphed", "hf", "compile"]
+        assert all(row.count("|") == len(report.COLUMNS) + 1 for row in rows)
 
 
 @pytest.mark.parametrize("backends, expected", [(("eager", "fused"), True), (None, False)], ids=["all-valid", "mixed"])
@@ -208,8 +224,6 @@ def test_bench_dtype_names_are_those_load_accepts():
 
 def test_interpreter_rows_are_not_speed_figures():
     """A run with TRITON_INTERPRET=1 (bench --interpret): its fused rows are labelled, eager's are not."""
-    from samhq_fast.benchmark import report
-
     data = gpu_results()
     data["machine"]["env"] = {"TRITON_INTERPRET": "1"}
     rows = {row["backend"]: row for row in report.load_rows(data)}
@@ -220,8 +234,6 @@ def test_interpreter_rows_are_not_speed_figures():
 def test_bench_plot_leaves_out_withheld_figures(tmp_path):
     """The bar chart draws only rows with figures: invalid numerics, skips and errors get no bar."""
     pytest.importorskip("matplotlib")
-    from samhq_fast.benchmark import report
-
     data = gpu_results()
     drawn = {row["backend"] for row in report.load_rows(data) if row["throughput"] is not None}
     assert drawn == {"eager", "fused", "hf"}

@@ -76,6 +76,20 @@ def test_decoder_speedups_use_the_median_for_throughput_and_p50_for_latency():
     assert best["prompts_per_s"] == 32000.0 and best["single_prompt_p50_ms"] == 0.5 and best["single_prompt_mode"] == "graphed"
 
 
+def test_decoder_speedups_compare_the_same_prompt_kind_and_best_figures_skip_invalid_rows():
+    def row(mode, kind, median_ms, prompts_per_s, field="speed"):
+        return {"test": "throughput", "variant": "vit_b", "prompt": kind, "prompts": 64, "mode": mode,
+                field: {"median_ms": median_ms, "prompts_per_s": prompts_per_s}}
+
+    results = [row("eager", "box", 8.0, 8000.0), row("eager", "point", 16.0, 4000.0), row("graphed", "point", 4.0, 16000.0),
+               row("graphed", "box", 3.2, 20000.0), row("graphed-manual", "box", 0.1, 640000.0, field="invalid_speed")]
+    decoder_report = {"results": results}
+    decoder_bench.finalize(decoder_report)
+    assert [r.get("speed", r.get("invalid_speed"))["speedup_vs_eager"] for r in results] == [1.0, 1.0, 4.0, 2.5, 80.0]
+    best = decoder_report["targets"]["best_valid"]["vit_b"]
+    assert best["prompts_per_s"] == 20000.0 and best["meets_prompts_per_s"] is True  # the target is ">= 20,000"
+
+
 def test_table_throughput_counts_every_image_of_a_batch():
     run = {"what": "encoder", "settings": {"dtype": "bf16"}, "machine": {"gpu": "NVIDIA H200"}, "smoke": False, "results": [
         {"variant": "vit_h", "batch": 8, "backend": "fused", "dtype": "bf16", "status": "ok", "numerics_ok": True,
