@@ -164,3 +164,13 @@ def test_bench_runs_pass_the_time_budget_and_keep_graphs_off_the_cpu():
             assert argv[argv.index("--compile-mode") + 1] == "default"
         else:
             assert argv[argv.index("--modes") + 1] == "eager"
+
+
+def test_reference_rates_count_flops_and_bytes_per_millisecond(monkeypatch):
+    """With every call timed at exactly 1 ms: a 2 n^3-FLOP matmul in the run's own dtype, and a copy
+    counted as its bytes read plus written."""
+    monkeypatch.setattr(common, "time_calls", lambda fn, args_list, device: [1.0] * len(args_list))
+    rates = encoder_bench.reference_rates(torch.device("cpu"), torch.float32, smoke=True)  # n = 512, 64 MiB
+    assert rates["matmul_float32"]["dtype"] == "float32" and rates["matmul_bf16"]["dtype"] == "bfloat16"
+    assert rates["matmul_float32"]["tflops"] == pytest.approx(2 * 512**3 / 1e-3 / 1e12)
+    assert rates["copy"]["gb_per_s_read_plus_write"] == pytest.approx(2 * 64 * 2**20 / 1e-3 / 1e9)
