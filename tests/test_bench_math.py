@@ -174,3 +174,18 @@ def test_reference_rates_count_flops_and_bytes_per_millisecond(monkeypatch):
     assert rates["matmul_float32"]["dtype"] == "float32" and rates["matmul_bf16"]["dtype"] == "bfloat16"
     assert rates["matmul_float32"]["tflops"] == pytest.approx(2 * 512**3 / 1e-3 / 1e12)
     assert rates["copy"]["gb_per_s_read_plus_write"] == pytest.approx(2 * 64 * 2**20 / 1e-3 / 1e9)
+
+
+def test_block_profile_per_call_figures_and_shares():
+    """profile_block: launches and time are per block call (the profiled calls divided out), and each
+    kernel's share is of its backend's total."""
+    from samhq_fast.benchmark import profile_block
+
+    x = torch.randn(48, 48)
+    rows = profile_block.profile_calls(lambda t: torch.mm(t, t), x, repeats=4)
+    (mm,) = [r for r in rows if r["name"] == "aten::mm"]
+    assert mm["launches"] == 1
+    results = {("global", 1): {"eager": [{"name": "a", "launches": 2, "us": 30.0}, {"name": "b", "launches": 1, "us": 10.0}]}}
+    text = profile_block.markdown(results, ["# header"])
+    assert "## global block, batch 1: eager 40.0 us" in text
+    assert "| `a` | 2 | 30.0 | 75.0% |" in text and "| `b` | 1 | 10.0 | 25.0% |" in text
