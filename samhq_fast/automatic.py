@@ -201,6 +201,9 @@ class SamHQAutomaticMaskGenerator:
         for name, value in thresholds.items():
             if not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if stability_score_offset < 0:  # the +offset mask must be the inner one, or every "stability" is >= 1
+            raise ValueError(f"stability_score_offset must be >= 0 (stability compares the masks at logit thresholds "
+                             f"+offset and -offset), got {stability_score_offset!r}")
         if not 0 <= crop_overlap_ratio <= 1:  # crops wider than the image beyond 1: negative offsets
             raise ValueError(f"crop_overlap_ratio must be in [0, 1] (a fraction of the crop size), got {crop_overlap_ratio!r}")
         if output_mode == "coco_rle":

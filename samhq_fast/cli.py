@@ -28,6 +28,8 @@ POINT_COLORS = {1: (0, 255, 0), 0: (255, 0, 0)}  # foreground green, background 
 DTYPE_CHOICES = ", ".join(DTYPE_NAMES) + " (any case)"
 FORMATTER = argparse.RawDescriptionHelpFormatter  # keep the line breaks of the descriptions
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# segment --auto options; None on the command line means "not given", so they can be refused without --auto
+AUTO_DEFAULTS = dict(points_per_side=32, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7)
 
 MAIN_HELP = """\
 SAM-HQ (Segment Anything in High Quality) inference from the command line.
@@ -251,13 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--auto", action="store_true",
                      help="segment everything, without prompts: the automatic mask generator (a point grid, the original's filters "
                           "and NMS); writes an index PNG, larger masks painted first")
-    seg.add_argument("--points-per-side", type=int, default=32, metavar="N", help="--auto: N x N grid points (default 32)")
-    seg.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="T", help="--auto: keep masks whose predicted IoU > T (default 0.88)")
-    seg.add_argument("--stability-thresh", type=float, default=0.95, metavar="T", help="--auto: keep masks whose stability >= T (default 0.95)")
-    seg.add_argument("--stability-offset", type=float, default=1.0, metavar="D",
-                     help="--auto: stability = IoU of the masks at logit thresholds +D and -D (default 1.0)")
-    seg.add_argument("--box-nms-thresh", type=float, default=0.7, metavar="T",
-                     help="--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default 0.7)")
+    seg.add_argument("--points-per-side", type=int, default=None, metavar="N", help=f"--auto: N x N grid points (default {AUTO_DEFAULTS['points_per_side']})")
+    seg.add_argument("--pred-iou-thresh", type=float, default=None, metavar="T", help=f"--auto: keep masks whose predicted IoU > T (default {AUTO_DEFAULTS['pred_iou_thresh']})")
+    seg.add_argument("--stability-thresh", type=float, default=None, metavar="T", help=f"--auto: keep masks whose stability >= T (default {AUTO_DEFAULTS['stability_thresh']})")
+    seg.add_argument("--stability-offset", type=float, default=None, metavar="D",
+                     help=f"--auto: stability = IoU of the masks at logit thresholds +D and -D (default {AUTO_DEFAULTS['stability_offset']})")
+    seg.add_argument("--box-nms-thresh", type=float, default=None, metavar="T",
+                     help=f"--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default {AUTO_DEFAULTS['box_nms_thresh']})")
     seg.add_argument("--output", "-o", required=True, metavar="MASK.png",
                      help="mask PNG: binary 0/255 for one prompt, index 0..N for N prompts")
     seg.add_argument("--overlay", metavar="OVERLAY.png", help="also write the photo with the masks and prompts drawn on it")
@@ -409,6 +411,12 @@ def segment_everything(args, image: np.ndarray, model) -> int:
 
 def segment(args) -> int:
     points, boxes = args.point, args.box
+    given = [name for name in AUTO_DEFAULTS if getattr(args, name) is not None]
+    if given and not args.auto:  # ignoring them would hide a forgotten --auto
+        args.parser.error(f"{', '.join('--' + n.replace('_', '-') for n in given)} only apply to --auto")
+    for name, default in AUTO_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.auto and (points or boxes):
         args.parser.error("--auto segments everything without prompts: drop --point / --box")
     if not args.auto and not points and not boxes:

@@ -319,9 +319,11 @@ def test_min_mask_region_area_cleans_every_mask(tiny_model, photo):
         (dict(crop_overlap_ratio=-0.1), ValueError, "crop_overlap_ratio must be in [0, 1]"),
         (dict(pred_iou_thresh=float("nan")), ValueError, "pred_iou_thresh must be a finite number, got nan"),
         (dict(box_nms_thresh="0.7"), ValueError, "box_nms_thresh must be a finite number, got '0.7'"),
+        (dict(stability_score_offset=-0.5), ValueError, "stability_score_offset must be >= 0"),
     ],
     ids=["no_points", "both", "grids_per_layer", "output_mode", "batch_0", "batch_float", "negative_layers", "empty_layer_grid",
-         "transposed_grid", "empty_grid", "pixel_grid", "overlap_above_1", "overlap_negative", "nan_threshold", "string_threshold"],
+         "transposed_grid", "empty_grid", "pixel_grid", "overlap_above_1", "overlap_negative", "nan_threshold", "string_threshold",
+         "negative_stability_offset"],
 )
 def test_bad_arguments(tiny_model, kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):

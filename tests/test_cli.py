@@ -1,6 +1,7 @@
 """The `samhq-fast` command line, run in-process on the example photo with the tiny random model;
 the Python API (SamHQPredictor) is the independent reference for masks and scores."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from samhq_fast import cli
 from samhq_fast.cli import PALETTE, POINT_COLORS, build_parser, main
 from samhq_fast.predictor import SamHQPredictor
 from samhq_fast.transforms import load_image
+from original_sam_hq import import_original
 
 PHOTO = Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg"
 
@@ -242,7 +244,7 @@ class RowGenerator:
     COUNT = 0
 
     def __init__(self, model, **settings):
-        pass
+        RowGenerator.settings = settings
 
     def generate(self, image, hq_token_only=False):
         RowGenerator.hq_token_only = hq_token_only
@@ -265,6 +267,10 @@ def test_segment_auto_index_png_width(count, png_dtype, capsys, tmp_path, ckpt, 
     code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--hq-only", "-o", mask_path, "--json", json_path)
     assert code == 0, err
     assert RowGenerator.hq_token_only
+    # no --auto option given: the generator gets the original's defaults
+    defaults = inspect.signature(import_original().SamAutomaticMaskGenerator).parameters
+    assert RowGenerator.settings == {name: defaults[name].default for name in RowGenerator.settings}
+    assert set(RowGenerator.settings) == {"points_per_side", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh"}
     index = read_png(mask_path)
     assert index.dtype == png_dtype and index.max() == count
     for i in range(count):
@@ -365,6 +371,9 @@ ERROR_CASES = {
     "bad_backend": (["--point", "220,150", "--backend", "turbo"], "argument --backend: invalid choice: 'turbo'"),
     "points_with_several_boxes": (["--point", "220,150", "--box", "10,20,200,280", "--box", "230,40,440,290"], "--point cannot be combined with several --box"),
     "auto_with_a_prompt": (["--auto", "--box", "10,20,200,280"], "--auto segments everything without prompts: drop --point / --box"),
+    # ignoring them would hide a forgotten --auto
+    "auto_options_without_auto": (["--point", "220,150", "--stability-offset", "0.5", "--points-per-side", "8"],
+                                  "--points-per-side, --stability-offset only apply to --auto"),
 }
 
 
