@@ -189,3 +189,38 @@ def test_block_profile_per_call_figures_and_shares():
     text = profile_block.markdown(results, ["# header"])
     assert "## global block, batch 1: eager 40.0 us" in text
     assert "| `a` | 2 | 30.0 | 75.0% |" in text and "| `b` | 1 | 10.0 | 25.0% |" in text
+
+
+SMI_ROWS = ("GPU-0a1b2c3d-0000-1111-2222-333344445555, 1980 MHz, 2619 MHz, 700.00 W\n"
+            "GPU-9f8e7d6c-0000-1111-2222-333344445555, 1410 MHz, 1593 MHz, 400.00 W\n")
+
+
+@pytest.mark.parametrize(
+    "stdout, returncode, uuid, expected",
+    [
+        (SMI_ROWS, 0, "9f8e7d6c-0000-1111-2222-333344445555", "1410 MHz, 1593 MHz, 400.00 W"),  # the second GPU's row, not the first
+        (SMI_ROWS, 0, "0A1B2C3D-0000-1111-2222-333344445555", "1980 MHz, 2619 MHz, 700.00 W"),
+        (SMI_ROWS, 0, "ffffffff-0000-1111-2222-333344445555", None),  # several rows, none this GPU: no figure rather than another GPU's
+        (SMI_ROWS.splitlines()[0], 0, "ffffffff-0000-1111-2222-333344445555", "1980 MHz, 2619 MHz, 700.00 W"),  # the only GPU
+        ("", 9, "0a1b2c3d-0000-1111-2222-333344445555", None),  # nvidia-smi failed
+    ],
+    ids=["second_gpu", "case", "no_match", "single_gpu", "failed"],
+)
+def test_nvidia_smi_reads_the_benchmarked_gpus_row(monkeypatch, stdout, returncode, uuid, expected):
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        return types.SimpleNamespace(stdout=stdout, returncode=returncode)
+
+    monkeypatch.setattr(common.subprocess, "run", fake_run)
+    assert common._nvidia_smi("clocks.max.sm,clocks.max.mem,power.limit", uuid) == expected
+    assert calls == [["nvidia-smi", "--query-gpu=uuid,clocks.max.sm,clocks.max.mem,power.limit", "--format=csv,noheader"]]
+
+
+def test_nvidia_smi_missing(monkeypatch):
+    def missing(argv, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(common.subprocess, "run", missing)
+    assert common._nvidia_smi("driver_version", "0a1b") is None

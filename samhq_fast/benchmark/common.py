@@ -116,13 +116,20 @@ def run_setup(args, overrides: dict | None = None) -> tuple[torch.device, torch.
 # Machine
 
 
-def _nvidia_smi(fields: str) -> str | None:
+def _nvidia_smi(fields: str, uuid: str) -> str | None:
+    """`fields` of the GPU whose UUID ends in `uuid` (torch's, without nvidia-smi's "GPU-" prefix):
+    on a node with several GPU models the first row may be another GPU. One row that does not match
+    is taken anyway (a UUID format this code does not know); several are not."""
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu=uuid,{fields}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
+    rows = [line.split(",", 1) for line in out.stdout.strip().splitlines() if "," in line] if out.returncode == 0 else []
+    matches = [values.strip() for gpu, values in rows if uuid and gpu.strip().lower().endswith(uuid.lower())]
+    if matches:
+        return matches[0]
+    return rows[0][1].strip() if len(rows) == 1 else None
 
 
 def package_version(module: str) -> str | None:
@@ -164,8 +171,8 @@ def machine_info(device: torch.device) -> dict:
             gpu_memory_gb=round(props.total_memory / 1e9, 1),
             sm_count=props.multi_processor_count,
             compute_capability=f"{props.major}.{props.minor}",
-            driver=_nvidia_smi("driver_version"),
-            gpu_clocks_power=_nvidia_smi("clocks.max.sm,clocks.max.mem,power.limit"),
+            driver=_nvidia_smi("driver_version", str(props.uuid)),
+            gpu_clocks_power=_nvidia_smi("clocks.max.sm,clocks.max.mem,power.limit", str(props.uuid)),
             cudnn=torch.backends.cudnn.version(),
         )
     else:
