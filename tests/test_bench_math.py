@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from samhq_fast.benchmark import common, report
 from samhq_fast.benchmark import decoder as decoder_bench
 from samhq_fast.benchmark import encoder as encoder_bench
+from samhq_fast.flops import encoder_flops
 
 TOL, SLACK = 0.01, 1.25
 
@@ -224,3 +225,115 @@ def test_nvidia_smi_missing(monkeypatch):
 
     monkeypatch.setattr(common.subprocess, "run", missing)
     assert common._nvidia_smi("driver_version", "0a1b") is None
+
+
+@pytest.mark.parametrize("numerics_ok, filed_under", [(True, "speed"), (None, "speed"), (False, "invalid_speed")])
+def test_decoder_throughput_fields(monkeypatch, numerics_ok, filed_under):
+    """64 prompts in a 2 ms call: 32,000 prompts/s and 31.25 us per prompt; a backend whose logits
+    disagree has its figures filed where no table reads them."""
+    monkeypatch.setattr(decoder_bench, "make_prompts", lambda kind, num, *rest: [("prompts", kind, num)])
+    monkeypatch.setattr(common, "measure", lambda fn, arg_sets, device, args, keep: ({"first_call_s": 0.5, "timing": {"median_ms": 2.0, "p90_ms": 3.0}}, None))
+    monkeypatch.setattr(decoder_bench, "check_numerics", lambda *a: {"numerics": {"verdict": "x"}, "numerics_ok": numerics_ok})
+    result = decoder_bench.run_throughput(None, None, "fused", "vit_b", "box", 64, None, torch.device("cpu"), torch.bfloat16,
+                                          types.SimpleNamespace(seed=0), None)
+    other = {"speed", "invalid_speed"} - {filed_under}
+    assert not other & set(result) and result["first_call_s"] == 0.5 and result["numerics_ok"] is numerics_ok
+    assert result[filed_under] == {"median_ms": 2.0, "p90_ms": 3.0, "prompts_per_s": 32000.0, "us_per_prompt": 31.25}
+
+
+def test_decoder_latency_is_the_median_of_lone_calls(monkeypatch):
+    """p50 is the median of the calls timed one by one, after the first call and the warm-up, with
+    peak memory reset in between."""
+    order = []
+    monkeypatch.setattr(common, "first_call", lambda fn, args, device, keep: (order.append("first") or 1.5, None))
+    monkeypatch.setattr(common, "warm_up", lambda fn, arg_sets, count, device: (order.append(("warm_up", count)) or 0.25))
+    monkeypatch.setattr(common, "reset_peak_memory", lambda device: order.append("reset"))
+    monkeypatch.setattr(common, "wall_latencies", lambda fn, calls, device, max_s: (order.append(("timed", len(calls))) or [0.4, 0.1, 0.3, 0.2, 9.0]))
+    result = decoder_bench.measure_latency(None, [("a",), ("b",)], torch.device("cpu"), types.SimpleNamespace(warmup=7), calls=5)
+    assert order == ["first", ("warm_up", 7), "reset", ("timed", 5)]
+    assert result["first_call_s"] == 1.5 and result["warmup_s"] == 0.25
+    latency = result["latency"]
+    assert latency["p50_ms"] == latency["median_ms"] == 0.3 and latency["max_ms"] == 9.0 and latency["repeats"] == 5
+
+
+@pytest.mark.parametrize("neck_scale, filed_under", [(1.0, "speed"), (1.5, "invalid_speed")])
+def test_encoder_run_config_files_a_disagreeing_backend_apart(monkeypatch, neck_scale, filed_under):
+    """run_config with common.measure stubbed (4 ms for a batch of 2): a backend whose neck output is
+    the eager one's gets its speed figures under `speed`; one 50% off (eager and fp32 references both
+    1.0) under `invalid_speed`, so no table quotes it. The batch's flops come from the config."""
+    config = common.SMOKE_CONFIG
+    neck = torch.full((2, 4, 3), neck_scale)
+    monkeypatch.setattr(common, "measure", lambda fn, arg_sets, device, args, keep: ({"first_call_s": 0.5, "timing": {"median_ms": 4.0}}, neck))
+    refs = encoder_bench.References()
+    refs.eager[("tiny", 2)], refs.fp32[("tiny", 2)], refs.eager_err_fp32[("tiny", 2)] = torch.ones(2, 4, 3), torch.ones(1, 4, 3), 1e-3
+    calls = []
+    backend = types.SimpleNamespace(name="fused", fn=None, for_batch=lambda batch: calls.append(("for_batch", batch)),
+                                    after_batch=lambda: calls.append("after_batch"))
+    args = types.SimpleNamespace(seed=0, dtype="bf16")
+    entry = encoder_bench.run_config("tiny", config, backend, 2, torch.device("cpu"), torch.bfloat16, args, refs, matmul_tflops=None)
+    assert entry["status"] == "ok" and calls == [("for_batch", 2), "after_batch"]
+    assert entry["numerics_ok"] is (neck_scale == 1.0) and filed_under in entry
+    assert not ({"speed", "invalid_speed"} - {filed_under}) & set(entry)
+    flops = encoder_flops(config.encoder, 2)
+    assert entry["flops"] == flops and entry[filed_under]["images_per_s"] == 500.0
+    assert entry[filed_under]["tflops"] == pytest.approx(flops / 4e-3 / 1e12) and entry[filed_under]["pct_of_matmul"] is None
+
+
+MACHINE = {"gpu": "NVIDIA H200", "driver": "570.1", "torch": "2.11.0", "triton": "3.6.0", "transformers": "4.57.0", "cuda": "13.0",
+           "date": "2026-01-01T00:00:00+00:00"}
+
+
+def test_encoder_run_markdown_cells():
+    """Each per-run .md cell from a hand-made report: rounding, '-' for what was not measured, 'ref'
+    for eager's own error, withheld figures for a disagreeing and a failed backend, and every row
+    as many cells as the header."""
+    numerics = lambda vs_eager, vs_fp32: {"rel_l2_vs_eager": vs_eager, "rel_l2_vs_fp32": vs_fp32}
+    results = [
+        {"variant": "vit_h", "batch": 8, "backend": "eager", "status": "ok", "first_call_s": 3.21, "peak_memory_gb": 10.26,
+         "numerics": numerics(None, 0.0151),
+         "speed": {"ms_per_image": 12.3456, "images_per_s": 81.04, "tflops": 465.24, "pct_of_matmul": 58.9, "speedup_vs_eager": 1.0}},
+        {"variant": "vit_h", "batch": 8, "backend": "fused", "status": "ok", "first_call_s": 40.06, "numerics": numerics(2.3e-3, 0.0152),
+         "speed": {"ms_per_image": 6.6, "images_per_s": 151.5, "tflops": 870.0, "pct_of_matmul": None, "speedup_vs_eager": 1.87}},
+        {"variant": "vit_h", "batch": 8, "backend": "fused-graphed", "status": "ok", "first_call_s": 1.0, "numerics": numerics(0.3, 0.31),
+         "invalid_speed": {"ms_per_image": 1.0, "images_per_s": 1000.0, "tflops": 1.0, "pct_of_matmul": 1.0}},
+        {"variant": "vit_h", "batch": 32, "backend": "hf", "status": "error", "error": "OutOfMemoryError: CUDA out of memory\nmore"},
+    ]
+    report = {"machine": MACHINE, "settings": {"dtype": "bf16"}, "results": results,
+              "reference_rates": {"matmul_reference": {"dtype": "bf16", "shape": "8192^3", "tflops": 790.4},
+                                  "copy": {"gb_per_s_read_plus_write": 4100.2}}}
+    lines = encoder_bench.markdown_table(report).splitlines()
+    assert lines[0] == "NVIDIA H200, driver 570.1, torch 2.11.0, triton 3.6.0, transformers 4.57.0, CUDA 13.0; 2026-01-01T00:00:00+00:00, bf16"
+    assert lines[1] == "Measured matmul rate (bf16, 8192^3): 790 TFLOP/s; copy bandwidth: 4100 GB/s."
+    header, rows = lines[4], lines[6:]
+    assert rows == [
+        "| vit_h | 8 | eager | 12.35 | 81.0 | 465.2 | 59 | 10.3 | 1.00 | ref / 1.5e-02 | 3.2 |",
+        "| vit_h | 8 | fused | 6.60 | 151.5 | 870.0 | - | - | 1.87 | 2.3e-03 / 1.5e-02 | 40.1 |",
+        "| vit_h | 8 | fused-graphed | INVALID: numerics disagree with eager (rel L2 vs eager 3.0e-01, vs fp32 3.1e-01): "
+        "figures withheld |" + " |" * 7,
+        "| vit_h | 32 | hf | error: OutOfMemoryError: CUDA out of memory |" + " |" * 7,
+    ]
+    assert all(row.count("|") == header.count("|") for row in rows)
+
+
+def test_decoder_run_markdown_cells():
+    """The decoder's per-run .md: best-figure lines, a throughput row and a latency row from a hand-made report."""
+    report = {
+        "machine": MACHINE, "settings": {"dtype": "bf16", "frame_hw": {"vit_b": (720, 1280)}},
+        "targets": {"best_valid": {"vit_b": {"prompts_per_s": 25123.4, "prompts_per_s_at": "graphed, 1024 box prompts",
+                                             "meets_prompts_per_s": True, "single_prompt_p50_ms": 0.4321,
+                                             "single_prompt_mode": "graphed", "meets_single_prompt": False}}},
+        "results": [
+            {"test": "throughput", "variant": "vit_b", "mode": "graphed", "prompt": "box", "prompts": 1024, "status": "ok",
+             "first_call_s": 12.345, "warmup_s": 0.5, "numerics": {"rel_l2_vs_eager": 1.2e-3, "rel_l2_vs_fp32": 4.5e-3},
+             "speed": {"median_ms": 40.7593, "prompts_per_s": 25123.4, "us_per_prompt": 39.8, "speedup_vs_eager": 3.456}},
+            {"test": "latency", "variant": "vit_b", "mode": "eager", "status": "ok", "first_call_s": 0.1234, "peak_memory_gb": 1.26,
+             "numerics": {"rel_l2_vs_eager": None, "rel_l2_vs_fp32": 4.4e-3},
+             "speed": {"p50_ms": 1.2345, "p99_ms": 2.5, "repeats": 200, "speedup_vs_eager": 1.0}},
+        ],
+    }
+    table = decoder_bench.markdown_table(report)
+    assert ("- vit_b: best 25,123 prompts/s (graphed, 1024 box prompts; target met: True), best single-prompt p50 0.432 ms "
+            "(graphed; target met: False)") in table
+    assert "| vit_b | graphed | box | 1024 | 40.759 | 25,123 | 39.8 | 3.46 | 1.2e-03 / 4.5e-03 | 12.35 | 0.50 | - |" in table
+    assert "| vit_b | latency | eager | 1.234 | 2.500 | 200 | 1.00 | ref / 4.4e-03 | 0.12 | 1.3 |" in table
+    assert "set_image of a 720x1280 uint8 frame" in table

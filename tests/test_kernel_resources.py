@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from samhq_fast.benchmark import kernel_resources
-from samhq_fast.kernels import fused_linear
+from samhq_fast.kernels import attention, fused_linear
+from samhq_fast.modeling.sam_hq import VARIANTS
 
 pytestmark = pytest.mark.skipif(not kernel_resources.available(), reason="Triton's cuobjdump is not installed")
 
@@ -52,3 +53,29 @@ def test_no_register_cliffs(usage_rows):
         default = fused_linear.candidate_configs(getattr(torch, dtype))[0]
         assert max(stack("fused_linear", dtype, default)) == 0
     assert max(stack("fused_linear")) <= 512
+
+
+def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):
+    """Both head_dims the kernels serve (64: vit_b / vit_l, 80: vit_h), windowed and global, every
+    attention candidate at each; the GEMM candidates at vit_h's four block GEMMs."""
+    assert {VARIANTS[v].head_dim for v in kernel_resources.SHAPE_VARIANTS} == {64, 80}
+    shapes = {f"{v} {kind}" for v in kernel_resources.SHAPE_VARIANTS for kind in (f"window{VARIANTS[v].window_size}", "global")}
+    for dtype in ("bfloat16", "float32"):
+        rows = [row for row in usage_rows if row["dtype"] == dtype]
+        configs = attention.candidate_configs(getattr(torch, dtype))
+        attention_rows = sorted((row["shape"], json.dumps(row["config"], sort_keys=True)) for row in rows if row["family"] == "attention")
+        assert attention_rows == sorted((shape, json.dumps(c, sort_keys=True)) for shape in shapes for c in configs)
+        terms = {row["shape"] for row in rows if row["family"] == "rel_pos_terms"}
+        assert terms == {f"{shape} {axis}" for shape in shapes for axis in ("rows", "columns")}
+        gemms = [c for c in fused_linear.candidate_configs(getattr(torch, dtype)) if c is not fused_linear.TORCH_OP]
+        linear_rows = [(row["shape"], row["config"]) for row in rows if row["family"] == "fused_linear"]
+        assert sorted(linear_rows, key=str) == sorted(((f"vit_h {g}", c) for g in ("qkv", "proj", "lin1", "lin2") for c in gemms), key=str)
+
+
+@pytest.mark.gpu
+def test_shared_memory_limit_is_the_gpus():
+    """The limit the rows are checked against is what an sm_90 GPU lets one block opt into."""
+    props = torch.cuda.get_device_properties(0)
+    if (props.major, props.minor) != (9, 0):
+        pytest.skip(f"the table holds sm_90's limit; this GPU is sm_{props.major}{props.minor}")
+    assert kernel_resources.SHARED_MEMORY_LIMIT[90] == props.shared_memory_per_block_optin

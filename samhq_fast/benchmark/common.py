@@ -367,6 +367,11 @@ def numerics_verdict(is_reference: bool, err_ref: float | None, err_fp32: float 
     return None, "no reference to compare with"
 
 
+def file_speed(result: dict, speed: dict) -> None:
+    """Figures of an implementation whose numbers are wrong go under invalid_speed, so no table quotes them."""
+    result["invalid_speed" if result["numerics_ok"] is False else "speed"] = speed
+
+
 # ---------------------------------------------------------------------------------------------
 # Reporting
 

@@ -214,11 +214,6 @@ def check_numerics(fn, refs: References, key, mode: str, image: Image, arg_set: 
     return {"numerics": numerics, "numerics_ok": ok}
 
 
-def file_speed(result: dict, speed: dict) -> None:
-    """Figures of an implementation whose numbers are wrong go under invalid_speed, so no table quotes them."""
-    result["invalid_speed" if result["numerics_ok"] is False else "speed"] = speed
-
-
 # ---------------------------------------------------------------------------------------------
 # Measurements
 
@@ -229,7 +224,7 @@ def run_throughput(fn, image: Image, mode, variant, kind, num, config, device, d
         result, _ = common.measure(fn, arg_sets, device, args, keep=lambda out: None)
     result.update(check_numerics(fn, refs, (variant, kind, num), mode, image, arg_sets[0], common.NUMERICS_TOL[dtype]))
     timing = result.pop("timing")
-    file_speed(result, {**timing, "prompts_per_s": 1e3 * num / timing["median_ms"], "us_per_prompt": 1e3 * timing["median_ms"] / num})
+    common.file_speed(result, {**timing, "prompts_per_s": 1e3 * num / timing["median_ms"], "us_per_prompt": 1e3 * timing["median_ms"] / num})
     return result
 
 
@@ -250,7 +245,7 @@ def run_latency(fn, image: Image, mode, variant, config, device, dtype, args, re
     with torch.inference_mode():
         result = measure_latency(fn, arg_sets, device, args, args.latency_calls)
     result.update(check_numerics(fn, refs, (variant, "box", 1), mode, image, arg_sets[0], common.NUMERICS_TOL[dtype]))
-    file_speed(result, result.pop("latency"))
+    common.file_speed(result, result.pop("latency"))
     return result
 
 
@@ -291,7 +286,7 @@ def run_e2e(backend: str, image: Image, config, device, dtype, args, reference: 
         err, ok, why = None, None, "no reference to compare with"
     result.update(numerics={"tol": tol, "compared": "low-res logits of frame 0", "rel_l2_vs_eager": err, "verdict": why},
                   numerics_ok=ok)
-    file_speed(result, result.pop("latency"))
+    common.file_speed(result, result.pop("latency"))
     return result
 
 

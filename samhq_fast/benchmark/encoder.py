@@ -299,9 +299,7 @@ def run_config(variant, config, backend: Backend, batch, device, dtype, args, re
         if backend.name == "compile":
             # The first call is compile + autotune + one run; the run itself is about the median.
             result["compile_s"] = result["first_call_s"] - result["timing"]["median_ms"] * 1e-3
-        speed = speed_figures(result.pop("timing"), batch, entry["flops"], matmul_tflops)
-        # A backend whose numbers are wrong has no valid speed: keep it apart so no table quotes it.
-        result["invalid_speed" if result["numerics_ok"] is False else "speed"] = speed
+        common.file_speed(result, speed_figures(result.pop("timing"), batch, entry["flops"], matmul_tflops))
         entry.update(result, status="ok")
     except Exception as e:  # noqa: BLE001 - one failing backend must not stop the run
         entry.update(common.error_fields(e))
