@@ -748,6 +748,17 @@ def test_negative_coordinates_near_the_corner_do_not_warn(prepared):
         predictor.predict(point_coords=np.array([[-1.0, -1.0]]), point_labels=L1)
 
 
+@pytest.mark.parametrize("height, width, warns", [(20, 32, True), (32, 20, True), (20, 31, False), (31, 31, False)])
+def test_normalized_coordinate_warning_starts_at_a_32_pixel_side(tiny_model, height, width, warns):
+    """On an image whose longest side is under 32 pixels, coordinates in [0, 1] may well be pixels: no warning there."""
+    predictor = SamHQPredictor(tiny_model)
+    predictor.set_image(make_photo(height, width, seed=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor.predict(point_coords=np.array([[0.5, 0.4]]), point_labels=L1)
+    assert [str(w.message).startswith("every prompt coordinate lies in [0, 1]") for w in caught] == ([True] if warns else [])
+
+
 def test_normalized_coordinate_warning_points_at_the_callers_line(prepared, tiny_model):
     """The warning names the user's line (this file), from predict and from predict_batch."""
     predictor, _ = prepared("landscape_200x300")
