@@ -57,6 +57,7 @@ class FusedBlock(nn.Module):
         super().__init__()
         self.window_size = block.window_size
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+        self.train(block.training)  # a new Module starts in training mode; the block swapped out may be in eval
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from samhq_fast.kernels.attention import rel_pos_attention

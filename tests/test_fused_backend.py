@@ -90,6 +90,33 @@ def test_kill_switch_falls_back_to_eager(tiny_checkpoints, monkeypatch):
     assert not any(isinstance(block, FusedBlock) for block in model.image_encoder.blocks)
 
 
+@pytest.mark.parametrize("value", ["", "0"])
+def test_kill_switch_off_values_keep_fused(tiny_checkpoints, monkeypatch, value):
+    """SAMHQ_FAST_DISABLE_FUSED=0 (or empty) means "not disabled", as such switches usually do."""
+    monkeypatch.setenv(KILL_SWITCH, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="fused")
+    assert model.backend == "fused" and all(isinstance(block, FusedBlock) for block in model.image_encoder.blocks)
+    assert not any(m.training for m in model.modules())  # load returns an eval-mode model, fused or not
+
+
+def test_build_sam_hq_applies_the_fused_backend():
+    """build_sam_hq (random weights: tests, benchmarks) honours backend= as load does: the benchmark
+    would otherwise time eager under the fused name."""
+    from conftest import TINY_CONFIG
+
+    model = samhq_fast.build_sam_hq(TINY_CONFIG, device="cpu", backend="fused")
+    assert model.backend == "fused" and all(isinstance(block, FusedBlock) for block in model.image_encoder.blocks)
+    assert not any(m.training for m in model.modules())
+
+
+def test_load_refuses_fused_bf16_in_the_interpreter_before_reading(tmp_path):
+    """The backend is checked for the asked dtype before the (possibly large) file is read."""
+    with pytest.raises(ValueError, match="bfloat16 cannot run in the Triton interpreter"):
+        samhq_fast.load(tmp_path / "not_there.pth", device="cpu", dtype="bf16", backend="fused")
+
+
 def test_fused_on_cpu_without_interpreter_is_a_clear_error(tiny_checkpoints, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA device"):
