@@ -4,10 +4,12 @@ fails loudly with a CheckpointError that says what is wrong (the original loads 
 and silently produces garbage)."""
 
 import argparse
+import fnmatch
 import functools
 import json
 import pickle
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -265,8 +267,52 @@ def test_round_trip_hf_folder_written_by_transformers(tiny_model, hf_folders, ki
     assert_same_model(samhq_fast.load(hf_folders[kind], device="cpu"), tiny_model)
 
 
+@pytest.mark.parametrize("prefix", ["", "model."])
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_folder_with_one_weights_file(tiny_model, tiny_sd, tmp_path, name, prefix):
+    """An HF folder holding model.safetensors or (older exports) pytorch_model.bin; keys under a
+    shared prefix are unwrapped as in a single file."""
+    save({prefix + k: v for k, v in original_to_hf(tiny_sd).items()}, tmp_path / name)
+    assert_same_model(samhq_fast.load(tmp_path, device="cpu"), tiny_model)
+
+
+def test_folder_reads_safetensors_before_a_pickle(tiny_model, tiny_sd, tmp_path):
+    """With both, model.safetensors is read (no pickle at all; here the .bin is an LFS pointer never pulled)."""
+    save(original_to_hf(tiny_sd), tmp_path / "model.safetensors")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    assert_same_model(samhq_fast.load(tmp_path, device="cpu"), tiny_model)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch_zip", "torch_legacy"])
+def test_checkpoint_saved_from_gpu_tensors_loads_on_the_cpu(tiny_model, tiny_sd, tmp_path, monkeypatch, zip_format):
+    """A .pth saved from CUDA tensors records "cuda:0" as their device (as most released checkpoints
+    do): it is read onto the CPU, also on a machine without a GPU."""
+    path = tmp_path / "from_gpu.pth"
+    with monkeypatch.context() as patch:  # torch.save asks location_tag where each storage lives
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(tiny_sd, path, _use_new_zipfile_serialization=zip_format)
+    if not torch.cuda.is_available():  # the file really names a CUDA device
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    assert all(t.device.type == "cpu" for t in read_state_dict(path).values())
+    assert_same_model(samhq_fast.load(path, device="cpu"), tiny_model)
+
+
+def test_an_empty_wrapper_entry_is_not_a_second_state_dict(tiny_model, tiny_sd, tmp_path):
+    """{"model": {}, "state_dict": weights}: the empty dict holds no weights, so there is one candidate."""
+    assert_same_model(samhq_fast.load(save({"model": {}, "state_dict": tiny_sd}, tmp_path / "w.pth"), device="cpu"), tiny_model)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Key mapping and real-size architectures
+
+
+def test_key_mapping_leaves_its_input_alone(tiny_sd):
+    hf = original_to_hf(tiny_sd)
+    before = (list(tiny_sd), list(hf))
+    hf_to_original(hf)
+    original_to_hf(tiny_sd)
+    assert (list(tiny_sd), list(hf)) == before
 
 
 def keymap_rows() -> list[tuple[str, str, tuple[int, ...]]]:
@@ -395,6 +441,14 @@ def test_non_finite_weights_are_named(tmp_path, tiny_sd, value, dtype, hint):
     assert "NaN or infinite values in 1 of" in message and key in message and hint in message
 
 
+def test_half_weights_whose_sum_overflows_half_load(tmp_path, tiny_sd):
+    """Every value within float16's range (30000 < 65504) though the tensor's sum is not: finite weights, not refused."""
+    key = "mask_decoder.iou_token.weight"
+    state_dict = dict(tiny_sd, **{key: torch.full_like(tiny_sd[key], 30000.0)})
+    model = samhq_fast.load(save(state_dict, tmp_path / "large.pth"), device="cpu", dtype="fp16")
+    assert torch.equal(model.state_dict()[key], torch.full_like(tiny_sd[key], 30000.0, dtype=torch.float16))
+
+
 def test_tensors_without_data_are_named(tmp_path, tiny_sd):
     state_dict = dict(tiny_sd, **{"mask_decoder.hf_token.weight": torch.empty(tiny_sd["mask_decoder.hf_token.weight"].shape, device="meta")})
     message = load_error(save(state_dict, tmp_path / "meta.pth"))
@@ -413,6 +467,9 @@ CUSTOM_ENCODERS = {
     # A smaller window (13-row tables) and patch 8 (256 input -> 32x32 grid).
     "window7_patch8": ViTConfig(img_size=256, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_dim=128,
                                 window_size=7, global_attn_indexes=(1,)),
+    # One block, global: no windowed table to read a window from (window = grid, unused).
+    "one_global_block": ViTConfig(img_size=256, embed_dim=64, depth=1, num_heads=2, mlp_dim=128, window_size=16,
+                                  global_attn_indexes=(0,)),
 }
 
 
@@ -482,12 +539,39 @@ def test_missing_key(tiny_sd, tmp_path, key):
     ("image_encoder.blocks.0.attn.rel_pos_h", lambda t: t[:, 0]),  # 1-D
     ("image_encoder.patch_embed.proj.weight", lambda t: t.flatten(1)),  # [C, 3 * 16 * 16]
     ("image_encoder.pos_embed", lambda t: t[0]),  # 3-D
+    ("image_encoder.pos_embed", lambda t: t[None]),  # 5-D
     ("image_encoder.neck.0.weight", lambda t: t.flatten(1)),
 ])
 def test_tensor_of_the_wrong_rank_is_named(tiny_sd, tmp_path, key, bad):
     # The architecture is read from these shapes: a wrong rank must be named, not an IndexError.
     message = load_error(save({**tiny_sd, key: bad(tiny_sd[key])}, tmp_path / "rank.pth"))
     assert key in message and str(list(bad(tiny_sd[key]).shape)) in message
+
+
+def test_no_encoder_blocks(tiny_sd, tmp_path):
+    state_dict = {k: v for k, v in tiny_sd.items() if not k.startswith("image_encoder.blocks.")}
+    assert "checkpoint has no image_encoder.blocks.*" in load_error(save(state_dict, tmp_path / "no_blocks.pth"))
+
+
+def test_windowed_tables_of_two_sizes(tiny_sd, tmp_path):
+    """Block 0 (windowed) with a rel_pos_h two rows short of the other windowed blocks': which
+    window is meant cannot be told, so both sizes are named."""
+    key = "image_encoder.blocks.0.attn.rel_pos_h"
+    rows = tiny_sd[key].shape[0]
+    assert rows != 2 * TINY_CONFIG.encoder.grid_size - 1  # a windowed block
+    message = load_error(save({**tiny_sd, key: tiny_sd[key][2:]}, tmp_path / "rows.pth"))
+    assert f"inconsistent rel_pos_h tables across blocks: rows [{rows - 2}, {rows}," in message
+
+
+@pytest.mark.parametrize("dropped", [10, 45])
+def test_long_problem_lists_are_cut_at_40(tiny_sd, tmp_path, dropped):
+    """Every missing key up to 40 is named; beyond that, the first 40 and how many more."""
+    keys = sorted(k for k in tiny_sd if k.startswith("mask_decoder."))[:dropped]
+    message = load_error(save({k: v for k, v in tiny_sd.items() if k not in keys}, tmp_path / "short.pth"))
+    assert f"{dropped} missing keys" in message
+    named = [k for k in keys if f"    {k}\n" in message + "\n"]
+    assert len(named) == min(dropped, 40)
+    assert ("... and 5 more" in message) == (dropped == 45)
 
 
 def test_missing_hf_token_is_not_called_plain_sam(tiny_sd, tmp_path):
@@ -767,12 +851,14 @@ def test_empty_source_is_not_the_current_folder(tmp_path, monkeypatch, tiny_sd):
     """Path("") is ".": an empty --checkpoint must not load whatever model.safetensors sits in the cwd."""
     save(tiny_sd, tmp_path / "model.safetensors")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="checkpoint source is an empty string"):
-        samhq_fast.load("", device="cpu")
+    for source in ("", "  "):
+        with pytest.raises(FileNotFoundError, match="checkpoint source is an empty string"):
+            samhq_fast.load(source, device="cpu")
 
 
-def test_missing_relative_file_is_not_a_hub_id(tmp_path, monkeypatch):
-    # "org/file.pth" looks like a hub id but is a file path: never try to download it.
+@pytest.mark.parametrize("name", ["some_dir/nope.pth", "nope_folder", "some_dir/nope.safetensors"])
+def test_missing_relative_file_is_not_a_hub_id(tmp_path, monkeypatch, name):
+    # "org/file.pth" looks like a hub id but is a file path, and a hub id has an owner: never try to download these.
     hub = pytest.importorskip("huggingface_hub")
 
     def no_download(*args, **kwargs):
@@ -780,8 +866,8 @@ def test_missing_relative_file_is_not_a_hub_id(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "snapshot_download", no_download)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        samhq_fast.load("some_dir/nope.pth", device="cpu")
+    with pytest.raises(FileNotFoundError, match=re.escape(name)):
+        samhq_fast.load(name, device="cpu")
 
 
 HUB_ID = "syscv-community/sam-hq-vit-base"
@@ -823,6 +909,27 @@ def test_hub_id_downloads_and_loads(tiny_model, tiny_checkpoints, tmp_path, monk
     assert calls == [HUB_ID]
 
 
+def test_hub_id_of_a_sharded_repo(tiny_model, hf_folders, tmp_path, monkeypatch):
+    """The download asks for what a sharded safetensors repo needs (index and shards, no pickled
+    copy of the weights): the fake hub copies only the files the request's patterns allow."""
+    hub = pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "repo"
+    shutil.copytree(hf_folders["sharded"], repo)
+    (repo / "pytorch_model.bin").write_bytes(b"the same weights, pickled")
+    snapshot = tmp_path / "snapshot"
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        snapshot.mkdir()
+        for f in repo.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, snapshot / f.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    assert_same_model(samhq_fast.load(HUB_ID, device="cpu"), tiny_model)
+    assert (snapshot / "model.safetensors.index.json").is_file() and not (snapshot / "pytorch_model.bin").exists()
+
+
 def test_read_state_dict_rejects_non_path():
     with pytest.raises(TypeError):
         read_state_dict({"not": "a path"})
@@ -854,6 +961,13 @@ def test_registry_without_checkpoint_builds_random_variant():
     assert model.variant == "vit_b"
     assert model.config == SamHQConfig.from_variant("vit_b")
     assert sum(t.numel() for t in model.state_dict().values()) == 94_806_832  # REFERENCE.md: 94.8M
+    assert not any(m.training for m in model.modules())
+
+
+def test_random_light_hq_sam_is_in_eval_mode():
+    """TinyViT has BatchNorm: in training mode it would normalize with each batch's statistics."""
+    model = samhq_fast.build_sam_hq("vit_tiny", device="cpu")
+    assert model.variant == "vit_tiny" and not any(m.training for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -866,7 +980,7 @@ def test_bad_dtype(tiny_checkpoints, dtype):
         samhq_fast.load(tiny_checkpoints["pth"], device="cpu", dtype=dtype)
 
 
-@pytest.mark.parametrize("device", ["gpu", "cpu:x", "not a device"])
+@pytest.mark.parametrize("device", ["gpu", "cpu:x", "not a device", 1.5, ["cpu"]])
 def test_bad_device(tiny_checkpoints, device):
     with pytest.raises(ValueError, match="device"):
         samhq_fast.load(tiny_checkpoints["pth"], device=device)

@@ -135,6 +135,9 @@ MALFORMED = {
     # A width the original merges into with stride 2: it would not keep the 64x64 grid SAM needs.
     "last merge width": (_resized(variant_shapes("vit_tiny"), "image_encoder.layers.2.downsample.conv1.c.weight", (384, 160, 1, 1)),
                          "strides"),
+    # The MBConv hidden width must be a whole multiple of the stem width (the expansion ratio).
+    "mbconv width": (_resized(variant_shapes("vit_tiny"), "image_encoder.layers.0.blocks.0.conv1.c.weight", (100, 64, 1, 1)),
+                     "not multiples of 64 / 128"),
 }
 
 
@@ -146,8 +149,10 @@ def test_malformed_tiny_vit_is_a_clear_error(case):
 
 
 def test_custom_tiny_vit_config_is_inferred():
-    """Another TinyViT (tiny_vit_11m's widths and heads, other windows, no classification head) is a "custom" vit_tiny."""
-    encoder = TinyViTConfig(embed_dims=(64, 128, 256, 448), num_heads=(2, 4, 8, 14), window_sizes=(7, 8, 16, 8), num_classes=0)
+    """Another TinyViT (tiny_vit_11m's widths and heads, other windows, MLP / MBConv ratios and local
+    conv, no classification head) is a "custom" vit_tiny."""
+    encoder = TinyViTConfig(embed_dims=(64, 128, 256, 448), num_heads=(2, 4, 8, 14), window_sizes=(7, 8, 16, 8), num_classes=0,
+                            mlp_ratio=3, mbconv_expand_ratio=2, local_conv_size=5)
     with torch.device("meta"):
         state_dict = samhq_fast.SamHQ(SamHQConfig(encoder)).state_dict()
     config = infer_config(state_dict)
