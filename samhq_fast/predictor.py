@@ -206,6 +206,36 @@ class SamHQPredictor:
             )
         self._encode_images([transformed_image], [original_image_size])
 
+    @torch.inference_mode()
+    def warm_up(self, batch_sizes=(1,), prompts=(1,), points=(1,)) -> None:
+        """Pay the one-time costs before the first real image, e.g. ahead of a video stream.
+
+        For each batch size b: one image-encoder pass on b blank images (Triton autotuning at new
+        shapes, the CUDA graph with encoder_graphs=True). On the fused backend also one decoder call
+        per (prompt count n, points per prompt k): n prompts spread over min(n, b) of the b images
+        (torch.compile and the CUDA graph of that bucket shape). A later call whose prompt and
+        point counts fall in a warmed bucket (`decoding.PROMPT_BUCKETS` / `POINT_BUCKETS`) compiles
+        nothing; box-only prompts count as k = 1. The images set (if any) are kept.
+        """
+        counts = {"batch_sizes": batch_sizes, "prompts": prompts, "points": points}
+        for name, values in counts.items():
+            if isinstance(values, numbers.Integral):
+                counts[name] = values = (values,)
+            if not values or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values):
+                raise ValueError(f"{name} must be positive integers, got {values!r}")
+        size = self.model.config.img_size
+        for b in counts["batch_sizes"]:
+            blank = self.model.preprocess(torch.zeros(b, 3, size, size, device=self.device))
+            features, _, hq_features = self._encode(blank)
+            if self.model.backend != "fused":
+                continue
+            for n in counts["prompts"]:
+                per_image = [len(range(i, n, min(n, b))) for i in range(min(n, b))]  # n prompts dealt over the images
+                for k in counts["points"]:
+                    prompt_sets = [(i, torch.zeros(m, k, 2, device=self.device), torch.ones(m, k, dtype=torch.int64, device=self.device),
+                                    None, None) for i, m in enumerate(per_image)]
+                    self._fused_decoder().decode_images(features, hq_features, prompt_sets, False, False)
+
     def get_image_embedding(self) -> torch.Tensor:
         """Image embeddings [B, 256, G, G] of the images set (B = 1 after set_image; G = 64 for a 1024
         model): an inference-mode tensor, so .clone() it outside torch.inference_mode() to train on it."""

@@ -434,3 +434,79 @@ def test_compiled_half_precision_decoder_on_cpu(tiny_model, image_state, dtype):
         for g, e in zip(got, expected):
             assert g.isfinite().all()
             assert rel_l2(g, e) < 2e-2
+
+
+def test_warm_up_compiles_what_later_calls_need(tiny_model, monkeypatch):
+    """SamHQPredictor.warm_up: one encoder pass per batch size and, on the fused backend, one decoder
+    call per (prompt count, points) bucket, spread over the batch's images: later calls inside those
+    buckets (one image, or prompts over two images) trace nothing new, and the image set stays set."""
+    from samhq_fast import SamHQPredictor
+    from samhq_fast.fused import apply_fused_backend
+    from test_predictor import make_photo
+
+    predictor = SamHQPredictor(apply_fused_backend(copy.deepcopy(tiny_model)))
+    counter = CompileCounterWithBackend("aot_eager")  # Dynamo's guards decide what is traced; aot_eager keeps it fast
+    predictor._prompt_decoder = PromptDecoder(predictor.model, backend=counter)
+    encoded = []  # batch sizes encoded (by the eager encoder of the same weights: the interpreter's takes most of a minute)
+    monkeypatch.setattr(predictor, "_encode", lambda batch: encoded.append(batch.shape[0]) or tiny_model.encode_image(batch))
+    photo = make_photo(60, 90, seed=3)
+    predictor.set_image(photo)
+    features = predictor.features.clone()
+    predictor.warm_up(batch_sizes=(1, 2), prompts=3, points=(2,))
+    assert encoded == [1, 1, 2] and counter.frame_count == 2  # 3 prompts of 2 points: on one image, and over two
+    assert predictor.is_image_set and torch.equal(predictor.features, features)
+    points = torch.tensor([[[10.0, 20.0], [30.0, 15.0]], [[40.0, 40.0], [5.0, 50.0]], [[70.0, 10.0], [60.0, 30.0]]]).numpy()
+    predictor.predict(point_coords=points, point_labels=torch.ones(3, 2, dtype=torch.int64).numpy())
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 40.0], [20.0, 10.0, 80.0, 50.0], [0.0, 0.0, 89.0, 59.0]]).numpy()
+    predictor.predict(point_coords=points[:2], point_labels=torch.ones(2, 2, dtype=torch.int64).numpy(), box=boxes[:2], multimask_output=True)
+    predictor.set_images([photo, make_photo(50, 40, seed=4)])
+    predictor.predict_batch([dict(point_coords=points[:2], point_labels=torch.ones(2, 2, dtype=torch.int64).numpy()),
+                             dict(box=boxes[0])])
+    assert counter.frame_count == 2  # every later call fell in a warmed bucket (2-4 prompts of 1-2 points)
+    predictor.predict_batch([dict(point_coords=points[:1, :1], point_labels=torch.ones(1, 1, dtype=torch.int64).numpy()), dict(box=boxes[0])])
+    assert counter.frame_count == 3  # one point per prompt: the point bucket 1, not warmed
+
+
+def test_warm_up_on_eager_runs_the_encoder_only(tiny_model, monkeypatch):
+    from samhq_fast import SamHQPredictor
+
+    predictor = SamHQPredictor(tiny_model)
+    encoded = []
+    encode = predictor._encode
+    monkeypatch.setattr(predictor, "_encode", lambda batch: encoded.append(tuple(batch.shape)) or encode(batch))
+    predictor.warm_up(batch_sizes=(2,), prompts=(1, 16))
+    size = tiny_model.config.img_size
+    assert encoded == [(2, 3, size, size)] and predictor._prompt_decoder is None and not predictor.is_image_set
+
+
+@pytest.mark.parametrize("kwargs", [dict(prompts=0), dict(points=()), dict(batch_sizes="2"), dict(prompts=(True,)), dict(points=(1.5,))])
+def test_warm_up_refuses_bad_counts(tiny_model, kwargs):
+    from samhq_fast import SamHQPredictor
+
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"{name} must be positive integers"):
+        SamHQPredictor(tiny_model).warm_up(**kwargs)
+
+
+@pytest.mark.gpu
+def test_warm_up_gpu(tiny_model):
+    """On CUDA (graph trees, encoder graphs): after warm_up, a real image and prompts in the warmed
+    buckets trace no new graph, and the outputs are the eager predictor's."""
+    from samhq_fast import SamHQPredictor
+    from samhq_fast.fused import apply_fused_backend
+    from test_predictor import make_photo
+
+    predictor = SamHQPredictor(apply_fused_backend(copy.deepcopy(tiny_model).cuda()), encoder_graphs=True)
+    predictor.warm_up(batch_sizes=(1,), prompts=(3,), points=(2,))
+    counters.clear()
+    photo = make_photo(60, 90, seed=3)
+    prompt = dict(point_coords=torch.tensor([[[10.0, 20.0], [30.0, 15.0]], [[40.0, 40.0], [5.0, 50.0]], [[70.0, 10.0], [60.0, 30.0]]]).numpy(),
+                  point_labels=torch.ones(3, 2, dtype=torch.int64).numpy())
+    predictor.set_image(photo)
+    _, scores, low_res = predictor.predict(**prompt)
+    assert counters["stats"]["unique_graphs"] == 0
+    eager = SamHQPredictor(tiny_model)
+    eager.set_image(photo)
+    _, eager_scores, eager_low_res = eager.predict(**prompt)
+    assert rel_l2(torch.as_tensor(low_res), torch.as_tensor(eager_low_res)) < 1e-3  # TF32 dots on the GPU
+    assert abs(scores - eager_scores).max() < 1e-3
