@@ -12,9 +12,11 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from samhq_fast import decoding
+from samhq_fast import SamHQPredictor, decoding
 from samhq_fast.benchmark.common import rel_l2
 from samhq_fast.decoding import PromptDecoder
+from samhq_fast.fused import apply_fused_backend
+from test_predictor import make_photo
 
 G = 16  # tiny model: 16x16 embedding grid, 64x64 low-res masks
 
@@ -440,9 +442,6 @@ def test_warm_up_compiles_what_later_calls_need(tiny_model, monkeypatch):
     """SamHQPredictor.warm_up: one encoder pass per batch size and, on the fused backend, one decoder
     call per (prompt count, points) bucket, spread over the batch's images: later calls inside those
     buckets (one image, or prompts over two images) trace nothing new, and the image set stays set."""
-    from samhq_fast import SamHQPredictor
-    from samhq_fast.fused import apply_fused_backend
-    from test_predictor import make_photo
 
     predictor = SamHQPredictor(apply_fused_backend(copy.deepcopy(tiny_model)))
     counter = CompileCounterWithBackend("aot_eager")  # Dynamo's guards decide what is traced; aot_eager keeps it fast
@@ -468,8 +467,6 @@ def test_warm_up_compiles_what_later_calls_need(tiny_model, monkeypatch):
 
 
 def test_warm_up_on_eager_runs_the_encoder_only(tiny_model, monkeypatch):
-    from samhq_fast import SamHQPredictor
-
     predictor = SamHQPredictor(tiny_model)
     encoded = []
     encode = predictor._encode
@@ -481,8 +478,6 @@ def test_warm_up_on_eager_runs_the_encoder_only(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [dict(prompts=0), dict(points=()), dict(batch_sizes="2"), dict(prompts=(True,)), dict(points=(1.5,))])
 def test_warm_up_refuses_bad_counts(tiny_model, kwargs):
-    from samhq_fast import SamHQPredictor
-
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"{name} must be positive integers"):
         SamHQPredictor(tiny_model).warm_up(**kwargs)
@@ -492,9 +487,6 @@ def test_warm_up_refuses_bad_counts(tiny_model, kwargs):
 def test_warm_up_gpu(tiny_model):
     """On CUDA (graph trees, encoder graphs): after warm_up, a real image and prompts in the warmed
     buckets trace no new graph, and the outputs are the eager predictor's."""
-    from samhq_fast import SamHQPredictor
-    from samhq_fast.fused import apply_fused_backend
-    from test_predictor import make_photo
 
     predictor = SamHQPredictor(apply_fused_backend(copy.deepcopy(tiny_model).cuda()), encoder_graphs=True)
     predictor.warm_up(batch_sizes=(1,), prompts=(3,), points=(2,))
