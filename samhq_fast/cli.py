@@ -233,6 +233,33 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samhq-fast", description=MAIN_HELP, epilog=MAIN_EPILOG, formatter_class=FORMATTER)
     parser.add_argument("--version", action="version", version=f"%(prog)s {samhq_fast.__version__}")
@@ -253,12 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--auto", action="store_true",
                      help="segment everything, without prompts: the automatic mask generator (a point grid, the original's filters "
                           "and NMS); writes an index PNG, larger masks painted first")
-    seg.add_argument("--points-per-side", type=int, default=None, metavar="N", help=f"--auto: N x N grid points (default {AUTO_DEFAULTS['points_per_side']})")
-    seg.add_argument("--pred-iou-thresh", type=float, default=None, metavar="T", help=f"--auto: keep masks whose predicted IoU > T (default {AUTO_DEFAULTS['pred_iou_thresh']})")
-    seg.add_argument("--stability-thresh", type=float, default=None, metavar="T", help=f"--auto: keep masks whose stability >= T (default {AUTO_DEFAULTS['stability_thresh']})")
-    seg.add_argument("--stability-offset", type=float, default=None, metavar="D",
+    seg.add_argument("--points-per-side", type=_count, default=None, metavar="N", help=f"--auto: N x N grid points (default {AUTO_DEFAULTS['points_per_side']})")
+    seg.add_argument("--pred-iou-thresh", type=_finite, default=None, metavar="T", help=f"--auto: keep masks whose predicted IoU > T (default {AUTO_DEFAULTS['pred_iou_thresh']})")
+    seg.add_argument("--stability-thresh", type=_finite, default=None, metavar="T", help=f"--auto: keep masks whose stability >= T (default {AUTO_DEFAULTS['stability_thresh']})")
+    seg.add_argument("--stability-offset", type=_non_negative, default=None, metavar="D",
                      help=f"--auto: stability = IoU of the masks at logit thresholds +D and -D (default {AUTO_DEFAULTS['stability_offset']})")
-    seg.add_argument("--box-nms-thresh", type=float, default=None, metavar="T",
+    seg.add_argument("--box-nms-thresh", type=_finite, default=None, metavar="T",
                      help=f"--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default {AUTO_DEFAULTS['box_nms_thresh']})")
     seg.add_argument("--output", "-o", required=True, metavar="MASK.png",
                      help="mask PNG: binary 0/255 for one prompt, index 0..N for N prompts")

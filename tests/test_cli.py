@@ -374,6 +374,10 @@ ERROR_CASES = {
     # ignoring them would hide a forgotten --auto
     "auto_options_without_auto": (["--point", "220,150", "--stability-offset", "0.5", "--points-per-side", "8"],
                                   "--points-per-side, --stability-offset only apply to --auto"),
+    # refused while parsing, before a (vit_h: 2.5 GB) checkpoint is loaded
+    "auto_no_grid": (["--auto", "--points-per-side", "0"], "argument --points-per-side: expected a positive integer, got '0'"),
+    "auto_nan_thresh": (["--auto", "--pred-iou-thresh", "nan"], "argument --pred-iou-thresh: expected a finite number, got 'nan'"),
+    "auto_negative_offset": (["--auto", "--stability-offset", "-1"], "argument --stability-offset: expected a number >= 0, got '-1'"),
 }
 
 
@@ -384,6 +388,13 @@ def test_segment_prompt_errors(case, capsys, tmp_path, ckpt):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_segment_auto_options_checked_before_the_checkpoint(capsys, tmp_path):
+    # a missing checkpoint would be named if the model were loaded first
+    code, _, err = run(capsys, "segment", PHOTO, "-c", tmp_path / "missing.pth", "--auto", "--stability-offset", "-0.5",
+                       "-o", tmp_path / "m.png")
+    assert code == 2 and "--stability-offset: expected a number >= 0" in err and "missing.pth" not in err
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a torch without MPS")
