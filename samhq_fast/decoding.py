@@ -210,7 +210,7 @@ class PromptDecoder:
         # The padded batch: empty rows are all padding (no point, no box, no mask) and read image 0.
         index = torch.zeros(rows, dtype=torch.int64, device=device)
         coords = torch.zeros(rows, k_pad, 2, device=device)
-        labels = torch.zeros(rows, k_pad, dtype=torch.int64, device=device)
+        labels = torch.zeros(rows, k_pad, device=device)  # float: an int buffer would round a label of 0.5 to 0
         has_point = torch.zeros(rows, k_pad, dtype=torch.bool, device=device)
         box = torch.zeros(rows, 4, device=device)
         has_box = torch.zeros(rows, dtype=torch.bool, device=device)

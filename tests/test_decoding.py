@@ -143,11 +143,13 @@ def test_padded_point_slots_are_invisible(tiny_model, image_state):
         assert torch.allclose(got, base, atol=1e-5 * base.abs().max().item()) != padded_slots_are_points
 
 
-@pytest.mark.parametrize("label", [-2, 2, 7])
+@pytest.mark.parametrize("label", [-2, 2, 7, 0.5, -0.5, 1.5])
 def test_labels_outside_sam_set_match_eager(tiny_model, image_state, label):
     """A label other than 1 / 0 / -1 is a point with no label embedding in the original; the padded
-    decoder must not read any label value as its own padding."""
+    decoder must not read any label value as its own padding, nor round a fractional one (a float
+    label tensor) to 0 / 1 / -1."""
     prompts = make_prompts("points", 3, 2, seed=4)
+    prompts["point_labels"] = prompts["point_labels"].to(torch.float32 if isinstance(label, float) else torch.int64)
     prompts["point_labels"][:, 1] = label
     expected = eager_decode(tiny_model, image_state, prompts, False, False)
     got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=False, hq_token_only=False)
