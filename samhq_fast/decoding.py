@@ -82,7 +82,7 @@ class PromptDecoder:
     """Decodes any number of prompts, of one image or of several, with few compiled shapes.
 
     compile=False runs the same padded function eagerly (the reference for the compiled one).
-    cuda_graphs: None (the default) = "trees" on a CUDA model, False elsewhere;
+    cuda_graphs: None (the default) = "trees" when compiled on a CUDA model, False otherwise;
       "trees" (or True): torch.compile(mode="reduce-overhead"), Inductor's CUDA-graph trees;
       "manual": the compiled function captured in a torch.cuda.CUDAGraph per shape by
       `graphs.GraphCache` (static input buffers, less Python per replay);
@@ -115,7 +115,7 @@ class PromptDecoder:
         if cuda_graphs and not (compile and on_cuda):
             why = "compile=False" if not compile else f"the model is on {model.device}, not a CUDA device"
             raise ValueError(f"cuda_graphs={cuda_graphs!r} needs a compiled decoder on a CUDA model, but {why}")
-        graphs = ("trees" if on_cuda else False) if cuda_graphs is None else "trees" if cuda_graphs is True else cuda_graphs
+        graphs = ("trees" if on_cuda and compile else False) if cuda_graphs is None else "trees" if cuda_graphs is True else cuda_graphs
         self.cuda_graphs = graphs
         fn = lambda *args: decode_padded(model, *args)  # noqa: E731  (compile a closure, not the module)
         if compile:

@@ -349,6 +349,15 @@ def test_cuda_graphs_needs_a_compiled_cuda_decoder(tiny_model):
 
 
 @pytest.mark.gpu
+def test_default_graph_mode_on_cuda_gpu(tiny_model):
+    """The default (None) graphs a compiled CUDA decoder with graph trees, and reports no graphs
+    for an uncompiled one (which has none)."""
+    model = copy.deepcopy(tiny_model).cuda()
+    assert PromptDecoder(model).cuda_graphs == "trees"
+    assert PromptDecoder(model, compile=False).cuda_graphs is False
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
 def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs):
     """On CUDA the compiled decoder replays CUDA graphs: outputs must be right and never stale
