@@ -18,6 +18,7 @@ Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (k
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +37,9 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
     if fused_disabled():
         return False, f"{KILL_SWITCH} is set"
     try:
-        from samhq_fast.kernels import INTERPRETER_BF16_ERROR, interpreter_set_too_late
+        import triton
+
+        from samhq_fast.kernels import INTERPRETER_BF16_ERROR, interpreter_incompatibility, interpreter_set_too_late
     except ImportError:
         return False, "triton is not installed"
     too_late = interpreter_set_too_late()
@@ -45,6 +48,9 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     if interpreter and dtype == torch.bfloat16:
         return False, INTERPRETER_BF16_ERROR
+    incompatible = interpreter and interpreter_incompatibility(triton.__version__, np.__version__)
+    if incompatible:  # refused at load, not at the first forward
+        return False, incompatible
     if device.type == "cuda" or (interpreter and device.type == "cpu"):
         return True, ""
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU, slowly), got {device}"

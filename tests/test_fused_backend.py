@@ -143,6 +143,17 @@ def test_interpreter_set_after_import_is_a_clear_error(tiny_checkpoints):
     assert "backend='fused' cannot run here: TRITON_INTERPRET=1 was set after Triton was imported" in out.stdout
 
 
+def test_interpreter_too_old_for_numpy_is_refused_at_load(tmp_path, monkeypatch):
+    """Triton < 3.7's interpreter fails deep inside itself with NumPy >= 2.4: refused by load with
+    the reason (before the file is read), not at the first forward."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.1")
+    with pytest.raises(ValueError, match="backend='fused' cannot run here: the Triton interpreter of triton 3.6.0 cannot run with numpy 2.4.1"):
+        samhq_fast.load(tmp_path / "not_there.pth", device="cpu", backend="fused")
+
+
 def test_auto_backend_choice(monkeypatch):
     """"auto": eager everywhere until the GPU tests have passed (AUTO_PICKS_FUSED_ON_CUDA); then fused
     on CUDA only, and never under the kill switch. resolve_backend needs no CUDA device to decide."""
