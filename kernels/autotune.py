@@ -14,7 +14,8 @@ largest takes 144 KiB); one that fails on some other GPU is skipped by `pick`, n
 
 SAMHQ_FAST_AUTOTUNE=0 skips the timing and uses each family's default. Nothing is timed in the
 Triton interpreter (its timings mean nothing) or while a CUDA graph is being captured (timing
-syncs); the defaults are used there and not cached. A default this GPU cannot launch (the 16-bit
+syncs): there a shape this process has already timed keeps its choice, any other gets the default,
+which is not cached. A default this GPU cannot launch (the 16-bit
 linear default takes 96 KiB of shared memory: a T4 has 64 KiB) is passed over for the next
 candidate in the list (`run`).
 """
@@ -92,20 +93,16 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def pick(
-    kernel: str, shape_key: tuple, candidates: list[dict], time_ms: Callable[[dict], float], device: torch.device, tune: bool
-) -> dict:
-    """The fastest of `candidates` (JSON-able dicts, default first) for this kernel and shape.
+def pick(kernel: str, shape_key: tuple, candidates: list[dict], time_ms: Callable[[dict], float], device: torch.device) -> dict:
+    """The fastest of `candidates` (JSON-able dicts, default first) for this kernel and shape: this
+    process's choice, else the disk cache's, else timed now (and cached in both).
 
     time_ms(config) -> milliseconds for one launch with that config (it may raise, e.g. Triton's
-    OutOfResources when a tile does not fit: that candidate is skipped). tune=False returns the
-    cached choice if there is one, else the default without timing or caching it.
+    OutOfResources when a tile does not fit: that candidate is skipped).
     """
     memory_key = (device, kernel, shape_key)
     if memory_key in _chosen:
         return _chosen[memory_key]
-    if not tune:
-        return candidates[0]
     path, key = cache_path(), file_key(device_name(device), kernel, shape_key)
     cached = _read_cache(path).get(key)
     if cached in candidates:  # a stale entry (a config no longer offered) is timed again
@@ -134,9 +131,8 @@ def run(kernel: str, shape_key: tuple, candidates: list[dict], launch: Callable[
     queued, so trying the next is safe, in a CUDA graph capture too.
     """
     memory_key = (device, kernel, shape_key)
-    tune = tuning_enabled(device)
-    if tune or memory_key in _chosen:
-        return launch(pick(kernel, shape_key, candidates, lambda c: bench_ms(lambda: launch(c)), device, tune))
+    if memory_key in _chosen or tuning_enabled(device):
+        return launch(pick(kernel, shape_key, candidates, lambda c: bench_ms(lambda: launch(c)), device))
     errors = []
     for config in candidates[candidates.index(_untuned.get(memory_key, candidates[0])):]:
         try:

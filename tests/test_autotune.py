@@ -44,40 +44,34 @@ def timer(times: dict, calls: list):
 
 def test_picks_the_fastest_and_caches_it_on_disk(fresh_cache, monkeypatch):
     calls = []
-    best = autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU, tune=True)
+    best = autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU)
     assert best == {"tile": 128} and calls == [64, 128, 256]
     entries = json.loads((fresh_cache / autotune.CACHE_FILE).read_text())
     assert entries == {autotune.file_key("cpu", "k", KEY): {"tile": 128}}
     assert "triton" in next(iter(entries)) and "4096/1280/5120" in next(iter(entries))
     # same process: from memory; a new process (empty memory): from the file; neither times again
-    assert autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU, tune=True) == {"tile": 128}
+    assert autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU) == {"tile": 128}
     monkeypatch.setattr(autotune, "_chosen", {})
-    assert autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU, tune=True) == {"tile": 128}
+    assert autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU) == {"tile": 128}
     assert calls == [64, 128, 256]
 
 
 def test_other_shapes_and_kernels_are_timed_separately(fresh_cache):
     calls = []
-    autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU, tune=True)
-    other = autotune.pick("k", KEY[:1] + (8192,) + KEY[2:], CANDIDATES, timer({64: 3.0, 128: 2.0, 256: 1.0}, calls), CPU, tune=True)
-    again = autotune.pick("j", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 3.0}, calls), CPU, tune=True)
+    autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU)
+    other = autotune.pick("k", KEY[:1] + (8192,) + KEY[2:], CANDIDATES, timer({64: 3.0, 128: 2.0, 256: 1.0}, calls), CPU)
+    again = autotune.pick("j", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 3.0}, calls), CPU)
     assert other == {"tile": 256} and again == {"tile": 128} and len(calls) == 9
     assert len(json.loads((fresh_cache / autotune.CACHE_FILE).read_text())) == 3
 
 
 def test_a_failing_candidate_is_skipped_and_all_failing_is_an_error():
     calls = []
-    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 5.0, 256: 4.0}, calls), CPU, tune=True) == {"tile": 256}
+    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 5.0, 256: 4.0}, calls), CPU) == {"tile": 256}
     with pytest.raises(RuntimeError, match=r"(?s)k: every candidate config failed.*out of resources"):
-        autotune.pick("k", ("other",), CANDIDATES, timer({}, []), CPU, tune=True)
+        autotune.pick("k", ("other",), CANDIDATES, timer({}, []), CPU)
 
 
-def test_untuned_is_the_default_and_not_cached(fresh_cache):
-    calls = []
-    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0}, calls), CPU, tune=False) == CANDIDATES[0]
-    assert calls == [] and not (fresh_cache / autotune.CACHE_FILE).exists()
-    # a later tuned call still times (the default was not remembered as a choice)
-    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU, tune=True) == {"tile": 128}
 
 
 def launcher(launchable: set, calls: list):
@@ -112,6 +106,18 @@ def test_untuned_run_lets_other_errors_through():
         autotune.run("k", KEY, CANDIDATES, broken, CPU)
 
 
+def test_untuned_run_launches_the_default_and_caches_nothing(fresh_cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(autotune, "bench_ms", lambda fn: {64: 3.0, 128: 1.0, 256: 2.0}[fn()])
+    monkeypatch.setattr(autotune, "tuning_enabled", lambda device: False)
+    assert autotune.run("k", KEY, CANDIDATES, launcher({64, 128, 256}, calls), CPU) == 64
+    assert calls == [64] and not (fresh_cache / autotune.CACHE_FILE).exists()
+    # a later tuned call still times (the default was not remembered as a choice)
+    monkeypatch.setattr(autotune, "tuning_enabled", lambda device: True)
+    assert autotune.run("k", KEY, CANDIDATES, launcher({64, 128, 256}, calls), CPU) == 128
+    assert calls == [64, 64, 128, 256, 128]
+
+
 def test_run_uses_the_timed_choice(monkeypatch):
     """Tuning on: every candidate is timed once, then the fastest launched; with tuning off later
     (e.g. during a CUDA graph capture) the same process keeps launching that choice."""
@@ -129,13 +135,13 @@ def test_corrupt_or_stale_cache_is_timed_again(fresh_cache, monkeypatch):
     path.write_text("{not json")
     calls = []
     with pytest.warns(UserWarning, match="unreadable autotune cache"):
-        assert autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, calls), CPU, tune=True) == {"tile": 128}
+        assert autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, calls), CPU) == {"tile": 128}
     assert json.loads(path.read_text())  # rewritten as valid JSON
     # an entry naming a config that is no longer a candidate is not trusted
     path.write_text(json.dumps({autotune.file_key("cpu", "k", KEY): {"tile": 32}}))
     monkeypatch.setattr(autotune, "_chosen", {})
     calls.clear()
-    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU, tune=True) == {"tile": 64}
+    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU) == {"tile": 64}
     assert calls == [64, 128, 256]
 
 
@@ -144,9 +150,9 @@ def test_unwritable_cache_folder_warns_and_keeps_the_choice(fresh_cache, monkeyp
     blocker.write_text("")
     monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(blocker / "cache"))  # a folder inside a file: mkdir fails, even as root
     with pytest.warns(UserWarning, match="could not write the autotune cache"):
-        best = autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, []), CPU, tune=True)
+        best = autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, []), CPU)
     assert best == {"tile": 128}
-    assert autotune.pick("k", KEY, CANDIDATES, timer({}, []), CPU, tune=True) == {"tile": 128}  # kept in memory
+    assert autotune.pick("k", KEY, CANDIDATES, timer({}, []), CPU) == {"tile": 128}  # kept in memory
 
 
 def test_concurrent_writers_keep_the_file_valid(fresh_cache):
@@ -191,7 +197,7 @@ def test_each_gpu_model_is_timed_separately(fresh_cache, monkeypatch):
     for name in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"):
         monkeypatch.setattr(autotune, "device_name", lambda device: name)
         monkeypatch.setattr(autotune, "_chosen", {})  # a new process on that GPU
-        autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU, tune=True)
+        autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU)
     assert calls == [64, 128, 256] * 2
     assert len(json.loads((fresh_cache / autotune.CACHE_FILE).read_text())) == 2
 
