@@ -38,6 +38,13 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
     return None
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of `dtype`: fp32 in full IEEE precision (the fused fp32
+    path must match the eager reference to ~1e-4, which TF32's 10-bit mantissa would not); for 16-bit
+    operands the setting changes nothing."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def interpreter_set_too_late() -> str | None:
     """Why TRITON_INTERPRET=1 cannot take effect in this process, or None.
 

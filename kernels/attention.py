@@ -13,7 +13,8 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
   Key tiles are laid over the window's rows (see `_rel_pos_attention_kernel`), so a tile needs one
   rel_h value per query and row, and a contiguous run of rel_w: no per-element gathers;
 - head_dim 64 and 80 (vit_h) without padding: 80 is computed as a 64 part and a 16 part (two dots
-  each for q.k and p.v), so neither memory nor registers hold a head dim padded to 128.
+  each for q.k and p.v), so the attention kernel holds no head dim padded to 128, in memory or in
+  registers (only the small rel-pos pre-pass pads it, in registers, with masked loads).
 
 Register use and shared memory per candidate config were checked offline (compiled for sm_90 with
 the launch's real specializations, `cuobjdump -res-usage`): see `candidate_configs`.
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from samhq_fast.kernels import autotune, interpreting, on_device
+from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
 from samhq_fast.modeling.image_encoder import resize_rel_pos
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -268,7 +269,7 @@ def rel_pos_terms(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.T
                     out.stride(1), out_line, out_run,
                     NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
                     WIN=win, WIN_PAD=max(16, triton.next_power_of_2(win)), BLOCK_RUN=block_run,
-                    DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+                    DOT_PRECISION=dot_precision(qkv.dtype),
                     num_warps=warps,
                 )
     return rel_h, rel_w
@@ -281,7 +282,8 @@ def rel_pos_attention(
     """Attention of a SAM ViT block from its qkv projection.
 
     qkv: [B, H, W, 3C] = qkv linear of the (normed) real tokens, channels-last, last dim contiguous.
-    qkv_bias: [3C], the qkv of a zero (padded) token. rel_pos_h / rel_pos_w: [2 * win - 1, D] tables.
+    qkv_bias: [3C], the qkv of a zero (padded) token. rel_pos_h / rel_pos_w: [L, D] tables (resized
+to 2 * win - 1 rows when L differs, as the original does).
     window_size: 0 for a global block, else the window side (the grid is padded to a multiple).
     config: launch config {BLOCK_M, BLOCK_N (powers of two >= 16), num_warps, num_stages}; None picks
     one (tuned per GPU and shape, see `candidate_configs`; INTERPRETER_CONFIG in the interpreter).
@@ -331,7 +333,7 @@ def rel_pos_attention(
                 NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
                 WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
                 KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols),
-                DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+                DOT_PRECISION=dot_precision(qkv.dtype),
                 **config,
             )
 

@@ -10,9 +10,9 @@ Where the ViT block uses it (x is channels-last tokens [B, H, W, C] or [B, L, C]
 Fusing the bias, the activation and the residual into the matmul epilogue saves one full
 read + write of the [M, N] output per fused op compared with eager PyTorch.
 
-Layout: kernel -> launcher (checks; the config is tuned per shape among a few tiles and the plain
-cuBLAS op, see ``autotune``) -> functional API ``fused_linear`` -> tiny ``FusedLinear`` module
-wrapper. Inference only: no backward is defined, the output carries no autograd history.
+Layout: kernel -> ``_linear`` (one launch with a given config) -> ``fused_linear`` (checks, and the
+config tuned per shape among a few tiles and the plain cuBLAS op, see ``autotune``) -> tiny
+``FusedLinear`` module wrapper. Inference only: no backward is defined, the output carries no autograd history.
 
 Triton API use is restricted to what both triton 3.6 (GPU image) and 3.9 (CPU dev box) have:
 plain pointer arithmetic, masked tl.load/tl.store, tl.dot(..., input_precision=...), tl.erf.
@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
 
-from samhq_fast.kernels import autotune, interpreting, on_device
+from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
 
 __all__ = ["fused_linear", "FusedLinear", "ACTIVATIONS"]
 
@@ -176,7 +176,7 @@ def _linear(x2, weight, bias, r2, activation: str, config: dict) -> torch.Tensor
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=r2 is not None,
         ACTIVATION=activation,
-        INPUT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION=dot_precision(x2.dtype),
         **config,
     )
     return out
@@ -198,7 +198,9 @@ def fused_linear(
     activation: str = "none",
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(x @ weight.T + bias) [+ residual]``, accumulated in fp32, returned in x's dtype.
+    """``act(x @ weight.T + bias) [+ residual]`` in x's dtype. The Triton kernels accumulate and
+    apply the epilogue in fp32; where the tuner keeps cuBLAS (``TORCH_OP``), torch's matmul precision
+    settings apply and GELU / residual run on its rounded output, as in the eager model.
 
     x: [..., K] (any leading dims, e.g. [B, H, W, C] channels-last tokens); weight: [N, K]
     (nn.Linear layout); bias: [N] or None; activation: "none" | "gelu" (exact erf GELU);

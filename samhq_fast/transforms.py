@@ -163,7 +163,7 @@ def as_rgb_uint8_torch(
             raise ValueError("float images must hold values in [0, 1]; pass uint8 for 0..255 data")
         if images.dtype in (torch.float16, torch.bfloat16):
             images = images.float()
-        images = torch.round(images * 255.0).to(torch.uint8)  # round half to even in the input's precision, as np.round
+        images = torch.round(images * 255.0).to(torch.uint8)  # round half to even (fp32, or fp64 for fp64 input), as np.round
     if image_format == "BGR":
         images = images.flip(1)
     return images.contiguous()

@@ -24,8 +24,8 @@ CPU_DTYPES = [
 GPU_DTYPES = CPU_DTYPES + [pytest.param(torch.bfloat16, 2e-2, 2e-2, id="bf16")]
 
 # (M, K, N, activation, residual, bias): every M in {1, 37, 200}, K in {33, 80, 160} and
-# N in {48, 100, 240} appears; none is a multiple of the 32x32x32 interpreter blocks except
-# K=160 and N=240 (so both the tail and the exact-fit paths run), M=1 is a single partial block.
+# N in {48, 100, 240} appears; none is a multiple of the 64x64x32 interpreter tiles except
+# K=160 (so both the K-tail and the exact-fit K loop run), M=1 is a single partial block.
 CASES = [
     (1, 33, 48, "none", False, True),
     (37, 80, 100, "gelu", False, True),
