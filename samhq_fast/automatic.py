@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .modeling import SamHQ
-from .predictor import SamHQPredictor
+from .predictor import SamHQPredictor, check_flags
 from .transforms import as_rgb_uint8, as_rgb_uint8_torch
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -237,6 +237,7 @@ class SamHQAutomaticMaskGenerator:
         [x, y, w, h], "predicted_iou", "point_coords" [[x, y]], "stability_score", "crop_box" [x, y, w, h].
         multimask_output / hq_token_only: as in `SamHQPredictor.predict` (one mask per point either way).
         """
+        check_flags(multimask_output=multimask_output, hq_token_only=hq_token_only)
         if isinstance(image, torch.Tensor):
             rgb = as_rgb_uint8_torch(image, device=self.predictor.device, batched=image.ndim == 4)  # crops stay on the device
             if len(rgb) != 1:

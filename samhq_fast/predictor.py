@@ -49,6 +49,14 @@ def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
     return array
 
 
+def check_flags(**flags) -> None:
+    """Boolean options must be booleans (or 0 / 1): a string such as "False" is truthy and would
+    silently give the other output."""
+    for name, value in flags.items():
+        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 class ImageNotSetError(RuntimeError, ValueError):
     """predict / get_image_embedding was called before set_image (a RuntimeError, as in the original)."""
 
@@ -289,6 +297,7 @@ class SamHQPredictor:
         are validated on the host: prompts given as GPU tensors are read back for that; predict_torch
         takes device tensors without any check of their values.)
         """
+        check_flags(multimask_output=multimask_output, return_logits=return_logits, hq_token_only=hq_token_only, return_torch=return_torch)
         self._require_image()
         coords, labels, boxes, masks_in, batched = self._prompts_to_torch(point_coords, point_labels, box, mask_input)
         outputs = self.predict_torch(coords, labels, boxes, masks_in, multimask_output, return_logits, hq_token_only)
@@ -316,6 +325,7 @@ class SamHQPredictor:
         of point and box tokens per prompt). Each prompt reads its own image's features. The prompts
         are validated on the host, as in `predict`; `predict_batch_torch` takes device tensors unread.
         """
+        check_flags(multimask_output=multimask_output, return_logits=return_logits, hq_token_only=hq_token_only, return_torch=return_torch)
         # (warning_stacklevel: _prompts_to_torch < convert < _per_image_prompts < predict_batch < the caller)
         convert = lambda i, **prompt: self._prompts_to_torch(**prompt, original_size=self.original_sizes[i], warning_stacklevel=5)  # noqa: E731
         converted = self._per_image_prompts(prompts, PROMPT_KEYS, convert)
@@ -331,6 +341,7 @@ class SamHQPredictor:
         -> per image, (masks [N, 1, H, W] bool or logits, scores [N, 1], low_res_logits
         [N, 1, 4G, 4G]) tensors on the model's device, or None. Shapes and devices are checked, not
         values: on CUDA nothing here waits for the GPU (for e.g. tracker boxes already on the GPU)."""
+        check_flags(multimask_output=multimask_output, return_logits=return_logits, hq_token_only=hq_token_only)
         convert = lambda i, **prompt: (*self.model.prompt_encoder.check_prompts(**prompt), True)  # noqa: E731
         converted = self._per_image_prompts(prompts, TORCH_PROMPT_KEYS, convert)
         return self._decode_images(converted, multimask_output, hq_token_only, return_logits)
@@ -498,6 +509,7 @@ class SamHQPredictor:
         Shapes, dtypes and devices are checked, values are not (that would sync with the GPU). Labels
         mean 1 foreground, 0 background, -1 not a point (`predict` allows only these); any other
         label gives a token with no label embedding, as in the original, on every backend."""
+        check_flags(multimask_output=multimask_output, return_logits=return_logits, hq_token_only=hq_token_only)
         self._require_image()
         model = self.model
         model.prompt_encoder.check_prompts(point_coords, point_labels, boxes, mask_input)

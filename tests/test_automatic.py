@@ -369,6 +369,8 @@ def test_bad_model_and_image(tiny_model):
         SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2).generate("photo.jpg")
     with pytest.raises(ValueError, match=re.escape("generate takes one image, got a batch of shape [2, 20, 30, 3]")):
         SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2).generate(torch.zeros(2, 20, 30, 3, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="multimask_output must be True or False, got 'False'"):
+        SamHQAutomaticMaskGenerator(tiny_model, points_per_side=2).generate(np.zeros((20, 30, 3), np.uint8), multimask_output="False")
 
 
 def _assert_same_records(got: list[dict], expected: list[dict], score_tol: float, pixel_tol: float = 1e-3) -> None:

@@ -543,3 +543,13 @@ def test_a_failed_set_image_forgets_the_previous_images(tiny_model, photos, call
     assert predictor.num_images == 0 and predictor.features is None
     with pytest.raises(ImageNotSetError):
         predictor.predict_batch([None, None])
+
+
+def test_batch_flags_must_be_booleans(batch):
+    prompts = [{"box": np.array([10.0, 10.0, 60.0, 50.0])}, None, None]
+    with pytest.raises(TypeError, match="hq_token_only must be True or False, got 'yes'"):
+        batch.predict_batch(prompts, hq_token_only="yes")
+    with pytest.raises(TypeError, match="return_torch must be True or False, got 'no'"):
+        batch.predict_batch(prompts, return_torch="no")
+    with pytest.raises(TypeError, match="multimask_output must be True or False, got 'False'"):
+        batch.predict_batch_torch([{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]])}, None, None], multimask_output="False")

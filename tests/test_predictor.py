@@ -866,6 +866,28 @@ def test_bad_torch_prompts_raise(prepared, kind):
         predictor.predict_torch(**prompt)
 
 
+@pytest.mark.parametrize("flag", ["multimask_output", "return_logits", "hq_token_only", "return_torch"])
+@pytest.mark.parametrize("value", ["False", None, 2, 0.5])
+def test_non_boolean_flags_are_refused(prepared, flag, value):
+    """"False" is truthy: taken as True it would silently give the other output."""
+    predictor, _ = prepared("landscape_200x300")
+    box = np.array([10.0, 20.0, 150.0, 120.0])
+    with pytest.raises(TypeError, match=re.escape(f"{flag} must be True or False, got {value!r}")):
+        predictor.predict(box=box, **{flag: value})
+    if flag != "return_torch":
+        with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+            predictor.predict_torch(None, None, torch.as_tensor(box, dtype=torch.float32)[None], **{flag: value})
+
+
+def test_boolean_like_flags_are_accepted(prepared):
+    predictor, _ = prepared("landscape_200x300")
+    box = np.array([10.0, 20.0, 150.0, 120.0])
+    expected = predictor.predict(box=box, multimask_output=False, hq_token_only=True)
+    for flags in (dict(multimask_output=np.bool_(False), hq_token_only=np.bool_(True)), dict(multimask_output=0, hq_token_only=1)):
+        for got, e in zip(predictor.predict(box=box, **flags), expected):
+            np.testing.assert_array_equal(got, e)
+
+
 def test_points_slightly_outside_are_accepted(prepared):
     """POINT_MARGIN = 10% of the longest side (30 px for 300x200) may lie outside the image; the
     parity test above checks the values of such points (x = -3, x = W + 2.5)."""
