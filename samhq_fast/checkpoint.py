@@ -358,7 +358,7 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise TypeError(f"checkpoint source must be a path or hub id string, got {type(source).__name__}")
     if not str(source).strip():  # Path("") is the current folder
         raise FileNotFoundError("checkpoint source is an empty string: give a .pth or .safetensors file, an HF model folder, or a hub id")
-    path = Path(source)
+    path = Path(source).expanduser()  # "~/sam_hq_vit_h.pth" as a shell would read it (no hub id starts with ~)
     if path.is_dir():
         return _strip_shared_prefix(_read_folder(path))
     if path.is_file():

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -267,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser("segment", help="segment an image from point / box prompts, write mask PNGs",
                               description=SEGMENT_HELP, epilog=SEGMENT_EPILOG, formatter_class=FORMATTER)
-    seg.add_argument("image", metavar="IMAGE", help="input photo (any format PIL reads; EXIF rotation is applied)")
-    seg.add_argument("--checkpoint", "-c", required=True, metavar="SRC",
+    seg.add_argument("image", type=os.path.expanduser, metavar="IMAGE", help="input photo (any format PIL reads; EXIF rotation is applied)")
+    seg.add_argument("--checkpoint", "-c", type=os.path.expanduser, required=True, metavar="SRC",
                      help="SAM-HQ checkpoint: .pth, .safetensors (original or HF layout), HF folder or hub id")
     seg.add_argument("--point", "-p", action="append", type=parse_point, default=[], metavar="X,Y[,LABEL]",
                      help="a click at pixel (X, Y); LABEL 1 = foreground (default), 0 = background; repeatable")
@@ -287,10 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"--auto: stability = IoU of the masks at logit thresholds +D and -D (default {AUTO_DEFAULTS['stability_offset']})")
     seg.add_argument("--box-nms-thresh", type=_finite, default=None, metavar="T",
                      help=f"--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default {AUTO_DEFAULTS['box_nms_thresh']})")
-    seg.add_argument("--output", "-o", required=True, metavar="MASK.png",
+    seg.add_argument("--output", "-o", type=os.path.expanduser, required=True, metavar="MASK.png",
                      help="mask PNG: binary 0/255 for one prompt, index 0..N for N prompts")
-    seg.add_argument("--overlay", metavar="OVERLAY.png", help="also write the photo with the masks and prompts drawn on it")
-    seg.add_argument("--json", metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
+    seg.add_argument("--overlay", type=os.path.expanduser, metavar="OVERLAY.png", help="also write the photo with the masks and prompts drawn on it")
+    seg.add_argument("--json", type=os.path.expanduser, metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
     seg.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     seg.add_argument("--dtype", type=_dtype, default="fp32", metavar="fp32|fp16|bf16",
                      help=f"model precision: {DTYPE_CHOICES} (default fp32)")
@@ -302,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = commands.add_parser("convert", help="re-save a checkpoint as .safetensors (original or HF key layout)",
                                description=CONVERT_HELP, epilog=CONVERT_EPILOG, formatter_class=FORMATTER)
-    conv.add_argument("input", metavar="IN", help="checkpoint to read (.pth, .safetensors, HF folder, hub id)")
-    conv.add_argument("output", metavar="OUT", help="file to write, must end in .safetensors")
-    conv.add_argument("--layout", choices=("original", "hf"), default="original",
+    conv.add_argument("input", type=os.path.expanduser, metavar="IN", help="checkpoint to read (.pth, .safetensors, HF folder, hub id)")
+    conv.add_argument("output", type=os.path.expanduser, metavar="OUT", help="file to write, must end in .safetensors")
+    conv.add_argument("--layout", type=str.lower, choices=("original", "hf"), default="original",
                       help="key layout of OUT: original SAM-HQ names (default) or Hugging Face SamHQModel names")
     conv.add_argument("--dtype", type=_dtype, default=None, metavar="fp32|fp16|bf16",
                       help=f"cast floating-point tensors to this dtype: {DTYPE_CHOICES} (default: keep the dtypes of IN); "
@@ -325,18 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="backends to compare (default: all on a GPU, eager,compile on a CPU)")
     ben.add_argument("--what", type=_choices(BENCH_WHAT, "benchmark"), default=list(BENCH_WHAT), metavar="encoder,decoder,e2e",
                      help="what to measure (default all three)")
-    ben.add_argument("--checkpoint", "-c", metavar="SRC", help="benchmark this checkpoint (anything samhq_fast.load reads) "
+    ben.add_argument("--checkpoint", "-c", type=os.path.expanduser, metavar="SRC", help="benchmark this checkpoint (anything samhq_fast.load reads) "
                      "instead of random weights; its architecture replaces --variant")
-    ben.add_argument("--output", "-o", metavar="RESULTS.json", default=None,
+    ben.add_argument("--output", "-o", type=os.path.expanduser, metavar="RESULTS.json", default=None,
                      help="merged JSON (default bench/results/bench-DATE.json); the Markdown table goes next to it as .md")
-    ben.add_argument("--plot", metavar="RESULTS.png", help="also draw a bar chart (needs matplotlib: pip install 'samhq-fast[plot]')")
+    ben.add_argument("--plot", type=os.path.expanduser, metavar="RESULTS.png", help="also draw a bar chart (needs matplotlib: pip install 'samhq-fast[plot]')")
     ben.add_argument("--interpret", action="store_true",
                      help="CPU only: allow the fused backend under the Triton interpreter (set TRITON_INTERPRET=1 before "
                           "starting; fp32 / fp16; checks it runs; NOT a speed figure)")
     ben.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few repeats: tests the tool, not speed")
     ben.add_argument("--time-budget-s", type=float, default=None, metavar="S",
                      help="per benchmark run: start no configuration after S seconds (default: encoder 420, decoder 220)")
-    ben.add_argument("--table", nargs="+", metavar="RESULTS.json",
+    ben.add_argument("--table", type=os.path.expanduser, nargs="+", metavar="RESULTS.json",
                      help="only print the Markdown performance table of these results files (runs nothing)")
     ben.set_defaults(run=bench, parser=ben)
     return parser
@@ -427,7 +428,7 @@ def segment_everything(args, image: np.ndarray, model) -> int:
          "area": r["area"], "bbox_xywh": _bbox_xywh(r["segmentation"])}  # not r["bbox"]: the original's is 1 px short
         for i, r in enumerate(records)
     ]
-    print(f"{len(records)} masks from a {args.points_per_side}x{args.points_per_side} point grid"
+    print(f"{len(records)} mask{'' if len(records) == 1 else 's'} from a {args.points_per_side}x{args.points_per_side} point grid"
           + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
     if args.json:
         settings = {k: getattr(args, k) for k in ("points_per_side", "pred_iou_thresh", "stability_thresh", "stability_offset", "box_nms_thresh", "hq_only")}
@@ -440,7 +441,7 @@ def segment(args) -> int:
     points, boxes = args.point, args.box
     given = [name for name in AUTO_DEFAULTS if getattr(args, name) is not None]
     if given and not args.auto:  # ignoring them would hide a forgotten --auto
-        args.parser.error(f"{', '.join('--' + n.replace('_', '-') for n in given)} only apply to --auto")
+        args.parser.error(f"{', '.join('--' + n.replace('_', '-') for n in given)} {'applies' if len(given) == 1 else 'apply'} only to --auto")
     for name, default in AUTO_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -538,6 +539,9 @@ def convert(args) -> int:
         save_file(state_dict, args.output, metadata={"format": "pt", "variant": variant, "layout": args.layout})
     except SafetensorError as e:  # its I/O errors: a full disk, a read-only folder...
         raise OSError(f"could not write {args.output}: {e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(args.output, 0o666 & ~umask)  # as any new file; safetensors (0.8) leaves its private temp file's 0600
     params = sum(v.numel() for v in state_dict.values())
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state_dict.values()})
     size = os.path.getsize(args.output)
@@ -683,9 +687,15 @@ def bench(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one CLI line, without the library's source file and line."""
+    return f"samhq-fast: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 usage or input error)."""
     parser = build_parser()
+    library_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         args = parser.parse_args(argv)
         return args.run(args)
@@ -694,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:  # bad checkpoint, image, prompt, an output that cannot be written...
         print(f"samhq-fast: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = library_format
 
 
 if __name__ == "__main__":

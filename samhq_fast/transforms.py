@@ -19,7 +19,10 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file -> RGB uint8 [H, W, 3] (EXIF orientation applied)."""
+    """Read an image file ("~" expanded) -> RGB uint8 [H, W, 3] (EXIF orientation applied)."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:

@@ -847,6 +847,18 @@ def test_missing_path(tmp_path, name):
         samhq_fast.load(tmp_path / name, device="cpu")
 
 
+@pytest.mark.parametrize("name", ["model.pth", "model.safetensors", "hf_folder"])
+def test_home_relative_source(tmp_path, monkeypatch, tiny_sd, tiny_model, name):
+    """"~/..." is the user's home folder, as a shell would expand it (a quoted or --opt=~ path is not)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if name == "hf_folder":
+        (tmp_path / name).mkdir()
+        save(tiny_sd, tmp_path / name / "model.safetensors")
+    else:
+        save(tiny_sd, tmp_path / name)
+    assert_same_model(samhq_fast.load(f"~/{name}", device="cpu"), tiny_model)
+
+
 def test_empty_source_is_not_the_current_folder(tmp_path, monkeypatch, tiny_sd):
     """Path("") is ".": an empty --checkpoint must not load whatever model.safetensors sits in the cwd."""
     save(tiny_sd, tmp_path / "model.safetensors")

@@ -3,6 +3,7 @@ the Python API (SamHQPredictor) is the independent reference for masks and score
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -309,6 +310,46 @@ def test_convert(layout, source, capsys, tmp_path, tiny_checkpoints, tiny_model)
         assert torch.equal(v, reference[k]), k
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_convert_output_permissions_follow_the_umask(capsys, tmp_path, tiny_checkpoints, umask):
+    """As any new file: readable by others under umask 022 (safetensors alone leaves 0600)."""
+    old_umask = os.umask(umask)
+    try:
+        code, _, err = run(capsys, "convert", tiny_checkpoints["pth"], tmp_path / "out.safetensors", "--layout", "HF")
+    finally:
+        os.umask(old_umask)
+    assert code == 0, err
+    assert (tmp_path / "out.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_paths_may_start_at_the_home_folder(capsys, tmp_path, monkeypatch, ckpt, predictor):
+    """"~/..." (quoted, or --opt=~/... in shells that leave it) is the home folder, for every path argument."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photo.jpg").write_bytes(PHOTO.read_bytes())
+    (tmp_path / "model.pth").write_bytes(Path(ckpt).read_bytes())
+    code, _, err = run(capsys, "segment", "~/photo.jpg", "--checkpoint=~/model.pth", "--box", "10,20,200,280",
+                       "-o", "~/mask.png", "--overlay", "~/overlay.png", "--json", "~/result.json")
+    assert code == 0, err
+    expected, _, _ = predictor.predict(box=np.array([10, 20, 200, 280]), multimask_output=False)
+    np.testing.assert_array_equal(read_png(tmp_path / "mask.png"), expected[0].astype(np.uint8) * 255)
+    assert (tmp_path / "overlay.png").is_file() and json.loads((tmp_path / "result.json").read_text())["prompts"]
+    code, _, err = run(capsys, "convert", "~/model.pth", "~/model.safetensors")
+    assert code == 0, err
+    assert samhq_fast.load(tmp_path / "model.safetensors", device="cpu").state_dict().keys() == predictor.model.state_dict().keys()
+
+
+def test_python_dash_m_runs_the_cli_and_warnings_are_one_line(tmp_path, ckpt):
+    """`python -m samhq_fast` is the CLI; a library warning (here: the kill switch overriding --backend
+    fused) prints as one "samhq-fast: warning:" line, not Python's file:line and source line."""
+    env = {**os.environ, "SAMHQ_FAST_DISABLE_FUSED": "1"}
+    result = subprocess.run([sys.executable, "-m", "samhq_fast", "segment", str(PHOTO), "-c", ckpt, "--point", "220,150",
+                             "--backend", "fused", "-o", str(tmp_path / "m.png")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = [line for line in result.stderr.splitlines() if line.strip()]
+    assert warning == ["samhq-fast: warning: backend='fused' asked for, but SAMHQ_FAST_DISABLE_FUSED is set: using the eager reference"]
+    assert (tmp_path / "m.png").is_file()
+
+
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("half", torch.float16), ("FLOAT16", torch.float16),
                                                ("bf16", torch.bfloat16)])
 def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model, dtype, torch_dtype):
@@ -373,7 +414,8 @@ ERROR_CASES = {
     "auto_with_a_prompt": (["--auto", "--box", "10,20,200,280"], "--auto segments everything without prompts: drop --point / --box"),
     # ignoring them would hide a forgotten --auto
     "auto_options_without_auto": (["--point", "220,150", "--stability-offset", "0.5", "--points-per-side", "8"],
-                                  "--points-per-side, --stability-offset only apply to --auto"),
+                                  "--points-per-side, --stability-offset apply only to --auto"),
+    "auto_option_without_auto": (["--point", "220,150", "--box-nms-thresh", "0.5"], "--box-nms-thresh applies only to --auto"),
     # refused while parsing, before a (vit_h: 2.5 GB) checkpoint is loaded
     "auto_no_grid": (["--auto", "--points-per-side", "0"], "argument --points-per-side: expected a positive integer, got '0'"),
     "auto_nan_thresh": (["--auto", "--pred-iou-thresh", "nan"], "argument --pred-iou-thresh: expected a finite number, got 'nan'"),

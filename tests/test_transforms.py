@@ -291,9 +291,18 @@ def test_load_image_reads_rgb_and_applies_exif_orientation(tmp_path):
     np.testing.assert_array_equal(loaded, np.rot90(rgb, k=-1))
 
 
+def test_load_image_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rgb = photo(20, 30)
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    np.testing.assert_array_equal(load_image("~/plain.png"), rgb)
+
+
 def test_load_image_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_image(tmp_path / "missing.png")
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a folder, not an image file")):
+        load_image(tmp_path)
     (tmp_path / "junk.png").write_bytes(b"this is not an image")
     with pytest.raises(ValueError, match="could not read image"):
         load_image(tmp_path / "junk.png")
