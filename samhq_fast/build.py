@@ -168,5 +168,10 @@ def _registry_builder(variant: str):
 
 # Drop-in for segment_anything_hq.sam_model_registry: builds on the CPU like the original;
 # move it with .to(device) or use `load` directly.
-sam_model_registry = {name: _registry_builder(name) for name in ("vit_b", "vit_l", "vit_h", "vit_tiny")}
+class _Registry(dict):
+    def __missing__(self, key):
+        raise KeyError(f"no SAM-HQ variant {key!r} in sam_model_registry: choose from {', '.join(self)}")
+
+
+sam_model_registry = _Registry({name: _registry_builder(name) for name in ("vit_b", "vit_l", "vit_h", "vit_tiny")})
 sam_model_registry["default"] = sam_model_registry["vit_h"]

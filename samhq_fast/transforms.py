@@ -37,6 +37,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"could not read image {path}: {e}") from e
 
 
+def _float_range_error(low: float, high: float) -> ValueError:
+    return ValueError(f"float images must hold values in [0, 1] (got {low:.4g}..{high:.4g}); pass uint8 for 0..255 data")
+
+
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     if not array.dtype.isnative:  # big-endian data (e.g. from a FITS or PNG reader): same values, native order
         array = array.astype(array.dtype.newbyteorder("="))
@@ -52,10 +56,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
         if not np.isfinite(array).all():
             raise ValueError("image has NaN or infinite values")
         if array.min() < 0 or array.max() > 1:
-            raise ValueError(
-                f"float images must hold values in [0, 1] (got {array.min():.4g}..{array.max():.4g}); "
-                "pass uint8 for 0..255 data"
-            )
+            raise _float_range_error(array.min(), array.max())
         return np.round(array * 255.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
         if array.min() < 0 or array.max() > 255:
@@ -95,7 +96,9 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image must have shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {list(image.shape)}")
+        channels_first = image.ndim == 3 and image.shape[0] in (1, 3, 4)
+        hint = " (channels first? numpy images are [H, W, C]: pass image.transpose(1, 2, 0))" if channels_first else ""
+        raise ValueError(f"image must have shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {list(image.shape)}{hint}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image is empty (shape {list(image.shape)})")
     image = _to_uint8(image)
@@ -162,8 +165,8 @@ def as_rgb_uint8_torch(
         nonfinite, out_of_range = torch.stack([~torch.isfinite(images).all(), ((images < 0) | (images > 1)).any()]).tolist()
         if nonfinite:
             raise ValueError("image has NaN or infinite values")
-        if out_of_range:
-            raise ValueError("float images must hold values in [0, 1]; pass uint8 for 0..255 data")
+        if out_of_range:  # (a second read, on the error path only)
+            raise _float_range_error(images.amin().item(), images.amax().item())
         if images.dtype in (torch.float16, torch.bfloat16):
             images = images.float()
         images = torch.round(images * 255.0).to(torch.uint8)  # round half to even (fp32, or fp64 for fp64 input), as np.round

@@ -968,6 +968,12 @@ def test_registry_rejects_other_variant(real_variant_pth, tiny_checkpoints, name
     assert f"a {variant} checkpoint" in str(info.value).replace(str(path), "<path>")
 
 
+def test_registry_names_its_variants_for_an_unknown_one():
+    with pytest.raises(KeyError, match=re.escape("no SAM-HQ variant 'vit_x' in sam_model_registry: choose from vit_b, vit_l, vit_h, vit_tiny, default")):
+        sam_model_registry["vit_x"]
+    assert sam_model_registry.get("vit_x") is None and "vit_x" not in sam_model_registry  # still a dict
+
+
 def test_registry_without_checkpoint_builds_random_variant():
     model = sam_model_registry["vit_b"](checkpoint=None)
     assert model.variant == "vit_b"

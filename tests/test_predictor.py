@@ -592,12 +592,13 @@ def test_gray_image_is_not_the_rgb_image(plain_rgb_predictors):
 @pytest.mark.parametrize(
     "image, image_format, error, message",
     [
-        (np.full((20, 30, 3), 1.5), "RGB", ValueError, "[0, 1]"),
+        (np.full((20, 30, 3), 1.5), "RGB", ValueError, "float images must hold values in [0, 1] (got 1.5..1.5)"),
         (np.full((20, 30, 3), -0.5, np.float32), "RGB", ValueError, "[0, 1]"),
         (np.full((20, 30, 3), np.nan), "RGB", ValueError, "NaN"),
         (np.zeros((0, 30, 3), np.uint8), "RGB", ValueError, "empty"),
         (np.zeros((1, 20, 30, 3), np.uint8), "RGB", ValueError, "shape"),
         (np.zeros((20, 30, 2), np.uint8), "RGB", ValueError, "shape"),
+        (np.zeros((3, 20, 30), np.uint8), "RGB", ValueError, "got [3, 20, 30] (channels first? numpy images are [H, W, C]: pass image.transpose(1, 2, 0))"),
         (np.zeros((20, 30, 3), np.uint8), "HSV", ValueError, "image_format"),
         (np.full((20, 30, 3), 1000, np.int32), "RGB", ValueError, "outside 0..255"),
         (np.zeros((1, 2000, 3), np.uint8), "RGB", ValueError, "elongated"),  # short side would round to 0 pixels
@@ -605,10 +606,11 @@ def test_gray_image_is_not_the_rgb_image(plain_rgb_predictors):
         # torch images are accepted (tests/test_batched_images.py); their dtype and shape are checked
         (torch.zeros(20, 30, 3, dtype=torch.int32), "RGB", TypeError, "uint8"),
         (torch.zeros(20, 30, 2, dtype=torch.uint8), "RGB", ValueError, "[H, W, C] (HWC), [C, H, W] (CHW) (C = 1, 3 or 4)"),
+        (torch.linspace(-0.25, 2.0, 20 * 30 * 3).reshape(20, 30, 3), "RGB", ValueError, "float images must hold values in [0, 1] (got -0.25..2)"),
     ],
     ids=[
-        "float_above_1", "float_below_0", "nan", "empty_rows", "4d", "two_channels", "bad_format", "int32_range", "too_elongated", "list",
-        "tensor_int32", "tensor_2_channels",
+        "float_above_1", "float_below_0", "nan", "empty_rows", "4d", "two_channels", "numpy_chw", "bad_format", "int32_range", "too_elongated",
+        "list", "tensor_int32", "tensor_2_channels", "tensor_float_range",
     ],
 )
 def test_bad_images_raise(tiny_model, image, image_format, error, message):
