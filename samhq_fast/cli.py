@@ -75,7 +75,8 @@ Outputs:
                       --auto: every mask, largest first, and its grid point).
   --json FILE         per-prompt prompts, predicted IoU score, mask area and bounding box
                       (--auto: per mask its grid point, score, stability, area, box).
-                      bbox_xywh: x, y of the top-left mask pixel, width and height in pixels.
+                      bbox_xywh: x, y of the top-left mask pixel, width and height in pixels;
+                      image_size: [height, width] of the input image.
 A one-line summary per prompt is printed to stdout.
 """
 SEGMENT_EPILOG = """\
