@@ -283,7 +283,7 @@ def rel_pos_attention(
 
     qkv: [B, H, W, 3C] = qkv linear of the (normed) real tokens, channels-last, last dim contiguous.
     qkv_bias: [3C], the qkv of a zero (padded) token. rel_pos_h / rel_pos_w: [L, D] tables (resized
-to 2 * win - 1 rows when L differs, as the original does).
+    to 2 * win - 1 rows when L differs, as the original does).
     window_size: 0 for a global block, else the window side (the grid is padded to a multiple).
     config: launch config {BLOCK_M, BLOCK_N (powers of two >= 16), num_warps, num_stages}; None picks
     one (tuned per GPU and shape, see `candidate_configs`; INTERPRETER_CONFIG in the interpreter).
