@@ -32,6 +32,18 @@ def test_half_precision_predictor_matches_fp32(tiny_checkpoints, dtype):
     assert (masks16 == masks32).mean() > 0.98
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_checkpoint_keeps_its_fourier_basis_values(tiny_model, tmp_path, dtype):
+    """A checkpoint saved from a half model holds G in fp16; loading it as bf16 must not round G again
+    (fp16 -> bf16 drops 3 mantissa bits): the loaded model holds G in fp32, equal to the file's fp16 values."""
+    state_dict = {k: v.half() for k, v in tiny_model.state_dict().items()}
+    torch.save(state_dict, tmp_path / "fp16.pth")
+    model = samhq_fast.load(tmp_path / "fp16.pth", device="cpu", dtype=dtype)
+    basis = model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    stored = state_dict["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    assert basis.dtype == torch.float32 and torch.equal(basis, stored.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_prompt_positional_encoding_stays_fp32_in_half_models(dtype):
     """Casting the model keeps the random Fourier basis G fp32 (its phases reach ~25 rad: a bf16 G

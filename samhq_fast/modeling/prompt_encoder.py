@@ -26,11 +26,13 @@ class PositionEmbeddingRandom(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
 
     def _apply(self, fn, recurse=True):
-        """model.half() / .to(torch.bfloat16) cast buffers too: G keeps its fp32 values (device moves apply)."""
+        """model.half() / .to(torch.bfloat16) cast buffers too: a half model holds G in fp32, with
+        the values it had (device moves apply). G may already be half: a half checkpoint loaded with
+        assign=True; fp16 -> fp32 is exact, where fp16 -> bf16 would round it again."""
         gaussian = self.positional_encoding_gaussian_matrix
         super()._apply(fn, recurse)
         moved = self.positional_encoding_gaussian_matrix
-        if moved.dtype in HALF_DTYPES and gaussian.dtype not in HALF_DTYPES:
+        if moved.dtype in HALF_DTYPES:
             self.positional_encoding_gaussian_matrix = gaussian.to(device=moved.device, dtype=torch.float32)
         return self
 
