@@ -137,8 +137,9 @@ Several --dtype values run one after the other and land in one JSON.
 
 On a CPU-only machine: eager and compile only (real sizes are slow there; --smoke uses a tiny
 model); fused only with TRITON_INTERPRET=1 in the environment and --interpret (the Triton
-interpreter; fp32 / fp16). EVERY FIGURE MEASURED ON THE CPU OR IN THE INTERPRETER IS LABELLED
-"not a speed figure" in the JSON, the table and the plot.
+interpreter; fp32 / fp16). EVERY FIGURE MEASURED ON THE CPU OR IN THE INTERPRETER IS LABELLED as
+not a speed figure: "speed_figure": false and the reason in the JSON, the reason in the table's
+note column under a "NOT SPEED FIGURES" line, and "NOT SPEED FIGURES" in the plot's title.
 
 Each benchmark run also leaves its own JSON + .md next to --output (OUTPUT_STEM.WHAT-DTYPE.json),
 rewritten after every configuration, so a run cut short still leaves what it finished.

@@ -223,12 +223,16 @@ def test_bench_dtype_names_are_those_load_accepts():
 
 
 def test_interpreter_rows_are_not_speed_figures():
-    """A run with TRITON_INTERPRET=1 (bench --interpret): its fused rows are labelled, eager's are not."""
+    """A run with TRITON_INTERPRET=1 (bench --interpret): rows of backends that run Triton kernels (the
+    fused ones, and torch.compile's, whose GPU kernels are Triton too) are labelled, eager's and HF's are not."""
     data = gpu_results()
     data["machine"]["env"] = {"TRITON_INTERPRET": "1"}
+    data["results"][-1] = {**data["results"][0], "backend": "compile"}
     rows = {row["backend"]: row for row in report.load_rows(data)}
     assert rows["eager"]["speed_figure"] is True and rows["eager"]["note"] == ""
-    assert rows["fused"]["speed_figure"] is False and rows["fused"]["note"] == "fused kernels in the Triton interpreter"
+    assert rows["hf"]["note"] == "numerics not checked (no reference in this run)"
+    for backend in ("fused", "compile"):
+        assert rows[backend]["speed_figure"] is False and rows[backend]["note"] == "Triton kernels in the interpreter"
 
 
 def test_bench_plot_leaves_out_withheld_figures(tmp_path):

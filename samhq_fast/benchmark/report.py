@@ -13,8 +13,10 @@ from pathlib import Path
 
 from .common import fmt, machine_line, withheld_reason
 
-NOT_SPEED = "not a speed figure"
 NOT_SPEED_FIGURES = "NOT SPEED FIGURES"
+# Backends / decoder modes that run Triton kernels on a GPU: this package's (fused) or Inductor's
+# (compile, compiled, graphed): under TRITON_INTERPRET=1 all of them run in the interpreter.
+TRITON_BACKENDS = ("fused", "fused-graphed", "compile", "compiled", "graphed", "graphed-manual")
 COLUMNS = ("what", "variant", "dtype", "backend", "size", "median ms", "p90 ms", "throughput", "TFLOP/s", "% of matmul",
            "speedup vs eager", "peak GB", "first call s", "rel L2 vs eager", "note")
 
@@ -36,8 +38,8 @@ def not_speed_reasons(run: dict, backend: str | None) -> list[str]:
         reasons.append("smoke run, tiny model")
     if not machine.get("gpu"):
         reasons.append("measured on the CPU")
-    if backend in ("fused", "fused-graphed", "graphed", "graphed-manual") and machine.get("env", {}).get("TRITON_INTERPRET") == "1":
-        reasons.append("fused kernels in the Triton interpreter")
+    if backend in TRITON_BACKENDS and machine.get("env", {}).get("TRITON_INTERPRET") == "1":
+        reasons.append("Triton kernels in the interpreter")
     return reasons
 
 
