@@ -23,7 +23,7 @@ from samhq_fast.modeling import SamHQConfig
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-CONFIGS = {v: SamHQConfig.from_variant(v) for v in ("vit_b", "vit_h")} if ON_GPU else {"tiny": SMOKE_CONFIG}
+CONFIGS = {v: SamHQConfig.from_variant(v) for v in ("vit_b", "vit_h")} if ON_GPU else {"smoke": SMOKE_CONFIG}
 BATCHES = (1, 8, 32) if ON_GPU else (1,)
 PROMPTS = (1, 16, 64, 256, 1024) if ON_GPU else (4,)
 

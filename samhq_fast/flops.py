@@ -2,7 +2,7 @@
 
 Notation (per image): G = img_size / patch_size (64 at 1024 input), T = G^2 real tokens (4,096),
 C = embed_dim, M = mlp_dim, d = head_dim, w = window_size (14), n_win = ceil(G / w)^2 windows
-(25), Tp = n_win * w^2 padded tokens (4,900 = the 70 x 70 grid). FLOPs = 2 x multiply-adds:
+(25), Tp = n_win * w^2 padded tokens (4,900 = the 70 x 70 grid). Multiply-adds (FLOPs = 2 x these):
 
   patch embed   T * C * 3 * patch^2                    (16x16 stride-16 conv = a GEMM over patches)
   per block     qkv   T_lin * 3 C^2
@@ -21,11 +21,11 @@ elementwise work (biases, LayerNorms, softmax, GELU, the rel-pos broadcast add, 
 bound, and ~0.4% (vit_b) / ~0.15% (vit_h) on top even at ~5 ops per softmax element.
 
 At 1024 input with the real-token count (padded_windows=False), per image:
-  vit_b 0.942 TFLOP  (brief: 0.94)   linear (qkv+proj+mlp) share 73.9%
-  vit_l 2.851 TFLOP  (brief: 2.85)   linear share 86.8%
-  vit_h 5.666 TFLOP  (brief: 5.67)   linear share 91.0%  (91.2% counting patch embed and neck convs)
-The totals agree with the brief to its 3 significant digits; the brief's "92% in linear layers" is
-the vit_h figure (rounded up): vit_b spends relatively more in attention (C is smaller while the
+  vit_b 0.942 TFLOP  (issue 3: 0.94)   linear (qkv+proj+mlp) share 73.9%
+  vit_l 2.851 TFLOP  (issue 3: 2.85)   linear share 86.8%
+  vit_h 5.666 TFLOP  (issue 3: 5.67)   linear share 91.0%  (91.2% counting patch embed and neck convs)
+The totals agree with the project's issue 3 (the fused encoder) to its 3 significant digits; its
+"92% in linear layers" is the vit_h figure (rounded up): vit_b spends relatively more in attention (C is smaller while the
 T^2 global-attention term is the same). Patch embed + neck + rel-pos are 1.7% (vit_b) to 0.5% (vit_h).
 padded_windows=True adds 30.3 / 134.9 / 295.1 GFLOP (vit_b / l / h), +3.2% / +4.7% / +5.2%.
 """

@@ -37,12 +37,12 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys):
     assert {"python", "torch", "triton", "transformers", "cuda", "cpu_count", "samhq_fast_commit", "allow_tf32_matmul", "env"} <= set(machine)
     # what ran is what the settings say: the smoke model's name, the options passed on to each benchmark
     settings = data["settings"]
-    assert (settings["variants"], settings["dtypes"], settings["device"]) == (["tiny"], ["fp32"], "cpu")
+    assert (settings["variants"], settings["dtypes"], settings["device"]) == (["smoke"], ["fp32"], "cpu")
     assert [r["what"] for r in data["runs"]] == ["encoder", "decoder"]
     encoder, decoder = data["runs"]
     assert encoder["settings"]["batches"] == [1, 2] and decoder["settings"]["prompts"] == [1]
-    assert {r["variant"] for run in data["runs"] for r in run["results"]} == {"tiny"}
-    assert encoder["flops_per_image"]["tiny"]["total"] == encoder_flops(SMOKE_CONFIG.encoder)
+    assert {r["variant"] for run in data["runs"] for r in run["results"]} == {"smoke"}
+    assert encoder["flops_per_image"]["smoke"]["total"] == encoder_flops(SMOKE_CONFIG.encoder)
     # fp32 results are measured against the fp32 matmul rate, not the bf16 one
     rates = encoder["reference_rates"]
     assert rates["matmul_reference"] == rates["matmul_float32"] != rates["matmul_bf16"]
@@ -61,7 +61,7 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys):
     assert {r["what"] for r in data["rows"]} == {"encoder", "decoder", "decoder latency"}
 
     table = out.with_suffix(".md").read_text()
-    assert "Machine: CPU" in table and "| encoder | tiny | fp32 | eager | batch 1 |" in table
+    assert "Machine: CPU" in table and "| encoder | smoke | fp32 | eager | batch 1 |" in table
     assert (tmp_path / "results.encoder-fp32.json").is_file() and (tmp_path / "results.decoder-fp32.json").is_file()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -256,7 +256,7 @@ def test_bench_interrupted_before_anything_finished(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(encoder, "reference_rates", interrupted)
     out = tmp_path / "cut.json"
     stale_part = tmp_path / "cut.encoder-fp32.json"  # what an earlier run with this --output left
-    stale_part.write_text(json.dumps({"settings": {"variants": ["tiny"]}, "machine": {}, "results": []}))
+    stale_part.write_text(json.dumps({"settings": {"variants": ["smoke"]}, "machine": {}, "results": []}))
     code = main(["bench", "--smoke", "--dtype", "fp32", "--backends", "eager", "--what", "encoder", "--output", str(out)])
     assert code == 130 and not out.exists() and not stale_part.exists()
     assert "before any configuration finished: nothing written" in capsys.readouterr().err

@@ -58,11 +58,11 @@ def test_smoke_eager_report_schema(bench, tmp_path):
     assert rates["matmul_reference"] == rates["matmul_bf16"]
 
     config = bench.SMOKE_CONFIG.encoder
-    assert report["flops_per_image"]["tiny"]["total"] == encoder_flops(config)
-    assert report["flops_per_image"]["tiny"]["padded_windows"] == encoder_flops(config, padded_windows=True)
+    assert report["flops_per_image"]["smoke"]["total"] == encoder_flops(config)
+    assert report["flops_per_image"]["smoke"]["padded_windows"] == encoder_flops(config, padded_windows=True)
 
     [entry] = report["results"]
-    assert (entry["variant"], entry["batch"], entry["backend"], entry["dtype"], entry["status"]) == ("tiny", 1, "eager", "bf16", "ok")
+    assert (entry["variant"], entry["batch"], entry["backend"], entry["dtype"], entry["status"]) == ("smoke", 1, "eager", "bf16", "ok")
     assert entry["numerics_ok"] is True and "invalid_speed" not in entry
     assert entry["flops"] == encoder_flops(config, 1)
     speed = entry["speed"]
@@ -75,7 +75,7 @@ def test_smoke_eager_report_schema(bench, tmp_path):
     assert speed["images_per_s"] == pytest.approx(1e3 / speed["median_ms"])
     assert speed["speedup_vs_eager"] == 1.0
     assert positive(entry["first_call_s"])
-    assert "fp32_reference" in report["numerics_context"]["tiny"]
+    assert "fp32_reference" in report["numerics_context"]["smoke"]
     assert 0 < entry["numerics"]["rel_l2_vs_fp32"] < 0.05  # bf16 rounding noise, measured ~1e-2
 
 
@@ -99,7 +99,7 @@ def test_smoke_failures_are_recorded_not_fatal(bench, tmp_path, monkeypatch):
         assert hf["status"] == "ok" and hf["numerics_ok"] is False
         assert "speed" not in hf and positive(hf["invalid_speed"]["tflops"])
         assert positive(hf["numerics"]["rel_l2_vs_eager"]) and positive(hf["numerics"]["rel_l2_vs_fp32"])
-        line = next(x for x in table_lines(tmp_path) if x.startswith(f"| tiny | {batch} | hf |"))
+        line = next(x for x in table_lines(tmp_path) if x.startswith(f"| smoke | {batch} | hf |"))
         assert "figures withheld" in line and f"{hf['invalid_speed']['ms_per_image']:.2f}" not in line
 
 
@@ -150,7 +150,7 @@ def test_decoder_smoke_eager_report_schema(decoder_bench, tmp_path):
                           ("throughput", "eager", "point", 1), ("latency", "eager", "box", 1), ("e2e", "eager", "box", 1)]
     for r in report["results"]:
         assert r["status"] == "ok", r.get("error")
-        assert r["variant"] == "tiny" and r["dtype"] == "bf16" and r["numerics_ok"] is True and "invalid_speed" not in r
+        assert r["variant"] == "smoke" and r["dtype"] == "bf16" and r["numerics_ok"] is True and "invalid_speed" not in r
         assert positive(r["first_call_s"]) and r["warmup_s"] >= 0
     for (test, _, _, num), r in rows.items():
         s = r["speed"]
@@ -168,7 +168,7 @@ def test_decoder_smoke_eager_report_schema(decoder_bench, tmp_path):
     assert latency["repeats"] == 20 or (0 < latency["repeats"] < 20 and latency["repeats"] * latency["max_ms"] >= 1e3 * decoder_bench.LATENCY_MAX_S)
     assert rows[("e2e", "eager", "box", 1)]["speed"]["repeats"] == 3
 
-    best = report["targets"]["best_valid"]["tiny"]
+    best = report["targets"]["best_valid"]["smoke"]
     assert report["targets"]["from_the_issue"] == {"single_prompt_ms": 0.3, "prompts_per_s": 20000}
     assert best["prompts_per_s"] == max(r["speed"]["prompts_per_s"] for r in report["results"] if r["test"] == "throughput")
     assert best["single_prompt_p50_ms"] == rows[("latency", "eager", "box", 1)]["speed"]["p50_ms"]
@@ -203,10 +203,10 @@ def test_decoder_smoke_withholds_figures_that_disagree(decoder_bench, tmp_path, 
     assert [r["test"] for r in compiled] == ["throughput", "latency"]
     for r in compiled:
         assert r["status"] == "ok" and r["numerics_ok"] is False and "speed" not in r and positive(r["invalid_speed"]["median_ms"])
-        head = "| tiny | compiled |" if r["test"] == "throughput" else "| tiny | latency | compiled |"
+        head = "| smoke | compiled |" if r["test"] == "throughput" else "| smoke | latency | compiled |"
         line = next(x for x in table_lines(tmp_path) if x.startswith(head))
         assert "figures withheld" in line and f"{r['invalid_speed']['median_ms']:.3f}" not in line
-    assert report["targets"]["best_valid"]["tiny"]["prompts_per_s"] == next(
+    assert report["targets"]["best_valid"]["smoke"]["prompts_per_s"] == next(
         r["speed"]["prompts_per_s"] for r in report["results"] if r["mode"] == "eager" and r["test"] == "throughput")
 
 

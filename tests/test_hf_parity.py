@@ -29,12 +29,12 @@ import textwrap
 
 import pytest
 import torch
-from transformers import SamHQConfig as HFSamHQConfig
 from transformers import SamHQModel
 from transformers.models.sam_hq import modeling_sam_hq
 
 from conftest import TINY_CONFIG, make_model
-from samhq_fast.checkpoint import hf_config_kwargs, original_to_hf
+from samhq_fast.benchmark.encoder import hf_config
+from samhq_fast.checkpoint import original_to_hf
 from samhq_fast.modeling import SamHQ, SamHQConfig
 
 ENCODER_REL_TOL = 1e-4
@@ -54,10 +54,6 @@ def assert_iou_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Building the HF reference
-
-
-def hf_config(config: SamHQConfig, attn_implementation: str) -> HFSamHQConfig:
-    return HFSamHQConfig(**hf_config_kwargs(config), attn_implementation=attn_implementation)
 
 
 def build_hf(model: SamHQ, attn_implementation: str = "eager") -> SamHQModel:

@@ -6,13 +6,13 @@ CUDA graph per batch size: fused-graphed) vs HF transformers (SDPA attention: hf
 
 Per (variant, batch, backend): first-call time (Triton compiles / autotuning, torch.compile), then
 median and p90 of CUDA-event timings over back-to-back calls rotating three inputs, peak memory,
-images/s, achieved TFLOP/s and its share of the GPU's own measured bf16 matmul rate, the speedup
+images/s, achieved TFLOP/s and its share of the GPU's own matmul rate measured in the run's dtype, the speedup
 over eager in the same run, and the relative L2 error of the image embeddings against eager in the
 same dtype and against eager fp32. Writes JSON (plus a Markdown table next to it) after every
 configuration, so a run killed by a time limit still leaves its finished results. One failing
 backend or configuration is recorded with its error and the run goes on.
 
-Order: per variant eager (the numerics reference), fused, hf, hf-eager; then torch.compile for every variant,
+Order: per variant eager (the numerics reference), fused, fused-graphed, hf, hf-eager; then torch.compile for every variant,
 last, because max-autotune compiles take minutes: no configuration starts after --time-budget-s
 (420 s) and no compile one with less than --compile-reserve-s (150 s) left; those are recorded as
 skipped. Drop compile with `--backends eager,fused,hf` for a quick run.

@@ -145,7 +145,7 @@ class SamHQ(nn.Module):
         """The original `Sam.forward`, for code written against segment_anything(_hq).
 
         batched_input: one dict per image: "image" [3, h, w] RGB on a 0..255 scale, already resized
-        so that max(h, w) = img_size (`transforms.ResizeLongestSide`), "original_size" (H, W), and
+        (`transforms.ResizeLongestSide`: longest side = img_size; any h, w <= img_size is accepted), "original_size" (H, W), and
         optional prompts in that resized input frame: "point_coords" [N, K, 2] with "point_labels"
         [N, K], "boxes" [N, 4], "mask_inputs" [N, 1, 4G, 4G]. The images go through the encoder as
         one batch. -> one dict per image: "masks" [N, 1, H, W] bool, "iou_predictions" [N, 1],
