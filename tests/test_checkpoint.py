@@ -974,6 +974,12 @@ def test_registry_names_its_variants_for_an_unknown_one():
     assert sam_model_registry.get("vit_x") is None and "vit_x" not in sam_model_registry  # still a dict
 
 
+def test_unknown_variant_name_is_named():
+    for build in (SamHQConfig.from_variant, samhq_fast.build_sam_hq):
+        with pytest.raises(ValueError, match=re.escape("unknown variant 'vit_x'; expected one of ['vit_b', 'vit_h', 'vit_l', 'vit_tiny']")):
+            build("vit_x")
+
+
 def test_registry_without_checkpoint_builds_random_variant():
     model = sam_model_registry["vit_b"](checkpoint=None)
     assert model.variant == "vit_b"

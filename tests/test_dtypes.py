@@ -24,12 +24,30 @@ def test_half_precision_predictor_matches_fp32(tiny_checkpoints, dtype):
         predictor = SamHQPredictor(model)
         predictor.set_image(photo)
         results[name] = predictor.predict(**prompts, multimask_output=True)
-    (masks32, scores32, logits32), (masks16, scores16, logits16) = results["fp32"], results[dtype]
+        # a previous low-res mask as the next prompt (the fp32 model's, for both): the half model's mask path
+        results[name + "+mask"] = predictor.predict(**prompts, mask_input=results["fp32"][2], multimask_output=True)
+    for name in ("", "+mask"):
+        check_close_to_fp32(results["fp32" + name], results[dtype + name])
+
+
+def check_close_to_fp32(fp32_results, half_results) -> None:
+    (masks32, scores32, logits32), (masks16, scores16, logits16) = fp32_results, half_results
     assert logits16.dtype == np.float32 and scores16.dtype == np.float32
     rel_l2 = np.linalg.norm(logits16 - logits32) / np.linalg.norm(logits32)
     assert rel_l2 < 3e-2, rel_l2  # bf16 keeps 8 mantissa bits: ~4e-3 per rounding, a few dozen layers deep
     np.testing.assert_allclose(scores16, scores32, atol=1e-2)
     assert (masks16 == masks32).mean() > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_model_upsamples_masks_in_fp32(tiny_model, dtype):
+    """postprocess_masks upsamples in fp32 whatever the model's dtype: the same logits as the fp32
+    model's from the same low-res input (a 16-bit upsample would round every output pixel)."""
+    half = copy.deepcopy(tiny_model).to(dtype)
+    low = torch.randn(2, 1, 64, 64).to(dtype)
+    got = half.postprocess_masks(low, (171, 256), (200, 300))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, tiny_model.postprocess_masks(low.float(), (171, 256), (200, 300)))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

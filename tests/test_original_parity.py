@@ -191,6 +191,19 @@ def test_prompt_encoder_matches_original(tiny_pair, points, with_box):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("labels", [[[1, -2, 2], [0, 7, -1]], [[1.0, 0.5, -0.5], [-1.0, 1.5, 0.0]]], ids=["int", "float"])
+def test_labels_outside_sams_set_match_original(tiny_pair, labels):
+    """A label other than 1 / 0 / -1 (an int, or a fraction in a float tensor) is a point with no
+    label embedding in the original: not a "not a point", not rounded to a neighbour."""
+    reference, ours = tiny_pair
+    labels = torch.tensor(labels)
+    coords = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(5)) * 200
+    with torch.no_grad():
+        expected, actual = reference.prompt_encoder((coords, labels), None, None), ours.prompt_encoder((coords, labels), None, None)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
 def test_forward_matches_original(tiny_pair, photo):
     """Sam.forward(batched_input): two images of different sizes, points on one and boxes on the other."""
     reference, ours = tiny_pair

@@ -727,6 +727,9 @@ BAD_TORCH_PROMPTS = {
     "wrong_device": (dict(point_coords=None, point_labels=None, boxes=torch.zeros(1, 4, device="meta")), ValueError, "boxes is on meta, the model on cpu"),
     "bool_labels": (dict(point_coords=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1, dtype=torch.bool)), TypeError, "point_labels must hold 1"),
     "bool_mask": (dict(point_coords=None, point_labels=None, mask_input=torch.zeros(1, 1, LOW, LOW, dtype=torch.bool)), TypeError, "mask_input must be float logits"),
+    # (with a box, a third coordinate column used to be ignored silently)
+    "coords_three_columns": (dict(point_coords=torch.zeros(1, 2, 3), point_labels=torch.ones(1, 2), boxes=torch.zeros(1, 4)), ValueError,
+                             "point_coords must have shape [N, K, 2]"),
 }
 
 

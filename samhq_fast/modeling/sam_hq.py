@@ -133,8 +133,8 @@ class SamHQ(nn.Module):
         return embeddings, early, self.mask_decoder.hq_features(embeddings, early)
 
     def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
-        """Low-res logits [P, C, 4G, 4G] -> logits [P, C, H, W] in the original image frame:
-        upsample to the padded input, crop the padding, resize to the original size (bilinear)."""
+        """Low-res logits [P, C, 4G, 4G] (any float dtype) -> fp32 logits [P, C, H, W] in the original
+        image frame: upsample to the padded input, crop the padding, resize to the original size (bilinear)."""
         size = self.config.img_size
         masks = F.interpolate(masks.float(), (size, size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
