@@ -236,31 +236,24 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(convert, valid, expected: str):
+    """An argparse type: text -> convert(text), refused (naming `expected`) unless valid(value)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+_count = _number(int, lambda v: v >= 1, "a positive integer")
+_finite = _number(float, math.isfinite, "a finite number")
+_non_negative = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
