@@ -58,19 +58,27 @@ def interpreter_set_too_late() -> str | None:
     return None
 
 
-def interpreting(x: torch.Tensor, who: str) -> bool:
-    """True when the kernels run in the Triton interpreter; raises for a CPU tensor without it, for
-    bf16 in it (a wrong answer otherwise), for an interpreter that cannot run with this NumPy, and
-    for a TRITON_INTERPRET=1 set after Triton was imported."""
+def interpreter_problem(dtype: torch.dtype | None = None) -> str | None:
+    """Why the kernels cannot run right in this process's Triton mode (with `dtype`, when given), or
+    None: a TRITON_INTERPRET=1 set after Triton was imported, bf16 in the interpreter (a wrong
+    answer otherwise), an interpreter that cannot run with this NumPy."""
     too_late = interpreter_set_too_late()
     if too_late:
-        raise RuntimeError(f"{who}: {too_late}")
+        return too_late
     if os.environ.get("TRITON_INTERPRET") == "1":
-        if x.dtype == torch.bfloat16:
-            raise TypeError(f"{who}: {INTERPRETER_BF16_ERROR}")
-        problem = interpreter_incompatibility(triton.__version__, np.__version__)
-        if problem:
-            raise RuntimeError(f"{who}: {problem}")
+        if dtype == torch.bfloat16:
+            return INTERPRETER_BF16_ERROR
+        return interpreter_incompatibility(triton.__version__, np.__version__)
+    return None
+
+
+def interpreting(x: torch.Tensor, who: str) -> bool:
+    """True when the kernels run in the Triton interpreter; raises for an `interpreter_problem`
+    (TypeError for bf16, RuntimeError otherwise) and for a CPU tensor without the interpreter."""
+    problem = interpreter_problem(x.dtype)
+    if problem:
+        raise (TypeError if problem == INTERPRETER_BF16_ERROR else RuntimeError)(f"{who}: {problem}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     if x.device.type != "cuda":
         raise RuntimeError(

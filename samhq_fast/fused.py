@@ -18,7 +18,6 @@ Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (k
 
 import os
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,20 +36,13 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
     if fused_disabled():
         return False, f"{KILL_SWITCH} is set"
     try:
-        import triton
-
-        from samhq_fast.kernels import INTERPRETER_BF16_ERROR, interpreter_incompatibility, interpreter_set_too_late
+        from samhq_fast.kernels import interpreter_problem
     except ImportError:
         return False, "triton is not installed"
-    too_late = interpreter_set_too_late()
-    if too_late:
-        return False, too_late
+    problem = interpreter_problem(dtype)  # refused at load, not at the first forward
+    if problem:
+        return False, problem
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpreter and dtype == torch.bfloat16:
-        return False, INTERPRETER_BF16_ERROR
-    incompatible = interpreter and interpreter_incompatibility(triton.__version__, np.__version__)
-    if incompatible:  # refused at load, not at the first forward
-        return False, incompatible
     if device.type == "cuda" or (interpreter and device.type == "cpu"):
         return True, ""
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU, slowly), got {device}"
