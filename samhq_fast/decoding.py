@@ -17,6 +17,8 @@ import torch
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import select_masks
+from .modeling.prompt_encoder import prompt_count
+from .modeling.sam_hq import no_prompt_outputs
 
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
 POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # points per prompt; more are padded to a multiple of the last
@@ -185,18 +187,18 @@ class PromptDecoder:
 
         image_embeddings [B, 256, G, G], hq_features [B, 32, 4G, 4G]; prompt_sets: a list of
         (image index < B, point_coords [N, K, 2] | None, point_labels [N, K] | None, boxes [N, 4] | None,
-        mask_input [N, 1, 4G, 4G] | None) in the input frame; N and K may differ between sets.
+        mask_input [N, 1, 4G, 4G] | None) in the input frame; N (0 too) and K may differ between sets.
         -> per set, (logits [N, 1, 4G, 4G], scores [N, 1]), as `__call__` on that set's image alone.
         """
-        if not prompt_sets:
-            return []
+        counts = [prompt_count(coords, boxes, masks) for _, coords, _, boxes, masks in prompt_sets]
+        if not any(counts):  # nothing to decode (e.g. frames without detections): no graph replay
+            return [no_prompt_outputs(hq_features) for _ in prompt_sets]
         if weights_state(self.model) != self._weights:
             self._bind()
         if self._basis_version() != self._pe_version:
             self._encode_dense_pe()
         model = self.model
         device = model.device
-        counts = [next((t.shape[0] for t in prompt[1:] if t is not None), 1) for prompt in prompt_sets]  # no prompt: 1 (as SAM)
         images = {prompt[0] for prompt in prompt_sets}
         if not all(isinstance(i, int) and 0 <= i < image_embeddings.shape[0] for i in images):
             raise ValueError(f"prompt_sets name images {sorted(images, key=str)}, but {image_embeddings.shape[0]} are given")

@@ -11,7 +11,8 @@ from PIL import Image
 from .decoding import PromptDecoder
 from .graphs import GraphedEncoder
 from .modeling import SamHQ
-from .modeling.sam_hq import decode_eager
+from .modeling.prompt_encoder import prompt_count
+from .modeling.sam_hq import decode_eager, no_prompt_outputs
 from .transforms import (
     ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, preprocess_shape, resize_longest_side, resize_longest_side_torch, scale_coords,
 )
@@ -288,7 +289,8 @@ class SamHQPredictor:
         0 background, -1 ignore), box [4] or [1, 4] (x1, y1, x2, y2), mask_input [1, 4G, 4G] (a
         previous low_res_logits) -> masks [1, H, W], scores [1], low_res_logits [1, 4G, 4G].
         N prompts at once: point_coords [N, K, 2] with labels [N, K], and/or box [N, 4], and/or
-        mask_input [N, 1, 4G, 4G] -> masks [N, 1, H, W], scores [N, 1], low_res_logits [N, 1, 4G, 4G].
+        mask_input [N, 1, 4G, 4G] -> masks [N, 1, H, W], scores [N, 1], low_res_logits [N, 1, 4G, 4G];
+        N may be 0 (e.g. box of shape [0, 4]: empty outputs, the decoder does not run).
         multimask_output picks the best of SAM's 3 multimask outputs (by predicted IoU) before adding
         the HQ mask; hq_token_only returns the HQ mask alone. Masks are bool unless return_logits.
         return_torch=True returns torch tensors on the model's device instead of numpy (bool masks,
@@ -405,11 +407,14 @@ class SamHQPredictor:
             decoded = self._fused_decoder().decode_images(self.features, self.hq_features, prompt_sets, multimask_output, hq_token_only)
             return dict(zip(converted, decoded))
         groups = {}  # sparse tokens per prompt -> [(image index, sparse, dense)]
+        decoded = {}
         for i, (coords, labels, boxes, masks, _) in converted.items():
+            if prompt_count(coords, boxes, masks) == 0:
+                decoded[i] = no_prompt_outputs(self.hq_features)
+                continue
             points = None if coords is None else (coords, labels)
             sparse, dense = model.prompt_encoder(points, boxes, masks)
             groups.setdefault(sparse.shape[1], []).append((i, sparse, dense))
-        decoded = {}
         for members in groups.values():
             images = [i for i, _, _ in members]
             counts = [sparse.shape[0] for _, sparse, _ in members]
@@ -466,7 +471,7 @@ class SamHQPredictor:
                 raise ValueError(f"box must be (x1, y1, x2, y2) with x2 > x1 and y2 > y1, got an empty or inverted box {first.tolist()}")
             self._check_in_image(bx.reshape(-1, 2, 2), "box", original_size)
             pixel_coords.append(bx)
-            batched |= bx.shape[0] > 1
+            batched |= bx.shape[0] != 1  # [4] and [1, 4] are one unbatched box, [0, 4] no boxes
             counts["box"] = bx.shape[0]
             boxes = torch.as_tensor(scale_coords(bx.reshape(-1, 2, 2), original_size, size).reshape(-1, 4), dtype=torch.float32, device=self.device)
         if mask_input is not None:
@@ -482,9 +487,8 @@ class SamHQPredictor:
             masks = torch.as_tensor(mk, dtype=torch.float32, device=self.device)
         if len(set(counts.values())) > 1:
             raise ValueError(f"prompt counts disagree: {counts}; give the same number N of prompts in each argument")
-        if counts and next(iter(counts.values())) == 0:
-            raise ValueError("no prompts: the prompt arrays are empty")
-        if pixel_coords and max(original_size) >= NORMALIZED_WARNING_MIN_SIDE and all(a.min() >= 0 and a.max() <= 1 for a in pixel_coords):
+        given = [a for a in pixel_coords if a.size]  # none when N = 0
+        if given and max(original_size) >= NORMALIZED_WARNING_MIN_SIDE and all(a.min() >= 0 and a.max() <= 1 for a in given):
             warnings.warn(
                 f"every prompt coordinate lies in [0, 1] on a {original_size[1]}x{original_size[0]} image: coordinates are "
                 "(x, y) pixels of the original image, not normalized ones (multiply by the width and height)",

@@ -147,16 +147,24 @@ def test_predict_batch_one_shared_decoder_call(batch, singles):
         assert_same_as_single(result, single.predict(**prompt, return_logits=True))
 
 
+def decoder_backend_predictor(tiny_model, backend: str) -> SamHQPredictor:
+    """A predictor on a copy of the tiny model whose decoder path is `backend`: model.backend =
+    "fused" on the eager encoder (the fused encoder is checked in test_fused_backend.py), with the
+    fused decoder uncompiled (compile=False), which keeps it fast on the CPU."""
+    model = copy.deepcopy(tiny_model)
+    model.backend = backend
+    predictor = SamHQPredictor(model)
+    if backend == "fused":
+        predictor._prompt_decoder = PromptDecoder(model, compile=False)
+    return predictor
+
+
 def test_fused_predict_batch_is_one_padded_decoder_call(tiny_model, photos, singles):
     """The fused backend's predict_batch: the mixed prompts of three images (4, 2 + mask and 2 sparse
     tokens: three groups for the eager backend) in ONE padded decoder call, equal to single-image
-    predict. Only the decoder path differs here (model.backend = "fused" on the eager encoder; the
-    fused encoder is checked in test_fused_backend.py); compile=False keeps it fast on the CPU."""
-    model = copy.deepcopy(tiny_model)
-    model.backend = "fused"
-    fused = SamHQPredictor(model)
+    predict."""
+    fused = decoder_backend_predictor(tiny_model, "fused")
     fused.set_images(photos)
-    fused._prompt_decoder = PromptDecoder(model, compile=False)
     calls = []
     run = fused._prompt_decoder._decode
     fused._prompt_decoder._decode = lambda *args: calls.append(args[4].shape[0]) or run(*args)
@@ -189,12 +197,8 @@ def to_input_frame(prompt: dict, original_size: tuple[int, int]) -> dict:
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_predict_batch_torch_equals_predict_batch(tiny_model, photos, singles, backend, multimask_output, hq_token_only):
     """Input-frame torch prompts (no host-side validation) give predict_batch's results, as batched tensors."""
-    model = copy.deepcopy(tiny_model)
-    model.backend = backend  # the decoder path (see test_fused_predict_batch_is_one_padded_decoder_call)
-    predictor = SamHQPredictor(model)
+    predictor = decoder_backend_predictor(tiny_model, backend)
     predictor.set_images(photos)
-    if backend == "fused":
-        predictor._prompt_decoder = PromptDecoder(model, compile=False)
     prompts = mixed_prompts(singles)
     prompts[1] = None  # a skipped image
     flags = dict(multimask_output=multimask_output, hq_token_only=hq_token_only)
@@ -217,11 +221,10 @@ def test_predict_batch_torch_equals_predict_batch(tiny_model, photos, singles, b
         ([{}, {"box": torch.zeros(1, 4)}, {}], ValueError, "prompts[1] has unknown keys ['box']; allowed: ['point_coords', 'point_labels', 'boxes', 'mask_input']"),
         ([{}, {}, {"boxes": np.zeros((1, 4))}], TypeError, "prompts[2]: boxes must be a torch.Tensor [N, 4], got ndarray"),
         ([{}, {}, {"boxes": torch.zeros(4)}], ValueError, "prompts[2]: boxes must have shape [N, 4], got [4]"),
-        ([{"boxes": torch.zeros(0, 4)}, None, None], ValueError, "prompts[0]: no prompts: the prompt tensors are empty"),
         ([{"boxes": torch.zeros(1, 4, device="meta")}, None, None], ValueError, "prompts[0]: boxes is on meta, the model on cpu"),
         ([{}, {}], ValueError, "got 2 prompt dicts for 3 images"),
     ],
-    ids=["numpy_key", "numpy_value", "bad_shape", "no_prompts", "wrong_device", "too_few"],
+    ids=["numpy_key", "numpy_value", "bad_shape", "wrong_device", "too_few"],
 )
 def test_bad_predict_batch_torch_prompts(batch, prompts, error, message):
     with pytest.raises(error, match=re.escape(message)):
@@ -232,11 +235,8 @@ def test_bad_predict_batch_torch_prompts(batch, prompts, error, message):
 def test_dense_positional_encoding_is_computed_per_set_image_not_per_predict(tiny_model, photos, backend, monkeypatch):
     """The prompt encoder's dense grid encoding depends on no prompt: set_image / set_images compute
     it once (the fused decoder once when it is built), predict and predict_batch reuse it."""
-    model = copy.deepcopy(tiny_model)
-    model.backend = backend  # only the decoder path matters here (see the test above)
-    predictor = SamHQPredictor(model)
-    if backend == "fused":
-        predictor._prompt_decoder = PromptDecoder(model, compile=False)
+    predictor = decoder_backend_predictor(tiny_model, backend)
+    model = predictor.model
     calls = []
     compute = model.prompt_encoder.get_dense_pe
     monkeypatch.setattr(model.prompt_encoder, "get_dense_pe", lambda: calls.append(1) or compute())
@@ -246,6 +246,81 @@ def test_dense_positional_encoding_is_computed_per_set_image_not_per_predict(tin
     predictor.set_images(photos)
     predictor.predict_batch([dict(box=np.array([10, 20, 100, 110]))] * len(photos))
     assert len(calls) == 2
+
+
+# Prompt arguments with N = 0 prompts (a frame in which a detector found nothing).
+NO_PROMPTS = {
+    "boxes": dict(box=np.zeros((0, 4))),
+    "point_sets": dict(point_coords=np.zeros((0, 3, 2)), point_labels=np.zeros((0, 3))),
+    "everything": dict(box=np.zeros((0, 4)), point_coords=np.zeros((0, 1, 2)), point_labels=np.zeros((0, 1)), mask_input=np.zeros((0, 1, LOW, LOW))),
+}
+
+
+def refuse_decoding(model, monkeypatch) -> None:
+    """Both decoder paths end in mask_decoder.predict_masks: make any call to it fail the test."""
+    def decode(*args, **kwargs):
+        raise AssertionError("the mask decoder ran for no prompts")
+    monkeypatch.setattr(model.mask_decoder, "predict_masks", decode)
+
+
+@pytest.mark.parametrize("kind", list(NO_PROMPTS))
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_no_prompts_decode_to_empty_outputs(tiny_model, photos, backend, kind, monkeypatch):
+    """N = 0 prompts give N = 0 outputs with the shapes and dtypes N prompts get (predict, its
+    return_torch, predict_torch, the original-style forward), and the decoder does not run."""
+    predictor = decoder_backend_predictor(tiny_model, backend)
+    predictor.set_image(photos[0])
+    h, w = SIZES[0]
+    two_boxes = np.array([[10.0, 20.0, 150.0, 160.0], [40.0, 30.0, 250.0, 190.0]])
+    torch_prompt = to_input_frame(NO_PROMPTS[kind], SIZES[0])
+    for return_logits in (False, True):
+        expected = {  # the same calls with two boxes, for the dtypes
+            "numpy": predictor.predict(box=two_boxes, return_logits=return_logits),
+            "torch": predictor.predict(box=two_boxes, return_logits=return_logits, return_torch=True),
+            "predict_torch": predictor.predict_torch(None, None, to_input_frame(dict(box=two_boxes), SIZES[0])["boxes"], return_logits=return_logits),
+        }
+        with monkeypatch.context() as patch:
+            refuse_decoding(predictor.model, patch)
+            got = {
+                "numpy": predictor.predict(**NO_PROMPTS[kind], return_logits=return_logits),
+                "torch": predictor.predict(**NO_PROMPTS[kind], return_logits=return_logits, return_torch=True),
+                "predict_torch": predictor.predict_torch(
+                    torch_prompt.get("point_coords"), torch_prompt.get("point_labels"), torch_prompt.get("boxes"), torch_prompt.get("mask_input"),
+                    return_logits=return_logits,
+                ),
+            }
+        for route, outputs in got.items():
+            assert [tuple(o.shape) for o in outputs] == [(0, 1, h, w), (0, 1), (0, 1, LOW, LOW)], route
+            assert [type(o) for o in outputs] == [type(e) for e in expected[route]], route
+            assert [o.dtype for o in outputs] == [e.dtype for e in expected[route]], route
+    image = torch.from_numpy(predictor.transform.apply_image(photos[0])).permute(2, 0, 1)
+    record = dict(image=image, original_size=(h, w), **{("mask_inputs" if k == "mask_input" else k): v for k, v in torch_prompt.items()})
+    refuse_decoding(predictor.model, monkeypatch)
+    (output,) = predictor.model([record], multimask_output=True)
+    assert output["masks"].shape == (0, 1, h, w) and output["masks"].dtype == torch.bool
+    assert output["iou_predictions"].shape == (0, 1) and output["low_res_logits"].shape == (0, 1, LOW, LOW)
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_predict_batch_with_an_image_without_prompts(tiny_model, photos, singles, backend, monkeypatch):
+    """One image of three has N = 0 prompts: it gets empty outputs, the others what single-image
+    predict gives (the fused backend still in one padded call); with no prompt on any image
+    (predict_batch_torch too), the decoder does not run."""
+    predictor = decoder_backend_predictor(tiny_model, backend)
+    predictor.set_images(photos)
+    prompts = mixed_prompts(singles)
+    prompts[1] = NO_PROMPTS["boxes"]
+    results = predictor.predict_batch(prompts, return_logits=True)
+    h1, w1 = SIZES[1]
+    assert [r.shape for r in results[1]] == [(0, 1, h1, w1), (0, 1), (0, 1, LOW, LOW)]
+    assert [r.dtype for r in results[1]] == [np.float32] * 3
+    for i in (0, 2):
+        assert_same_as_single(results[i], singles[i].predict(**prompts[i], return_logits=True))
+    refuse_decoding(predictor.model, monkeypatch)
+    for empty in predictor.predict_batch([NO_PROMPTS["point_sets"], None, NO_PROMPTS["everything"]], return_torch=True)[::2]:
+        assert [r.dtype for r in empty] == [torch.bool, torch.float32, torch.float32] and len(empty[0]) == 0
+    results = predictor.predict_batch_torch([{"boxes": torch.zeros(0, 4)}] * 3)
+    assert [r[0].shape for r in results] == [(0, 1, *size) for size in SIZES]
 
 
 def test_predict_batch_skips_none_and_accepts_an_empty_prompt(batch, singles):

@@ -216,7 +216,8 @@ def test_fused_encoder_matches_eager_real_size_gpu(variant, tf32_off):
 @pytest.mark.parametrize("encoder_graphs", [False, True])
 def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints, encoder_graphs):
     """Frames on the GPU in, tensors out: set_image on a uint8 CUDA tensor and predict_torch with
-    CUDA prompts must not synchronize with the host (after the compile / CUDA-graph warm-up)."""
+    CUDA prompts (N = 2, and N = 0: a frame without detections) must not synchronize with the host
+    (after the compile / CUDA-graph warm-up)."""
     model = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
     predictor = SamHQPredictor(model, encoder_graphs=encoder_graphs)
     frame = torch.randint(0, 256, (180, 240, 3), dtype=torch.uint8, device="cuda")
@@ -229,9 +230,11 @@ def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints, encoder_graphs):
     try:
         predictor.set_image(frame)
         masks, scores, low_res = predictor.predict_torch(None, None, boxes)
+        no_masks, no_scores, _ = predictor.predict_torch(None, None, boxes[:0])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert masks.is_cuda and masks.shape == (2, 1, 180, 240)
+    assert no_masks.is_cuda and no_masks.shape == (0, 1, 180, 240) and no_scores.dtype == scores.dtype
 
 
 @pytest.mark.gpu

@@ -693,10 +693,7 @@ BAD_PROMPTS = {
     ),
     "count_mismatch_box_mask": (dict(box=np.array([[1.0, 1.0, 50.0, 50.0]] * 3), mask_input=np.zeros((2, 1, LOW, LOW))), ValueError, "prompt counts disagree"),
     "count_mismatch_box_single_mask": (dict(box=np.array([[1.0, 1.0, 50.0, 50.0]] * 2), mask_input=MASK), ValueError, "prompt counts disagree"),
-    "empty_boxes": (dict(box=np.zeros((0, 4))), ValueError, "no prompts"),
-    "empty_masks": (dict(mask_input=np.zeros((0, 1, LOW, LOW))), ValueError, "no prompts"),
     "empty_points": (dict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0)), ValueError, "empty"),
-    "empty_point_sets": (dict(point_coords=np.zeros((0, 1, 2)), point_labels=np.zeros((0, 1))), ValueError, "no prompts"),
     "point_sets_of_zero_points": (dict(point_coords=np.zeros((2, 0, 2)), point_labels=np.zeros((2, 0))), ValueError, "empty"),
     "ragged_point_sets": (dict(point_coords=[[[1, 2]], [[3, 4], [5, 6]]], point_labels=[[1], [1, 1]]), ValueError, "point_coords is ragged"),
     "bool_mask": (dict(mask_input=np.zeros((1, LOW, LOW), bool)), TypeError, "mask_input must be float logits"),
@@ -720,7 +717,6 @@ BAD_TORCH_PROMPTS = {
     "mask_size": (dict(point_coords=None, point_labels=None, mask_input=torch.zeros(1, 1, 32, 32)), ValueError, f"mask_input must have shape [N, 1, {LOW}, {LOW}]"),
     "count_mismatch": (dict(point_coords=torch.zeros(2, 1, 2), point_labels=torch.ones(2, 1), boxes=torch.zeros(3, 4)), ValueError, "prompt counts disagree"),
     "numpy_box": (dict(point_coords=None, point_labels=None, boxes=np.zeros((1, 4))), TypeError, "boxes must be a torch.Tensor"),
-    "no_prompts": (dict(point_coords=torch.zeros(0, 1, 2), point_labels=torch.ones(0, 1)), ValueError, "no prompts: the prompt tensors are empty"),
     # (the original would decode these as one not-a-point token each; the padded fused decoder cannot tell them from no points)
     "zero_points_per_prompt": (dict(point_coords=torch.zeros(2, 0, 2), point_labels=torch.ones(2, 0)), ValueError, "point_coords has no points (shape [2, 0, 2])"),
     # (the meta device stands in for a GPU: a device mismatch is metadata, checked without a sync)

@@ -14,6 +14,12 @@ from .common import LayerNorm2d
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def prompt_count(point_coords, boxes, mask_input) -> int:
+    """N of prompt tensors with a leading prompt axis (the first one given: their counts were checked
+    to agree); 1 when none is given, as SAM decodes one prompt-less mask then."""
+    return next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
+
+
 class PositionEmbeddingRandom(nn.Module):
     """Random Fourier features: [sin, cos](2 pi (2c - 1) @ G), G [2, embed_dim // 2].
 
@@ -103,7 +109,7 @@ class PromptEncoder(nn.Module):
         """Checks input-frame prompt tensors with a prompt axis N (point_coords [N, K, 2], point_labels
         [N, K], boxes [N, 4], mask_input [N, 1, 4h, 4w], each optional) for type, shape, dtype and
         device, and raises a ValueError / TypeError naming the problem -> the four, unchanged.
-        Values (NaN, ranges) are not read: on the GPU that would wait for it on every call.
+        N may be 0 (a frame without detections: the decoders return empty outputs). Values (NaN, ranges) are not read: on the GPU that would wait for it on every call.
         mask_name: what the caller calls mask_input, for the messages."""
         mask_h, mask_w = self.mask_input_size
         device = self.no_mask_embed.weight.device
@@ -133,8 +139,6 @@ class PromptEncoder(nn.Module):
         counts = {name: t.shape[0] for name, t in given.items() if t is not None}
         if len(set(counts.values())) > 1:
             raise ValueError(f"prompt counts disagree: {counts}; every prompt tensor needs the same N")
-        if 0 in counts.values():
-            raise ValueError(f"no prompts: the prompt tensors are empty (N = 0: {counts})")
         if point_coords is not None and point_coords.shape[1] == 0:
             raise ValueError(f"point_coords has no points (shape {list(point_coords.shape)}): pass None for no points, or label -1 for padding")
         return point_coords, point_labels, boxes, mask_input
@@ -148,7 +152,7 @@ class PromptEncoder(nn.Module):
         """points ([B, N, 2], labels [B, N]), boxes [B, 4] (x1 y1 x2 y2), masks [B, 1, 4h, 4w]
         -> sparse [B, T, C], dense [B, C, h, w] in the weights' dtype."""
         dtype = self.no_mask_embed.weight.dtype
-        batch = next((t.shape[0] for t in (points and points[0], boxes, masks) if t is not None), 1)
+        batch = prompt_count(points and points[0], boxes, masks)
         sparse = [self.no_mask_embed.weight.new_zeros(batch, 0, self.embed_dim, dtype=torch.float32)]
         if points is not None:
             coords, labels = points

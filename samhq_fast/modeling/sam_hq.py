@@ -8,7 +8,7 @@ from torch import nn
 
 from .image_encoder import ImageEncoderViT, ViTConfig
 from .mask_decoder import MaskDecoderHQ
-from .prompt_encoder import PromptEncoder
+from .prompt_encoder import PromptEncoder, prompt_count
 from .tiny_vit import ImageEncoderTinyViT, TinyViTConfig
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 scale
@@ -68,12 +68,20 @@ class SamHQConfig:
         return cls(encoder=ALL_VARIANTS[name])
 
 
+def no_prompt_outputs(hq_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What decoding N = 0 prompts gives, without launching anything on an empty batch:
+    (logits [0, 1, 4G, 4G], scores [0, 1]) in the decoder's dtype. hq_features [B, 32, 4G, 4G]."""
+    return hq_features.new_zeros(0, 1, *hq_features.shape[-2:]), hq_features.new_zeros(0, 1)
+
+
 def decode_eager(prompt_encoder, mask_decoder, image_embeddings, image_pe, hq_features, point_coords, point_labels, boxes,
                  mask_input, multimask_output: bool, hq_token_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference decode (the eager backend's): unpadded prompts through the model's own prompt
     encoder and HQ decoder. image_pe: prompt_encoder.get_dense_pe() [1, 256, G, G], computed once by
     the caller (it depends on no prompt and no image). Prompts as `SamHQPredictor.predict_torch`
     takes them (input frame, prompt axis N) -> (logits [N, 1, 4G, 4G], scores [N, 1])."""
+    if prompt_count(point_coords, boxes, mask_input) == 0:
+        return no_prompt_outputs(hq_features)
     points = None if point_coords is None else (point_coords, point_labels)
     sparse, dense = prompt_encoder(points, boxes, mask_input)
     return mask_decoder(image_embeddings, image_pe, sparse, dense, hq_features, multimask_output, hq_token_only)
