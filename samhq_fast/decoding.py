@@ -190,6 +190,9 @@ class PromptDecoder:
         mask_input [N, 1, 4G, 4G] | None) in the input frame; N (0 too) and K may differ between sets.
         -> per set, (logits [N, 1, 4G, 4G], scores [N, 1]), as `__call__` on that set's image alone.
         """
+        images = {prompt[0] for prompt in prompt_sets}
+        if not all(isinstance(i, int) and 0 <= i < image_embeddings.shape[0] for i in images):
+            raise ValueError(f"prompt_sets name images {sorted(images, key=str)}, but {image_embeddings.shape[0]} are given")
         counts = [prompt_count(coords, boxes, masks) for _, coords, _, boxes, masks in prompt_sets]
         if not any(counts):  # nothing to decode (e.g. frames without detections): no graph replay
             return [no_prompt_outputs(hq_features) for _ in prompt_sets]
@@ -199,13 +202,12 @@ class PromptDecoder:
             self._encode_dense_pe()
         model = self.model
         device = model.device
-        images = {prompt[0] for prompt in prompt_sets}
-        if not all(isinstance(i, int) and 0 <= i < image_embeddings.shape[0] for i in images):
-            raise ValueError(f"prompt_sets name images {sorted(images, key=str)}, but {image_embeddings.shape[0]} are given")
+        decoded_sets = [prompt for prompt, n in zip(prompt_sets, counts) if n]  # sets with N = 0 take no rows
+        images = {prompt[0] for prompt in decoded_sets}
         if len(images) == 1:  # one image: broadcast its features, no per-prompt index
             one = images.pop()
             image_embeddings, hq_features = image_embeddings[one : one + 1], hq_features[one : one + 1]
-        most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt in prompt_sets)
+        most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt in decoded_sets)
         k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
         rows = padded_rows(sum(counts))
         low_res = 4 * model.config.embedding_size
@@ -219,7 +221,8 @@ class PromptDecoder:
         masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=model.dtype)
         has_mask = torch.zeros(rows, dtype=torch.bool, device=device)
         start = 0
-        for (image, point_coords, point_labels, boxes, mask_input), n in zip(prompt_sets, counts):
+        for image, point_coords, point_labels, boxes, mask_input in decoded_sets:
+            n = prompt_count(point_coords, boxes, mask_input)
             set_rows = slice(start, start + n)
             index[set_rows] = image  # a Python int: filled on the device, no host-to-device copy
             if point_coords is not None:

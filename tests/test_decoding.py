@@ -299,22 +299,26 @@ def test_decode_images_equals_one_image_at_a_time(tiny_model, two_images_state, 
             torch.testing.assert_close(scores, expected[1], atol=1e-5, rtol=0)
 
 
-def test_decode_images_refuses_an_unknown_image(tiny_model, two_images_state):
-    prompts = make_prompts("box", 1, 1)
+@pytest.mark.parametrize("num", [1, 0])
+def test_decode_images_refuses_an_unknown_image(tiny_model, two_images_state, num):
+    prompts = make_prompts("box", num, 1)
     with pytest.raises(ValueError, match=r"name images \[0, 2\], but 2 are given"):
         PromptDecoder(tiny_model, compile=False).decode_images(*two_images_state, [(0, *prompts.values()), (2, *prompts.values())], True, False)
 
 
 def test_decode_images_of_one_image_broadcasts(tiny_model, two_images_state):
-    """Sets that all read one image of several: no per-prompt index (the broadcast path)."""
+    """Sets that all read one image of several: no per-prompt index (the broadcast path), also
+    beside a set with no prompts (N = 0, many points) on the other image, which takes no rows."""
     embeddings, hq_features = two_images_state
     decoder = PromptDecoder(tiny_model, compile=False)
     seen = []
     run = decoder._decode
-    decoder._decode = lambda *args: seen.append((args[0].shape[0], args[3])) or run(*args)
+    decoder._decode = lambda *args: seen.append((args[0].shape[0], args[3], args[4].shape[1])) or run(*args)
     prompts = make_prompts("box", 2, 1, seed=4)
-    (logits, _), = decoder.decode_images(embeddings, hq_features, [(1, *prompts.values())], True, False)
-    assert seen == [(1, None)]
+    no_prompts = make_prompts("points+box", 0, 20)
+    (logits, _), (no_logits, no_scores) = decoder.decode_images(embeddings, hq_features, [(1, *prompts.values()), (0, *no_prompts.values())], True, False)
+    assert seen == [(1, None, 1)]  # one image's features, one point slot: the empty set's 20 points add none
+    assert no_logits.shape == (0, 1, 4 * G, 4 * G) and no_scores.shape == (0, 1)
     expected = eager_decode(tiny_model, (embeddings[1:], hq_features[1:]), prompts, True, False)[0]
     torch.testing.assert_close(logits, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
 
