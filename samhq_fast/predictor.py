@@ -14,7 +14,7 @@ from .modeling import SamHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import decode_eager, no_prompt_outputs
 from .transforms import (
-    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, preprocess_shape, resize_longest_side, resize_longest_side_torch, scale_coords,
+    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, check_resized_shape, resize_longest_side, resize_longest_side_torch, scale_coords,
 )
 
 PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
@@ -35,14 +35,16 @@ def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
         value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bfloat16
     try:
         array = np.asarray(value)
-        complex_values = np.iscomplexobj(array)
-        array = array if complex_values else array.astype(np.float64)
     except (TypeError, ValueError) as e:
         if isinstance(value, (list, tuple)) and "sequence" in str(e):  # numpy's words for nested lists of unequal lengths
             raise ValueError(f"{name} is ragged (nested lists of different lengths): every prompt needs the same number of points (pad with label -1)") from e
         raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from e
-    if complex_values:
+    if np.iscomplexobj(array):
         raise TypeError(f"{name} must hold real numbers, got complex values")
+    if array.dtype.kind not in "biuf":  # a cast would read the string "10" as 10, and None as NaN
+        kind = {"U": "strings", "S": "strings", "O": "Python objects"}.get(array.dtype.kind, f"dtype {array.dtype}")
+        raise TypeError(f"{name} must be a numeric array, got {kind}")
+    array = array.astype(np.float64)
     if last_dim is not None and (array.ndim == 0 or array.shape[-1] != last_dim):
         raise ValueError(f"{name} must have a last dimension of {last_dim}, got shape {list(array.shape)}")
     if not np.isfinite(array).all():
@@ -207,10 +209,10 @@ class SamHQPredictor:
         if not (isinstance(original_image_size, (tuple, list)) and len(original_image_size) == 2
                 and all(isinstance(s, numbers.Integral) and s > 0 for s in original_image_size)):
             raise ValueError(f"original_image_size must be (H, W), two positive integers, got {original_image_size!r}")
-        if preprocess_shape(*original_image_size, size) != input_size:
-            height, width = original_image_size
+        expected_size = check_resized_shape(*original_image_size, size)  # (refuses a size whose short side resizes to 0)
+        if expected_size != input_size:
             raise ValueError(
-                f"original_image_size (H, W) = {tuple(original_image_size)} resizes to {preprocess_shape(height, width, size)}, "
+                f"original_image_size (H, W) = {tuple(original_image_size)} resizes to {expected_size}, "
                 f"not to transformed_image's {input_size}: give the (H, W) of the image before predictor.transform.apply_image_torch"
             )
         self._encode_images([transformed_image], [original_image_size])

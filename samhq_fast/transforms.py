@@ -113,11 +113,11 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """uint8 [H, W, 3] (or [H, W], [H, W, 4]) -> [h, w, ...] with max(h, w) == long_side (PIL bilinear,
     antialiased, as the original)."""
-    h, w = _check_resized_shape(image.shape[0], image.shape[1], long_side)
+    h, w = check_resized_shape(image.shape[0], image.shape[1], long_side)
     return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
-def _check_resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+def check_resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     h, w = preprocess_shape(height, width, long_side)
     if min(h, w) < 1:
         raise ValueError(
@@ -199,7 +199,7 @@ def resize_longest_side_torch(images: torch.Tensor, long_side: int) -> torch.Ten
         what = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a uint8 tensor [B, 3, H, W], got {what}")
     height, width = images.shape[-2:]
-    h, w = _check_resized_shape(height, width, long_side)
+    h, w = check_resized_shape(height, width, long_side)
     if (h, w) == (height, width):
         return images
     x = images.float()
@@ -252,7 +252,7 @@ class ResizeLongestSide:
         if isinstance(images, torch.Tensor) and images.ndim != 4:
             raise ValueError(f"apply_image_torch takes a batch [B, C, H, W], as the original, got shape {list(images.shape)}")
         if isinstance(images, torch.Tensor) and images.is_floating_point():
-            size = _check_resized_shape(*images.shape[-2:], self.target_length)
+            size = check_resized_shape(*images.shape[-2:], self.target_length)
             return F.interpolate(images.float(), size, mode="bilinear", align_corners=False, antialias=True)
         return resize_longest_side_torch(images, self.target_length)
 

@@ -491,6 +491,16 @@ def test_warm_up_on_eager_runs_the_encoder_only(tiny_model, monkeypatch):
     assert encoded == [(2, 3, size, size)] and predictor._prompt_decoder is None and not predictor.is_image_set
 
 
+def test_warm_up_on_eager_encodes_every_batch_size(tiny_model, monkeypatch):
+    """One encoder pass per batch size given, in order, on the eager backend too (no decoder there)."""
+    predictor = SamHQPredictor(tiny_model)
+    encoded = []
+    encode = predictor._encode
+    monkeypatch.setattr(predictor, "_encode", lambda batch: encoded.append(batch.shape[0]) or encode(batch))
+    predictor.warm_up(batch_sizes=(1, 3, 2), prompts=(1, 4), points=(1, 2))
+    assert encoded == [1, 3, 2] and predictor._prompt_decoder is None
+
+
 @pytest.mark.parametrize("kwargs", [dict(prompts=0), dict(points=()), dict(batch_sizes="2"), dict(prompts=(True,)), dict(points=(1.5,))])
 def test_warm_up_refuses_bad_counts(tiny_model, kwargs):
     name = next(iter(kwargs))

@@ -40,6 +40,24 @@ def check_close_to_fp32(fp32_results, half_results) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_model_return_torch_is_the_numpy_output(tiny_model, dtype):
+    """return_torch gives the numpy outputs' values and dtypes as tensors (bool masks, float32 scores
+    and logits), also from a half model, whose decoder computes scores and low-res logits in 16 bits."""
+    predictor = SamHQPredictor(copy.deepcopy(tiny_model).to(dtype))
+    photo = np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    predictor.set_images([photo])
+    boxes = np.array([[20, 30, 180, 160], [100, 50, 290, 190]])
+    for return_logits in (False, True):
+        numpy_out = predictor.predict(box=boxes, return_logits=return_logits)
+        assert [a.dtype for a in numpy_out] == [np.float32 if return_logits else np.bool_, np.float32, np.float32]
+        for torch_out in (predictor.predict(box=boxes, return_logits=return_logits, return_torch=True),
+                          predictor.predict_batch([dict(box=boxes)], return_logits=return_logits, return_torch=True)[0]):
+            for t, a in zip(torch_out, numpy_out):
+                assert t.dtype == (torch.bool if a.dtype == np.bool_ else torch.float32)
+                assert torch.equal(t, torch.from_numpy(a))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_model_upsamples_masks_in_fp32(tiny_model, dtype):
     """postprocess_masks upsamples in fp32 whatever the model's dtype: the same logits as the fp32
     model's from the same low-res input (a 16-bit upsample would round every output pixel)."""

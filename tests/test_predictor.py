@@ -391,6 +391,21 @@ def test_single_prompt_shapes_batched_or_not(prepared):
         np.testing.assert_array_equal(a, b[0])
 
 
+def test_mask_input_batch_of_one_keeps_the_prompt_axis(prepared):
+    """mask_input [1, 4G, 4G] is ONE prompt (unbatched output); [1, 1, 4G, 4G] is an explicit batch
+    of one (batched output, as point_coords [1, K, 2]), alone or with a box [4]; the values agree."""
+    predictor, _ = prepared("landscape_200x300")
+    previous = predictor.predict(point_coords=np.array([[120.0, 80.0]]), point_labels=np.array([1]))[2]  # [1, 4G, 4G]
+    box = np.array([30.0, 40.0, 250.0, 160.0])
+    for extra in ({}, dict(box=box)):
+        unbatched = predictor.predict(mask_input=previous, **extra)
+        batched = predictor.predict(mask_input=previous[None], **extra)
+        assert [o.shape for o in unbatched] == [(1, 200, 300), (1,), (1, LOW, LOW)]
+        assert [o.shape for o in batched] == [(1, 1, 200, 300), (1, 1), (1, 1, LOW, LOW)]
+        for a, b in zip(unbatched, batched):
+            np.testing.assert_array_equal(a, b[0])
+
+
 def test_prompts_accept_lists_and_tensors(prepared):
     predictor, _ = prepared("landscape_200x300")
     expected = predictor.predict(point_coords=np.array([[120.0, 80.0]]), point_labels=np.array([1]), box=np.array([30, 40, 250, 160]))
@@ -467,13 +482,17 @@ def test_prediction_depends_only_on_the_input_frame(tiny_model, size, input_size
         (torch.zeros(1, 3, 170, 256), (200, 300, 3), "must be (H, W), two positive integers, got (200, 300, 3)"),  # image.shape
         (torch.zeros(1, 3, 170, 256), (200.5, 300), "two positive integers"),
         (torch.zeros(1, 3, 170, 256), (0, 0), "two positive integers"),
+        # a 1 x 2000 image resizes to 0 x 256 (set_image refuses it): no image to predict on
+        (torch.zeros(1, 3, 0, 256), (1, 2000), "image of 2000x1 (width x height) is too elongated"),
     ],
-    ids=["no_batch_axis", "not_resized", "swapped_size", "shape_with_channels", "float_size", "zero_size"],
+    ids=["no_batch_axis", "not_resized", "swapped_size", "shape_with_channels", "float_size", "zero_size", "zero_pixels_high"],
 )
 def test_set_torch_image_rejects_mismatched_input(tiny_model, transformed, original_size, message):
     """The original takes any original_image_size and returns masks of a wrong shape, or fails later."""
+    predictor = SamHQPredictor(tiny_model)
     with pytest.raises(ValueError, match=re.escape(message)):
-        SamHQPredictor(tiny_model).set_torch_image(transformed, original_size)
+        predictor.set_torch_image(transformed, original_size)
+    assert not predictor.is_image_set
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one_prompt", "three_prompts"])
@@ -672,6 +691,14 @@ BAD_PROMPTS = {
     "box_scalar": (dict(box=3.0), ValueError, "last dimension of 4"),
     "coords_4d": (dict(point_coords=np.zeros((1, 1, 1, 2)), point_labels=np.zeros((1, 1, 1))), ValueError, "[K, 2] or [N, K, 2]"),
     "coords_not_numeric": (dict(point_coords="10,20", point_labels=L1), TypeError, "numeric array"),
+    # a nested list of equal lengths holding a non-number: not a ragged list
+    "coords_list_of_words": (dict(point_coords=[["ten", "twenty"]], point_labels=[1]), TypeError, "point_coords must be a numeric array, got strings"),
+    # numbers as strings: a cast to float would read them as numbers
+    "coords_numeric_strings": (dict(point_coords=[["10", "20"]], point_labels=[1]), TypeError, "point_coords must be a numeric array, got strings"),
+    "box_numeric_strings": (dict(box=np.array(["1", "2", "30", "40"])), TypeError, "box must be a numeric array, got strings"),
+    # None: a cast to float would make it NaN
+    "coords_none": (dict(point_coords=[[10.0, None]], point_labels=[1]), TypeError, "point_coords must be a numeric array, got Python objects"),
+    "labels_none": (dict(point_coords=[[10.0, 20.0]], point_labels=[None]), TypeError, "point_labels must be a numeric array, got Python objects"),
     "coords_complex": (dict(point_coords=np.array([[10 + 5j, 20]]), point_labels=L1), TypeError, "point_coords must hold real numbers"),
     "point_far_right": (dict(point_coords=np.array([[5 * 300.0, 50.0]]), point_labels=L1), ValueError, "far outside the 300x200"),
     "point_far_above": (dict(point_coords=np.array([[50.0, -31.0]]), point_labels=L1), ValueError, "far outside"),
@@ -679,6 +706,7 @@ BAD_PROMPTS = {
     "box_inverted_x": (dict(box=np.array([200.0, 10.0, 100.0, 90.0])), ValueError, "x2 > x1"),
     "box_inverted_y": (dict(box=np.array([10.0, 90.0, 100.0, 10.0])), ValueError, "y2 > y1"),
     "box_empty": (dict(box=np.array([50.0, 10.0, 50.0, 90.0])), ValueError, "empty or inverted box"),
+    "box_empty_y": (dict(box=np.array([10.0, 60.0, 90.0, 60.0])), ValueError, "empty or inverted box [10.0, 60.0, 90.0, 60.0]"),
     "box_three_values": (dict(box=np.array([1.0, 2.0, 3.0])), ValueError, "last dimension of 4"),
     "box_3d": (dict(box=np.zeros((1, 1, 4)) + [1, 2, 3, 4]), ValueError, "[4] or [N, 4]"),
     "box_nan": (dict(box=np.array([1.0, 2.0, np.nan, 4.0])), ValueError, "box has NaN"),
@@ -731,8 +759,13 @@ BAD_TORCH_PROMPTS = {
 
 @pytest.mark.parametrize(
     "prompt",
-    [dict(point_coords=np.array([[0.5, 0.4]]), point_labels=L1), dict(box=np.array([0.1, 0.2, 0.6, 0.9]))],
-    ids=["points", "box"],
+    [
+        dict(point_coords=np.array([[0.5, 0.4]]), point_labels=L1),
+        dict(box=np.array([0.1, 0.2, 0.6, 0.9])),
+        dict(box=np.array([0.0, 0.0, 1.0, 1.0])),  # the whole image, normalized: [0, 1] includes both ends
+        dict(point_coords=np.array([[0.0, 1.0], [1.0, 0.0]]), point_labels=np.array([1, 0])),
+    ],
+    ids=["points", "box", "full_image_box", "corner_points"],
 )
 def test_normalized_coordinates_warn(prepared, prompt):
     """Coordinates in [0, 1] on a 300 x 200 image: most likely normalized ones, a silent top-left mask otherwise."""
@@ -777,6 +810,16 @@ def test_pixel_coordinates_do_not_warn(prepared):
         warnings.simplefilter("error")
         predictor.predict(point_coords=np.array([[0.5, 0.5], [120.0, 80.0]]), point_labels=np.array([1, 0]))
         predictor.predict(box=np.array([0.0, 0.0, 1.0, 150.0]))
+
+
+def test_no_warning_when_only_some_prompt_arguments_look_normalized(prepared):
+    """The warning needs every coordinate given in [0, 1]: pixel points with a 1-pixel box at the
+    corner (or a pixel box with a point on the corner pixel) are pixel prompts."""
+    predictor, _ = prepared("landscape_200x300")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor.predict(point_coords=np.array([[120.0, 80.0]]), point_labels=L1, box=np.array([0.0, 0.0, 1.0, 1.0]))
+        predictor.predict(point_coords=np.array([[1.0, 1.0]]), point_labels=L1, box=np.array([10.0, 20.0, 150.0, 120.0]))
 
 
 def test_model_forward_equals_the_predictor(tiny_model):
@@ -868,7 +911,7 @@ def test_bad_torch_prompts_raise(prepared, kind):
 
 
 @pytest.mark.parametrize("flag", ["multimask_output", "return_logits", "hq_token_only", "return_torch"])
-@pytest.mark.parametrize("value", ["False", None, 2, 0.5])
+@pytest.mark.parametrize("value", ["False", None, 2, 0.5, 1.0, np.float64(0.0)])
 def test_non_boolean_flags_are_refused(prepared, flag, value):
     """"False" is truthy: taken as True it would silently give the other output."""
     predictor, _ = prepared("landscape_200x300")
