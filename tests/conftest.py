@@ -46,7 +46,9 @@ def randomize_(model: SamHQ, seed: int = 0) -> SamHQ:
             elif isinstance(module, nn.Embedding):
                 draw(module.weight, 1.0)
             elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-                draw(module.weight, module.weight.std().item())  # PyTorch's fan-in scale, fresh values
+                # the std of PyTorch's default init, U(+-1 / sqrt(fan_in)), from the shape alone: the
+                # sample std of that init would make the model depend on the global RNG (test order)
+                draw(module.weight, (3 * module.weight[0].numel()) ** -0.5)
                 if module.bias is not None:
                     draw(module.bias, 0.02)
             elif isinstance(module, ImageAttention):
