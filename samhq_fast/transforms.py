@@ -118,6 +118,7 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
 
 
 def check_resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """preprocess_shape's (h, w), refusing an image whose short side would resize to 0 pixels."""
     h, w = preprocess_shape(height, width, long_side)
     if min(h, w) < 1:
         raise ValueError(

@@ -109,7 +109,8 @@ class PromptEncoder(nn.Module):
         """Checks input-frame prompt tensors with a prompt axis N (point_coords [N, K, 2], point_labels
         [N, K], boxes [N, 4], mask_input [N, 1, 4h, 4w], each optional) for type, shape, dtype and
         device, and raises a ValueError / TypeError naming the problem -> the four, unchanged.
-        N may be 0 (a frame without detections: the decoders return empty outputs). Values (NaN, ranges) are not read: on the GPU that would wait for it on every call.
+        N may be 0 (a frame without detections: the decoders return empty outputs). Values (NaN,
+        ranges) are not read: on the GPU that would wait for it on every call.
         mask_name: what the caller calls mask_input, for the messages."""
         mask_h, mask_w = self.mask_input_size
         device = self.no_mask_embed.weight.device
