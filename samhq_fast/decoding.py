@@ -202,12 +202,12 @@ class PromptDecoder:
             self._encode_dense_pe()
         model = self.model
         device = model.device
-        decoded_sets = [prompt for prompt, n in zip(prompt_sets, counts) if n]  # sets with N = 0 take no rows
-        images = {prompt[0] for prompt in decoded_sets}
+        decoded_sets = [(prompt, n) for prompt, n in zip(prompt_sets, counts) if n]  # sets with N = 0 take no rows
+        images = {prompt[0] for prompt, _ in decoded_sets}
         if len(images) == 1:  # one image: broadcast its features, no per-prompt index
             one = images.pop()
             image_embeddings, hq_features = image_embeddings[one : one + 1], hq_features[one : one + 1]
-        most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt in decoded_sets)
+        most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt, _ in decoded_sets)
         k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
         rows = padded_rows(sum(counts))
         low_res = 4 * model.config.embedding_size
@@ -221,8 +221,7 @@ class PromptDecoder:
         masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=model.dtype)
         has_mask = torch.zeros(rows, dtype=torch.bool, device=device)
         start = 0
-        for image, point_coords, point_labels, boxes, mask_input in decoded_sets:
-            n = prompt_count(point_coords, boxes, mask_input)
+        for (image, point_coords, point_labels, boxes, mask_input), n in decoded_sets:
             set_rows = slice(start, start + n)
             index[set_rows] = image  # a Python int: filled on the device, no host-to-device copy
             if point_coords is not None:
