@@ -47,10 +47,16 @@ if [[ $stages == *,tests,* ]]; then
     # --dist load, not loadfile: test_fused_backend.py alone (real-size vit_b / vit_h, several decoder
     # compiles) could outlast the stage on one worker. A test module that fails to import (a package
     # missing on the device) costs its own tests only.
+    # The files in priority order (xdist's load scheduling keeps it roughly): if the stage is cut, the
+    # kernels and the fused encoder have been checked before the decoder and the image path.
     parallel=()
     if python3 -c "import xdist, pytest_timeout" 2>/dev/null; then parallel=(--timeout=150 -n 4 --dist load); fi
-    timeout -s INT -k 20 300 python3 -m pytest -m gpu -q -rfE --tb=short "${parallel[@]}" \
-        --continue-on-collection-errors -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
+    first=(tests/test_kernels_linear.py tests/test_kernels_attention.py tests/test_kernel_resources.py tests/test_autotune.py
+           tests/test_fused_backend.py tests/test_decoding.py)
+    test_files=("${first[@]}")
+    for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || test_files+=("$f"); done
+    timeout -s INT -k 20 300 python3 -m pytest -m gpu -q -rfE --tb=short --durations=15 "${parallel[@]}" \
+        --continue-on-collection-errors -p no:cacheprovider "${test_files[@]}" 2>&1 | tee "$out/gpu_tests.log"
     finish tests "$?"
 fi
 if [[ $stages == *,profile,* ]]; then
