@@ -375,8 +375,9 @@ class SamHQPredictor:
 
     def _masks(self, low_res: torch.Tensor, input_size, original_size, return_logits: bool) -> torch.Tensor:
         """Low-res logits [N, 1, 4G, 4G] -> [N, 1, H, W] in the original frame: logits, or bool masks."""
-        masks = self.model.postprocess_masks(low_res, input_size, original_size)
-        return masks if return_logits else masks > self.model.mask_threshold
+        if return_logits:
+            return self.model.postprocess_masks(low_res, input_size, original_size)
+        return self.model.postprocess_binary_masks(low_res, input_size, original_size)
 
     def _fused_decoder(self) -> PromptDecoder:
         """The fused backend's fixed-shape compiled decoder (CUDA graphs on the GPU), built on first use."""

@@ -26,6 +26,7 @@ from PIL import Image
 from conftest import TINY_CONFIG, make_model
 from samhq_fast import SamHQPredictor
 from samhq_fast import predictor as predictor_module
+from samhq_fast.modeling import sam_hq
 from samhq_fast.predictor import POINT_MARGIN, ImageNotSetError
 
 S = TINY_CONFIG.img_size  # 256: model input side
@@ -513,6 +514,47 @@ def test_return_logits_are_the_upsampled_low_res_logits(prepared, batched):
     expected = reference_postprocess(low, (88, 256), (103, 300)).numpy()
     assert_logits_close(logits, expected if batched else expected[0])
 
+
+
+def test_bool_masks_are_upsampled_a_few_prompts_at_a_time(prepared, tiny_model, monkeypatch):
+    """Bool masks are upsampled and thresholded in chunks of prompts (MASK_CHUNK_PIXELS, here two
+    prompts' worth: 5 prompts go as 2 + 2 + 1), so the fp32 full-size logits of all prompts never
+    exist at once; each mask is still its return_logits logits > 0. The same for the model's forward."""
+    predictor, _ = prepared("rounding_103x300")
+    monkeypatch.setattr(sam_hq, "MASK_CHUNK_PIXELS", 2 * (S * S + 103 * 300) + 1)
+    upsampled = []
+    postprocess = tiny_model.postprocess_masks
+    monkeypatch.setattr(tiny_model, "postprocess_masks", lambda low_res, *sizes: upsampled.append(len(low_res)) or postprocess(low_res, *sizes))
+    boxes = np.array([[10, 5, 120, 90], [100, 20, 290, 100], [0, 0, 299, 102], [200, 50, 260, 80], [30, 60, 90, 100]], dtype=float)
+
+    masks, _, _ = predictor.predict(box=boxes)
+    assert upsampled == [2, 2, 1]
+    logits, _, _ = predictor.predict(box=boxes, return_logits=True)
+    assert masks.shape == logits.shape == (5, 1, 103, 300)
+    np.testing.assert_array_equal(masks, logits > 0)
+
+    image = torch.from_numpy(predictor.transform.apply_image(make_photo(103, 300))).permute(2, 0, 1)
+    (output,) = tiny_model([dict(image=image, original_size=(103, 300), boxes=predictor.transform.apply_boxes_torch(torch.from_numpy(boxes[:3]), (103, 300)))], multimask_output=False)
+    expected = postprocess(output["low_res_logits"], image.shape[-2:], (103, 300)) > 0
+    assert upsampled[-2:] == [2, 1] and torch.equal(output["masks"], expected)
+
+
+@pytest.mark.gpu
+def test_bool_masks_of_many_prompts_on_a_large_frame_gpu():
+    """64 boxes on a 3840x2160 frame: their fp32 upsampled logits all at once would take 2.1 GB beside
+    the 0.53 GB of bool masks; upsampled a chunk at a time (16 prompts: 0.53 GB), the call's peak
+    memory stays near the bool masks plus one chunk."""
+    predictor = SamHQPredictor(make_model(TINY_CONFIG).cuda())
+    predictor.set_image(torch.zeros(2160, 3840, 3, dtype=torch.uint8, device="cuda"))
+    corners = torch.rand(64, 2, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([3840.0, 2160.0])
+    boxes = torch.cat([corners.amin(1), corners.amax(1) + 1], dim=1).numpy()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    masks, _, _ = predictor.predict(box=boxes, return_torch=True)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert masks.dtype == torch.bool and masks.shape == (64, 1, 2160, 3840)
+    assert peak < 1.4e9, f"peak {peak / 1e9:.2f} GB"
 
 def test_prompt_encoder_reads_the_padded_input_frame(tiny_model):
     """Written from REFERENCE.md ("Prompt encoder"): a point (x, y) in the input frame is encoded as

@@ -16,6 +16,9 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_EMBED_DIM = 256
 # Image encoder class per encoder-config type.
 IMAGE_ENCODERS = {ViTConfig: ImageEncoderViT, TinyViTConfig: ImageEncoderTinyViT}
+# postprocess_binary_masks upsamples this many mask pixels at a time (fp32: 512 MB): with the
+# 1024 x 1024 stage, a 1920x1080 frame's masks go 42 prompts at a time, a 3840x2160 frame's 14.
+MASK_CHUNK_PIXELS = 2**27
 
 
 def _vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> ViTConfig:
@@ -148,6 +151,20 @@ class SamHQ(nn.Module):
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
+    def postprocess_binary_masks(self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+        """Low-res logits [P, C, 4G, 4G] -> bool masks [P, C, H, W] (logit > mask_threshold): the same
+        as `postprocess_masks(...) > mask_threshold`, a few prompts at a time, so the fp32 upsampled
+        logits of at most ~MASK_CHUNK_PIXELS pixels exist at once (all at once, 64 prompts on a
+        3840x2160 frame would take 2.4 GB beside their 0.5 GB of bool masks)."""
+        height, width = (int(s) for s in original_size)
+        out = torch.empty((*masks.shape[:2], height, width), dtype=torch.bool, device=masks.device)
+        pixels_per_prompt = masks.shape[1] * (self.config.img_size**2 + height * width)  # both upsampled stages
+        chunk = max(1, MASK_CHUNK_PIXELS // pixels_per_prompt)
+        for start in range(0, len(masks), chunk):
+            logits = self.postprocess_masks(masks[start : start + chunk], input_size, (height, width))
+            torch.gt(logits, self.mask_threshold, out=out[start : start + chunk])
+        return out
+
     @torch.no_grad()
     def forward(self, batched_input: list[dict], multimask_output: bool, hq_token_only: bool = False) -> list[dict]:
         """The original `Sam.forward`, for code written against segment_anything(_hq).
@@ -184,6 +201,6 @@ class SamHQ(nn.Module):
             low_res, iou = decode_eager(
                 self.prompt_encoder, self.mask_decoder, embeddings[i : i + 1], image_pe, hq_features[i : i + 1], *prompts, multimask_output, hq_token_only
             )
-            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"]) > self.mask_threshold
+            masks = self.postprocess_binary_masks(low_res, record["image"].shape[-2:], record["original_size"])
             outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs
