@@ -24,6 +24,9 @@ TORCH_PROMPT_KEYS = ("point_coords", "point_labels", "boxes", "mask_input")  # a
 # accepts points slightly off the border, but a point far outside is almost surely a bug
 # (swapped x/y, coordinates of another image...).
 POINT_MARGIN = 0.1
+# A box must overlap the image but may reach this far past its border (same unit): a tracker's box
+# for an object leaving the frame extends beyond it, and the original takes any box.
+BOX_MARGIN = 1.0
 # On an image at least this large (longest side, pixels), prompts whose every coordinate lies in
 # [0, 1] are almost surely normalized coordinates, not pixels: they get a warning.
 NORMALIZED_WARNING_MIN_SIDE = 32
@@ -262,9 +265,9 @@ class SamHQPredictor:
                 "use predict_batch, or set_image for a single image"
             )
 
-    def _check_in_image(self, coords: np.ndarray, name: str, original_size: tuple[int, int]) -> None:
+    def _check_in_image(self, coords: np.ndarray, name: str, original_size: tuple[int, int], margin_fraction: float) -> None:
         h, w = original_size
-        margin = POINT_MARGIN * max(h, w)
+        margin = margin_fraction * max(h, w)
         x, y = coords[..., 0], coords[..., 1]
         bad = (x < -margin) | (x > w + margin) | (y < -margin) | (y > h + margin)
         if bad.any():
@@ -457,7 +460,7 @@ class SamHQPredictor:
                 raise ValueError(f"point_labels must have shape {list(pts.shape[:-1])} to match point_coords, got {list(lbl.shape)}")
             if not np.isin(lbl, (-1, 0, 1)).all():
                 raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {sorted(set(lbl.ravel().tolist()))}")
-            self._check_in_image(pts, "point_coords", original_size)
+            self._check_in_image(pts, "point_coords", original_size, POINT_MARGIN)
             pixel_coords.append(pts)
             batched |= pts.ndim == 3
             pts, lbl = (pts, lbl) if pts.ndim == 3 else (pts[None], lbl[None])
@@ -472,7 +475,11 @@ class SamHQPredictor:
             if ((bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])).any():
                 first = bx[(bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])][0]
                 raise ValueError(f"box must be (x1, y1, x2, y2) with x2 > x1 and y2 > y1, got an empty or inverted box {first.tolist()}")
-            self._check_in_image(bx.reshape(-1, 2, 2), "box", original_size)
+            self._check_in_image(bx.reshape(-1, 2, 2), "box", original_size, BOX_MARGIN)
+            height, width = original_size
+            outside = (bx[:, 0] >= width) | (bx[:, 2] <= 0) | (bx[:, 1] >= height) | (bx[:, 3] <= 0)
+            if outside.any():
+                raise ValueError(f"box {bx[outside][0].tolist()} lies entirely outside the {width}x{height} (width x height) image")
             pixel_coords.append(bx)
             batched |= bx.shape[0] != 1  # [4] and [1, 4] are one unbatched box, [0, 4] no boxes
             counts["box"] = bx.shape[0]

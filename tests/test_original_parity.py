@@ -141,6 +141,8 @@ PROMPTS = {
     "one point": dict(point_coords=np.array([[111.0, 70.0]]), point_labels=np.array([1])),
     "points, one background": dict(point_coords=np.array([[40.0, 30.0], [180.0, 120.0], [100.5, 75.25]]), point_labels=np.array([1, 0, 1])),
     "box": dict(box=np.array([30.0, 20.0, 190.0, 140.0])),
+    # a tracked object leaving the 223 x 150 frame: corners 77 and 60 px past the border
+    "box reaching past the border": dict(box=np.array([150.0, -60.0, 300.0, 100.0])),
     "box and points": dict(box=np.array([10.0, 5.0, 150.0, 100.0]), point_coords=np.array([[60.0, 50.0], [140.0, 90.0]]), point_labels=np.array([1, 0])),
 }
 

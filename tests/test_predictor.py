@@ -186,6 +186,8 @@ def make_prompt(kind: str, height: int, width: int, reference: ReferencePredicto
         return dict(point_coords=coords, point_labels=np.array([1, 0, 1]))
     if kind == "box":
         return dict(box=box)
+    if kind == "box_reaching_past_the_border":  # an object leaving the frame: corners beyond POINT_MARGIN
+        return dict(box=np.array([0.6 * width, -0.3 * height, 1.4 * width, 0.5 * height]))
     if kind == "box_and_points":
         return dict(box=box, point_coords=pts((0.5, 0.5), (0.3, 0.6)), point_labels=np.array([1, 0]))
     # mask_input: a previous low_res_logits fed back, as in the original notebooks
@@ -203,6 +205,7 @@ PROMPT_KINDS = [
     "ignored_point",
     "points_on_and_just_outside_the_border",
     "box",
+    "box_reaching_past_the_border",
     "box_and_points",
     "mask_input_and_point",
     "mask_input_only",
@@ -752,7 +755,10 @@ BAD_PROMPTS = {
     "box_three_values": (dict(box=np.array([1.0, 2.0, 3.0])), ValueError, "last dimension of 4"),
     "box_3d": (dict(box=np.zeros((1, 1, 4)) + [1, 2, 3, 4]), ValueError, "[4] or [N, 4]"),
     "box_nan": (dict(box=np.array([1.0, 2.0, np.nan, 4.0])), ValueError, "box has NaN"),
-    "box_far_outside": (dict(box=np.array([10.0, 10.0, 2000.0, 90.0])), ValueError, "box has a coordinate"),
+    "box_far_outside": (dict(box=np.array([10.0, 10.0, 2000.0, 90.0])), ValueError, "box has a coordinate (2000, 90) far outside"),
+    "box_beside_the_image": (dict(box=np.array([320.0, 10.0, 400.0, 50.0])), ValueError, "box [320.0, 10.0, 400.0, 50.0] lies entirely outside the 300x200"),
+    "box_touching_the_top_from_outside": (dict(box=np.array([[10.0, 10.0, 50.0, 50.0], [10.0, -40.0, 100.0, 0.0]])), ValueError, "box [10.0, -40.0, 100.0, 0.0] lies entirely outside"),
+    "swapped_xy_like_box": (dict(box=np.array([50.0, 220.0, 150.0, 280.0])), ValueError, "lies entirely outside"),
     "mask_wrong_size": (dict(mask_input=np.zeros((1, 256, 256))), ValueError, "mask_input must be [1, 64, 64]"),
     "mask_without_channel": (dict(mask_input=np.zeros((LOW, LOW))), ValueError, "mask_input must be"),
     "mask_nan": (dict(mask_input=np.full((1, LOW, LOW), np.nan)), ValueError, "mask_input has NaN"),
