@@ -757,7 +757,11 @@ BAD_PROMPTS = {
     "box_nan": (dict(box=np.array([1.0, 2.0, np.nan, 4.0])), ValueError, "box has NaN"),
     "box_far_outside": (dict(box=np.array([10.0, 10.0, 2000.0, 90.0])), ValueError, "box has a coordinate (2000, 90) far outside"),
     "box_beside_the_image": (dict(box=np.array([320.0, 10.0, 400.0, 50.0])), ValueError, "box [320.0, 10.0, 400.0, 50.0] lies entirely outside the 300x200"),
+    # a box meeting the image along its border only covers none of it (the image spans [0, W] x [0, H])
     "box_touching_the_top_from_outside": (dict(box=np.array([[10.0, 10.0, 50.0, 50.0], [10.0, -40.0, 100.0, 0.0]])), ValueError, "box [10.0, -40.0, 100.0, 0.0] lies entirely outside"),
+    "box_touching_the_left_from_outside": (dict(box=np.array([-40.0, 10.0, 0.0, 100.0])), ValueError, "lies entirely outside"),
+    "box_touching_the_right_from_outside": (dict(box=np.array([300.0, 10.0, 340.0, 100.0])), ValueError, "lies entirely outside"),
+    "box_touching_the_bottom_from_outside": (dict(box=np.array([10.0, 200.0, 100.0, 240.0])), ValueError, "lies entirely outside"),
     "swapped_xy_like_box": (dict(box=np.array([50.0, 220.0, 150.0, 280.0])), ValueError, "lies entirely outside"),
     "mask_wrong_size": (dict(mask_input=np.zeros((1, 256, 256))), ValueError, "mask_input must be [1, 64, 64]"),
     "mask_without_channel": (dict(mask_input=np.zeros((LOW, LOW))), ValueError, "mask_input must be"),
