@@ -295,7 +295,9 @@ class SamHQPredictor:
         previous low_res_logits) -> masks [1, H, W], scores [1], low_res_logits [1, 4G, 4G].
         N prompts at once: point_coords [N, K, 2] with labels [N, K], and/or box [N, 4], and/or
         mask_input [N, 1, 4G, 4G] -> masks [N, 1, H, W], scores [N, 1], low_res_logits [N, 1, 4G, 4G];
-        N may be 0 (e.g. box of shape [0, 4]: empty outputs, the decoder does not run).
+        N may be 0 (e.g. box of shape [0, 4]: empty outputs, the decoder does not run). Points may lie
+        up to POINT_MARGIN (10%) of the longest side outside the image; a box must overlap the image
+        and may reach up to BOX_MARGIN (1x) of the longest side past its border.
         multimask_output picks the best of SAM's 3 multimask outputs (by predicted IoU) before adding
         the HQ mask; hq_token_only returns the HQ mask alone. Masks are bool unless return_logits.
         return_torch=True returns torch tensors on the model's device instead of numpy (bool masks,
