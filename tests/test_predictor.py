@@ -518,7 +518,6 @@ def test_return_logits_are_the_upsampled_low_res_logits(prepared, batched):
     assert_logits_close(logits, expected if batched else expected[0])
 
 
-
 def test_bool_masks_are_upsampled_a_few_prompts_at_a_time(prepared, tiny_model, monkeypatch):
     """Bool masks are upsampled and thresholded in chunks of prompts (MASK_CHUNK_PIXELS, here two
     prompts' worth: 5 prompts go as 2 + 2 + 1), so the fp32 full-size logits of all prompts never
@@ -558,6 +557,7 @@ def test_bool_masks_of_many_prompts_on_a_large_frame_gpu():
     peak = torch.cuda.max_memory_allocated() - before
     assert masks.dtype == torch.bool and masks.shape == (64, 1, 2160, 3840)
     assert peak < 1.4e9, f"peak {peak / 1e9:.2f} GB"
+
 
 def test_prompt_encoder_reads_the_padded_input_frame(tiny_model):
     """Written from REFERENCE.md ("Prompt encoder"): a point (x, y) in the input frame is encoded as
