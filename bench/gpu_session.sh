@@ -22,8 +22,10 @@
 # The machine is given back between calls, and with it the autotune cache: each call copies
 # autotune.json to OUT_DIR; put it in .gpu_cache/ (git-ignored) and name .gpu_cache in the next
 # call's carry, so later stages reuse the tuned configs instead of timing every candidate again.
-# (tests/test_tiny_vit.py's GPU test compares with the original release, segment_anything_hq,
-# which the device image lacks: it skips there.)
+# tests/test_tiny_vit.py's GPU test compares with the original release, segment_anything_hq, which
+# the device image lacks (it has the torchvision and timm the original imports): fetch its wheel
+# here first, `pip download segment-anything-hq==0.3 --no-deps -d .whl`, and name .whl in carry too;
+# without it that test skips.
 set -uo pipefail
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [tests,profile,encoder,decoder]}
 stages=",${2:-tests,profile,encoder,decoder},"
@@ -38,6 +40,7 @@ save_tuning() { cp "$SAMHQ_FAST_CACHE_DIR/autotune.json" "$out/" 2>/dev/null; }
 finish() { echo "[gpu_session] $1 exit $2" | tee -a "$out/gpu.txt"; rm -f "$out"/*-bf16.json "$out"/*-bf16.md "$out"/*.tmp; save_tuning; }
 trap save_tuning EXIT
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1  # no network there
+if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-index --no-deps .whl/*.whl; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 if [[ $stages == *,tests,* ]]; then
