@@ -114,10 +114,11 @@ class SamHQPredictor:
     def set_image(self, image, image_format: str = "RGB") -> None:
         """Compute the image's embeddings once for all later `predict` calls (= set_images([image])).
 
-        image: numpy [H, W, 3] uint8 (also [H, W] gray, [H, W, 4] with alpha, uint16, float in [0, 1]),
-        a PIL image (taken as stored: `transforms.load_image` applies EXIF rotation), or a torch
-        tensor [H, W, C] (HWC), [C, H, W] (CHW) or [H, W] with C = 3, 4 (alpha) or 1 (gray) (or a
-        batch of one, [1, H, W, C] / [1, C, H, W]), uint8 or float in [0, 1], on any device.
+        image: numpy [H, W, 3] uint8 (also [H, W] gray, [H, W, 4] with alpha, uint16, float in [0, 1];
+        or a batch of one, [1, H, W, C]), a PIL image (taken as stored: `transforms.load_image`
+        applies EXIF rotation), or a torch tensor [H, W, C] (HWC), [C, H, W] (CHW) or [H, W] with
+        C = 3, 4 (alpha) or 1 (gray) (or a batch of one, [1, H, W, C] / [1, C, H, W]), uint8 or
+        float in [0, 1], on any device.
         image_format: "RGB" or "BGR" (any case), the channel order of the pixel data.
 
         A tensor image stays on the device: it is moved to the model's device, resized there by
@@ -128,7 +129,7 @@ class SamHQPredictor:
         (their NaN / [0, 1] range check). A failed call leaves no image set (not the previous one).
         """
         self.reset_image()
-        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[0] != 1:
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4 and image.shape[0] != 1:
             raise ValueError(f"set_image takes one image, got a batch of shape {list(image.shape)}: use set_images for several")
         resized, original_size = self._transform_image(image, image_format)
         self._encode_images([resized], [original_size])

@@ -73,7 +73,8 @@ def channel_order(image_format: str) -> str:
 
 
 def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
-    """numpy [H, W], [H, W, 1|3|4] or a PIL image -> contiguous RGB uint8 [H, W, 3].
+    """numpy [H, W], [H, W, 1|3|4] (or a batch of one, [1, H, W, C]) or a PIL image -> contiguous
+    RGB uint8 [H, W, 3].
 
     Grayscale is replicated to 3 channels, alpha is dropped, 16-bit is taken as the full 0..65535
     range and rescaled, float must be in [0, 1]. image_format: channel order of the pixel data,
@@ -93,6 +94,8 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
             image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array or PIL image, got {type(image).__name__}")
+    if image.ndim == 4 and image.shape[0] == 1:  # a batch of one, as torch images may be
+        image = image[0]
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):

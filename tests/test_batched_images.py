@@ -507,20 +507,28 @@ def test_set_images_of_a_numpy_frame_batch_equals_a_list(tiny_model, frames):
 
 
 def test_set_images_list_entries_may_be_batches_of_one(tiny_model, frames, frames_as_list):
-    """Each list entry takes what set_image takes, a [1, H, W, 3] / [1, 3, H, W] tensor included."""
+    """Each list entry takes what set_image takes, a [1, H, W, 3] / [1, 3, H, W] tensor and a
+    [1, H, W, 3] numpy array included."""
     predictor = SamHQPredictor(tiny_model)
     bhwc = torch.from_numpy(frames)
-    predictor.set_images([bhwc[:1], bhwc[1:2].permute(0, 3, 1, 2), bhwc[2]])
+    predictor.set_images([bhwc[:1], bhwc[1:2].permute(0, 3, 1, 2), frames[2:3]])
     assert predictor.original_sizes == frames_as_list.original_sizes
     assert torch.equal(predictor.features, frames_as_list.features)
     with pytest.raises(ValueError, match=r"images\[1\]: a 4-D image tensor must be a batch of one, got shape \[2, "):
         predictor.set_images([bhwc[0], bhwc[:2]])
+    with pytest.raises(ValueError, match=r"images\[1\]: image must have shape .*, got \[2, "):
+        predictor.set_images([frames[0], frames[:2]])
 
 
-def test_set_image_takes_a_batch_of_one(tiny_model, frames):
+@pytest.mark.parametrize("as_tensor", [True, False], ids=["torch", "numpy"])
+def test_set_image_takes_a_batch_of_one(tiny_model, frames, as_tensor):
     batch_of_one, single = SamHQPredictor(tiny_model), SamHQPredictor(tiny_model)
-    batch_of_one.set_image(torch.from_numpy(frames[:1]).permute(0, 3, 1, 2))
-    single.set_image(torch.from_numpy(frames[0]).permute(2, 0, 1))
+    if as_tensor:
+        batch_of_one.set_image(torch.from_numpy(frames[:1]).permute(0, 3, 1, 2))
+        single.set_image(torch.from_numpy(frames[0]).permute(2, 0, 1))
+    else:
+        batch_of_one.set_image(frames[:1])
+        single.set_image(frames[0])
     assert batch_of_one.num_images == 1 and batch_of_one.original_size == single.original_size
     assert torch.equal(batch_of_one.features, single.features)
     for a, b in zip(batch_of_one.predict(**_prompt(*FRAMES_SHAPE[1:])), single.predict(**_prompt(*FRAMES_SHAPE[1:]))):
@@ -598,9 +606,10 @@ def test_bad_set_images_inputs(tiny_model, images, error, message):
     assert not predictor.is_image_set
 
 
-def test_set_image_refuses_a_batch_of_several(tiny_model):
+@pytest.mark.parametrize("batch", [torch.zeros(2, 3, 20, 30, dtype=torch.uint8), np.zeros((2, 3, 20, 30), np.uint8)], ids=["torch", "numpy"])
+def test_set_image_refuses_a_batch_of_several(tiny_model, batch):
     with pytest.raises(ValueError, match=re.escape("set_image takes one image, got a batch of shape [2, 3, 20, 30]: use set_images")):
-        SamHQPredictor(tiny_model).set_image(torch.zeros(2, 3, 20, 30, dtype=torch.uint8))
+        SamHQPredictor(tiny_model).set_image(batch)
 
 
 @pytest.mark.parametrize("call", ["set_images", "set_image", "set_torch_image"])

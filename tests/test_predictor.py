@@ -660,7 +660,7 @@ def test_gray_image_is_not_the_rgb_image(plain_rgb_predictors):
         (np.full((20, 30, 3), -0.5, np.float32), "RGB", ValueError, "[0, 1]"),
         (np.full((20, 30, 3), np.nan), "RGB", ValueError, "NaN"),
         (np.zeros((0, 30, 3), np.uint8), "RGB", ValueError, "empty"),
-        (np.zeros((1, 20, 30, 3), np.uint8), "RGB", ValueError, "shape"),
+        (np.zeros((2, 20, 30, 3), np.uint8), "RGB", ValueError, "set_image takes one image, got a batch of shape [2, 20, 30, 3]: use set_images"),
         (np.zeros((20, 30, 2), np.uint8), "RGB", ValueError, "shape"),
         (np.zeros((3, 20, 30), np.uint8), "RGB", ValueError, "got [3, 20, 30] (channels first? numpy images are [H, W, C]: pass image.transpose(1, 2, 0))"),
         (np.zeros((20, 30, 3), np.uint8), "HSV", ValueError, "image_format"),

@@ -171,6 +171,8 @@ def _conversions(rgb: np.ndarray) -> dict:
         # image_format describes the pixel data, also in a PIL image built from an OpenCV (BGR) array
         "pil_bgr": (Image.fromarray(np.ascontiguousarray(rgb[..., ::-1])), "BGR", rgb),
         "lowercase_bgr": (np.ascontiguousarray(rgb[..., ::-1]), "bgr", rgb),
+        "batch_of_one": (rgb[None], "RGB", rgb),  # [1, H, W, 3], as torch images may be
+        "gray_batch_of_one": (gray[None, ..., None], "RGB", np.repeat(gray[..., None], 3, axis=2)),
     }
 
 
@@ -237,7 +239,7 @@ def test_as_rgb_uint8_does_not_modify_the_input(image_format):
         (np.zeros((0, 5, 3), np.uint8), ValueError, "empty"),
         (np.zeros((5, 0, 3), np.uint8), ValueError, "empty"),
         (np.zeros((0, 5), np.float32), ValueError, "empty"),
-        (np.zeros((1, 4, 4, 3), np.uint8), ValueError, "shape"),
+        (np.zeros((2, 4, 4, 3), np.uint8), ValueError, "shape"),
         (np.zeros((4, 4, 2), np.uint8), ValueError, "shape"),
         (np.zeros((4, 4, 5), np.uint8), ValueError, "shape"),
         (np.zeros(4, np.uint8), ValueError, "shape"),
