@@ -802,6 +802,10 @@ BAD_TORCH_PROMPTS = {
     # (the meta device stands in for a GPU: a device mismatch is metadata, checked without a sync)
     "wrong_device": (dict(point_coords=None, point_labels=None, boxes=torch.zeros(1, 4, device="meta")), ValueError, "boxes is on meta, the model on cpu"),
     "bool_labels": (dict(point_coords=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1, dtype=torch.bool)), TypeError, "point_labels must hold 1"),
+    "complex_coords": (dict(point_coords=torch.zeros(1, 1, 2, dtype=torch.complex64), point_labels=torch.ones(1, 1)), TypeError,
+                       "point_coords must hold (x, y) pixels as real numbers, got dtype torch.complex64"),
+    "bool_boxes": (dict(point_coords=None, point_labels=None, boxes=torch.ones(1, 4, dtype=torch.bool)), TypeError,
+                   "boxes must hold (x1, y1, x2, y2) pixels as real numbers, got dtype torch.bool"),
     "bool_mask": (dict(point_coords=None, point_labels=None, mask_input=torch.zeros(1, 1, LOW, LOW, dtype=torch.bool)), TypeError, "mask_input must be float logits"),
     # (with a box, a third coordinate column used to be ignored silently)
     "coords_three_columns": (dict(point_coords=torch.zeros(1, 2, 3), point_labels=torch.ones(1, 2), boxes=torch.zeros(1, 4)), ValueError,

@@ -130,8 +130,10 @@ class PromptEncoder(nn.Module):
         for name, good in ok.items():
             if not good:
                 raise ValueError(f"{name} must have shape {expected[name]}, got {list(given[name].shape)}")
-        if point_labels is not None and (point_labels.dtype == torch.bool or point_labels.is_complex()):
-            raise TypeError(f"point_labels must hold 1 (foreground), 0 (background) or -1 (ignore) as numbers, got dtype {point_labels.dtype}")
+        meanings = {"point_coords": "(x, y) pixels", "point_labels": "1 (foreground), 0 (background) or -1 (ignore)", "boxes": "(x1, y1, x2, y2) pixels"}
+        for name, meaning in meanings.items():  # a complex value would lose its imaginary part in the float cast
+            if given[name] is not None and (given[name].dtype == torch.bool or given[name].is_complex()):
+                raise TypeError(f"{name} must hold {meaning} as real numbers, got dtype {given[name].dtype}")
         if mask_input is not None and not mask_input.is_floating_point():
             raise TypeError(f"{mask_name} must be float logits (a previous predict's low_res_logits), got dtype {mask_input.dtype}")
         for name, tensor in given.items():
