@@ -14,7 +14,8 @@ from .modeling import SamHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import decode_eager, no_prompt_outputs
 from .transforms import (
-    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, check_resized_shape, resize_longest_side, resize_longest_side_torch, scale_coords,
+    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, check_image_size, check_resized_shape, resize_longest_side, resize_longest_side_torch,
+    scale_coords,
 )
 
 PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
@@ -210,9 +211,7 @@ class SamHQPredictor:
         if max(transformed_image.shape[-2:]) != size:
             raise ValueError(f"transformed_image must have its longest side resized to {size}, got {list(transformed_image.shape[-2:])}")
         input_size = tuple(transformed_image.shape[-2:])
-        if not (isinstance(original_image_size, (tuple, list)) and len(original_image_size) == 2
-                and all(isinstance(s, numbers.Integral) and s > 0 for s in original_image_size)):
-            raise ValueError(f"original_image_size must be (H, W), two positive integers, got {original_image_size!r}")
+        original_image_size = check_image_size(original_image_size, "original_image_size")
         expected_size = check_resized_shape(*original_image_size, size)  # (refuses a size whose short side resizes to 0)
         if expected_size != input_size:
             raise ValueError(

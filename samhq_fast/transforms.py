@@ -4,12 +4,23 @@ Frames: "original" is the user's image (H, W); "input" is the image resized so i
 equals the model's image size (1024), before padding. Coordinates are (x, y) pixels.
 """
 
+import numbers
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+def check_image_size(size, name: str) -> tuple[int, int]:
+    """An image's (H, W): a tuple, list, torch.Size, or 2-element tensor / array of positive
+    integers -> (H, W) as Python ints; anything else is a ValueError naming `name`."""
+    values = size.tolist() if isinstance(size, (np.ndarray, torch.Tensor)) else size
+    if not (isinstance(values, (tuple, list)) and len(values) == 2
+            and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in values)):
+        raise ValueError(f"{name} must be (H, W), two positive integers, got {size!r}")
+    return int(values[0]), int(values[1])
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:

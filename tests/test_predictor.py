@@ -922,12 +922,32 @@ def test_original_model_attributes(tiny_model):
         ([dict(image=torch.zeros(3, 256, 200))], "batched_input[0] has no 'original_size'"),
         ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200), boxes=torch.zeros(4))], "batched_input[0]: boxes must have shape [N, 4]"),
         ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200), mask_inputs=torch.zeros(1, 1, 8, 8))], "batched_input[0]: mask_inputs must have shape [N, 1, 64, 64]"),
+        ([dict(image=torch.zeros(3, 256, 200), original_size=(0, 5))], "batched_input[0]: original_size must be (H, W), two positive integers, got (0, 5)"),
+        ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200, 3))], "batched_input[0]: original_size must be (H, W)"),  # image.shape
+        ([dict(image=torch.zeros(3, 256, 200), original_size=torch.tensor([25.5, 20.0]))], "batched_input[0]: original_size must be (H, W)"),
+        # the second image's prompts are refused before the encoder runs on both
+        ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200)),
+          dict(image=torch.zeros(3, 256, 200), original_size=(256, 200), point_coords=torch.zeros(1, 2, 2), point_labels=torch.ones(1, 3))],
+         "batched_input[1]: point_labels must have shape [N, K]"),
     ],
-    ids=["empty", "not_resized", "hwc", "no_original_size", "box_shape", "mask_shape"],
+    ids=["empty", "not_resized", "hwc", "no_original_size", "box_shape", "mask_shape", "zero_original_size", "original_size_with_channels",
+         "float_original_size", "second_image_prompts"],
 )
-def test_model_forward_rejects_bad_input(tiny_model, batched_input, message):
+def test_model_forward_rejects_bad_input(tiny_model, monkeypatch, batched_input, message):
+    monkeypatch.setattr(tiny_model, "encode_image", lambda images: pytest.fail("the encoder ran before the input was checked"))
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         tiny_model(batched_input, multimask_output=False)
+
+
+def test_model_forward_takes_original_size_as_a_tensor_or_array(tiny_model):
+    """Code written for the original passes image.shape[:2], a torch.Size, or an array of two ints."""
+    image = torch.from_numpy(make_photo(256, 170, seed=2)).permute(2, 0, 1)
+    box = torch.tensor([[20.0, 30.0, 150.0, 200.0]])
+    outputs = [tiny_model([dict(image=image, original_size=size, boxes=box)], multimask_output=False)[0]
+               for size in ((301, 200), torch.Size([301, 200]), torch.tensor([301, 200]), np.array([301, 200]))]
+    for output in outputs:
+        assert output["masks"].shape == (1, 1, 301, 200)
+        assert torch.equal(output["masks"], outputs[0]["masks"])
 
 
 def test_transform_gives_predict_torch_the_original_workflow(prepared):

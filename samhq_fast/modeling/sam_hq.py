@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..transforms import check_image_size
 from .image_encoder import ImageEncoderViT, ViTConfig
 from .mask_decoder import MaskDecoderHQ
 from .prompt_encoder import PromptEncoder, prompt_count
@@ -180,27 +181,28 @@ class SamHQ(nn.Module):
         if not isinstance(batched_input, (list, tuple)) or not batched_input:
             raise TypeError(f"batched_input must be a non-empty list of dicts, one per image, got {type(batched_input).__name__}")
         size = self.config.img_size
-        images = []
-        for i, record in enumerate(batched_input):
+        images, original_sizes, prompts = [], [], []
+        for i, record in enumerate(batched_input):  # every record is checked before the encoder runs
             image = record.get("image") if isinstance(record, dict) else None
             if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3 or max(image.shape[1:]) > size:
                 got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
                 raise ValueError(f"batched_input[{i}]['image'] must be a [3, h, w] tensor resized to at most {size} pixels a side, got {got}")
             if "original_size" not in record:
                 raise ValueError(f"batched_input[{i}] has no 'original_size' (H, W)")
+            try:
+                original_sizes.append(check_image_size(record["original_size"], "original_size"))
+                prompts.append(self.prompt_encoder.check_prompts(
+                    *(record.get(key) for key in ("point_coords", "point_labels", "boxes", "mask_inputs")), mask_name="mask_inputs"))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"batched_input[{i}]: {e}") from e
             images.append(self.preprocess(image[None].to(self.device)))
         embeddings, _, hq_features = self.encode_image(torch.cat(images))
         image_pe = self.prompt_encoder.get_dense_pe()
         outputs = []
         for i, record in enumerate(batched_input):
-            prompts = [record.get(key) for key in ("point_coords", "point_labels", "boxes", "mask_inputs")]
-            try:
-                self.prompt_encoder.check_prompts(*prompts, mask_name="mask_inputs")
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"batched_input[{i}]: {e}") from e
             low_res, iou = decode_eager(
-                self.prompt_encoder, self.mask_decoder, embeddings[i : i + 1], image_pe, hq_features[i : i + 1], *prompts, multimask_output, hq_token_only
+                self.prompt_encoder, self.mask_decoder, embeddings[i : i + 1], image_pe, hq_features[i : i + 1], *prompts[i], multimask_output, hq_token_only
             )
-            masks = self.postprocess_binary_masks(low_res, record["image"].shape[-2:], record["original_size"])
+            masks = self.postprocess_binary_masks(low_res, record["image"].shape[-2:], original_sizes[i])
             outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs
