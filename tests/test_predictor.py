@@ -486,10 +486,11 @@ def test_prediction_depends_only_on_the_input_frame(tiny_model, size, input_size
         (torch.zeros(1, 3, 170, 256), (200, 300, 3), "must be (H, W), two positive integers, got (200, 300, 3)"),  # image.shape
         (torch.zeros(1, 3, 170, 256), (200.5, 300), "two positive integers"),
         (torch.zeros(1, 3, 170, 256), (0, 0), "two positive integers"),
+        (torch.zeros(1, 3, 170, 256), (True, True), "two positive integers"),  # bool is an int subclass, not a size
         # a 1 x 2000 image resizes to 0 x 256 (set_image refuses it): no image to predict on
         (torch.zeros(1, 3, 0, 256), (1, 2000), "image of 2000x1 (width x height) is too elongated"),
     ],
-    ids=["no_batch_axis", "not_resized", "swapped_size", "shape_with_channels", "float_size", "zero_size", "zero_pixels_high"],
+    ids=["no_batch_axis", "not_resized", "swapped_size", "shape_with_channels", "float_size", "zero_size", "bool_size", "zero_pixels_high"],
 )
 def test_set_torch_image_rejects_mismatched_input(tiny_model, transformed, original_size, message):
     """The original takes any original_image_size and returns masks of a wrong shape, or fails later."""
