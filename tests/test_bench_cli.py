@@ -3,6 +3,8 @@
 
 import json
 import math
+import re
+import shlex
 import sys
 
 import pytest
@@ -308,3 +310,56 @@ def test_bench_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     assert main(["bench", "--smoke", "--plot", str(tmp_path / "x.png")]) == 2
     assert "pip install 'samhq-fast[plot]'" in capsys.readouterr().err
+
+
+def gpu_session_commands(module: str) -> list[list[str]]:
+    """The arguments bench/gpu_session.sh gives `python3 -m MODULE`, its commented optional call
+    included: line continuations joined, $out and the date filled in, shell redirections cut."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "bench" / "gpu_session.sh").read_text()
+    text = re.sub(r"\\\n#?\s*", " ", text)
+    commands = []
+    for line in text.splitlines():
+        if f"-m {module} " in line:
+            arguments = line.split(f"-m {module} ", 1)[1].split(" 2>&1")[0]
+            for variable, value in (('"${plot[@]}"', ""), ("$(date +%F)", "2026-01-01"), ('"$out"', "OUT"), ("OUT_DIR", "OUT")):
+                arguments = arguments.replace(variable, value)
+            commands.append(shlex.split(arguments))
+    return commands
+
+
+def test_gpu_session_command_lines_parse(monkeypatch):
+    """The GPU session's command lines are accepted by every parser they reach, as on a GPU: a
+    mistyped option there would cost a device call (there is no GPU to try them on first)."""
+    from samhq_fast.benchmark import decoder, encoder, profile_block
+    from samhq_fast.cli import _bench_plan, _bench_runs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    bench_lines = gpu_session_commands("samhq_fast.cli")
+    assert [argv[0] for argv in bench_lines] == ["bench", "bench"]  # the encoder stage, then the decoder stage
+    stages = []
+    for argv in bench_lines:
+        args = build_parser().parse_args(argv)
+        device, backends = _bench_plan(args)
+        assert device == "cuda"
+        for what, run_argv in _bench_runs(args, backends, device):
+            parsed = {"encoder": encoder, "decoder": decoder}[what].parse_args([*run_argv, "--output", "OUT/part.json"])
+            stages.append((what, parsed))
+    (_, enc), (_, dec) = stages
+    assert enc.variant_list == ["vit_h", "vit_b"] and set(enc.backend_list) == {"eager", "fused", "fused-graphed", "hf", "hf-eager", "compile"}
+    assert {"graphed", "graphed-manual", "eager", "compiled"} <= set(dec.mode_list) and dec.e2e_list == ["eager", "fused"]
+    (profile,) = gpu_session_commands("samhq_fast.benchmark.profile_block")
+    assert profile_block.parse_args(profile).batches == [1, 8]
+    (compile_baseline,) = gpu_session_commands("samhq_fast.benchmark.encoder")
+    assert encoder.parse_args(compile_baseline).backend_list == ["eager", "compile"]
+
+
+def test_gpu_session_test_files_exist():
+    """The GPU test stage names its first files: one renamed away would stop pytest before any test ran."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    (listed,) = re.findall(r"first=\(([^)]*)\)", (root / "bench" / "gpu_session.sh").read_text())
+    files = listed.split()
+    assert len(files) >= 6 and all((root / f).is_file() for f in files), [f for f in files if not (root / f).is_file()]

@@ -66,7 +66,7 @@ def markdown(results: dict, header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> str:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="vit_h", choices=sorted(VARIANTS))
     p.add_argument("--batch", default="1", help="comma list of batch sizes")
@@ -75,7 +75,12 @@ def main(argv=None) -> str:
     p.add_argument("--smoke", action="store_true", help="a tiny block on the CPU (checks the tool; not a speed figure)")
     p.add_argument("--output", default=None, help="write the Markdown here (default: print it)")
     args = p.parse_args(argv)
+    args.batches = common.comma_list(args.batch, int)
+    return args
 
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.smoke else resolve_dtype(args.dtype)
     config = common.SMOKE_CONFIG.encoder if args.smoke else VARIANTS[args.variant]
@@ -95,7 +100,7 @@ def main(argv=None) -> str:
             backends = {"eager": block}
             if fused_ok:
                 backends["fused"] = FusedBlock(copy.deepcopy(block))
-            for batch in common.comma_list(args.batch, int):
+            for batch in args.batches:
                 x = torch.randn(batch, config.grid_size, config.grid_size, config.embed_dim, device=device, dtype=dtype)
                 results[(kind, batch)] = {name: profile_calls(fn, x, args.repeats) for name, fn in backends.items()}
                 if args.output:  # after every profile: a run cut by a time limit keeps what it finished
