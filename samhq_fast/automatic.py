@@ -278,19 +278,37 @@ class SamHQAutomaticMaskGenerator:
         return data
 
     def _process_batch(self, points: np.ndarray, crop_box, image_size, multimask_output, hq_token_only) -> dict:
-        """points [B, 2] in crop pixels -> the masks that pass the filters, as RLEs in the full image."""
+        """points [B, 2] in crop pixels -> the masks that pass the filters, as RLEs in the full image.
+
+        One decoder call for the B points. Masks under pred_iou_thresh are dropped before they are
+        upsampled; the other filters see the full-size logits a few prompts at a time
+        (`SamHQ.prompts_per_mask_chunk`), so a large points_per_batch on a large image does not hold
+        B full-size fp32 logit maps at once (the original upsamples all B together)."""
         predictor = self.predictor
         x0, y0, x1, y1 = crop_box
         coords = predictor.transform.apply_coords(points, (y1 - y0, x1 - x0))
         coords = torch.as_tensor(coords, dtype=torch.float32, device=predictor.device)[:, None, :]  # [B, 1, 2]
         labels = torch.ones(len(points), 1, dtype=torch.int64, device=predictor.device)
-        logits, iou, _ = predictor.predict_torch(coords, labels, multimask_output=multimask_output, return_logits=True, hq_token_only=hq_token_only)
-        logits, iou = logits[:, 0], iou[:, 0]  # [B, h, w], [B]
-        threshold = self.predictor.model.mask_threshold
+        # predict_torch without its upsampling: [B, 1, 4G, 4G] low-res logits, [B, 1] scores
+        (low_res, iou), = predictor._decode_low_res({0: (coords, labels, None, None, True)}, multimask_output, hq_token_only).values()
+        iou = iou[:, 0]
+        if self.pred_iou_thresh > 0:
+            passed = (iou > self.pred_iou_thresh).nonzero()[:, 0]
+            low_res, iou, points = low_res[passed], iou[passed], points[passed.cpu().numpy()]
+        chunk = predictor.model.prompts_per_mask_chunk(1, predictor.original_size)
+        parts = [self._filter_masks(low_res[i : i + chunk], iou[i : i + chunk], points[i : i + chunk], crop_box, image_size)
+                 for i in range(0, len(points), chunk)] or [self._filter_masks(low_res, iou, points, crop_box, image_size)]
+        return _concat(parts)
+
+    def _filter_masks(self, low_res: torch.Tensor, iou: torch.Tensor, points: np.ndarray, crop_box, image_size) -> dict:
+        """low_res [b, 1, 4G, 4G] logits of b points of the crop set in the predictor, their iou [b]
+        -> the masks that pass the stability and crop-edge filters, as RLEs in the full image."""
+        predictor = self.predictor
+        x0, y0, x1, y1 = crop_box
+        logits = predictor._masks(low_res, predictor.input_size, predictor.original_size, return_logits=True)[:, 0]  # [b, h, w] crop pixels
+        threshold = predictor.model.mask_threshold
         stability = stability_score(logits, threshold, self.stability_score_offset)
         keep = torch.ones_like(iou, dtype=torch.bool)
-        if self.pred_iou_thresh > 0:
-            keep &= iou > self.pred_iou_thresh
         if self.stability_score_thresh > 0:
             keep &= stability >= self.stability_score_thresh
         masks = logits > threshold

@@ -34,6 +34,7 @@ from samhq_fast.automatic import (
     stability_score,
 )
 from samhq_fast.decoding import PromptDecoder
+from samhq_fast.modeling import sam_hq
 from samhq_fast.transforms import preprocess_shape
 from original_sam_hq import import_original
 from test_predictor import make_photo
@@ -220,6 +221,26 @@ def test_filters_keep_exactly_the_masks_above_the_thresholds(tiny_model, photo):
     expected = [r for r in every if r["predicted_iou"] > iou_cut and r["stability_score"] >= stability_cut]
     assert 0 < len(filtered) < len(every)
     assert [r["point_coords"] for r in filtered] == [r["point_coords"] for r in expected]
+
+
+def test_only_masks_over_the_iou_threshold_are_upsampled_a_few_at_a_time(tiny_model, photo, monkeypatch):
+    """All 25 points are decoded in one batch; those under pred_iou_thresh are dropped before the
+    upsampling, the rest are upsampled and filtered 3 prompts at a time: the records of one chunk of any size."""
+    every = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=5, points_per_batch=25, **LOOSE).generate(photo)
+    settings = dict(LOOSE, points_per_side=5, points_per_batch=25, pred_iou_thresh=float(np.median([r["predicted_iou"] for r in every])),
+                    stability_score_thresh=float(np.quantile([r["stability_score"] for r in every], 0.3)))
+    expected = SamHQAutomaticMaskGenerator(tiny_model, **settings).generate(photo)
+    monkeypatch.setattr(sam_hq, "MASK_CHUNK_PIXELS", 3 * (256 * 256 + 200 * 300))  # 3 prompts' upsampled logits
+    generator = SamHQAutomaticMaskGenerator(tiny_model, **settings)
+    upsampled, upsample = [], generator.predictor._masks
+    generator.predictor._masks = lambda low_res, *args, **kwargs: upsampled.append(len(low_res)) or upsample(low_res, *args, **kwargs)
+    actual = generator.generate(photo)
+    assert upsampled[:-1] == [3] * (len(upsampled) - 1) and 0 < upsampled[-1] <= 3
+    assert sum(upsampled) == sum(r["predicted_iou"] > settings["pred_iou_thresh"] for r in every) < 25
+    assert 0 < len(actual) < sum(upsampled)  # the stability filter dropped some of the upsampled ones
+    assert [r["point_coords"] for r in actual] == [r["point_coords"] for r in expected]
+    for a, e in zip(actual, expected):
+        assert a == {**e, "segmentation": a["segmentation"]} and np.array_equal(a["segmentation"], e["segmentation"])
 
 
 def test_box_nms_between_records(tiny_model, photo):
@@ -425,10 +446,16 @@ def drive_with_disks(predictor, integer_levels=False) -> None:
         predictor.original_size = tuple(image.shape[:2])
         predictor.input_size = preprocess_shape(*image.shape[:2], 256)
 
+    def disks(coords):
+        return disk_masks(coords, predictor.original_size, predictor.input_size, integer_levels)
+
     predictor.set_image = set_image
     predictor.reset_image = lambda: None
-    predictor.predict_torch = lambda coords, labels, *args, **kwargs: disk_masks(
-        coords, predictor.original_size, predictor.input_size, integer_levels)
+    predictor.predict_torch = lambda coords, labels, *args, **kwargs: disks(coords)  # the original's generator
+    # Ours decodes low-res logits, then upsamples them a few prompts at a time: here the prompt
+    # points themselves [N, 1, 2] stand in for the low-res logits, and "upsampling" draws their disks.
+    predictor._decode_low_res = lambda converted, *args: {i: (prompts[0], disks(prompts[0])[1]) for i, prompts in converted.items()}
+    predictor._masks = lambda low_res, input_size, original_size, return_logits: disks(low_res)[0]
 
 
 def run_both(tiny_model, image, integer_levels=False, **settings) -> tuple[list[dict], list[dict]]:

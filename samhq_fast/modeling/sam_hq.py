@@ -152,6 +152,12 @@ class SamHQ(nn.Module):
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
+    def prompts_per_mask_chunk(self, masks_per_prompt: int, original_size: tuple[int, int]) -> int:
+        """How many prompts' masks to upsample at once: ~MASK_CHUNK_PIXELS fp32 pixels (512 MB) over
+        both upsampled stages (img_size^2, then H x W), at least one prompt."""
+        pixels_per_prompt = masks_per_prompt * (self.config.img_size**2 + original_size[0] * original_size[1])
+        return max(1, MASK_CHUNK_PIXELS // pixels_per_prompt)
+
     def postprocess_binary_masks(self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
         """Low-res logits [P, C, 4G, 4G] -> bool masks [P, C, H, W] (logit > mask_threshold): the same
         as `postprocess_masks(...) > mask_threshold`, a few prompts at a time, so the fp32 upsampled
@@ -159,8 +165,7 @@ class SamHQ(nn.Module):
         3840x2160 frame would take 2.4 GB beside their 0.5 GB of bool masks)."""
         height, width = (int(s) for s in original_size)
         out = torch.empty((*masks.shape[:2], height, width), dtype=torch.bool, device=masks.device)
-        pixels_per_prompt = masks.shape[1] * (self.config.img_size**2 + height * width)  # both upsampled stages
-        chunk = max(1, MASK_CHUNK_PIXELS // pixels_per_prompt)
+        chunk = self.prompts_per_mask_chunk(masks.shape[1], (height, width))
         for start in range(0, len(masks), chunk):
             logits = self.postprocess_masks(masks[start : start + chunk], input_size, (height, width))
             torch.gt(logits, self.mask_threshold, out=out[start : start + chunk])
