@@ -37,6 +37,7 @@ from samhq_fast.decoding import PromptDecoder
 from samhq_fast.modeling import sam_hq
 from samhq_fast.transforms import preprocess_shape
 from original_sam_hq import import_original
+from conftest import TINY_CONFIG, make_model
 from test_predictor import make_photo
 
 OFFSET = 0.05
@@ -241,6 +242,21 @@ def test_only_masks_over_the_iou_threshold_are_upsampled_a_few_at_a_time(tiny_mo
     assert [r["point_coords"] for r in actual] == [r["point_coords"] for r in expected]
     for a, e in zip(actual, expected):
         assert a == {**e, "segmentation": a["segmentation"]} and np.array_equal(a["segmentation"], e["segmentation"])
+
+
+@pytest.mark.gpu
+def test_a_large_points_per_batch_on_a_large_frame_gpu():
+    """256 points in one batch on a 3840x2160 frame, no mask filtered before upsampling: their fp32 full-size logits at
+    once would take 8.5 GB; a chunk (16 prompts) takes 0.53 GB, so the peak stays near a few chunks."""
+    generator = SamHQAutomaticMaskGenerator(make_model(TINY_CONFIG).cuda(), points_per_side=16, points_per_batch=256, **LOOSE)
+    frame = torch.from_numpy(make_photo(2160, 3840, seed=5)).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    records = generator.generate(frame)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert records
+    assert peak < 2.5e9, f"peak {peak / 1e9:.2f} GB"
 
 
 def test_box_nms_between_records(tiny_model, photo):
