@@ -290,15 +290,15 @@ class SamHQAutomaticMaskGenerator:
         coords = torch.as_tensor(coords, dtype=torch.float32, device=predictor.device)[:, None, :]  # [B, 1, 2]
         labels = torch.ones(len(points), 1, dtype=torch.int64, device=predictor.device)
         # predict_torch without its upsampling: [B, 1, 4G, 4G] low-res logits, [B, 1] scores
-        (low_res, iou), = predictor._decode_low_res({0: (coords, labels, None, None, True)}, multimask_output, hq_token_only).values()
+        low_res, iou = predictor._decode_low_res({0: (coords, labels, None, None, True)}, multimask_output, hq_token_only)[0]
         iou = iou[:, 0]
         if self.pred_iou_thresh > 0:
             passed = (iou > self.pred_iou_thresh).nonzero()[:, 0]
             low_res, iou, points = low_res[passed], iou[passed], points[passed.cpu().numpy()]
         chunk = predictor.model.prompts_per_mask_chunk(1, predictor.original_size)
-        parts = [self._filter_masks(low_res[i : i + chunk], iou[i : i + chunk], points[i : i + chunk], crop_box, image_size)
-                 for i in range(0, len(points), chunk)] or [self._filter_masks(low_res, iou, points, crop_box, image_size)]
-        return _concat(parts)
+        starts = range(0, max(len(points), 1), chunk)  # one empty part when every mask fell under the IoU threshold
+        return _concat([self._filter_masks(low_res[i : i + chunk], iou[i : i + chunk], points[i : i + chunk], crop_box, image_size)
+                        for i in starts])
 
     def _filter_masks(self, low_res: torch.Tensor, iou: torch.Tensor, points: np.ndarray, crop_box, image_size) -> dict:
         """low_res [b, 1, 4G, 4G] logits of b points of the crop set in the predictor, their iou [b]

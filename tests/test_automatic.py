@@ -244,6 +244,14 @@ def test_only_masks_over_the_iou_threshold_are_upsampled_a_few_at_a_time(tiny_mo
         assert a == {**e, "segmentation": a["segmentation"]} and np.array_equal(a["segmentation"], e["segmentation"])
 
 
+@pytest.mark.parametrize("crop_n_layers", [0, 1])
+def test_no_mask_over_the_iou_threshold_gives_no_records(tiny_model, photo, crop_n_layers):
+    every = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, **LOOSE).generate(photo)
+    above_all = max(r["predicted_iou"] for r in every) + 0.01
+    generator = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=4, crop_n_layers=crop_n_layers, **dict(LOOSE, pred_iou_thresh=above_all))
+    assert generator.generate(photo) == []
+
+
 @pytest.mark.gpu
 def test_a_large_points_per_batch_on_a_large_frame_gpu():
     """256 points in one batch on a 3840x2160 frame, no mask filtered before upsampling: their fp32 full-size logits at
