@@ -30,7 +30,7 @@ DTYPE_CHOICES = ", ".join(DTYPE_NAMES) + " (any case)"
 FORMATTER = argparse.RawDescriptionHelpFormatter  # keep the line breaks of the descriptions
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # segment --auto options; None on the command line means "not given", so they can be refused without --auto
-AUTO_DEFAULTS = dict(points_per_side=32, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7)
+AUTO_DEFAULTS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7)
 
 MAIN_HELP = """\
 SAM-HQ (Segment Anything in High Quality) inference from the command line.
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="segment everything, without prompts: the automatic mask generator (a point grid, the original's filters "
                           "and NMS); writes an index PNG, larger masks painted first")
     seg.add_argument("--points-per-side", type=_count, default=None, metavar="N", help=f"--auto: N x N grid points (default {AUTO_DEFAULTS['points_per_side']})")
+    seg.add_argument("--points-per-batch", type=_count, default=None, metavar="N",
+                     help=f"--auto: grid points decoded together (default {AUTO_DEFAULTS['points_per_batch']}; more is faster on a large GPU, "
+                          "same masks)")
     seg.add_argument("--pred-iou-thresh", type=_finite, default=None, metavar="T", help=f"--auto: keep masks whose predicted IoU > T (default {AUTO_DEFAULTS['pred_iou_thresh']})")
     seg.add_argument("--stability-thresh", type=_finite, default=None, metavar="T", help=f"--auto: keep masks whose stability >= T (default {AUTO_DEFAULTS['stability_thresh']})")
     seg.add_argument("--stability-offset", type=_non_negative, default=None, metavar="D",
@@ -406,7 +409,7 @@ def segment_everything(args, image: np.ndarray, model) -> int:
     i-th largest mask; painted largest first so smaller masks stay visible on top; 16-bit beyond 255
     masks), the grid points in the overlay, one JSON entry per mask."""
     generator = SamHQAutomaticMaskGenerator(
-        model, points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+        model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch, pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_thresh, stability_score_offset=args.stability_offset, box_nms_thresh=args.box_nms_thresh,
     )
     records = sorted(generator.generate(image, hq_token_only=args.hq_only), key=lambda r: -r["area"])
@@ -426,7 +429,7 @@ def segment_everything(args, image: np.ndarray, model) -> int:
     print(f"{len(records)} mask{'' if len(records) == 1 else 's'} from a {args.points_per_side}x{args.points_per_side} point grid"
           + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
     if args.json:
-        settings = {k: getattr(args, k) for k in ("points_per_side", "pred_iou_thresh", "stability_thresh", "stability_offset", "box_nms_thresh", "hq_only")}
+        settings = {k: getattr(args, k) for k in ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_thresh", "stability_offset", "box_nms_thresh", "hq_only")}
         _write_json(args, model, (h, w), "index", auto=settings, masks=masks)
     print(f"wrote {_written(args)} (index mask, {index.dtype.itemsize * 8}-bit, {w}x{h})")
     return 0

@@ -153,7 +153,7 @@ def test_segment_auto(capsys, tmp_path, ckpt, photo):
     mask_path, json_path = tmp_path / "all.png", tmp_path / "all.json"
     # (the tiny model's masks are overlapping blobs: box NMS off, or one would be left)
     filters = dict(pred_iou_thresh=0.0, stability_score_thresh=0.3, stability_score_offset=0.05, box_nms_thresh=1.0)
-    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--points-per-side", 4, "--pred-iou-thresh", 0.0,
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--points-per-side", 4, "--points-per-batch", 5, "--pred-iou-thresh", 0.0,
                          "--stability-thresh", 0.3, "--stability-offset", 0.05, "--box-nms-thresh", 1.0,
                          "-o", mask_path, "--json", json_path, "--overlay", tmp_path / "o.png")
     assert code == 0, err
@@ -165,7 +165,7 @@ def test_segment_auto(capsys, tmp_path, ckpt, photo):
         expected[record["segmentation"]] = i + 1
     np.testing.assert_array_equal(read_png(mask_path), expected)
     result = json.loads(json_path.read_text())
-    assert result["mask_format"] == "index" and result["auto"]["points_per_side"] == 4
+    assert result["mask_format"] == "index" and (result["auto"]["points_per_side"], result["auto"]["points_per_batch"]) == (4, 5)
     assert [(m["index"], m["area"]) for m in result["masks"]] == [(i + 1, r["area"]) for i, r in enumerate(records)]
     for entry, record in zip(result["masks"], records):  # the prompt mode's box convention (the original's is 1 px short)
         ys, xs = np.nonzero(record["segmentation"])
@@ -271,7 +271,8 @@ def test_segment_auto_index_png_width(count, png_dtype, capsys, tmp_path, ckpt, 
     # no --auto option given: the generator gets the original's defaults
     defaults = inspect.signature(import_original().SamAutomaticMaskGenerator).parameters
     assert RowGenerator.settings == {name: defaults[name].default for name in RowGenerator.settings}
-    assert set(RowGenerator.settings) == {"points_per_side", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh"}
+    assert set(RowGenerator.settings) == {"points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+                                          "stability_score_offset", "box_nms_thresh"}
     index = read_png(mask_path)
     assert index.dtype == png_dtype and index.max() == count
     for i in range(count):
