@@ -157,7 +157,7 @@ class SamHQPredictor:
             images = list(images)
         if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)) or not isinstance(images, (list, tuple)):
             raise TypeError(
-                f"images must be a list of images, or a 4-D array of same-size images (use set_image for one image), got "
+                "images must be a list of images, or a 4-D array of same-size images (use set_image for one image), got "
                 + (f"a {images.ndim}-D {type(images).__name__}" if isinstance(images, (np.ndarray, torch.Tensor)) else type(images).__name__)
             )
         if len(images) == 0:

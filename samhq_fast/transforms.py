@@ -97,7 +97,7 @@ def as_rgb_uint8(image, image_format: str = "RGB") -> np.ndarray:
         if image.mode.startswith("I"):  # 16-bit grayscale opens as "I;16*" or, in older files, 32-bit "I"
             image = np.asarray(image)
             if image.min() < 0 or image.max() > 65535:
-                raise ValueError(f"integer image (PIL mode I) has values outside 0..65535")
+                raise ValueError("integer image (PIL mode I) has values outside 0..65535")
             image = image.astype(np.uint16)
         elif image.mode == "F":  # float grayscale: must be in [0, 1] like float arrays
             image = np.asarray(image)

@@ -32,7 +32,7 @@ import torch
 from transformers import SamHQModel
 from transformers.models.sam_hq import modeling_sam_hq
 
-from conftest import TINY_CONFIG, make_model
+from conftest import make_model
 from samhq_fast.benchmark.encoder import hf_config
 from samhq_fast.checkpoint import original_to_hf
 from samhq_fast.modeling import SamHQ, SamHQConfig
