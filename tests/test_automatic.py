@@ -226,7 +226,7 @@ def test_filters_keep_exactly_the_masks_above_the_thresholds(tiny_model, photo):
 
 def test_only_masks_over_the_iou_threshold_are_upsampled_a_few_at_a_time(tiny_model, photo, monkeypatch):
     """All 25 points are decoded in one batch; those under pred_iou_thresh are dropped before the
-    upsampling, the rest are upsampled and filtered 3 prompts at a time: the records of one chunk of any size."""
+    upsampling, the rest are upsampled and filtered 3 prompts at a time: the same records as unchunked."""
     every = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=5, points_per_batch=25, **LOOSE).generate(photo)
     settings = dict(LOOSE, points_per_side=5, points_per_batch=25, pred_iou_thresh=float(np.median([r["predicted_iou"] for r in every])),
                     stability_score_thresh=float(np.quantile([r["stability_score"] for r in every], 0.3)))

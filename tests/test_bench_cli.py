@@ -6,6 +6,7 @@ import math
 import re
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,12 +313,13 @@ def test_bench_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
     assert "pip install 'samhq-fast[plot]'" in capsys.readouterr().err
 
 
+GPU_SESSION = Path(__file__).parents[1] / "bench" / "gpu_session.sh"
+
+
 def gpu_session_commands(module: str) -> list[list[str]]:
     """The arguments bench/gpu_session.sh gives `python3 -m MODULE`, its commented optional call
     included: line continuations joined, $out and the date filled in, shell redirections cut."""
-    from pathlib import Path
-
-    text = (Path(__file__).parents[1] / "bench" / "gpu_session.sh").read_text()
+    text = GPU_SESSION.read_text()
     text = re.sub(r"\\\n#?\s*", " ", text)
     commands = []
     for line in text.splitlines():
@@ -357,9 +359,6 @@ def test_gpu_session_command_lines_parse(monkeypatch):
 
 def test_gpu_session_test_files_exist():
     """The GPU test stage names its first files: one renamed away would stop pytest before any test ran."""
-    from pathlib import Path
-
-    root = Path(__file__).parents[1]
-    (listed,) = re.findall(r"first=\(([^)]*)\)", (root / "bench" / "gpu_session.sh").read_text())
-    files = listed.split()
-    assert len(files) >= 6 and all((root / f).is_file() for f in files), [f for f in files if not (root / f).is_file()]
+    (listed,) = re.findall(r"first=\(([^)]*)\)", GPU_SESSION.read_text())
+    missing = [f for f in listed.split() if not (GPU_SESSION.parents[1] / f).is_file()]
+    assert len(listed.split()) >= 6 and not missing, missing
