@@ -52,6 +52,7 @@ def _rel_pos_attention_kernel(
     TILE_ROWS: tl.constexpr,  # window rows per key tile: BLOCK_N // KEY_COLS, or 1 when a tile is part of a row
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    REL_W_ONCE: tl.constexpr,  # load the rel_w term once, before the key loop (needs BLOCK_N >= KEY_COLS)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), "tf32" (ignored) for 16-bit inputs
 ):
     # Keys are visited as slots of a [WIN_H, KEY_COLS] grid, BLOCK_N slots per tile: a tile is
@@ -92,6 +93,13 @@ def _rel_pos_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     qk_scale = sm_scale * LOG2E
     offs_j = tl.arange(0, BLOCK_N)
+    if REL_W_ONCE:
+        # Tiles of whole window rows all see the columns kx_win = j % KEY_COLS: one rel_w tile serves
+        # the whole loop. Per tile it is more bytes than k and v together (fp32 [BLOCK_M, BLOCK_N]),
+        # read 64 times in a global block; held, it costs ~32 more registers per thread.
+        tl.static_assert(BLOCK_N >= KEY_COLS, "REL_W_ONCE needs whole window rows per key tile")
+        kx_tile = offs_j % KEY_COLS
+        rel_w_tile = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_tile[None, :], mask=q_real[:, None] & (kx_tile < WIN_W)[None, :], other=0.0)
     for start in range(0, WIN_H * KEY_COLS, BLOCK_N):
         slot = start + offs_j
         ky_win = slot // KEY_COLS  # key coordinates inside the window (index the rel-pos terms)
@@ -110,7 +118,10 @@ def _rel_pos_attention_kernel(
             kt_t = tl.where(k_real[None, :], kt_t, k_pad_t[:, None].to(kt_t.dtype))
             s = tl.dot(q_t, kt_t, s, input_precision=DOT_PRECISION)
 
-        bias = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=q_real[:, None] & k_in[None, :], other=0.0)
+        if REL_W_ONCE:
+            bias = rel_w_tile  # slots past WIN_H hold real rel_w values here: they are set to -inf below
+        else:
+            bias = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=q_real[:, None] & k_in[None, :], other=0.0)
         for r in tl.static_range(TILE_ROWS):
             row = tl.minimum(start // KEY_COLS + r, WIN_H - 1)  # rows past WIN_H: slots are -inf anyway
             rel_h = tl.load(rel_h_ptr + rel_row * WIN_H + row, mask=q_real, other=0.0)  # [BLOCK_M]
@@ -156,17 +167,19 @@ def batch_chunks(batch: int, num_heads: int) -> list[slice]:
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
-def _config(m: int, n: int, warps: int, stages: int) -> dict:
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+def _config(m: int, n: int, warps: int, stages: int, rel_w_once: bool = False) -> dict:
+    return dict(BLOCK_M=m, BLOCK_N=n, REL_W_ONCE=rel_w_once, num_warps=warps, num_stages=stages)
 
 
 def candidate_configs(dtype: torch.dtype) -> list[dict]:
     """The pruned GPU config space, the untuned default first.
 
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
-    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 124-253
+    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 124-255
     registers and no stack (no spills) and at most 136 KiB of shared memory; the fp32 ones spill at
-    most 40 bytes per thread.
+    most 40 bytes per thread. REL_W_ONCE (the rel_w tile held in registers through the key loop,
+    16-bit only) takes 185-254 registers in the 8-warp 128x64 tiles, no stack (one CTA per SM either
+    way); in 4-warp 64x64 tiles it spills 32-80 bytes at vit_h, so those do not offer it.
     """
     if dtype == torch.float32:
         # "ieee" fp32 dots run on the FMA units. Larger tiles spill hundreds of bytes per thread, and
@@ -175,7 +188,8 @@ def candidate_configs(dtype: torch.dtype) -> list[dict]:
     # 16-bit inputs on Hopper (wgmma). A 14x14 window is 2 query tiles of 128 or 4 of 64; its keys
     # are 4 tiles of 64 slots (4 rows of 16) or 7 of 32; a global 64x64 grid is 4,096 queries and
     # 64 key tiles of one row (BLOCK_N 64) or 128 of half a row (32).
-    return [_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
+    return [_config(128, 64, 8, 2), _config(128, 64, 8, 2, rel_w_once=True), _config(128, 64, 8, 3),
+            _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
             _config(64, 32, 4, 3), _config(64, 64, 4, 3)]
 
 
@@ -285,8 +299,10 @@ def rel_pos_attention(
     qkv_bias: [3C], the qkv of a zero (padded) token. rel_pos_h / rel_pos_w: [L, D] tables (resized
     to 2 * win - 1 rows when L differs, as the original does).
     window_size: 0 for a global block, else the window side (the grid is padded to a multiple).
-    config: launch config {BLOCK_M, BLOCK_N (powers of two >= 16), num_warps, num_stages}; None picks
-    one (tuned per GPU and shape, see `candidate_configs`; INTERPRETER_CONFIG in the interpreter).
+    config: launch config {BLOCK_M, BLOCK_N (powers of two >= 16), num_warps, num_stages, optional
+    REL_W_ONCE (used where a key tile holds whole window rows: BLOCK_N >= window width rounded up to
+    a power of two)}; None picks one (tuned per GPU and shape, see `candidate_configs`;
+    INTERPRETER_CONFIG in the interpreter).
     Returns the head-merged attention output [B, H, W, C] (before `proj`), in qkv's dtype.
     """
     if qkv.ndim != 4:
@@ -324,6 +340,7 @@ def rel_pos_attention(
     key_cols = triton.next_power_of_2(win_w)
 
     def launch(config: dict) -> None:
+        kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and config["BLOCK_N"] >= key_cols}
         for images in batch_chunks(b, num_heads):
             grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows_y * windows_x, (images.stop - images.start) * num_heads)
             _rel_pos_attention_kernel[grid](
@@ -334,7 +351,7 @@ def rel_pos_attention(
                 WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
                 KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols),
                 DOT_PRECISION=dot_precision(qkv.dtype),
-                **config,
+                **kernel_config,
             )
 
     with on_device(qkv):

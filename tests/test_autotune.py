@@ -249,8 +249,8 @@ def test_every_linear_candidate(dtype, atol, config):
 def test_every_attention_candidate(dtype, atol, rtol, window):
     """Each tile shape on a 9x9 grid with head_dim 80: padded 7x7 windows, and global attention over
     81 tokens."""
-    for config in {(c["BLOCK_M"], c["BLOCK_N"]) for c in attention.candidate_configs(dtype)}:
-        check_attention(1, 9, 160, 2, window, dtype, atol, rtol, config=dict(BLOCK_M=config[0], BLOCK_N=config[1]))
+    for block_m, block_n, rel_w_once in {(c["BLOCK_M"], c["BLOCK_N"], c["REL_W_ONCE"]) for c in attention.candidate_configs(dtype)}:
+        check_attention(1, 9, 160, 2, window, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, REL_W_ONCE=rel_w_once))
 
 
 @pytest.mark.gpu

@@ -75,22 +75,26 @@ def test_kernel_matches_eager(shape, dtype, atol, rtol):
 
 # The kernel visits keys as slots of a [window rows, next_pow2(window cols)] grid, BLOCK_N slots per
 # tile, and splits the head dim into power-of-two pieces (80 = 64 + 16, 48 = 32 + 16) or pads it in
-# registers (40 -> 64, 24 -> 32). The shapes above use whole rows per tile; these force the rest.
+# registers (40 -> 64, 24 -> 32). The shapes above run the interpreter's 64-slot tiles; these force
+# one row, part of a row and rows past the window per tile, each with and without REL_W_ONCE (one
+# rel_w tile for the whole key loop), which the launcher uses only where a tile holds whole rows.
 LAYOUTS = {
-    # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N)
-    "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16)),  # 13 cols -> 16 slots: one row a tile
-    "half_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16)),  # 33 -> 64 slots: 48..63 all padding
-    "half_rows_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16)),  # 10 -> 16 slots, windows padded
+    # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N), whole rows per tile
+    "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16), True),  # 13 cols -> 16 slots: one row a tile
+    "quarter_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16), False),  # 33 -> 64 slots: 48..63 all padding
+    "one_row_per_tile_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16), True),  # 10 -> 16 slots, windows padded
+    "rows_past_the_window_hd80": (1, (10, 10), 160, 2, 5, (32, 64), True),  # 5 -> 8 slots: 8 rows a tile, 3 past the window
 }
 
 
+@pytest.mark.parametrize("rel_w_once", [False, True], ids=["rel_w_per_tile", "rel_w_once"])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, kernel_spies):
-    *shape, (block_m, block_n) = LAYOUTS[layout]
-    check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
+def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, rel_w_once, kernel_spies):
+    *shape, (block_m, block_n), whole_rows = LAYOUTS[layout]
+    check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, REL_W_ONCE=rel_w_once))
     (launch,) = kernel_spies["attention"].launches  # the config asked for is the one that ran
-    assert (launch["BLOCK_M"], launch["BLOCK_N"]) == (block_m, block_n)
+    assert (launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"]) == (block_m, block_n, rel_w_once and whole_rows)
 
 
 @pytest.mark.parametrize("window", [5, 0], ids=["windowed", "global"])
