@@ -1,7 +1,7 @@
 """Every tuning candidate of both kernel families, and the rel-pos pre-pass's fixed config, compiled
 offline for Hopper (sm_90) exactly as a real vit_b / vit_h launch specializes it, fits in shared
-memory and does not fall off a register cliff (samhq_fast.benchmark.kernel_resources; no GPU needed,
-Triton's own cuobjdump reads the cubin).
+memory, does not fall off a register cliff and runs its 16-bit dots on Hopper's tensor cores
+(samhq_fast.benchmark.kernel_resources; no GPU needed, Triton's own cuobjdump reads the cubin).
 
 A candidate over the shared-memory limit could never launch on the GPU (the tuner would only skip
 it); spilled registers (stack) usually make a kernel slow. Bounds checked with Triton 3.6 and 3.9.
@@ -53,6 +53,17 @@ def test_no_register_cliffs(usage_rows):
         default = fused_linear.candidate_configs(getattr(torch, dtype))[0]
         assert max(stack("fused_linear", dtype, default)) == 0
     assert max(stack("fused_linear")) <= 512
+
+
+def test_16_bit_dots_use_hoppers_tensor_cores_and_fp32_dots_stay_exact(usage_rows):
+    """Every bf16 config of all three kernels compiles its dots to wgmma (Hopper's warpgroup MMA: an
+    Ampere-style mma.sync fallback would leave much of the tensor-core rate unused); every fp32 one
+    has none: its "ieee" dots run on the FMA units, so no TF32 rounding creeps in."""
+    for row in usage_rows:
+        if row["dtype"] == "bfloat16":
+            assert row["wgmma"] > 0, row
+        else:
+            assert row["wgmma"] == 0, row
 
 
 def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):

@@ -1,4 +1,5 @@
-"""Registers, register spills and shared memory of every kernel config, compiled offline (no GPU).
+"""Registers, register spills, shared memory and tensor-core instructions of every kernel config,
+compiled offline (no GPU).
 
     python -m samhq_fast.benchmark.kernel_resources [--arch 90]
 
@@ -7,7 +8,9 @@ recorder in place of the kernel; the recorded launch (arguments, constexprs, con
 the target (sm_90: Hopper) with the specializations Triton applies to a real launch (16-byte aligned
 pointers, integers equal to 1 or divisible by 16), and `cuobjdump -res-usage` (bundled with Triton)
 reads the cubin. A candidate over the shared-memory limit cannot launch; one with a stack (spilled
-registers) is usually slow. This checks resources, not speed: timings need the GPU (`bench/`).
+registers) is usually slow; a 16-bit one whose dots compile to Ampere's mma.sync instead of
+Hopper's asynchronous warpgroup MMA (wgmma, counted in the PTX) leaves much of an H100 / H200's
+tensor-core rate unused. This checks resources, not speed: timings need the GPU (`bench/`).
 """
 
 import argparse
@@ -38,6 +41,7 @@ class Usage:
     registers: int
     stack_bytes: int  # local memory per thread: spilled registers
     shared_bytes: int
+    wgmma: int  # wgmma.mma_async instructions in the PTX (Hopper tensor cores; 0 on other targets)
 
 
 class _LaunchRecorder:
@@ -108,7 +112,8 @@ def compile_usage(kernel, args: tuple, kwargs: dict, arch: int = 90) -> Usage:
         f.flush()
         report = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK):(\d+)", report))
-    return Usage(int(fields["REG"]), int(fields["STACK"]), compiled.metadata.shared)
+    wgmma = len(re.findall(r"\bwgmma\.mma_async\b", compiled.asm["ptx"]))
+    return Usage(int(fields["REG"]), int(fields["STACK"]), compiled.metadata.shared, wgmma)
 
 
 def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -192,11 +197,11 @@ def main(argv=None) -> None:
         return
     limit = SHARED_MEMORY_LIMIT[args.arch]
     print(f"triton {triton.__version__}, sm_{args.arch}, shared-memory limit {limit} B\n")
-    print("| kernel | dtype | shape | config | registers | stack B | shared B |\n|---|---|---|---|---|---|---|")
+    print("| kernel | dtype | shape | config | registers | stack B | shared B | wgmma |\n|---|---|---|---|---|---|---|---|")
     for row in candidate_usage(args.arch):
         config = " ".join(f"{k}={v}" for k, v in row["config"].items())
         flag = " (over the limit)" if row["shared_bytes"] > limit else ""
-        print(f"| {row['family']} | {row['dtype']} | {row['shape']} | {config} | {row['registers']} | {row['stack_bytes']} | {row['shared_bytes']}{flag} |")
+        print(f"| {row['family']} | {row['dtype']} | {row['shape']} | {config} | {row['registers']} | {row['stack_bytes']} | {row['shared_bytes']}{flag} | {row['wgmma']} |")
 
 
 if __name__ == "__main__":
