@@ -53,6 +53,7 @@ def _rel_pos_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REL_W_ONCE: tl.constexpr,  # load the rel_w term once, before the key loop (needs BLOCK_N >= KEY_COLS)
+    PADDED_GRID: tl.constexpr,  # windows reach past the grid (H % WIN_H or W % WIN_W): padded keys exist
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), "tf32" (ignored) for 16-bit inputs
 ):
     # Keys are visited as slots of a [WIN_H, KEY_COLS] grid, BLOCK_N slots per tile: a tile is
@@ -110,12 +111,17 @@ def _rel_pos_attention_kernel(
         k_real = k_in & (ky < H) & (kx < W)
         kv_offs = ky * stride_qkv_y + kx * stride_qkv_x  # [BLOCK_N]
         # K^T tile [D, BLOCK_N]; padded keys take the k bias.
+        # Without PADDED_GRID every slot is a real key or outside the window (-inf below): the tiles
+        # then go from memory to shared memory to the tensor cores; tl.where on a loaded tile would
+        # take them through registers and back.
         kt = tl.load(head_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)
-        kt = tl.where(k_real[None, :], kt, k_pad[:, None].to(kt.dtype))
+        if PADDED_GRID:
+            kt = tl.where(k_real[None, :], kt, k_pad[:, None].to(kt.dtype))
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if D_TAIL > 0:
             kt_t = tl.load(head_base + C + kv_offs[None, :] + offs_t[:, None], mask=k_real[None, :], other=0.0)
-            kt_t = tl.where(k_real[None, :], kt_t, k_pad_t[:, None].to(kt_t.dtype))
+            if PADDED_GRID:
+                kt_t = tl.where(k_real[None, :], kt_t, k_pad_t[:, None].to(kt_t.dtype))
             s = tl.dot(q_t, kt_t, s, input_precision=DOT_PRECISION)
 
         if REL_W_ONCE:
@@ -137,12 +143,14 @@ def _rel_pos_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)
-        v = tl.where(k_real[:, None], v, v_pad[None, :].to(v.dtype))  # [BLOCK_N, D]
+        if PADDED_GRID:
+            v = tl.where(k_real[:, None], v, v_pad[None, :].to(v.dtype))  # [BLOCK_N, D]
         p = p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         if D_TAIL > 0:
             v_t = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_t[None, :], mask=k_real[:, None], other=0.0)
-            v_t = tl.where(k_real[:, None], v_t, v_pad_t[None, :].to(v_t.dtype))
+            if PADDED_GRID:
+                v_t = tl.where(k_real[:, None], v_t, v_pad_t[None, :].to(v_t.dtype))
             acc_t = acc_t * alpha[:, None] + tl.dot(p, v_t, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -349,7 +357,7 @@ def rel_pos_attention(
                 out.stride(0), out.stride(1), out.stride(2),
                 NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
                 WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
-                KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols),
+                KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols), PADDED_GRID=h % win_h != 0 or w % win_w != 0,
                 DOT_PRECISION=dot_precision(qkv.dtype),
                 **kernel_config,
             )
