@@ -110,10 +110,10 @@ def _rel_pos_attention_kernel(
         k_in = (ky_win < WIN_H) & (kx_win < WIN_W)
         k_real = k_in & (ky < H) & (kx < W)
         kv_offs = ky * stride_qkv_y + kx * stride_qkv_x  # [BLOCK_N]
-        # K^T tile [D, BLOCK_N]; padded keys take the k bias.
-        # Without PADDED_GRID every slot is a real key or outside the window (-inf below): the tiles
-        # then go from memory to shared memory to the tensor cores; tl.where on a loaded tile would
-        # take them through registers and back.
+        # K^T tile [D, BLOCK_N]; padded keys take the k bias (v below: the v bias). Without
+        # PADDED_GRID every slot is a real key or outside the window (-inf below), and the tiles go
+        # from memory to shared memory to the tensor cores: the select would take them through
+        # registers and back.
         kt = tl.load(head_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)
         if PADDED_GRID:
             kt = tl.where(k_real[None, :], kt, k_pad[:, None].to(kt.dtype))
@@ -183,11 +183,12 @@ def candidate_configs(dtype: torch.dtype) -> list[dict]:
     """The pruned GPU config space, the untuned default first.
 
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
-    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 124-255
-    registers and no stack (no spills) and at most 136 KiB of shared memory; the fp32 ones spill at
+    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 110-255
+    registers and no stack (no spills) and at most 145 KiB of shared memory; the fp32 ones spill at
     most 40 bytes per thread. REL_W_ONCE (the rel_w tile held in registers through the key loop,
-    16-bit only) takes 185-254 registers in the 8-warp 128x64 tiles, no stack (one CTA per SM either
-    way); in 4-warp 64x64 tiles it spills 32-80 bytes at vit_h, so those do not offer it.
+    16-bit only) takes 183-254 registers in the 8-warp 128x64 tiles, no stack (one CTA per SM either
+    way); in 4-warp 64x64 tiles it spills 32-80 bytes at vit_h's windowed blocks (Triton 3.9), so
+    those do not offer it.
     """
     if dtype == torch.float32:
         # "ieee" fp32 dots run on the FMA units. Larger tiles spill hundreds of bytes per thread, and
