@@ -347,6 +347,7 @@ def rel_pos_attention(
 
     d_main, d_tail = split_head_dim(head_dim)
     key_cols = triton.next_power_of_2(win_w)
+    padded_grid = h % win_h != 0 or w % win_w != 0  # some windows hold padded tokens
 
     def launch(config: dict) -> None:
         kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and config["BLOCK_N"] >= key_cols}
@@ -358,7 +359,7 @@ def rel_pos_attention(
                 out.stride(0), out.stride(1), out.stride(2),
                 NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
                 WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
-                KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols), PADDED_GRID=h % win_h != 0 or w % win_w != 0,
+                KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols), PADDED_GRID=padded_grid,
                 DOT_PRECISION=dot_precision(qkv.dtype),
                 **kernel_config,
             )
