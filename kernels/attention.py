@@ -179,13 +179,13 @@ def _config(m: int, n: int, warps: int, stages: int, rel_w_once: bool = False) -
     return dict(BLOCK_M=m, BLOCK_N=n, REL_W_ONCE=rel_w_once, num_warps=warps, num_stages=stages)
 
 
-def candidate_configs(dtype: torch.dtype) -> list[dict]:
-    """The pruned GPU config space, the untuned default first.
+def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[dict]:
+    """The pruned GPU config space of a windowed or a global block, the untuned default first.
 
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
     specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 110-255
-    registers and no stack (no spills) and at most 145 KiB of shared memory; the fp32 ones spill at
-    most 40 bytes per thread. REL_W_ONCE (the rel_w tile held in registers through the key loop,
+    registers and no stack (no spills) and at most 145 KiB of shared memory (the global-only tile
+    aside: see its comment); the fp32 ones spill at most 40 bytes per thread. REL_W_ONCE (the rel_w tile held in registers through the key loop,
     16-bit only) takes 183-254 registers in the 8-warp 128x64 tiles, no stack (one CTA per SM either
     way); in 4-warp 64x64 tiles it spills 32-80 bytes at vit_h's windowed blocks (Triton 3.9), so
     those do not offer it.
@@ -197,9 +197,15 @@ def candidate_configs(dtype: torch.dtype) -> list[dict]:
     # 16-bit inputs on Hopper (wgmma). A 14x14 window is 2 query tiles of 128 or 4 of 64; its keys
     # are 4 tiles of 64 slots (4 rows of 16) or 7 of 32; a global 64x64 grid is 4,096 queries and
     # 64 key tiles of one row (BLOCK_N 64) or 128 of half a row (32).
-    return [_config(128, 64, 8, 2), _config(128, 64, 8, 2, rel_w_once=True), _config(128, 64, 8, 3),
-            _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
-            _config(64, 32, 4, 3), _config(64, 64, 4, 3)]
+    configs = [_config(128, 64, 8, 2), _config(128, 64, 8, 2, rel_w_once=True), _config(128, 64, 8, 3),
+               _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
+               _config(64, 32, 4, 3), _config(64, 64, 4, 3)]
+    if global_block:
+        # Key tiles of two grid rows (half the loop trips) fit only without the padded-key select:
+        # 224-237 registers, no stack (Triton 3.9; 3.6: 254-255, 24 bytes of stack at vit_h) and
+        # 145-165 KiB. Windowed blocks spill with them.
+        configs.append(_config(128, 128, 8, 2))
+    return configs
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -369,5 +375,5 @@ def rel_pos_attention(
             launch(config if config is not None else INTERPRETER_CONFIG)
         else:
             shape_key = (str(qkv.dtype), triton.next_power_of_2(b), h, w, num_heads, head_dim, win_h, win_w)
-            autotune.run("rel_pos_attention", shape_key, candidate_configs(qkv.dtype), launch, qkv.device)
+            autotune.run("rel_pos_attention", shape_key, candidate_configs(qkv.dtype, global_block=window_size == 0), launch, qkv.device)
     return out

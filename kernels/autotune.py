@@ -10,7 +10,7 @@ a JSON file so later processes skip the timing:
 
 Every candidate of both families compiles offline for sm_90 (Hopper) with Triton 3.6 and 3.9, with
 the divisibility specializations of a real launch, within the 227 KiB shared-memory limit (the
-largest takes 145 KiB); one that fails on some other GPU is skipped by `pick`, not fatal.
+largest takes 165 KiB); one that fails on some other GPU is skipped by `pick`, not fatal.
 
 SAMHQ_FAST_AUTOTUNE=0 skips the timing and uses each family's default. Nothing is timed in the
 Triton interpreter (its timings mean nothing) or while a CUDA graph is being captured (timing

@@ -222,6 +222,25 @@ def test_tuning_keys_tell_dtypes_apart(monkeypatch):
     assert all(len(family) == 2 and family[0] != family[1] for family in keys.values()), keys
 
 
+
+def test_global_blocks_are_offered_their_own_candidates(monkeypatch):
+    """The launcher offers the tuner the global-only tiles (two grid rows of keys) in a global block
+    and not in a windowed one, where they spill. Stand-ins as above let it run on the CPU."""
+    offered = []
+
+    def record(kernel, key, candidates, launch, device):
+        offered.append(candidates)
+        return launch(attention.INTERPRETER_CONFIG)
+
+    monkeypatch.setattr(attention, "interpreting", lambda x, who: False)
+    monkeypatch.setattr(attention.autotune, "run", record)
+    qkv = torch.zeros(1, 5, 5, 96, dtype=torch.float16)
+    for window in (0, 3):
+        attention.rel_pos_attention(qkv, qkv.new_zeros(96), qkv.new_zeros(9, 16), qkv.new_zeros(9, 16), 2, window)
+    global_candidates, windowed_candidates = offered
+    assert global_candidates == attention.candidate_configs(torch.float16, global_block=True) != windowed_candidates
+    assert windowed_candidates == attention.candidate_configs(torch.float16)
+
 # ---------------------------------------------------------------------------------------------
 # Every candidate computes the same function (interpreter: fp32 and fp16; the torch op on the CPU)
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +268,8 @@ def test_every_linear_candidate(dtype, atol, config):
 def test_every_attention_candidate(dtype, atol, rtol, window):
     """Each tile shape on a 9x9 grid with head_dim 80: padded 7x7 windows, and global attention over
     81 tokens."""
-    for block_m, block_n, rel_w_once in {(c["BLOCK_M"], c["BLOCK_N"], c["REL_W_ONCE"]) for c in attention.candidate_configs(dtype)}:
+    candidates = attention.candidate_configs(dtype, global_block=window == 0)
+    for block_m, block_n, rel_w_once in {(c["BLOCK_M"], c["BLOCK_N"], c["REL_W_ONCE"]) for c in candidates}:
         check_attention(1, 9, 160, 2, window, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, REL_W_ONCE=rel_w_once))
 
 
@@ -275,7 +295,7 @@ def test_every_candidate_at_real_shapes_gpu(dtype, atol, rtol, monkeypatch):
     assert ran >= 2
     for window in (14, 0):
         ran = 0
-        for config in attention.candidate_configs(dtype):
+        for config in attention.candidate_configs(dtype, global_block=window == 0):
             try:
                 check_attention(1, 64, 1280, 16, window, dtype, atol, rtol, device="cuda", config=config)
             except triton.runtime.errors.OutOfResources as e:

@@ -39,14 +39,17 @@ def test_every_candidate_fits_in_shared_memory(usage_rows):
 
 
 def test_no_register_cliffs(usage_rows):
-    """16-bit attention and the rel-pos pre-pass never spill; fp32 attention (FMA dots) spills at most a few bytes, not the
+    """16-bit attention and the rel-pos pre-pass never spill, except the global-only 128x128 tile at
+    vit_h under Triton 3.6 (24 bytes); fp32 attention (FMA dots) spills at most a few bytes, not the
     kilobytes of its 64x64 tiles; each GEMM's default (first) tile never spills, the 128x256 option
     only a few hundred bytes in its epilogue."""
     def stack(family, dtype=None, config=None):
         return [row["stack_bytes"] for row in usage_rows if row["family"] == family
                 and dtype in (None, row["dtype"]) and config in (None, row["config"])]
 
-    assert max(stack("attention", "bfloat16")) == 0
+    for config in attention.candidate_configs(torch.bfloat16, global_block=True):
+        global_only = config not in attention.candidate_configs(torch.bfloat16)
+        assert max(stack("attention", "bfloat16", config)) <= (32 if global_only else 0), config
     assert max(stack("rel_pos_terms")) == 0
     assert max(stack("attention", "float32")) <= 64
     for dtype in ("bfloat16", "float32"):
@@ -73,9 +76,9 @@ def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):
     shapes = {f"{v} {kind}" for v in kernel_resources.SHAPE_VARIANTS for kind in (f"window{VARIANTS[v].window_size}", "global")}
     for dtype in ("bfloat16", "float32"):
         rows = [row for row in usage_rows if row["dtype"] == dtype]
-        configs = attention.candidate_configs(getattr(torch, dtype))
         attention_rows = sorted((row["shape"], json.dumps(row["config"], sort_keys=True)) for row in rows if row["family"] == "attention")
-        assert attention_rows == sorted((shape, json.dumps(c, sort_keys=True)) for shape in shapes for c in configs)
+        assert attention_rows == sorted((shape, json.dumps(c, sort_keys=True)) for shape in shapes
+                                        for c in attention.candidate_configs(getattr(torch, dtype), global_block=shape.endswith("global")))
         terms = {row["shape"] for row in rows if row["family"] == "rel_pos_terms"}
         assert terms == {f"{shape} {axis}" for shape in shapes for axis in ("rows", "columns")}
         gemms = [c for c in fused_linear.candidate_configs(getattr(torch, dtype)) if c is not fused_linear.TORCH_OP]

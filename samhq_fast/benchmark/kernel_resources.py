@@ -134,7 +134,7 @@ def attention_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]
     """(shape label, config, args, kwargs) of every attention candidate at real windowed / global blocks."""
     launches = []
     for label, qkv, qkv_bias, table, heads, window in attention_shapes(dtype):
-        for config in attention.candidate_configs(dtype):
+        for config in attention.candidate_configs(dtype, global_block=window == 0):
             with recorded_launches(attention, "_rel_pos_attention_kernel", "_rel_pos_terms_kernel") as (rec, _):
                 attention.rel_pos_attention(qkv, qkv_bias, table, table, heads, window, config)
             (args, kwargs), = rec.launches
