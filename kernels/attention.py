@@ -4,9 +4,10 @@ One kernel serves both block kinds: a global block is a single window as large a
 The kernel reads q/k/v straight from the qkv projection of the REAL tokens [B, H, W, 3C] and
 writes the head-merged [B, H, W, C] layout the `proj` linear wants:
 - window partition, bottom/right padding and crop are index math, never copies;
-- padded tokens (zeros after norm1 in the original) have q = k = v = the qkv bias: padded keys and
-  values are taken from the bias and stay in the softmax, exactly as in the original (not masked);
-  padded queries are skipped, their outputs would be cropped;
+- padded tokens (zeros after norm1 in the original) have q = k = v = the qkv bias: padded keys stay
+  in the softmax, exactly as in the original (not masked), scored q . k_bias (one value per query)
+  plus their rel-pos bias, and add v_bias times their softmax share to the output; padded queries
+  are skipped, their outputs would be cropped;
 - the bias rel_h[q, ky] + rel_w[q, kx] comes from a small pre-pass kernel over the UNSCALED q
   (`rel_pos_terms`: [B, heads, H, W, window] each, fp32); the N x N bias and score matrices never
   exist in memory.
@@ -79,15 +80,23 @@ def _rel_pos_attention_kernel(
     offs_d = tl.arange(0, D_MAIN)
     d_mask = offs_d < HEAD_DIM
     q = tl.load(head_base + q_offs[:, None] + offs_d[None, :], mask=q_real[:, None] & d_mask[None, :], other=0.0)
-    k_pad = tl.load(qkv_bias_ptr + C + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-    v_pad = tl.load(qkv_bias_ptr + 2 * C + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
     acc = tl.zeros([BLOCK_M, D_MAIN], tl.float32)
     if D_TAIL > 0:  # the head dims D_MAIN .. HEAD_DIM - 1
         offs_t = D_MAIN + tl.arange(0, D_TAIL)
         q_t = tl.load(head_base + q_offs[:, None] + offs_t[None, :], mask=q_real[:, None], other=0.0)
-        k_pad_t = tl.load(qkv_bias_ptr + C + head * HEAD_DIM + offs_t)
-        v_pad_t = tl.load(qkv_bias_ptr + 2 * C + head * HEAD_DIM + offs_t)
         acc_t = tl.zeros([BLOCK_M, D_TAIL], tl.float32)
+    if PADDED_GRID:
+        # Every padded key is k_bias: its q . k is one value per query ([BLOCK_M], fp32). Padded key
+        # slots load as zeros and take this score instead; their value v_bias is added once, after
+        # the loop, weighted by their running softmax mass `pad_mass`. The k / v tiles themselves
+        # are never edited, so they go from memory to shared memory to the tensor cores (a select
+        # on them would take every tile through registers and back).
+        k_pad = tl.load(qkv_bias_ptr + C + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        q_dot_k_pad = tl.sum(q.to(tl.float32) * k_pad.to(tl.float32)[None, :], 1)
+        if D_TAIL > 0:
+            k_pad_t = tl.load(qkv_bias_ptr + C + head * HEAD_DIM + offs_t)
+            q_dot_k_pad += tl.sum(q_t.to(tl.float32) * k_pad_t.to(tl.float32)[None, :], 1)
+        pad_mass = tl.zeros([BLOCK_M], tl.float32)
     rel_row = (pid_bh.to(tl.int64) * H + qy) * W + qx  # [BLOCK_M] row (b, head, y, x) of the pre-pass
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -110,19 +119,13 @@ def _rel_pos_attention_kernel(
         k_in = (ky_win < WIN_H) & (kx_win < WIN_W)
         k_real = k_in & (ky < H) & (kx < W)
         kv_offs = ky * stride_qkv_y + kx * stride_qkv_x  # [BLOCK_N]
-        # K^T tile [D, BLOCK_N]; padded keys take the k bias (v below: the v bias). Without
-        # PADDED_GRID every slot is a real key or outside the window (-inf below), and the tiles go
-        # from memory to shared memory to the tensor cores: the select would take them through
-        # registers and back.
-        kt = tl.load(head_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)
-        if PADDED_GRID:
-            kt = tl.where(k_real[None, :], kt, k_pad[:, None].to(kt.dtype))
+        kt = tl.load(head_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)  # K^T [D, BLOCK_N]
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if D_TAIL > 0:
             kt_t = tl.load(head_base + C + kv_offs[None, :] + offs_t[:, None], mask=k_real[None, :], other=0.0)
-            if PADDED_GRID:
-                kt_t = tl.where(k_real[None, :], kt_t, k_pad_t[:, None].to(kt_t.dtype))
             s = tl.dot(q_t, kt_t, s, input_precision=DOT_PRECISION)
+        if PADDED_GRID:
+            s = tl.where(k_real[None, :], s, q_dot_k_pad[:, None])  # padded keys (slots outside the window: -inf below)
 
         if REL_W_ONCE:
             bias = rel_w_tile  # slots past WIN_H hold real rel_w values here: they are set to -inf below
@@ -142,17 +145,21 @@ def _rel_pos_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)
         if PADDED_GRID:
-            v = tl.where(k_real[:, None], v, v_pad[None, :].to(v.dtype))  # [BLOCK_N, D]
+            pad_mass = pad_mass * alpha + tl.sum(tl.where((k_in & ~k_real)[None, :], p, 0.0), 1)
+        v = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, D]
         p = p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         if D_TAIL > 0:
             v_t = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_t[None, :], mask=k_real[:, None], other=0.0)
-            if PADDED_GRID:
-                v_t = tl.where(k_real[:, None], v_t, v_pad_t[None, :].to(v_t.dtype))
             acc_t = acc_t * alpha[:, None] + tl.dot(p, v_t, input_precision=DOT_PRECISION)
         m_i = m_new
+    if PADDED_GRID:  # the padded keys' values: v_bias times their share of the softmax
+        v_pad = tl.load(qkv_bias_ptr + 2 * C + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        acc += pad_mass[:, None] * v_pad.to(tl.float32)[None, :]
+        if D_TAIL > 0:
+            v_pad_t = tl.load(qkv_bias_ptr + 2 * C + head * HEAD_DIM + offs_t)
+            acc_t += pad_mass[:, None] * v_pad_t.to(tl.float32)[None, :]
 
     out_base = out_ptr + b.to(tl.int64) * stride_out_b + head * HEAD_DIM
     out_offs = qy * stride_out_y + qx * stride_out_x
@@ -183,16 +190,16 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     """The pruned GPU config space of a windowed or a global block, the untuned default first.
 
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
-    specializations) at vit_b / vit_h windowed and global shapes: the 16-bit candidates use 110-255
-    registers and no stack (no spills) and at most 145 KiB of shared memory (the global-only tile
-    aside: see its comment); the fp32 ones spill at most 40 bytes per thread. REL_W_ONCE (the rel_w tile held in registers through the key loop,
-    16-bit only) takes 183-254 registers in the 8-warp 128x64 tiles, no stack (one CTA per SM either
-    way); in 4-warp 64x64 tiles it spills 32-80 bytes at vit_h's windowed blocks (Triton 3.9), so
-    those do not offer it.
+    specializations) at vit_b / vit_h windowed and global shapes, every candidate offered runs
+    without a stack (no spilled registers; the global-only tile aside, see its comment): the 16-bit
+    ones take 110-255 registers and at most 148 KiB of shared memory, the fp32 ones 64-141 registers.
+    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 183-255
+    registers in the 8-warp 128x64 tiles (one CTA per SM either way). The 4-warp 64x64 tiles could
+    hold it too (254-255 registers) but are not offered it, to keep first-call tuning short.
     """
     if dtype == torch.float32:
-        # "ieee" fp32 dots run on the FMA units. Larger tiles spill hundreds of bytes per thread, and
-        # 64x64 / 64x32 (3 stages) fall off a cliff: 32 registers and 5-8 KB of stack per thread.
+        # "ieee" fp32 dots run on the FMA units. Larger tiles spill: 64x32 with 4 warps and 3 stages
+        # 330-960 bytes per thread, and 64x64 falls off a cliff (32 registers, 6-13 KB of stack).
         return [_config(64, 16, 8, 2), _config(32, 16, 4, 2), _config(16, 32, 4, 2)]
     # 16-bit inputs on Hopper (wgmma). A 14x14 window is 2 query tiles of 128 or 4 of 64; its keys
     # are 4 tiles of 64 slots (4 rows of 16) or 7 of 32; a global 64x64 grid is 4,096 queries and
@@ -201,9 +208,9 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
                _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
                _config(64, 32, 4, 3), _config(64, 64, 4, 3)]
     if global_block:
-        # Key tiles of two grid rows (half the loop trips) fit only without the padded-key select:
-        # 224-237 registers, no stack (Triton 3.9; 3.6: 254-255, 24 bytes of stack at vit_h) and
-        # 145-165 KiB. Windowed blocks spill with them.
+        # Key tiles of two grid rows (half the loop trips): 224-237 registers, no stack (Triton 3.9;
+        # 3.6: 254-255, 24 bytes of stack at vit_h) and 145-165 KiB. Windowed blocks, which also
+        # score padded keys, spill with them (24-390 bytes).
         configs.append(_config(128, 128, 8, 2))
     return configs
 

@@ -100,8 +100,8 @@ def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, rel_w_once, ke
 @pytest.mark.parametrize("grid, window, padded", [(12, 0, False), (14, 14, False), ((14, 21), 7, False), ((9, 20), 7, True)],
                          ids=["global", "one_window", "windows_tile_the_grid", "windows_pass_the_grid"])
 def test_padded_keys_only_where_windows_pass_the_grid(grid, window, padded, kernel_spies):
-    """The kernel's padded-key path (k and v from the qkv bias, a select on every loaded tile) runs
-    only where windows reach past the token grid; elsewhere the tiles go to the dots untouched."""
+    """The kernel's padded-key path (padded slots scored q . k_bias, v_bias added after the key loop
+    by their softmax mass) runs only where windows reach past the token grid, and is right there."""
     check(2, grid, 64, 2, window, torch.float32, 1e-5, 1e-5)
     (launch,) = kernel_spies["attention"].launches
     assert launch["PADDED_GRID"] == padded
