@@ -146,7 +146,7 @@ def _rel_pos_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PADDED_GRID:
-            pad_mass = pad_mass * alpha + tl.sum(tl.where((k_in & ~k_real)[None, :], p, 0.0), 1)
+            pad_mass = pad_mass * alpha + tl.sum(tl.where(k_real[None, :], 0.0, p), 1)  # p = 0 outside the window
         v = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, D]
         p = p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
