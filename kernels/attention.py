@@ -119,13 +119,14 @@ def _rel_pos_attention_kernel(
         k_in = (ky_win < WIN_H) & (kx_win < WIN_W)
         k_real = k_in & (ky < H) & (kx < W)
         kv_offs = ky * stride_qkv_y + kx * stride_qkv_x  # [BLOCK_N]
-        kt = tl.load(head_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)  # K^T [D, BLOCK_N]
+        # K^T tile [D, BLOCK_N]; padded keys load as zeros (scored below), slots outside the window too (-inf below)
+        kt = tl.load(head_base + C + kv_offs[None, :] + offs_d[:, None], mask=k_real[None, :] & d_mask[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if D_TAIL > 0:
             kt_t = tl.load(head_base + C + kv_offs[None, :] + offs_t[:, None], mask=k_real[None, :], other=0.0)
             s = tl.dot(q_t, kt_t, s, input_precision=DOT_PRECISION)
         if PADDED_GRID:
-            s = tl.where(k_real[None, :], s, q_dot_k_pad[:, None])  # padded keys (slots outside the window: -inf below)
+            s = tl.where(k_real[None, :], s, q_dot_k_pad[:, None])  # padded keys score q . k_bias
 
         if REL_W_ONCE:
             bias = rel_w_tile  # slots past WIN_H hold real rel_w values here: they are set to -inf below
@@ -146,8 +147,9 @@ def _rel_pos_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PADDED_GRID:
-            pad_mass = pad_mass * alpha + tl.sum(tl.where(k_real[None, :], 0.0, p), 1)  # p = 0 outside the window
-        v = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, D]
+            # p is 0 outside the window: the rest of the slots that are not real keys are padded keys
+            pad_mass = pad_mass * alpha + tl.sum(tl.where(k_real[None, :], 0.0, p), 1)
+        v = tl.load(head_base + 2 * C + kv_offs[:, None] + offs_d[None, :], mask=k_real[:, None] & d_mask[None, :], other=0.0)
         p = p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         if D_TAIL > 0:
