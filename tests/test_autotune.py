@@ -222,7 +222,6 @@ def test_tuning_keys_tell_dtypes_apart(monkeypatch):
     assert all(len(family) == 2 and family[0] != family[1] for family in keys.values()), keys
 
 
-
 def test_global_blocks_are_offered_their_own_candidates(monkeypatch):
     """The launcher offers the tuner the global-only tiles (two grid rows of keys) in a global block
     and not in a windowed one, where they spill. Stand-ins as above let it run on the CPU."""
@@ -240,6 +239,7 @@ def test_global_blocks_are_offered_their_own_candidates(monkeypatch):
     global_candidates, windowed_candidates = offered
     assert global_candidates == attention.candidate_configs(torch.float16, global_block=True) != windowed_candidates
     assert windowed_candidates == attention.candidate_configs(torch.float16)
+
 
 # ---------------------------------------------------------------------------------------------
 # Every candidate computes the same function (interpreter: fp32 and fp16; the torch op on the CPU)
