@@ -132,13 +132,12 @@ def _rel_pos_attention_kernel(
             bias = rel_w_tile  # slots past WIN_H hold real rel_w values here: they are set to -inf below
         else:
             bias = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=q_real[:, None] & k_in[None, :], other=0.0)
-        for r in tl.static_range(TILE_ROWS):
+        rel_h_tile = tl.load(rel_h_ptr + rel_row * WIN_H + start // KEY_COLS, mask=q_real, other=0.0)[:, None]
+        for r in tl.static_range(1, TILE_ROWS):
             row = tl.minimum(start // KEY_COLS + r, WIN_H - 1)  # rows past WIN_H: slots are -inf anyway
             rel_h = tl.load(rel_h_ptr + rel_row * WIN_H + row, mask=q_real, other=0.0)  # [BLOCK_M]
-            if TILE_ROWS == 1:
-                bias += rel_h[:, None]
-            else:
-                bias += tl.where((offs_j // KEY_COLS == r)[None, :], rel_h[:, None], 0.0)
+            rel_h_tile = tl.where((offs_j // KEY_COLS == r)[None, :], rel_h[:, None], rel_h_tile)
+        bias += rel_h_tile
         s = s * qk_scale + bias * LOG2E
         s = tl.where(k_in[None, :], s, float("-inf"))  # slots outside the window
 
