@@ -84,6 +84,7 @@ LAYOUTS = {
     "quarter_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16), False),  # 33 -> 64 slots: 48..63 all padding
     "one_row_per_tile_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16), True),  # 10 -> 16 slots, windows padded
     "rows_past_the_window_hd80": (1, (10, 10), 160, 2, 5, (32, 64), True),  # 5 -> 8 slots: 8 rows a tile, 3 past the window
+    "two_rows_per_tile_padded_windows": (1, (9, 9), 64, 1, 7, (32, 16), True),  # 7 -> 8 slots: 2 rows a tile, the last 1 past
 }
 
 
