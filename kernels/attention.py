@@ -204,8 +204,8 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
     specializations) at vit_b / vit_h windowed and global shapes, every candidate offered runs
     without a stack (no spilled registers; the global-only tile aside, see its comment): the 16-bit
-    ones take 110-255 registers and at most 148 KiB of shared memory, the fp32 ones 64-141 registers.
-    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 183-255
+    ones take 110-254 registers and at most 148 KiB of shared memory, the fp32 ones 64-126 registers.
+    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 183-250
     registers in the 8-warp 128x64 tiles (one CTA per SM either way). The 4-warp 64x64 tiles could
     hold it too (254-255 registers) but are not offered it, to keep first-call tuning short.
     """
