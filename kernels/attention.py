@@ -21,6 +21,8 @@ Register use and shared memory per candidate config were checked offline (compil
 the launch's real specializations, `cuobjdump -res-usage`): see `candidate_configs`.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -28,17 +30,17 @@ import triton.language as tl
 from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
 from samhq_fast.modeling.image_encoder import resize_rel_pos
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
+LOG2E = math.log2(math.e)  # the attention kernel's softmax is in base 2: exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
 def _rel_pos_attention_kernel(
     qkv_ptr,  # [B, H, W, 3 * C]: q | k | v, each head-major (head * HEAD_DIM + d)
     qkv_bias_ptr,  # [3 * C]: the q | k | v of a padded (all-zero) token
-    rel_h_ptr,  # [B, heads, H, W, WIN_H] fp32: q . Rh[y % WIN_H, ky]
-    rel_w_ptr,  # [B, heads, H, W, WIN_W] fp32: q . Rw[x % WIN_W, kx]
+    rel_h_ptr,  # [B, heads, H, W, WIN_H] fp32: (q . Rh[y % WIN_H, ky]) * log2(e)
+    rel_w_ptr,  # [B, heads, H, W, WIN_W] fp32: (q . Rw[x % WIN_W, kx]) * log2(e)
     out_ptr,  # [B, H, W, C]
-    sm_scale,
+    qk_scale,  # head_dim ** -0.5 * log2(e): scores and bias both in base 2, one FMA per score
     H, W,  # real token grid
     stride_qkv_b, stride_qkv_y, stride_qkv_x,
     stride_out_b, stride_out_y, stride_out_x,
@@ -101,7 +103,6 @@ def _rel_pos_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    qk_scale = sm_scale * LOG2E
     offs_j = tl.arange(0, BLOCK_N)
     if REL_W_ONCE:
         # Tiles of whole window rows all see the columns kx_win = j % KEY_COLS: one rel_w tile serves
@@ -149,7 +150,7 @@ def _rel_pos_attention_kernel(
                 bias = tl.where(in_row, bias + rel_h, bias)
         if REL_W_ONCE and TILE_ROWS > 1:
             bias += rel_h_tile
-        s = s * qk_scale + bias * LOG2E
+        s = s * qk_scale + bias
         s = tl.where(k_in[None, :], s, float("-inf"))  # slots outside the window
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -243,6 +244,7 @@ def _rel_pos_terms_kernel(
     q_ptr,  # qkv [B, H, W, 3C]: q of head n at channels n * HEAD_DIM + d (only the q part is read)
     table_ptr,  # [2 * WIN - 1, HEAD_DIM] contiguous: the rel-pos table along the line axis
     out_ptr,  # [B, heads, H, W, WIN] fp32
+    scale,  # multiplies the terms
     RUNS,  # tokens along the run axis
     stride_q_b, stride_q_line, stride_q_run,
     stride_out_bh, stride_out_line, stride_out_run,
@@ -271,7 +273,7 @@ def _rel_pos_terms_kernel(
     q = tl.load(q_row + offs_r[:, None] * stride_q_run + offs_d[None, :], mask=run_in[:, None] & d_in[None, :], other=0.0)
     table_rows = line % WIN - offs_k + WIN - 1  # [WIN_PAD]
     table_t = tl.load(table_ptr + table_rows[None, :] * HEAD_DIM + offs_d[:, None], mask=k_in[None, :] & d_in[:, None], other=0.0)
-    terms = tl.dot(q, table_t.to(q.dtype), input_precision=DOT_PRECISION)  # [BLOCK_RUN, WIN_PAD] fp32
+    terms = tl.dot(q, table_t.to(q.dtype), input_precision=DOT_PRECISION) * scale  # [BLOCK_RUN, WIN_PAD] fp32
     out_row = out_ptr + pid_bh.to(tl.int64) * stride_out_bh + line * stride_out_line
     tl.store(out_row + offs_r[:, None] * stride_out_run + offs_k[None, :], terms, mask=run_in[:, None] & k_in[None, :])
 
@@ -286,12 +288,15 @@ def rel_pos_terms_config(dtype: torch.dtype) -> tuple[int, int]:
     return (16, 8) if dtype == torch.float32 else (64, 4)
 
 
-def rel_pos_terms(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def rel_pos_terms(
+    qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window: tuple[int, int], scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-pass of the decomposed bias from the UNSCALED q inside qkv [B, H, W, 3C] (last dim contiguous).
 
     Returns rel_h [B, heads, H, W, win_h] and rel_w [B, heads, H, W, win_w] (fp32) with
     rel_h[b, n, y, x, ky] = q[b, y, x, n] . Rh[y % win_h, ky], Rh = get_rel_pos(win_h, win_h, rel_pos_h):
-    the terms the reference adds inside each window (a global block is one window of the grid).
+    the terms the reference adds inside each window (a global block is one window of the grid), times
+    `scale` (the attention kernel asks for log2(e): its softmax is in base 2).
     Two launches of one kernel (rows, then columns) that read q where the qkv projection wrote it.
     """
     b, h, w, c3 = qkv.shape
@@ -312,7 +317,7 @@ def rel_pos_terms(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.T
         with on_device(qkv):
             for images in batch_chunks(b, num_heads):
                 _rel_pos_terms_kernel[(triton.cdiv(runs, block_run), lines, (images.stop - images.start) * num_heads)](
-                    qkv[images], table, out[images], runs,
+                    qkv[images], table, out[images], scale, runs,
                     qkv.stride(0), q_line, q_run,
                     out.stride(1), out_line, out_run,
                     NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
@@ -364,7 +369,7 @@ def rel_pos_attention(
     win_h, win_w = (h, w) if window_size == 0 else (window_size, window_size)
     windows_y, windows_x = triton.cdiv(h, win_h), triton.cdiv(w, win_w)
 
-    rel_h, rel_w = rel_pos_terms(qkv, rel_pos_h, rel_pos_w, num_heads, (win_h, win_w))
+    rel_h, rel_w = rel_pos_terms(qkv, rel_pos_h, rel_pos_w, num_heads, (win_h, win_w), scale=LOG2E)
     bias = qkv_bias.to(qkv.dtype).contiguous()
     out = torch.empty((b, h, w, c), device=qkv.device, dtype=qkv.dtype)
     if b == 0:
@@ -379,7 +384,7 @@ def rel_pos_attention(
         for images in batch_chunks(b, num_heads):
             grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows_y * windows_x, (images.stop - images.start) * num_heads)
             _rel_pos_attention_kernel[grid](
-                qkv[images], bias, rel_h[images], rel_w[images], out[images], head_dim ** -0.5, h, w,
+                qkv[images], bias, rel_h[images], rel_w[images], out[images], head_dim ** -0.5 * LOG2E, h, w,
                 qkv.stride(0), qkv.stride(1), qkv.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from samhq_fast.kernels import attention
-from samhq_fast.kernels.attention import rel_pos_attention, rel_pos_terms, split_head_dim
+from samhq_fast.kernels.attention import LOG2E, rel_pos_attention, rel_pos_terms, split_head_dim
 from samhq_fast.modeling.image_encoder import Attention, decomposed_rel_pos_bias, get_rel_pos, window_partition, window_unpartition
 
 def make_attention(dim: int, heads: int, attn_size: tuple[int, int], seed: int) -> Attention:
@@ -140,21 +140,22 @@ TERM_SHAPES = {
 }
 
 
+@pytest.mark.parametrize("scale", [1.0, LOG2E], ids=["unscaled", "log2e"])  # the attention kernel asks for log2(e)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", list(TERM_SHAPES))
-def test_rel_pos_terms_match_einsum(shape, dtype, atol, rtol):
+def test_rel_pos_terms_match_einsum(shape, dtype, atol, rtol, scale):
     batch, (h, w), heads, head_dim, (win_h, win_w), rows = TERM_SHAPES[shape]
     torch.manual_seed(0)
     qkv = torch.randn(batch, h, w, 3 * heads * head_dim).to(dtype)
     table_h = torch.randn(rows or 2 * win_h - 1, head_dim).to(dtype)
     table_w = torch.randn(rows or 2 * win_w - 1, head_dim).to(dtype)
-    got_h, got_w = rel_pos_terms(qkv, table_h, table_w, heads, (win_h, win_w))
+    got_h, got_w = rel_pos_terms(qkv, table_h, table_w, heads, (win_h, win_w), scale=scale)
     q = qkv[..., : heads * head_dim].double().unflatten(-1, (heads, head_dim))  # [B, H, W, heads, D]
     rh = get_rel_pos(win_h, win_h, table_h.double())[torch.arange(h) % win_h]  # [H, win_h, D]
     rw = get_rel_pos(win_w, win_w, table_w.double())[torch.arange(w) % win_w]  # [W, win_w, D]
     assert got_h.dtype == got_w.dtype == torch.float32
-    torch.testing.assert_close(got_h.double(), torch.einsum("byxnc,ykc->bnyxk", q, rh), atol=atol, rtol=rtol)
-    torch.testing.assert_close(got_w.double(), torch.einsum("byxnc,xkc->bnyxk", q, rw), atol=atol, rtol=rtol)
+    torch.testing.assert_close(got_h.double(), torch.einsum("byxnc,ykc->bnyxk", q, rh) * scale, atol=atol, rtol=rtol)
+    torch.testing.assert_close(got_w.double(), torch.einsum("byxnc,xkc->bnyxk", q, rw) * scale, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("head_dim, pieces", [(64, (64, 0)), (80, (64, 16)), (48, (32, 16)), (96, (64, 32)),
