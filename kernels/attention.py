@@ -205,8 +205,8 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
     specializations) at vit_b / vit_h windowed and global shapes, every candidate offered runs
     without a stack (no spilled registers; the global-only tile aside, see its comment): the 16-bit
-    ones take 110-254 registers and at most 148 KiB of shared memory, the fp32 ones 64-126 registers.
-    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 183-250
+    ones take 110-248 registers and at most 148 KiB of shared memory, the fp32 ones 64-126 registers.
+    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 182-248
     registers in the 8-warp 128x64 tiles (one CTA per SM either way). The 4-warp 64x64 tiles could
     hold it too (254-255 registers) but are not offered it, to keep first-call tuning short.
     """
@@ -221,7 +221,7 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
                _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
                _config(64, 32, 4, 3), _config(64, 64, 4, 3)]
     if global_block:
-        # Key tiles of two grid rows (half the loop trips): 224-237 registers, no stack (Triton 3.9;
+        # Key tiles of two grid rows (half the loop trips): 223-236 registers, no stack (Triton 3.9;
         # 3.6: 254-255, 24 bytes of stack at vit_h) and 145-165 KiB. Windowed blocks, which also
         # score padded keys, spill with them (24-390 bytes).
         configs.append(_config(128, 128, 8, 2))
