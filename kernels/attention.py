@@ -9,8 +9,8 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
   plus their rel-pos bias, and add v_bias times their softmax share to the output; padded queries
   are skipped, their outputs would be cropped;
 - the bias rel_h[q, ky] + rel_w[q, kx] comes from a small pre-pass kernel over the UNSCALED q
-  (`rel_pos_terms`: [B, heads, H, W, window] each, fp32); the N x N bias and score matrices never
-  exist in memory.
+  (`rel_pos_terms`: [B, heads, H, W, window] each, fp32, times log2(e) for the base-2 softmax); the
+  N x N bias and score matrices never exist in memory.
   Key tiles are laid over the window's rows (see `_rel_pos_attention_kernel`), so a tile needs one
   rel_h value per query and row, and a contiguous run of rel_w: no per-element gathers;
 - head_dim 64 and 80 (vit_h) without padding: 80 is computed as a 64 part and a 16 part (two dots
