@@ -208,7 +208,7 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     ones take 110-248 registers and at most 148 KiB of shared memory, the fp32 ones 64-126 registers.
     REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 182-248
     registers in the 8-warp 128x64 tiles (one CTA per SM either way). The 4-warp 64x64 tiles could
-    hold it too (254-255 registers) but are not offered it, to keep first-call tuning short.
+    hold it too (194-251 registers) but are not offered it, to keep first-call tuning short.
     """
     if dtype == torch.float32:
         # "ieee" fp32 dots run on the FMA units. Larger tiles spill: 64x32 with 4 warps and 3 stages
