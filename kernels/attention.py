@@ -50,13 +50,18 @@ def _rel_pos_attention_kernel(
     D_TAIL: tl.constexpr,  # HEAD_DIM - D_MAIN when that is a power of two >= 16 (80 = 64 + 16), else 0
     WIN_H: tl.constexpr,
     WIN_W: tl.constexpr,
-    WINDOWS_X: tl.constexpr,  # windows per row of the padded grid
+    WINDOWS_Y: tl.constexpr,  # the launch's windows: see PADDED_GRID
+    WINDOWS_X: tl.constexpr,
     KEY_COLS: tl.constexpr,  # WIN_W rounded up to a power of two
     TILE_ROWS: tl.constexpr,  # window rows per key tile: BLOCK_N // KEY_COLS, or 1 when a tile is part of a row
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REL_W_ONCE: tl.constexpr,  # load the rel_w term once, before the key loop (needs BLOCK_N >= KEY_COLS)
-    PADDED_GRID: tl.constexpr,  # windows reach past the grid (H % WIN_H or W % WIN_W): padded keys exist
+    # False: the launch covers the top-left WINDOWS_Y x WINDOWS_X windows: all of a grid the windows
+    # tile exactly, or the interior of one they pass (all but the last row and column of windows).
+    # True: the last row and column of a WINDOWS_Y x WINDOWS_X grid of windows that pass the token
+    # grid (H % WIN_H or W % WIN_W): the only windows with padded keys, which cost work per score.
+    PADDED_GRID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), "tf32" (ignored) for 16-bit inputs
 ):
     # Keys are visited as slots of a [WIN_H, KEY_COLS] grid, BLOCK_N slots per tile: a tile is
@@ -64,12 +69,17 @@ def _rel_pos_attention_kernel(
     # WIN_H are -inf. Within a tile, the rel_h term takes TILE_ROWS values per query and the rel_w
     # term is a contiguous run of each query's rel_w row.
     pid_m = tl.program_id(0)  # query tile within the window
-    pid_win = tl.program_id(1)  # window: wy * WINDOWS_X + wx
+    pid_win = tl.program_id(1)  # window: see PADDED_GRID
     pid_bh = tl.program_id(2)  # image * NUM_HEADS + head
     b = pid_bh // NUM_HEADS
     head = pid_bh % NUM_HEADS
-    wy = pid_win // WINDOWS_X
-    wx = pid_win % WINDOWS_X
+    if PADDED_GRID:  # the last column of windows, then the rest of the last row
+        in_last_col = pid_win < WINDOWS_Y
+        wy = tl.where(in_last_col, pid_win, WINDOWS_Y - 1)
+        wx = tl.where(in_last_col, WINDOWS_X - 1, pid_win - WINDOWS_Y)
+    else:
+        wy = pid_win // WINDOWS_X
+        wx = pid_win % WINDOWS_X
     C: tl.constexpr = NUM_HEADS * HEAD_DIM
 
     # Queries: token t of the window sits at grid (wy * WIN_H + t // WIN_W, wx * WIN_W + t % WIN_W).
@@ -377,22 +387,27 @@ def rel_pos_attention(
 
     d_main, d_tail = split_head_dim(head_dim)
     key_cols = triton.next_power_of_2(win_w)
-    padded_grid = h % win_h != 0 or w % win_w != 0  # some windows hold padded tokens
+    if h % win_h == 0 and w % win_w == 0:
+        window_sets = [(windows_y, windows_x, False)]
+    else:  # the interior windows hold no padded tokens: a launch of their own skips the padded-key work
+        window_sets = [(windows_y - 1, windows_x - 1, False), (windows_y, windows_x, True)]
 
     def launch(config: dict) -> None:
         kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and config["BLOCK_N"] >= key_cols}
-        for images in batch_chunks(b, num_heads):
-            grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows_y * windows_x, (images.stop - images.start) * num_heads)
-            _rel_pos_attention_kernel[grid](
-                qkv[images], bias, rel_h[images], rel_w[images], out[images], head_dim ** -0.5 * LOG2E, h, w,
-                qkv.stride(0), qkv.stride(1), qkv.stride(2),
-                out.stride(0), out.stride(1), out.stride(2),
-                NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
-                WIN_H=win_h, WIN_W=win_w, WINDOWS_X=windows_x,
-                KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols), PADDED_GRID=padded_grid,
-                DOT_PRECISION=dot_precision(qkv.dtype),
-                **kernel_config,
-            )
+        for rows, cols, padded_grid in window_sets:
+            windows = rows + cols - 1 if padded_grid else rows * cols
+            for images in batch_chunks(b, num_heads) if windows else ():
+                grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows, (images.stop - images.start) * num_heads)
+                _rel_pos_attention_kernel[grid](
+                    qkv[images], bias, rel_h[images], rel_w[images], out[images], head_dim ** -0.5 * LOG2E, h, w,
+                    qkv.stride(0), qkv.stride(1), qkv.stride(2),
+                    out.stride(0), out.stride(1), out.stride(2),
+                    NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
+                    WIN_H=win_h, WIN_W=win_w, WINDOWS_Y=rows, WINDOWS_X=cols,
+                    KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols), PADDED_GRID=padded_grid,
+                    DOT_PRECISION=dot_precision(qkv.dtype),
+                    **kernel_config,
+                )
 
     with on_device(qkv):
         if config is not None or interpreted:

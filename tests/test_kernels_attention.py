@@ -94,18 +94,22 @@ LAYOUTS = {
 def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, rel_w_once, kernel_spies):
     *shape, (block_m, block_n), whole_rows = LAYOUTS[layout]
     check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, REL_W_ONCE=rel_w_once))
-    (launch,) = kernel_spies["attention"].launches  # the config asked for is the one that ran
-    assert (launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"]) == (block_m, block_n, rel_w_once and whole_rows)
+    launches = kernel_spies["attention"].launches  # padded windows: interior and border windows apart
+    assert launches and all((launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"]) == (block_m, block_n, rel_w_once and whole_rows)
+                            for launch in launches)  # the config asked for is the one that ran
 
 
-@pytest.mark.parametrize("grid, window, padded", [(12, 0, False), (14, 14, False), ((14, 21), 7, False), ((9, 20), 7, True)],
-                         ids=["global", "one_window", "windows_tile_the_grid", "windows_pass_the_grid"])
-def test_padded_keys_only_where_windows_pass_the_grid(grid, window, padded, kernel_spies):
+# (PADDED_GRID, windows) per launch: windows that pass the grid (2 x 3 of 7 over 9 x 20) run the
+# interior ones (1 x 2) without the padded-key work and the last row and column (2 + 3 - 1) with it
+@pytest.mark.parametrize("grid, window, launches", [
+    (12, 0, [(False, 1)]), (14, 14, [(False, 1)]), ((14, 21), 7, [(False, 6)]),
+    ((9, 20), 7, [(False, 2), (True, 4)]), ((5, 20), 7, [(True, 3)]), ((20, 5), 7, [(True, 3)]),
+], ids=["global", "one_window", "windows_tile_the_grid", "windows_pass_the_grid", "one_row_of_windows", "one_column_of_windows"])
+def test_padded_keys_only_where_windows_pass_the_grid(grid, window, launches, kernel_spies):
     """The kernel's padded-key path (padded slots scored q . k_bias, v_bias added after the key loop
-    by their softmax mass) runs only where windows reach past the token grid, and is right there."""
+    by their softmax mass) runs only for the windows that reach past the token grid, and is right there."""
     check(2, grid, 64, 2, window, torch.float32, 1e-5, 1e-5)
-    (launch,) = kernel_spies["attention"].launches
-    assert launch["PADDED_GRID"] == padded
+    assert [(launch["PADDED_GRID"], launch["grid"][1]) for launch in kernel_spies["attention"].launches] == launches
 
 
 @pytest.mark.parametrize("window", [5, 0], ids=["windowed", "global"])
@@ -114,7 +118,8 @@ def test_batches_past_the_grid_limit_launch_in_chunks(window, kernel_spies, monk
     batch. Here the limit is 4 programs, so 3 images of 2 heads run as images [0, 2) and [2, 3)."""
     monkeypatch.setattr(attention, "MAX_GRID_YZ", 4)
     check(3, (7, 9), 128, 2, window, torch.float32, 1e-5, 1e-5, seed=4)
-    assert [launch["grid"][2] for launch in kernel_spies["attention"].launches] == [4, 2]
+    chunks = [4, 2] if window == 0 else [4, 2, 4, 2]  # windowed: interior, then border windows (2 x 2 of 5 over 7 x 9)
+    assert [launch["grid"][2] for launch in kernel_spies["attention"].launches] == chunks
     assert len(kernel_spies["rel_pos_terms"].launches) == 4  # rows and columns, per chunk
 
 
