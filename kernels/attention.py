@@ -7,7 +7,8 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
 - padded tokens (zeros after norm1 in the original) have q = k = v = the qkv bias: padded keys stay
   in the softmax, exactly as in the original (not masked), scored q . k_bias (one value per query)
   plus their rel-pos bias, and add v_bias times their softmax share to the output; padded queries
-  are skipped, their outputs would be cropped;
+  are skipped, their outputs would be cropped. Only the last row and column of windows hold padded
+  tokens: the interior windows run in a launch of their own, compiled without that work;
 - the bias rel_h[q, ky] + rel_w[q, kx] comes from a small pre-pass kernel over the UNSCALED q
   (`rel_pos_terms`: [B, heads, H, W, window] each, fp32, times log2(e) for the base-2 softmax); the
   N x N bias and score matrices never exist in memory.
@@ -215,8 +216,8 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
     specializations) at vit_b / vit_h windowed and global shapes, every candidate offered runs
     without a stack (no spilled registers; the global-only tile aside, see its comment): the 16-bit
-    ones take 110-248 registers and at most 148 KiB of shared memory, the fp32 ones 64-126 registers.
-    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 182-248
+    ones take 110-250 registers and at most 148 KiB of shared memory, the fp32 ones 64-125 registers.
+    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 182-250
     registers in the 8-warp 128x64 tiles (one CTA per SM either way). The 4-warp 64x64 tiles could
     hold it too (194-251 registers) but are not offered it, to keep first-call tuning short.
     """

@@ -68,14 +68,17 @@ def test_16_bit_dots_use_hoppers_tensor_cores_and_fp32_dots_stay_exact(usage_row
 
 
 def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):
-    """Both head_dims the kernels serve (64: vit_b / vit_l, 80: vit_h), windowed and global, every
-    attention candidate at each; the GEMM candidates at vit_h's four block GEMMs."""
+    """Both head_dims the kernels serve (64: vit_b / vit_l, 80: vit_h), windowed (interior and border
+    windows: two kernels) and global, every attention candidate at each; the GEMM candidates at
+    vit_h's four block GEMMs."""
     assert {VARIANTS[v].head_dim for v in kernel_resources.SHAPE_VARIANTS} == {64, 80}
     shapes = {f"{v} {kind}" for v in kernel_resources.SHAPE_VARIANTS for kind in (f"window{VARIANTS[v].window_size}", "global")}
+    attention_shapes = {f"{shape} {part}" for shape in shapes if "window" in shape for part in ("interior", "border")}
+    attention_shapes |= {shape for shape in shapes if shape.endswith("global")}
     for dtype in ("bfloat16", "float32"):
         rows = [row for row in usage_rows if row["dtype"] == dtype]
         attention_rows = sorted((row["shape"], json.dumps(row["config"], sort_keys=True)) for row in rows if row["family"] == "attention")
-        assert attention_rows == sorted((shape, json.dumps(c, sort_keys=True)) for shape in shapes
+        assert attention_rows == sorted((shape, json.dumps(c, sort_keys=True)) for shape in attention_shapes
                                         for c in attention.candidate_configs(getattr(torch, dtype), global_block=shape.endswith("global")))
         terms = {row["shape"] for row in rows if row["family"] == "rel_pos_terms"}
         assert terms == {f"{shape} {axis}" for shape in shapes for axis in ("rows", "columns")}

@@ -131,14 +131,18 @@ def attention_shapes(dtype: torch.dtype):
 
 
 def attention_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
-    """(shape label, config, args, kwargs) of every attention candidate at real windowed / global blocks."""
+    """(shape label, config, args, kwargs) of every attention candidate at real windowed / global blocks.
+
+    Windowed blocks over SAM's grid (windows pass it) launch twice, labelled "interior" and "border":
+    only the border windows' kernel scores padded keys."""
     launches = []
     for label, qkv, qkv_bias, table, heads, window in attention_shapes(dtype):
         for config in attention.candidate_configs(dtype, global_block=window == 0):
             with recorded_launches(attention, "_rel_pos_attention_kernel", "_rel_pos_terms_kernel") as (rec, _):
                 attention.rel_pos_attention(qkv, qkv_bias, table, table, heads, window, config)
-            (args, kwargs), = rec.launches
-            launches.append((label, config, args, kwargs))
+            for args, kwargs in rec.launches:
+                part = "" if len(rec.launches) == 1 else " border" if kwargs["PADDED_GRID"] else " interior"
+                launches.append((label + part, config, args, kwargs))
     return launches
 
 
