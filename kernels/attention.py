@@ -61,7 +61,7 @@ def _rel_pos_attention_kernel(
     # False: the launch covers the top-left WINDOWS_Y x WINDOWS_X windows: all of a grid the windows
     # tile exactly, or the interior of one they pass (all but the last row and column of windows).
     # True: the last row and column of a WINDOWS_Y x WINDOWS_X grid of windows that pass the token
-    # grid (H % WIN_H or W % WIN_W): the only windows with padded keys, which cost work per score.
+    # grid (H % WIN_H or W % WIN_W): the only windows that can hold padded keys (work per score).
     PADDED_GRID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), "tf32" (ignored) for 16-bit inputs
 ):
@@ -397,7 +397,9 @@ def rel_pos_attention(
         kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and config["BLOCK_N"] >= key_cols}
         for rows, cols, padded_grid in window_sets:
             windows = rows + cols - 1 if padded_grid else rows * cols
-            for images in batch_chunks(b, num_heads) if windows else ():
+            if windows == 0:  # one row or column of windows: no interior
+                continue
+            for images in batch_chunks(b, num_heads):
                 grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows, (images.stop - images.start) * num_heads)
                 _rel_pos_attention_kernel[grid](
                     qkv[images], bias, rel_h[images], rel_w[images], out[images], head_dim ** -0.5 * LOG2E, h, w,
