@@ -156,7 +156,10 @@ def _rel_pos_attention_kernel(
             if TILE_ROWS == 1:
                 bias += rel_h
             elif REL_W_ONCE:
-                rel_h_tile = rel_h if r == 0 else tl.where(in_row, rel_h, rel_h_tile)
+                if r == 0:
+                    rel_h_tile = rel_h
+                else:
+                    rel_h_tile = tl.where(in_row, rel_h, rel_h_tile)
             else:
                 bias = tl.where(in_row, bias + rel_h, bias)
         if REL_W_ONCE and TILE_ROWS > 1:
