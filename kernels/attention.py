@@ -292,6 +292,27 @@ def _rel_pos_terms_kernel(
     tl.store(out_row + offs_r[:, None] * stride_out_run + offs_k[None, :], terms, mask=run_in[:, None] & k_in[None, :])
 
 
+def _checked_qkv(
+    qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, who: str,
+) -> tuple[torch.Tensor, int, bool]:
+    """The checks both launchers share -> (qkv with a contiguous last dim, head_dim, interpreting?).
+    The kernels read a head's q / k / v as unit-stride runs and the tables at a pitch of head_dim."""
+    if qkv.ndim != 4:
+        raise ValueError(f"{who}: qkv must be [B, H, W, 3C], got shape {list(qkv.shape)}")
+    c3 = qkv.shape[3]
+    if qkv.shape[1] == 0 or qkv.shape[2] == 0:
+        raise ValueError(f"{who}: qkv has an empty token grid: shape {list(qkv.shape)}")
+    if num_heads < 1 or c3 == 0 or c3 % 3 or (c3 // 3) % num_heads:
+        raise ValueError(f"{who}: qkv last dim {c3} must be 3 * num_heads * head_dim (num_heads={num_heads})")
+    head_dim = c3 // 3 // num_heads
+    if rel_pos_h.ndim != 2 or rel_pos_h.shape[1] != head_dim or rel_pos_w.ndim != 2 or rel_pos_w.shape[1] != head_dim:
+        raise ValueError(f"{who}: rel_pos_h / rel_pos_w must be [L, {head_dim}], got {list(rel_pos_h.shape)} / {list(rel_pos_w.shape)}")
+    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{who}: qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
+    interpreted = interpreting(qkv, who)
+    return (qkv if qkv.stride(-1) == 1 else qkv.contiguous()), head_dim, interpreted
+
+
 def rel_pos_terms_config(dtype: torch.dtype) -> tuple[int, int]:
     """(tokens per pre-pass program, warps): fixed, not tuned (the pre-pass is under 1% of a block's FLOPs).
 
@@ -305,7 +326,8 @@ def rel_pos_terms_config(dtype: torch.dtype) -> tuple[int, int]:
 def rel_pos_terms(
     qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window: tuple[int, int], scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-pass of the decomposed bias from the UNSCALED q inside qkv [B, H, W, 3C] (last dim contiguous).
+    """Pre-pass of the decomposed bias from the UNSCALED q inside qkv [B, H, W, 3C] (copied first if
+    its last dim is strided).
 
     Returns rel_h [B, heads, H, W, win_h] and rel_w [B, heads, H, W, win_w] (fp32) with
     rel_h[b, n, y, x, ky] = q[b, y, x, n] . Rh[y % win_h, ky], Rh = get_rel_pos(win_h, win_h, rel_pos_h):
@@ -313,9 +335,11 @@ def rel_pos_terms(
     `scale` (the attention kernel asks for log2(e): its softmax is in base 2).
     Two launches of one kernel (rows, then columns) that read q where the qkv projection wrote it.
     """
-    b, h, w, c3 = qkv.shape
-    head_dim = c3 // 3 // num_heads
+    qkv, head_dim, _ = _checked_qkv(qkv, rel_pos_h, rel_pos_w, num_heads, "rel_pos_terms")
+    b, h, w, _ = qkv.shape
     win_h, win_w = window
+    if win_h < 1 or win_w < 1:
+        raise ValueError(f"rel_pos_terms: window must be (win_h, win_w) >= 1, got {window}")
     rel_h = torch.empty((b, num_heads, h, w, win_h), device=qkv.device, dtype=torch.float32)
     rel_w = torch.empty((b, num_heads, h, w, win_w), device=qkv.device, dtype=torch.float32)
     if b == 0:
@@ -348,7 +372,7 @@ def rel_pos_attention(
 ) -> torch.Tensor:
     """Attention of a SAM ViT block from its qkv projection.
 
-    qkv: [B, H, W, 3C] = qkv linear of the (normed) real tokens, channels-last, last dim contiguous.
+    qkv: [B, H, W, 3C] = qkv linear of the (normed) real tokens, channels-last (copied first if its last dim is strided).
     qkv_bias: [3C], the qkv of a zero (padded) token. rel_pos_h / rel_pos_w: [L, D] tables (resized
     to 2 * win - 1 rows when L differs, as the original does).
     window_size: 0 for a global block, else the window side (the grid is padded to a multiple).
@@ -358,28 +382,15 @@ def rel_pos_attention(
     INTERPRETER_CONFIG in the interpreter).
     Returns the head-merged attention output [B, H, W, C] (before `proj`), in qkv's dtype.
     """
-    if qkv.ndim != 4:
-        raise ValueError(f"qkv must be [B, H, W, 3C], got shape {list(qkv.shape)}")
+    qkv, head_dim, interpreted = _checked_qkv(qkv, rel_pos_h, rel_pos_w, num_heads, "rel_pos_attention")
     b, h, w, c3 = qkv.shape
-    if h == 0 or w == 0:
-        raise ValueError(f"qkv has an empty token grid: shape {list(qkv.shape)}")
-    if num_heads < 1 or c3 == 0 or c3 % 3 or (c3 // 3) % num_heads:
-        raise ValueError(f"qkv last dim {c3} must be 3 * num_heads * head_dim (num_heads={num_heads})")
     c = c3 // 3
-    head_dim = c // num_heads
     if qkv_bias.shape != (c3,):
         raise ValueError(f"qkv_bias must have shape [{c3}], got {list(qkv_bias.shape)}")
-    if rel_pos_h.ndim != 2 or rel_pos_h.shape[1] != head_dim or rel_pos_w.ndim != 2 or rel_pos_w.shape[1] != head_dim:
-        raise ValueError(f"rel_pos_h / rel_pos_w must be [L, {head_dim}], got {list(rel_pos_h.shape)} / {list(rel_pos_w.shape)}")
-    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
     if window_size < 0:
         raise ValueError(f"window_size must be >= 0 (0 = global), got {window_size}")
     if config is not None and not all(config.get(k, 0) >= 16 and triton.next_power_of_2(config[k]) == config[k] for k in ("BLOCK_M", "BLOCK_N")):
         raise ValueError(f"config BLOCK_M / BLOCK_N must be powers of two >= 16, got {config}")
-    interpreted = interpreting(qkv, "rel_pos_attention")
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
     win_h, win_w = (h, w) if window_size == 0 else (window_size, window_size)
     windows_y, windows_x = triton.cdiv(h, win_h), triton.cdiv(w, win_w)
 

@@ -6,6 +6,8 @@ bf16 runs in the GPU tests. Shapes are small but awkward: padded windows, head_d
 are not powers of two, several images.
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +136,9 @@ def test_qkv_with_a_strided_last_dim():
     tables = (attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, 5)
     with torch.no_grad():
         assert torch.equal(rel_pos_attention(strided, *tables), rel_pos_attention(qkv, *tables))
+        terms_args = (attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, (5, 5))
+        for got, expected in zip(rel_pos_terms(strided, *terms_args), rel_pos_terms(qkv, *terms_args)):  # the pre-pass alone
+            assert torch.equal(got, expected)
 
 
 # The pre-pass kernel alone: one launch over grid rows (rel_h) and one over columns (rel_w).
@@ -217,8 +222,25 @@ def test_bad_arguments(kwargs, error, message):
     args = dict(qkv=torch.zeros(1, 4, 4, 96), qkv_bias=torch.zeros(96), rel_pos_h=torch.zeros(7, 16),
                 rel_pos_w=torch.zeros(7, 16), num_heads=2, window_size=4)
     args.update(kwargs)
-    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
+    with pytest.raises(error, match=re.escape(message)):
         rel_pos_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(rel_pos_w=torch.zeros(7, 20)), ValueError, "rel_pos_h / rel_pos_w must be [L, 16]"),  # read at a pitch of 16
+        (dict(qkv=torch.zeros(1, 4, 4, 96, dtype=torch.bfloat16)), TypeError, "bfloat16 cannot run in the Triton interpreter"),
+        (dict(qkv=torch.zeros(4, 4, 96)), ValueError, "qkv must be [B, H, W, 3C]"),
+        (dict(window=(0, 4)), ValueError, "window must be (win_h, win_w) >= 1"),
+    ],
+)
+def test_rel_pos_terms_bad_arguments(kwargs, error, message):
+    """The pre-pass launcher is public too: it refuses what its kernel would read wrongly."""
+    args = dict(qkv=torch.zeros(1, 4, 4, 96), rel_pos_h=torch.zeros(7, 16), rel_pos_w=torch.zeros(7, 16), num_heads=2, window=(4, 4))
+    args.update(kwargs)
+    with pytest.raises(error, match=re.escape(f"rel_pos_terms: {message}")):
+        rel_pos_terms(**args)
 
 
 # Real sizes on the GPU: vit_b (head_dim 64) and vit_h (head_dim 80), windowed and global blocks.
