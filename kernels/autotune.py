@@ -12,7 +12,7 @@ Every candidate of both families compiles offline for sm_90 (Hopper) with Triton
 the divisibility specializations of a real launch, within the 227 KiB shared-memory limit (the
 largest takes 165 KiB); one that fails on some other GPU is skipped by `pick`, not fatal.
 
-SAMHQ_FAST_AUTOTUNE=0 skips the timing and uses each family's default. Nothing is timed in the
+SAMHQ_FAST_AUTOTUNE=0 (or "false", "no", "off") skips the timing and uses each family's default. Nothing is timed in the
 Triton interpreter (its timings mean nothing) or while a CUDA graph is being captured (timing
 syncs): there a shape this process has already timed keeps its choice, any other gets the default,
 which is not cached. A default this GPU cannot launch (the 16-bit linear default takes 96 KiB of
@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
+
+from samhq_fast.switches import env_flag
 
 CACHE_DIR_ENV = "SAMHQ_FAST_CACHE_DIR"
 AUTOTUNE_ENV = "SAMHQ_FAST_AUTOTUNE"
@@ -83,7 +85,7 @@ def file_key(device_name: str, kernel: str, shape_key: tuple) -> str:
 
 
 def tuning_enabled(device: torch.device) -> bool:
-    if os.environ.get(AUTOTUNE_ENV, "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not env_flag(AUTOTUNE_ENV, default=True) or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 

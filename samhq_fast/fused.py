@@ -13,22 +13,27 @@ untouched. Per block (x: [B, H, W, C] channels-last, H = W = 64 at 1024 input):
 GPU, with tiles tuned per GPU and shape: samhq_fast.kernels.autotune.)
 The kernels are written for SAM's ViT blocks: Light HQ-SAM's TinyViT encoder (vit_tiny) stays eager
 under the fused backend, whose prompt decoder (samhq_fast.decoding) it still uses.
-Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (kill switch).
+Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (kill switch; read
+when a model is loaded or `apply_fused_backend` runs: a model already fused stays fused).
 """
 
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from .modeling import ImageEncoderViT, SamHQ
 from .modeling.image_encoder import Block
+from .switches import env_flag
 
 KILL_SWITCH = "SAMHQ_FAST_DISABLE_FUSED"
 
 
 def fused_disabled() -> bool:
-    return os.environ.get(KILL_SWITCH, "") not in ("", "0")
+    """The kill switch: SAMHQ_FAST_DISABLE_FUSED set to "1" (or "true", "yes", ...; "0", "false",
+    "no", "off" or blank leave the fused backend on)."""
+    return env_flag(KILL_SWITCH, default=False)
 
 
 def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> tuple[bool, str]:
@@ -62,6 +67,13 @@ class FusedBlock(nn.Module):
         from samhq_fast.kernels.fused_linear import fused_linear
 
         attn, mlp = self.attn, self.mlp
+        if torch.is_grad_enabled() and (x.requires_grad or attn.qkv.weight.requires_grad):
+            # the kernels have no backward: their outputs would carry no autograd history, and a
+            # backward pass would silently leave the encoder out
+            raise RuntimeError(
+                "the fused backend is inference-only (its Triton kernels have no backward pass): run the model under "
+                "torch.inference_mode() or torch.no_grad() (the predictors do), or load it with backend='eager' to train"
+            )
         qkv = fused_linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)  # [B, H, W, 3C]
         heads = rel_pos_attention(qkv, attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, self.window_size)
         x = fused_linear(heads, attn.proj.weight, attn.proj.bias, residual=x)
@@ -72,7 +84,12 @@ class FusedBlock(nn.Module):
 def apply_fused_backend(model: SamHQ) -> SamHQ:
     """Swap a ViT image encoder's blocks for fused ones in place (idempotent); returns the model.
     A TinyViT encoder (vit_tiny) is left eager: the model is still marked "fused", so that the
-    predictor decodes prompts with the fused backend's compiled decoder."""
+    predictor decodes prompts with the fused backend's compiled decoder.
+    Under the kill switch the model is returned untouched, with a warning, as `load` does; where the
+    kernels cannot run (no CUDA device, bf16 in the interpreter, ...) it raises ValueError."""
+    if fused_disabled():
+        warnings.warn(f"apply_fused_backend: {KILL_SWITCH} is set: the model stays {model.backend}", stacklevel=2)
+        return model
     ok, why = fused_available(model.device, model.dtype)
     if not ok:
         raise ValueError(f"the fused backend cannot run here: {why}")

@@ -178,7 +178,7 @@ def test_cache_path_that_is_a_folder_warns_and_leaves_no_files(fresh_cache):
 
 def test_tuning_switches(monkeypatch):
     """Never in the interpreter, never on the CPU, never while a CUDA graph is being captured (timing
-    syncs), never with SAMHQ_FAST_AUTOTUNE=0."""
+    syncs), never with SAMHQ_FAST_AUTOTUNE=0 (or false / off / no)."""
     cuda = torch.device("cuda", 0)
     assert not autotune.tuning_enabled(CPU)  # conftest runs the interpreter
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -187,8 +187,11 @@ def test_tuning_switches(monkeypatch):
     for capturing in (True, False):
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
         assert autotune.tuning_enabled(cuda) is not capturing
-    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
-    assert not autotune.tuning_enabled(cuda)
+    for off in ("0", "false", " OFF ", "no"):
+        monkeypatch.setenv(autotune.AUTOTUNE_ENV, off)
+        assert not autotune.tuning_enabled(cuda), off
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "")  # blank: the default, on
+    assert autotune.tuning_enabled(cuda)
 
 
 def test_each_gpu_model_is_timed_separately(fresh_cache, monkeypatch):

@@ -274,14 +274,20 @@ def test_block_profile_real_variant(tmp_path, monkeypatch):
         assert "### eager" in section and "`aten::addmm`" in section
 
 
-def test_kill_switch_skips_the_fused_rows(bench, tmp_path, monkeypatch):
-    """With SAMHQ_FAST_DISABLE_FUSED=1, load(backend="fused") builds the eager model: timing it under
-    the name "fused" would publish eager figures as fused ones. The rows are skipped, saying why."""
+def test_kill_switch_skips_the_fused_rows(bench, decoder_bench, tmp_path, monkeypatch):
+    """With SAMHQ_FAST_DISABLE_FUSED=1, load(backend="fused") builds the eager model (and
+    apply_fused_backend leaves it eager): timing it under the name "fused" would publish eager
+    figures as fused ones. The rows of both benchmarks are skipped, saying why."""
     monkeypatch.setenv("SAMHQ_FAST_DISABLE_FUSED", "1")
     _, report = run(bench, tmp_path, "--backends", "eager,fused", "--dtype", "fp32")
     rows = {r["backend"]: r for r in report["results"]}
     assert rows["eager"]["status"] == "ok"
     assert rows["fused"]["status"] == "skipped" and "SAMHQ_FAST_DISABLE_FUSED" in rows["fused"]["reason"]
+    _, report = run(decoder_bench, tmp_path, "--modes", "", "--prompts", "1", "--point-prompts", "", "--e2e", "eager,fused")
+    rows = by_test(report)
+    assert rows[("e2e", "eager", "box", 1)]["status"] == "ok"
+    fused = rows[("e2e", "fused", "box", 1)]
+    assert fused["status"] == "skipped" and "SAMHQ_FAST_DISABLE_FUSED" in fused["reason"]
 
 
 def test_cpu_reference_rates_use_small_sizes(bench):

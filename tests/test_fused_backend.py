@@ -65,6 +65,22 @@ def test_fused_encoder_matches_eager_fp32(tiny_model, fused_tiny, kernel_spies):
     assert set(precisions) == {"ieee"}
 
 
+def test_fused_encoder_refuses_autograd(tiny_model, fused_tiny, kernel_spies):
+    """The kernels have no backward: with autograd on, the eager encoder gives gradients, and the
+    fused one must not hand back outputs that silently lack them."""
+    images = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    embeddings = tiny_model.encode_image(images)[0]
+    assert embeddings.requires_grad  # the eager model (loaded weights require grad) trains
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused_tiny.encode_image(images)
+    assert not kernel_spies["attention"].launches
+    block = copy.deepcopy(fused_tiny.image_encoder.blocks[0]).requires_grad_(False)  # frozen weights
+    tokens = torch.randn(1, 16, 16, 160, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        block(tokens)  # ... and a differentiable input
+    assert block(tokens.detach()).shape == tokens.shape  # autograd on, but nothing to differentiate
+
+
 def test_fused_predictor_matches_eager(tiny_checkpoints, kernel_spies):
     """load(backend="fused") end to end: same masks and scores as the eager backend, for every
     multimask_output / hq_token_only combination (one compiled decoder graph serves them all)."""
@@ -90,17 +106,23 @@ def test_fused_predictor_matches_eager(tiny_checkpoints, kernel_spies):
         assert (masks_f != masks_e).sum() <= 10, flags
 
 
-def test_kill_switch_falls_back_to_eager(tiny_checkpoints, monkeypatch):
-    monkeypatch.setenv(KILL_SWITCH, "1")
+@pytest.mark.parametrize("value", ["1", "true", " YES "])
+def test_kill_switch_falls_back_to_eager(tiny_checkpoints, tiny_model, monkeypatch, value):
+    """load and apply_fused_backend alike: the eager model, with a warning."""
+    monkeypatch.setenv(KILL_SWITCH, value)
     with pytest.warns(UserWarning, match=KILL_SWITCH):
         model = samhq_fast.load(tiny_checkpoints["pth"], device="cpu", backend="fused")
     assert model.backend == "eager"
     assert not any(isinstance(block, FusedBlock) for block in model.image_encoder.blocks)
+    model = copy.deepcopy(tiny_model)
+    with pytest.warns(UserWarning, match=KILL_SWITCH):
+        assert apply_fused_backend(model) is model
+    assert model.backend == "eager" and not any(isinstance(block, FusedBlock) for block in model.image_encoder.blocks)
 
 
-@pytest.mark.parametrize("value", ["", "0"])
+@pytest.mark.parametrize("value", ["", "0", "false", " Off "])
 def test_kill_switch_off_values_keep_fused(tiny_checkpoints, monkeypatch, value):
-    """SAMHQ_FAST_DISABLE_FUSED=0 (or empty) means "not disabled", as such switches usually do."""
+    """SAMHQ_FAST_DISABLE_FUSED=0 / false / off (or empty) means "not disabled", as such switches usually do."""
     monkeypatch.setenv(KILL_SWITCH, value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
