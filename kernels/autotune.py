@@ -106,9 +106,12 @@ def pick(kernel: str, shape_key: tuple, candidates: list[dict], time_ms: Callabl
         return _chosen[memory_key]
     path, key = cache_path(), file_key(device_name(device), kernel, shape_key)
     cached = _read_cache(path).get(key)
-    if cached in candidates:  # a stale entry (a config no longer offered) is timed again
-        _chosen[memory_key] = cached
-        return cached
+    # The entry picks one of the candidates, whose own values are launched (a hand-edited 64.0 or 1
+    # compares equal to 64 or True); a stale entry (a config no longer offered) is timed again.
+    chosen = next((config for config in candidates if config == cached), None)
+    if chosen is not None:
+        _chosen[memory_key] = chosen
+        return chosen
     timings, errors = [], []
     for config in candidates:
         try:

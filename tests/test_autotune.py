@@ -143,6 +143,12 @@ def test_corrupt_or_stale_cache_is_timed_again(fresh_cache, monkeypatch):
     calls.clear()
     assert autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU) == {"tile": 64}
     assert calls == [64, 128, 256]
+    # a hand-edited 256.0 selects the candidate 256, whose own (int) value is launched: Triton would
+    # take a float as a different constexpr
+    path.write_text(json.dumps({autotune.file_key("cpu", "k", KEY): {"tile": 256.0}}))
+    monkeypatch.setattr(autotune, "_chosen", {})
+    chosen = autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU)
+    assert chosen == {"tile": 256} and type(chosen["tile"]) is int
 
 
 def test_unwritable_cache_folder_warns_and_keeps_the_choice(fresh_cache, monkeypatch):
