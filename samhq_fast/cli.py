@@ -391,13 +391,25 @@ def _describe(prompt: dict) -> str:
     return " + ".join(parts)
 
 
+def _strict_json(value):
+    """value with NaN / inf floats (an empty mask's stability score is 0 / 0) as None: JSON has no
+    NaN, and strict parsers (JavaScript's JSON.parse) refuse Python's bare NaN token."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _write_json(args, model, image_size: tuple[int, int], mask_format: str, **fields) -> None:
     """segment --json: what was run (image, checkpoint, model, device, dtype, backend), the mask file, then `fields`."""
     result = {
         "image": str(args.image), "checkpoint": str(args.checkpoint), "variant": model.variant, "image_size": list(image_size),
         "mask": str(args.output), "mask_format": mask_format, "device": str(model.device), "dtype": args.dtype, "backend": model.backend, **fields,
     }
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps(_strict_json(result), indent=2, allow_nan=False) + "\n")
 
 
 def _written(args) -> str:

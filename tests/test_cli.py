@@ -3,6 +3,7 @@ the Python API (SamHQPredictor) is the independent reference for masks and score
 
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -282,6 +283,29 @@ def test_segment_auto_index_png_width(count, png_dtype, capsys, tmp_path, ckpt, 
         i = count - entry["index"]  # the record painted with this index
         assert entry["point"] == [i + 0.5, 2 * i + 0.25] and entry["stability"] == pytest.approx(0.8 - i / 1000)
         assert entry["score"] == pytest.approx(0.9 - i / 1000) and entry["bbox_xywh"] == [0, i, i + 1, 1]
+
+
+def test_segment_auto_json_is_strict_json(capsys, tmp_path, ckpt, monkeypatch):
+    """An empty mask kept with the stability filter off has a 0 / 0 stability score (NaN, in the
+    original too): the JSON says null, not Python's NaN token, which strict parsers refuse."""
+
+    class EmptyMaskGenerator(RowGenerator):
+        def generate(self, image, hq_token_only=False):
+            return [{**record, "stability_score": math.nan} if i == 1 else record
+                    for i, record in enumerate(super().generate(image, hq_token_only))]
+
+    monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", EmptyMaskGenerator)
+    monkeypatch.setattr(RowGenerator, "COUNT", 3)
+    json_path = tmp_path / "all.json"
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "-o", tmp_path / "all.png", "--json", json_path)
+    assert code == 0, err
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    masks = json.loads(json_path.read_text(), parse_constant=refuse)["masks"]
+    assert [entry["stability"] is None for entry in masks] == [False, True, False]  # index 2: row 1, area 2
+    assert masks[0]["stability"] == pytest.approx(0.8 - 2 / 1000)
 
 
 def test_segment_refuses_more_boxes_than_an_8_bit_index_holds(capsys, tmp_path, ckpt):
