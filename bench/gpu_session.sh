@@ -3,46 +3,67 @@
 # decoder benchmarks. One device call runs at most 10 minutes and a session has 30 device minutes,
 # start-ups included, so run the stages in three calls, each straight after the last (the machine
 # stays warm ~30 s; a cold start costs 1-2 minutes), ~22 minutes of commands in all:
-#   bash bench/gpu_session.sh OUT_DIR tests,profile     (<= 5 + 1.5 min)
-#   bash bench/gpu_session.sh OUT_DIR encoder           (<= 7 min)
-#   bash bench/gpu_session.sh OUT_DIR decoder           (<= 4.5 + 2 min of automatic masks)
+#   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR tests,profile     (<= 5 + 1.5 min)
+#   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR encoder           (<= 7 min)
+#   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR decoder           (<= 4.5 + 2 min of automatic masks)
+# (STAGES is required: all four do not fit one call.) The device's copy of the tree has no .git:
+# SAMHQ_FAST_COMMIT (`git rev-parse HEAD` here, written into the command) names the code in every JSON.
 # torch.compile(max-autotune) runs last in the encoder stage and only while 150 s of its budget are
 # left, so it may get few configurations (vit_h first); with device time to spare, a fourth call:
 #   python3 -m samhq_fast.benchmark.encoder --variants vit_h --batch 8 --dtype bf16 --backends eager,compile \
 #       --time-budget-s 450 --compile-reserve-s 0 --output OUT_DIR/encoder-compile-DATE.json
-# Writes OUT_DIR/gpu.txt (machine, versions, each stage's exit status), gpu_tests.log,
+# Writes OUT_DIR/gpu.txt (machine, versions, commit, each stage's exit status), gpu_tests.log,
 # block-profile.md + profile.log (one vit_h block, eager vs fused, kernel by kernel),
-# encoder-DATE.json / decoder-DATE.json (samhq-fast bench's merged JSON) with their .md, the
-# encoder plot, automatic-masks-DATE.json + its log, and autotune.json. The per-run part files the
-# benchmarks also write are deleted (the merged JSON repeats their rows): the device returns at most
-# 8 files per call. Copy the merged JSON (+ .md) to bench/results/; the README table:
-# samhq-fast bench --table bench/results/*.json. Each benchmark rewrites its JSON after every
-# configuration, and a run cut by a stage's SIGINT still writes the merged JSON from what it
-# finished (marked "interrupted").
+# encoder-DATE.json / decoder-DATE.json (samhq-fast bench's merged JSON), the encoder plot,
+# automatic-masks-{eager,fused}-DATE.json + their log, and autotune.json. The device returns at most
+# 8 files per call, so what can be made again is deleted: the per-run part files the benchmarks
+# also write (the merged JSON repeats their rows) and the merged JSON's .md table. Copy the merged
+# JSON to bench/results/ and make its table there: samhq-fast bench --table X.json > X.md; the
+# README table: samhq-fast bench --table bench/results/*.json. Each benchmark rewrites its part
+# JSON after every configuration, and a run cut by a stage's SIGINT still writes the merged JSON
+# from what it finished (marked "interrupted"); one killed outright (no merged JSON) keeps its part
+# JSON, which `--table` reads too (marked incomplete).
 # The machine is given back between calls, and with it the autotune cache: each call copies
 # autotune.json to OUT_DIR; put it in .gpu_cache/ (git-ignored) and name .gpu_cache in the next
 # call's carry, so later stages reuse the tuned configs instead of timing every candidate again.
+# (The tests run untuned, SAMHQ_FAST_AUTOTUNE=0 in tests/conftest.py: tuning starts with the profile.)
 # tests/test_tiny_vit.py's GPU test compares with the original release, segment_anything_hq, which
 # the device image lacks (it has the torchvision and timm the original imports): fetch its wheel
 # here first, `pip download segment-anything-hq==0.3 --no-deps -d .whl`, and name .whl in carry too;
 # without it that test skips.
 set -uo pipefail
-out=${1:?usage: bench/gpu_session.sh OUT_DIR [tests,profile,encoder,decoder]}
-stages=",${2:-tests,profile,encoder,decoder},"
+usage="usage: bench/gpu_session.sh OUT_DIR STAGES (a comma list of tests, profile, encoder, decoder; at most ~10 minutes of them)"
+out=${1:?$usage}
+stages=",${2:?$usage},"
+day=$(date +%F)  # once: a session running past midnight still names its files alike
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export SAMHQ_FAST_CACHE_DIR=${SAMHQ_FAST_CACHE_DIR:-$PWD/.gpu_cache}
 mkdir -p "$SAMHQ_FAST_CACHE_DIR"
 # Saved after every stage (and at exit): a call cut off by the device's time limit still hands on its tuning.
 save_tuning() { cp "$SAMHQ_FAST_CACHE_DIR/autotune.json" "$out/" 2>/dev/null; }
-# After each stage: its exit status (the script's own is not a test result), and no per-run part
-# files or temporaries left to crowd the 8 files a call returns.
-finish() { echo "[gpu_session] $1 exit $2" | tee -a "$out/gpu.txt"; rm -f "$out"/*-bf16.json "$out"/*-bf16.md "$out"/*.tmp; save_tuning; }
+# finish STAGE STATUS [MERGED_JSON], after each stage: its exit status (the script's own is not a
+# test result), and no file that can be made again left to crowd the 8 files a call returns: the
+# tables (.md) and temporaries, and the part files once the merged JSON holds their rows.
+finish() {
+    echo "[gpu_session] $1 exit $2" | tee -a "$out/gpu.txt"
+    rm -f "$out"/*.tmp "$out"/*-bf16.md
+    if [[ -n ${3:-} ]]; then
+        rm -f "${3%.json}.md"
+        if [[ -f $3 ]]; then
+            rm -f "${3%.json}".*-bf16.json
+        else
+            echo "[gpu_session] $1: no $(basename "$3"): its part JSON is kept" | tee -a "$out/gpu.txt"
+        fi
+    fi
+    save_tuning
+}
 trap save_tuning EXIT
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1  # no network there
 if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-index --no-deps .whl/*.whl; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+echo "samhq-fast commit ${SAMHQ_FAST_COMMIT:-unknown (no SAMHQ_FAST_COMMIT given)}" | tee -a "$out/gpu.txt"
 if [[ $stages == *,tests,* ]]; then
     # SIGINT (not TERM) at the limit: pytest still prints the failures it has; 4 workers share the
     # CPU-bound Triton / Inductor compiles; one stuck test cannot eat the stage. Both need plugins
@@ -71,23 +92,28 @@ if [[ $stages == *,encoder,* ]]; then  # torch.compile(max-autotune) last: its c
     # Budgeted under the stage's timeout so the run ends itself and writes the merged JSON (and plot).
     # vit_h first: of the slow torch.compile configurations, the one that fits is vit_h's.
     plot=()
-    if python3 -c "import matplotlib" 2>/dev/null; then plot=(--plot "$out/encoder-$(date +%F).png"); fi
+    if python3 -c "import matplotlib" 2>/dev/null; then plot=(--plot "$out/encoder-$day.png"); fi
     timeout -s INT -k 20 420 python3 -m samhq_fast.cli bench --what encoder --variant vit_h,vit_b --batch 1,8,32 --dtype bf16 \
-        --backends eager,fused,fused-graphed,hf,hf-eager,compile --time-budget-s 330 --output "$out/encoder-$(date +%F).json" "${plot[@]}" \
+        --backends eager,fused,fused-graphed,hf,hf-eager,compile --time-budget-s 330 --output "$out/encoder-$day.json" "${plot[@]}" \
         2>&1 | tee "$out/encoder.log"
-    finish encoder "$?"
+    finish encoder "$?" "$out/encoder-$day.json"
 fi
 if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 4.5 min (--time-budget-s 200 + the last configuration)
     # The decoder is the same network for every variant (only e2e includes the encoder): vit_h first.
     # SIGINT at the limit: the merged JSON is still written from the configurations finished.
     timeout -s INT -k 20 270 python3 -m samhq_fast.cli bench --what decoder,e2e --variant vit_h,vit_b --prompts 1,16,64,256,1024 --dtype bf16 \
-        --backends eager,compile,fused --time-budget-s 200 --output "$out/decoder-$(date +%F).json" 2>&1 | tee "$out/decoder.log"
-    finish decoder "$?"
-    # automatic masks (32 x 32 points, eager vs fused, vit_h; <= 2 min), where pytest-benchmark is
-    # installed. vit_h only: a SIGINT inside a pytest-benchmark measurement loses its whole JSON.
+        --backends eager,compile,fused --time-budget-s 200 --output "$out/decoder-$day.json" 2>&1 | tee "$out/decoder.log"
+    finish decoder "$?" "$out/decoder-$day.json"
+    # automatic masks (32 x 32 points, vit_h; <= 2 min) where pytest-benchmark is installed: eager,
+    # then fused, one pytest run and JSON each: pytest-benchmark writes its JSON when the run ends, so
+    # a SIGINT inside a measurement loses the run's whole JSON (the fused run compiles the decoder).
     if python3 -c "import pytest_benchmark" 2>/dev/null; then
-        timeout -s INT -k 20 120 python3 -m pytest bench/test_benchmarks.py --benchmark-only -q -k "automatic and vit_h" \
-            --benchmark-json "$out/automatic-masks-$(date +%F).json" 2>&1 | tee "$out/automatic-masks.log" | tail -15
-        finish automatic-masks "$?"
+        for backend in eager fused; do
+            limit=$([[ $backend == eager ]] && echo 50 || echo 70)
+            timeout -s INT -k 20 "$limit" python3 -m pytest bench/test_benchmarks.py --benchmark-only -q -k "automatic and vit_h and $backend" \
+                --benchmark-json "$out/automatic-masks-$backend-$day.json" 2>&1 | tee -a "$out/automatic-masks.log" | tail -15
+            finish "automatic-masks $backend" "$?"
+        done
     fi
 fi
+

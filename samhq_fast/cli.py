@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--checkpoint", "-c", type=os.path.expanduser, metavar="SRC", help="benchmark this checkpoint (anything samhq_fast.load reads) "
                      "instead of random weights; its architecture replaces --variant")
     ben.add_argument("--output", "-o", type=os.path.expanduser, metavar="RESULTS.json", default=None,
-                     help="merged JSON (default bench/results/bench-DATE.json); the Markdown table goes next to it as .md")
+                     help="merged JSON (default bench/results/bench-DATE.json; --smoke: bench/results/smoke/, git-ignored); "
+                     "the Markdown table goes next to it as .md")
     ben.add_argument("--plot", type=os.path.expanduser, metavar="RESULTS.png", help="also draw a bar chart (needs matplotlib: pip install 'samhq-fast[plot]')")
     ben.add_argument("--interpret", action="store_true",
                      help="CPU only: allow the fused backend under the Triton interpreter (set TRITON_INTERPRET=1 before "
@@ -623,7 +624,6 @@ def _bench_runs(args, backends: list[str], device: str) -> list[tuple[str, list[
 
 
 def bench(args) -> int:
-    import datetime
     import importlib
 
     from samhq_fast.benchmark import common, report
@@ -636,7 +636,7 @@ def bench(args) -> int:
     if not runs:
         args.parser.error(f"nothing to run: --what {','.join(args.what)} with --backends {','.join(backends)} (the encoder runs "
                           "every backend, the decoder eager, compile and fused (on a GPU), e2e eager and fused)")
-    output = Path(args.output) if args.output else common.results_dir() / f"bench-{datetime.date.today().isoformat()}.json"
+    output = Path(args.output) if args.output else common.default_output("bench", args.smoke)
     if output.suffix != ".json":
         args.parser.error(f"--output must end in .json, got {output}")
     for path, option, suffixes in ((output, "--output", (".json",)), (args.plot, "--plot", (".png",))):

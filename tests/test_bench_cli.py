@@ -3,8 +3,10 @@
 
 import json
 import math
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,6 +97,28 @@ def test_bench_interrupted_writes_what_finished(tmp_path, capsys, monkeypatch):
     assert "**Incomplete: interrupted during the encoder run" in out.with_suffix(".md").read_text()
 
 
+def test_commit_from_the_environment_without_git(monkeypatch, tmp_path):
+    """The GPU machine runs a copy of the tree without .git: SAMHQ_FAST_COMMIT names the code timed."""
+    from samhq_fast.benchmark import common
+
+    monkeypatch.setattr(common, "ROOT", tmp_path)  # no repository there
+    monkeypatch.delenv(common.COMMIT_ENV, raising=False)
+    assert common.machine_info(torch.device("cpu"))["samhq_fast_commit"] is None
+    monkeypatch.setenv(common.COMMIT_ENV, "3d5da8a ")
+    assert common.machine_info(torch.device("cpu"))["samhq_fast_commit"] == "3d5da8a"
+
+
+def test_smoke_results_stay_out_of_the_committed_ones():
+    """Without --output a smoke run writes under bench/results/smoke/, which git ignores and which
+    `--table bench/results/*.json` (the README table) does not read; a real run writes to bench/results/."""
+    from samhq_fast.benchmark import common
+
+    smoke, real = common.default_output("bench", smoke=True), common.default_output("bench", smoke=False)
+    assert real.parent == common.results_dir() and smoke.parent.parent == common.results_dir()
+    assert subprocess.run(["git", "check-ignore", "-q", str(smoke)], cwd=common.ROOT).returncode == 0
+    assert subprocess.run(["git", "check-ignore", "-q", str(real)], cwd=common.ROOT).returncode == 1
+
+
 def test_free_memory_survives_a_sticky_cuda_error(monkeypatch):
     """After a kernel fault every CUDA call raises the same error; free_memory runs in `finally`
     blocks, where raising it again would lose the failing configuration's record and the run."""
@@ -111,7 +135,8 @@ def test_free_memory_survives_a_sticky_cuda_error(monkeypatch):
 def gpu_results() -> dict:
     """A hand-made encoder report as the GPU session will write one (numbers invented for the test only)."""
     machine = {"date": "2026-01-01T00:00:00+00:00", "gpu": "NVIDIA H200", "driver": "570.1", "torch": "2.11.0", "triton": "3.6.0",
-               "transformers": "5.17.0", "cuda": "12.8", "env": {}}
+               "transformers": "5.17.0", "cuda": "12.8", "env": {},
+               "samhq_fast_commit": "0123abcd"}
     speed = {"median_ms": 10.0, "p90_ms": 11.0, "tflops": 94.2, "pct_of_matmul": 15.0}
 
     def result(backend, factor, **extra):
@@ -124,7 +149,7 @@ def gpu_results() -> dict:
     rates = {"matmul_reference": {"shape": [8192, 8192, 8192], "dtype": "bfloat16", "tflops": 790.4},
              "copy": {"gb_per_s_read_plus_write": 4012.0}}
     return {"smoke": False, "machine": machine, "settings": {"variants": ["vit_b"], "dtype": "bf16"}, "flops_per_image": {}, "weights": "random weights",
-            "reference_rates": rates, "results": [result("eager", 1.0), result("fused", 2.0), wrong, result("hf", 0.5, numerics_ok=None, numerics={}),
+            "total_s": 321.0, "reference_rates": rates, "results": [result("eager", 1.0), result("fused", 2.0), wrong, result("hf", 0.5, numerics_ok=None, numerics={}),
                         {"variant": "vit_b", "batch": 8, "backend": "compile", "dtype": "bf16", "status": "skipped",
                          "reason": "time budget: 500 s of 420 s used"}]}
 
@@ -148,6 +173,7 @@ def test_bench_table_from_results(tmp_path, capsys):
     assert main(["bench", "--table", str(path)]) == 0
     table = capsys.readouterr().out
     assert "Machine: NVIDIA H200, driver 570.1, torch 2.11.0, triton 3.6.0" in table
+    assert "; samhq-fast 0123abcd" in table  # which code was timed (SAMHQ_FAST_COMMIT on the GPU machine, which has no .git)
     assert ("Measured in the bf16 encoder run: bfloat16 matmul 790 TFLOP/s (8192x8192x8192), copy 4012 GB/s "
             "(read + write).") in table  # what "% of matmul" divides by
     assert "| encoder | vit_b | bf16 | eager | batch 1 | 10.000 | 11.000 | 100.0 img/s | 94.20 | 15 | 1.00 | 1.5 | 2.0 | 1.0e-03 |  |" in table
@@ -158,6 +184,52 @@ def test_bench_table_from_results(tmp_path, capsys):
             "disagree with eager (rel L2 vs eager 4.0e-01, vs fp32 4.1e-01): figures withheld |") in table
     assert "| encoder | vit_b | bf16 | hf | batch 1 | 20.000 |" in table and "numerics not checked" in table  # no reference
     assert "NOT SPEED FIGURES" in table
+
+
+def test_bench_table_flags_a_run_that_was_cut_off(tmp_path, capsys):
+    """A benchmark report is rewritten after every configuration and gets total_s when it finishes: one
+    without it was killed (a time limit's SIGKILL) and holds only part of the run: the table says so."""
+    results = gpu_results()
+    path = tmp_path / "done.json"
+    path.write_text(json.dumps(results))
+    assert main(["bench", "--table", str(path)]) == 0
+    assert "Incomplete" not in capsys.readouterr().out
+    del results["total_s"]
+    path.write_text(json.dumps(results))
+    assert main(["bench", "--table", str(path)]) == 0
+    assert "**Incomplete: the encoder run ended before it finished (no total_s).**" in capsys.readouterr().out
+
+
+def test_bench_table_shows_no_figures_of_a_failed_row(tmp_path, capsys):
+    """A row whose status is not "ok" shows no speed, whatever the JSON holds."""
+    results = gpu_results()
+    results["results"][1].update(status="error", error="CUDA error: an illegal memory access")  # fused, batch 1
+    path = tmp_path / "failed.json"
+    path.write_text(json.dumps(results))
+    assert main(["bench", "--table", str(path)]) == 0
+    (fused,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| encoder | vit_b | bf16 | fused | batch 1")]
+    assert fused.split(" | ")[5:11] == ["-"] * 6  # median, p90, throughput, TFLOP/s, % of matmul, speedup
+
+
+def test_bench_table_skips_other_files_among_results(tmp_path, capsys):
+    """`--table bench/results/*.json` with a pytest-benchmark JSON (automatic masks) or a hand-edited
+    file among the results: the results' tables, and a warning naming each file skipped."""
+    good, other, broken = tmp_path / "encoder.json", tmp_path / "automatic-masks.json", tmp_path / "edited.json"
+    good.write_text(json.dumps(gpu_results()))
+    other.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))
+    results = gpu_results()
+    del results["results"][0]["variant"]
+    broken.write_text(json.dumps(results))
+    with pytest.warns(UserWarning) as caught:  # the CLI prints each as "samhq-fast: warning: ..."
+        assert main(["bench", "--table", str(good), str(other), str(broken)]) == 0
+    out = capsys.readouterr().out
+    assert f"Results from `{good}`." in out and str(other) not in out and str(broken) not in out
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all(m.startswith("skipped: ") for m in messages)
+    assert f"{other} is not a samhq-fast bench results file" in messages[0]
+    assert f"{broken} is not a samhq-fast bench results file: a result lacks or mistypes 'variant'" in messages[1]
+    assert main(["bench", "--table", str(broken)]) == 2  # alone, it is an error
+    assert "a result lacks or mistypes 'variant'" in capsys.readouterr().err
 
 
 def test_bench_table_rows_in_run_order_and_one_table_per_file(tmp_path, capsys):
@@ -362,3 +434,55 @@ def test_gpu_session_test_files_exist():
     (listed,) = re.findall(r"first=\(([^)]*)\)", GPU_SESSION.read_text())
     missing = [f for f in listed.split() if not (GPU_SESSION.parents[1] / f).is_file()]
     assert len(listed.split()) >= 6 and not missing, missing
+
+
+# A stand-in for the device's python3: `-m samhq_fast.cli bench ... --output X.json` writes the per-run
+# part files as the real run does, then the merged X.json (+ .md) if STUB_FINISHES=1, else it is
+# killed first (exit 137: the time limit's SIGKILL). The import probes for optional packages fail.
+PYTHON3_STUB = """#!/bin/bash
+case "$1" in
+  -c) [[ $2 == *"import torch"* ]] && echo "torch stub triton stub" && exit 0; exit 1 ;;
+  -m) [[ $2 == pip ]] && exit 0 ;;
+esac
+prev=""; out=""; for arg in "$@"; do [[ $prev == --output ]] && out=$arg; prev=$arg; done
+[[ $out == */* ]] || exit 1  # not a benchmark run (pytest of the tests stage...): nothing to write
+echo '{}' > "${out%.json}.encoder-bf16.json"; echo table > "${out%.json}.encoder-bf16.md"
+[[ $STUB_FINISHES == 1 ]] || exit 137
+echo '{}' > "$out"; echo table > "${out%.json}.md"
+"""
+
+
+def run_gpu_session(tmp_path, stages: list[str], finishes: bool):
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("python3", PYTHON3_STUB), ("nvidia-smi", "#!/bin/sh\necho 'NVIDIA H200, 570.1, 143771 MiB'\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_FINISHES": str(int(finishes)),
+           "SAMHQ_FAST_CACHE_DIR": str(tmp_path / "cache"), "SAMHQ_FAST_COMMIT": "0123abcd"}
+    done = subprocess.run(["bash", str(GPU_SESSION), str(out), *stages], cwd=GPU_SESSION.parents[1], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return done, out
+
+
+@pytest.mark.parametrize("finishes", [True, False], ids=["merged", "killed"])
+def test_gpu_session_keeps_the_results_of_a_killed_run(tmp_path, finishes):
+    """The encoder stage leaves what the device should return: the merged JSON when the run wrote it
+    (its part files and the .md tables deleted: the device returns at most 8 files), the part JSON
+    when the run was killed before merging (deleting it would lose every finished configuration)."""
+    done, out = run_gpu_session(tmp_path, ["encoder"], finishes)
+    assert done.returncode == 0, done.stderr
+    names = {p.name for p in out.iterdir()}
+    day = next(n for n in names if n.startswith("encoder-")).removeprefix("encoder-")[:10]
+    kept = f"encoder-{day}.json" if finishes else f"encoder-{day}.encoder-bf16.json"
+    assert names == {"gpu.txt", "encoder.log", kept}
+    log = (out / "gpu.txt").read_text()
+    assert "samhq-fast commit 0123abcd" in log and f"encoder exit {0 if finishes else 137}" in log
+    assert ("its part JSON is kept" in log) is not finishes
+
+
+def test_gpu_session_needs_its_stages(tmp_path):
+    """All four stages take ~20 minutes, a device call at most 10: STAGES is not optional."""
+    done, out = run_gpu_session(tmp_path, [], finishes=True)
+    assert done.returncode != 0 and "usage: bench/gpu_session.sh OUT_DIR STAGES" in done.stderr
+    assert not out.exists()

@@ -69,12 +69,18 @@ def finish_run_args(args: argparse.Namespace, name: str, target_s: float) -> Non
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if smoke else 10)
     args.target_s = args.target_s if args.target_s is not None else (target_s / 10 if smoke else target_s)
     if args.output is None:
-        args.output = str(results_dir() / f"{name}-{datetime.date.today().isoformat()}.json")
+        args.output = str(default_output(name, smoke))
 
 
 def results_dir() -> Path:
     """bench/results of the checkout when running from one (editable install), else ./bench/results."""
     return (ROOT if (ROOT / "pyproject.toml").is_file() else Path.cwd()) / "bench" / "results"
+
+
+def default_output(name: str, smoke: bool) -> Path:
+    """Where a run writes its JSON without --output: bench/results/NAME-DATE.json, the results that get
+    committed; a smoke run's in bench/results/smoke/ (git-ignored), out of `--table bench/results/*.json`."""
+    return results_dir() / ("smoke" if smoke else "") / f"{name}-{datetime.date.today().isoformat()}.json"
 
 
 def comma_list(text: str, cast=str) -> list:
@@ -139,7 +145,12 @@ def package_version(module: str) -> str | None:
         return None
 
 
+COMMIT_ENV = "SAMHQ_FAST_COMMIT"  # the commit, for a copy of the tree without .git (the GPU machine's)
+
+
 def _git_commit() -> str | None:
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV].strip()
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -416,9 +427,10 @@ def markdown_head(report: dict) -> list[str]:
 
 
 def machine_line(m: dict) -> str:
-    """The machine a report ran on, in one line (GPU or CPU, versions, date)."""
+    """The machine a report ran on, in one line (GPU or CPU, versions, date, the code's commit when known)."""
+    commit = m.get("samhq_fast_commit")
     return (f"{m.get('gpu') or 'CPU ' + str(m.get('cpu'))}, driver {m.get('driver')}, torch {m['torch']}, triton {m['triton']}, "
-            f"transformers {m['transformers']}, CUDA {m['cuda']}; {m['date']}")
+            f"transformers {m['transformers']}, CUDA {m['cuda']}; {m['date']}" + (f"; samhq-fast {commit}" if commit else ""))
 
 
 def save(report: dict, path: Path, markdown_table) -> None:

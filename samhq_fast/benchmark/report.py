@@ -9,6 +9,7 @@ invalid_speed, for diagnosis).
 """
 
 import json
+import warnings
 from pathlib import Path
 
 from .common import fmt, machine_line, withheld_reason
@@ -44,7 +45,9 @@ def not_speed_reasons(run: dict, backend: str | None) -> list[str]:
 
 
 def _row(run: dict, r: dict, what: str, backend: str, size: str, unit: str, per_call: int) -> dict:
-    s = r.get("speed") or {}  # a result whose numerics disagree with eager has its figures under invalid_speed: withheld
+    # a result whose numerics disagree with eager has its figures under invalid_speed (withheld); one
+    # that did not finish ("error", "skipped") has none to show
+    s = (r.get("speed") or {}) if r.get("status") == "ok" else {}
     median = s.get("median_ms")
     withheld = withheld_reason(r)
     reasons = [withheld] if withheld else not_speed_reasons(run, backend)
@@ -93,6 +96,16 @@ def rate_lines(runs: list[dict]) -> list[str]:
     return lines
 
 
+def incomplete(data: dict) -> str | None:
+    """Why a results JSON holds fewer configurations than its run asked for, or None: an interrupted
+    merge says so; a benchmark report without total_s (written by `finish` only) was cut off, e.g.
+    by a time limit's SIGKILL, and holds what it had saved after each configuration."""
+    if data.get("interrupted"):
+        return str(data["interrupted"])
+    cut = [run_kind(run) for run in runs_of(data) if "total_s" not in run]
+    return f"the {' and '.join(cut)} run ended before it finished (no total_s)" if cut else None
+
+
 def markdown_table(data: dict, source: str | None = None) -> str:
     """The performance table of one results JSON, headed by the machine(s) it ran on."""
     runs = runs_of(data)
@@ -103,7 +116,7 @@ def markdown_table(data: dict, source: str | None = None) -> str:
     rows = [row for run in runs for row in rows_of(run)]
     lines = [f"Results from `{source}`." if source else "", *(f"Machine: {m}" for m in machines.values()),
              *rate_lines(runs), f"Weights: {data.get('weights') or runs[0].get('weights') or 'random'}.",
-             f"**Incomplete: {data['interrupted']}.**" if data.get("interrupted") else None, ""]
+             f"**Incomplete: {incomplete(data)}.**" if incomplete(data) else None, ""]
     if any(not row["speed_figure"] for row in rows):
         lines += [f"**Rows whose note is not empty are {NOT_SPEED_FIGURES}** (CPU, smoke run, Triton interpreter or "
                   "failed numerics): do not quote them.", ""]
@@ -142,8 +155,23 @@ def read_results(path: str | Path) -> dict:
 
 
 def table_from_files(paths: list[str]) -> str:
-    """`samhq-fast bench --table FILE...`: one table per results JSON."""
-    return "\n".join(markdown_table(read_results(p), source=str(p)) for p in paths)
+    """`samhq-fast bench --table FILE...`: one table per results JSON. Of several files (a glob over
+    bench/results/), one that is not a results JSON (a pytest-benchmark JSON, autotune.json) is
+    skipped with a warning; a single one, or none valid, is a ValueError."""
+    tables, problems = [], []
+    for path in paths:
+        try:
+            data = read_results(path)
+            tables.append(markdown_table(data, source=str(path)))
+        except ValueError as e:
+            problems.append(str(e))
+        except (KeyError, TypeError, AttributeError) as e:  # a results file edited by hand, or of another schema
+            problems.append(f"{path} is not a samhq-fast bench results file: a result lacks or mistypes {e}")
+    if problems and not tables:
+        raise ValueError("; ".join(problems))
+    for problem in problems:
+        warnings.warn(f"skipped: {problem}", stacklevel=2)
+    return "\n".join(tables)
 
 
 def plot(data: dict, path: str) -> None:
