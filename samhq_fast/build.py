@@ -94,7 +94,8 @@ def load(
     """Load a SAM-HQ model in eval mode.
 
     source: original SAM-HQ .pth (flat state dict), .safetensors in the original or HF
-    `SamHQModel` key layout, an HF folder (config.json + model.safetensors), or a hub id
+    `SamHQModel` key layout, a folder holding model.safetensors (or a sharded
+    model.safetensors.index.json, or pytorch_model.bin; config.json is not read), or a hub id
     (needs huggingface_hub). The architecture is inferred from tensor shapes; `model.variant`
     says which ("vit_b", "vit_l", "vit_h", "vit_tiny" (Light HQ-SAM) or "custom") and `model.config`
     holds the rest.
@@ -106,8 +107,9 @@ def load(
     a compiled prompt decoder; vit_tiny's TinyViT encoder stays eager; on the CPU only under
     TRITON_INTERPRET=1), or "auto" (eager until the kernels are validated on a GPU, then fused on
     CUDA and eager on the CPU).
-    Raises CheckpointError (a ValueError) listing every missing, unexpected, mis-shaped,
-    non-floating-point or non-finite (NaN / inf) tensor.
+    Raises CheckpointError (a ValueError) listing every missing, unexpected, mis-shaped or
+    non-floating-point tensor; then, for a checkpoint that has the right tensors, one naming those
+    holding NaN / inf.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     backend = resolve_backend(backend, device, dtype)

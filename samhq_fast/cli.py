@@ -70,14 +70,15 @@ Outputs:
                       the later prompt wins. Always the size of the input image.
                       --auto: an index PNG, i for the i-th largest mask (painted largest
                       first, so smaller masks stay visible); 16-bit beyond 255 masks.
-  --overlay FILE      the photo with each mask blended in a distinct color and the prompts
+  --overlay FILE      the photo with each mask blended in a color (10, cycling) and the prompts
                       drawn (green dots foreground, red dots background, box outlines;
                       --auto: every mask, largest first, and its grid point).
   --json FILE         per-prompt prompts, predicted IoU score, mask area and bounding box
-                      (--auto: per mask its grid point, score, stability, area, box).
+                      (--auto: per mask its grid point, score, stability (null when not a
+                      number: an empty mask's is 0 / 0), area, box).
                       bbox_xywh: x, y of the top-left mask pixel, width and height in pixels;
                       image_size: [height, width] of the input image.
-A one-line summary per prompt is printed to stdout.
+A one-line summary per prompt (--auto: the mask count) is printed to stdout.
 """
 SEGMENT_EPILOG = """\
 examples:
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default {AUTO_DEFAULTS['box_nms_thresh']})")
     seg.add_argument("--output", "-o", type=os.path.expanduser, required=True, metavar="MASK.png",
                      help="mask PNG: binary 0/255 for one prompt, index 0..N for N prompts")
-    seg.add_argument("--overlay", type=os.path.expanduser, metavar="OVERLAY.png", help="also write the photo with the masks and prompts drawn on it")
+    seg.add_argument("--overlay", type=os.path.expanduser, metavar="OVERLAY.png",
+                     help=f"also write the photo with the masks and prompts drawn on it ({', '.join(OVERLAY_SUFFIXES)})")
     seg.add_argument("--json", type=os.path.expanduser, metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
     seg.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     seg.add_argument("--dtype", type=_dtype, default="fp32", metavar="fp32|fp16|bf16",
