@@ -234,7 +234,8 @@ class SamHQAutomaticMaskGenerator:
     def generate(self, image, multimask_output: bool = True, hq_token_only: bool = False) -> list[dict]:
         """image: what `SamHQPredictor.set_image` takes (numpy [H, W, 3] uint8 RGB, PIL, or a torch
         tensor) -> one record per mask: "segmentation" (per output_mode), "area" (pixels), "bbox"
-        [x, y, w, h] (w = x_last - x_first, one short of the mask's width, as the original's), "predicted_iou", "point_coords" [[x, y]], "stability_score", "crop_box" [x, y, w, h].
+        [x, y, w, h] (w = x_last - x_first: one short of the mask's width, as the original's),
+        "predicted_iou", "point_coords" [[x, y]], "stability_score", "crop_box" [x, y, w, h].
         multimask_output / hq_token_only: as in `SamHQPredictor.predict` (one mask per point either way).
         """
         check_flags(multimask_output=multimask_output, hq_token_only=hq_token_only)

@@ -114,9 +114,10 @@ def markdown_table(data: dict, source: str | None = None) -> str:
         line = machine_line(run["machine"])
         machines.setdefault(line.split(";")[0], line)
     rows = [row for run in runs for row in rows_of(run)]
+    cut_short = incomplete(data)
     lines = [f"Results from `{source}`." if source else "", *(f"Machine: {m}" for m in machines.values()),
              *rate_lines(runs), f"Weights: {data.get('weights') or runs[0].get('weights') or 'random'}.",
-             f"**Incomplete: {incomplete(data)}.**" if incomplete(data) else None, ""]
+             f"**Incomplete: {cut_short}.**" if cut_short else None, ""]
     if any(not row["speed_figure"] for row in rows):
         lines += [f"**Rows whose note is not empty are {NOT_SPEED_FIGURES}** (CPU, smoke run, Triton interpreter or "
                   "failed numerics): do not quote them.", ""]
