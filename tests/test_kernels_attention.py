@@ -16,6 +16,7 @@ from samhq_fast.kernels import attention
 from samhq_fast.kernels.attention import LOG2E, rel_pos_attention, rel_pos_terms, split_head_dim
 from samhq_fast.modeling.image_encoder import Attention, decomposed_rel_pos_bias, get_rel_pos, window_partition, window_unpartition
 
+
 def make_attention(dim: int, heads: int, attn_size: tuple[int, int], seed: int) -> Attention:
     torch.manual_seed(seed)
     attn = Attention(dim, heads, attn_size)
