@@ -336,10 +336,17 @@ def rel_pos_terms(
     Two launches of one kernel (rows, then columns) that read q where the qkv projection wrote it.
     """
     qkv, head_dim, _ = _checked_qkv(qkv, rel_pos_h, rel_pos_w, num_heads, "rel_pos_terms")
+    if window[0] < 1 or window[1] < 1:
+        raise ValueError(f"rel_pos_terms: window must be (win_h, win_w) >= 1, got {window}")
+    return _launch_rel_pos_terms(qkv, head_dim, rel_pos_h, rel_pos_w, num_heads, window, scale)
+
+
+def _launch_rel_pos_terms(
+    qkv: torch.Tensor, head_dim: int, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, num_heads: int, window: tuple[int, int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rel_pos_terms` on inputs `_checked_qkv` has passed (rel_pos_attention checks them once for both)."""
     b, h, w, _ = qkv.shape
     win_h, win_w = window
-    if win_h < 1 or win_w < 1:
-        raise ValueError(f"rel_pos_terms: window must be (win_h, win_w) >= 1, got {window}")
     rel_h = torch.empty((b, num_heads, h, w, win_h), device=qkv.device, dtype=torch.float32)
     rel_w = torch.empty((b, num_heads, h, w, win_w), device=qkv.device, dtype=torch.float32)
     if b == 0:
@@ -394,7 +401,7 @@ def rel_pos_attention(
     win_h, win_w = (h, w) if window_size == 0 else (window_size, window_size)
     windows_y, windows_x = triton.cdiv(h, win_h), triton.cdiv(w, win_w)
 
-    rel_h, rel_w = rel_pos_terms(qkv, rel_pos_h, rel_pos_w, num_heads, (win_h, win_w), scale=LOG2E)
+    rel_h, rel_w = _launch_rel_pos_terms(qkv, head_dim, rel_pos_h, rel_pos_w, num_heads, (win_h, win_w), LOG2E)
     bias = qkv_bias.to(qkv.dtype).contiguous()
     out = torch.empty((b, h, w, c), device=qkv.device, dtype=qkv.dtype)
     if b == 0:
