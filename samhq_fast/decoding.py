@@ -12,6 +12,8 @@ On CUDA the compiled function runs as CUDA graphs, one per bucket shape (mode="r
 or hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled without graphs.
 """
 
+import warnings
+
 import torch
 
 from .graphs import GraphCache, weights_state
@@ -22,8 +24,10 @@ from .modeling.sam_hq import no_prompt_outputs
 
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
 POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # points per prompt; more are padded to a multiple of the last
-# Dynamo's setting, renamed in torch 2.7 (cache_size_limit before)
-RECOMPILE_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+# Dynamo's limits on compiled variants of one function: per guarded object, and in all (renamed in
+# torch 2.7: cache_size_limit and accumulated_cache_size_limit before)
+_RENAMED = hasattr(torch._dynamo.config, "recompile_limit")
+RECOMPILE_LIMIT_NAMES = ("recompile_limit", "accumulated_recompile_limit") if _RENAMED else ("cache_size_limit", "accumulated_cache_size_limit")
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -95,11 +99,14 @@ class PromptDecoder:
     GRAPH_MODES = (None, False, True, "trees", "manual")
 
     # Dynamo's per-function recompile limit (8 by default) is below the number of bucket shapes
-    # (5 prompt x 7 point buckets, times the image counts seen): past it a fullgraph compile fails
-    # hard. New shapes are compiled under this higher limit; known shapes skip the (slow) config
-    # patch, unless a guard other than the shape fails (requires_grad, a tensor layout, inference
-    # mode...): that recompile hits the default limit, and is retried under the higher one.
-    RECOMPILE_LIMIT = 256
+    # (5 prompt x 7 point buckets, times the image counts seen), and its limit over all variants of
+    # the function (256; every PromptDecoder of the process compiles the same function) is within
+    # reach: past either, a fullgraph compile fails hard. New shapes are compiled under this higher
+    # limit for both; known shapes skip the (slow) config patch, unless a guard other than the shape
+    # fails (requires_grad, a tensor layout, inference mode...): that recompile hits the default
+    # limit, and is retried under the higher one. A shape past this limit too runs uncompiled, with
+    # a warning (correct, but slow and without graphs).
+    RECOMPILE_LIMIT = 4096
 
     def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | str | None = None):
         if cuda_graphs not in self.GRAPH_MODES:
@@ -129,7 +136,7 @@ class PromptDecoder:
         self._encode_dense_pe()
         self._decode = fn
         self._graphs = GraphCache(fn) if graphs == "manual" else None
-        self._shapes_seen = set()
+        self._shapes_seen, self._uncompiled_shapes = set(), set()
         self._weights = weights_state(model)
 
     def _basis_version(self) -> int | None:
@@ -157,8 +164,19 @@ class PromptDecoder:
                 return call(*args)
             except torch._dynamo.exc.FailOnRecompileLimitHit:
                 pass
-        with torch._dynamo.config.patch({RECOMPILE_LIMIT_NAME: self.RECOMPILE_LIMIT}):
-            out = call(*args)
+        if shape in self._uncompiled_shapes:
+            return decode_padded(self.model, *args)
+        try:
+            with torch._dynamo.config.patch(dict.fromkeys(RECOMPILE_LIMIT_NAMES, self.RECOMPILE_LIMIT)):
+                out = call(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn(
+                f"PromptDecoder: torch.compile's limit of compiled variants (PromptDecoder.RECOMPILE_LIMIT = "
+                f"{self.RECOMPILE_LIMIT}) is reached; the shape (prompts, points, images, one image) = {shape} "
+                "runs uncompiled (correct, but slower)", stacklevel=2,
+            )
+            self._uncompiled_shapes.add(shape)
+            return decode_padded(self.model, *args)
         self._shapes_seen.add(shape)
         return out
 

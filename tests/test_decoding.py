@@ -6,6 +6,7 @@ counts stay within their buckets.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -251,6 +252,38 @@ def test_a_known_shape_recompiled_past_the_limit(tiny_model, image_state):
     assert counter.frame_count == len(shapes) + 1
     for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, True, False)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_past_dynamos_limit_over_all_variants_compile(tiny_model, image_state, monkeypatch):
+    """Dynamo also caps the compiled variants of one function in all (256 by default; every
+    PromptDecoder of a process compiles the same function, and bucket shapes times image counts
+    reach it): lowered here to 4, the decoder's 6 shapes must still compile."""
+    monkeypatch.setattr(torch._dynamo.config, decoding.RECOMPILE_LIMIT_NAMES[1], 4)
+    counter = CompileCounterWithBackend("eager")
+    decoder = PromptDecoder(tiny_model, backend=counter)
+    shapes = [(num, points) for num in (1, 2) for points in (1, 2, 3)]
+    for num, points in shapes:
+        decoder(*image_state, **make_prompts("points", num, points), multimask_output=True, hq_token_only=False)
+    assert counter.frame_count == len(shapes)
+
+
+def test_shapes_past_the_decoders_limit_run_uncompiled(tiny_model, image_state, monkeypatch):
+    """Past PromptDecoder.RECOMPILE_LIMIT (lowered here to 1), a new shape warns once and runs the
+    padded function uncompiled: the outputs are still the eager decoder's."""
+    monkeypatch.setattr(PromptDecoder, "RECOMPILE_LIMIT", 1)
+    decoder = PromptDecoder(tiny_model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the process's earlier compiles of the function may count already)
+        decoder(*image_state, **make_prompts("points", 1, 1), multimask_output=True, hq_token_only=False)
+    prompts = make_prompts("points+box", 5, 3, seed=3)
+    with pytest.warns(UserWarning, match="runs uncompiled"):
+        got = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shape is known to run uncompiled: no second compile attempt, no warning
+        again = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
+    for g, a, e in zip(got, again, eager_decode(tiny_model, image_state, prompts, True, False)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a, g)
 
 
 def test_decoder_follows_a_model_cast_after_first_use(tiny_model, image_state):
