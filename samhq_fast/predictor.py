@@ -1,6 +1,7 @@
 """SamHQPredictor: the original SamPredictor's API (set an image once, prompt it many times),
 plus several prompts per call, torch-tensor images and outputs, and several images at once."""
 
+import itertools
 import numbers
 import warnings
 
@@ -225,11 +226,13 @@ class SamHQPredictor:
         """Pay the one-time costs before the first real image, e.g. ahead of a video stream.
 
         For each batch size b: one image-encoder pass on b blank images (Triton autotuning at new
-        shapes, the CUDA graph with encoder_graphs=True). On the fused backend also one decoder call
-        per (prompt count n, points per prompt k): n prompts spread over min(n, b) of the b images
-        (torch.compile and the CUDA graph of that bucket shape). A later call whose prompt and
-        point counts fall in a warmed bucket (`decoding.PROMPT_BUCKETS` / `POINT_BUCKETS`) compiles
-        nothing; box-only prompts count as k = 1. The images set (if any) are kept.
+        shapes, the CUDA graph with encoder_graphs=True). On the fused backend also decoder calls
+        per (prompt count n, points per prompt k): n prompts on one image, and n prompts spread over
+        min(n, b) of the b images (torch.compile and the CUDA graph of each bucket shape; a decoder
+        shape is (prompt bucket, point bucket, b, or 1 when all prompts read one image)). A later
+        call with as many images set, whose prompt and point counts fall in warmed buckets
+        (`decoding.PROMPT_BUCKETS` / `POINT_BUCKETS`), compiles nothing; box-only prompts count as
+        k = 1. The images set (if any) are kept.
         """
         counts = {"batch_sizes": batch_sizes, "prompts": prompts, "points": points}
         for name, values in counts.items():
@@ -244,8 +247,8 @@ class SamHQPredictor:
             if self.model.backend != "fused":
                 continue
             for n in counts["prompts"]:
-                per_image = [len(range(i, n, min(n, b))) for i in range(min(n, b))]  # n prompts dealt over the images
-                for k in counts["points"]:
+                dealt = [len(range(i, n, min(n, b))) for i in range(min(n, b))]  # n prompts dealt over the images
+                for per_image, k in itertools.product((dealt, [n]) if len(dealt) > 1 else ([n],), counts["points"]):
                     prompt_sets = [(i, torch.zeros(m, k, 2, device=self.device), torch.ones(m, k, dtype=torch.int64, device=self.device),
                                     None, None) for i, m in enumerate(per_image)]
                     self._fused_decoder().decode_images(features, hq_features, prompt_sets, False, False)

@@ -8,6 +8,7 @@ counts stay within their buckets.
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -512,6 +513,22 @@ def test_warm_up_compiles_what_later_calls_need(tiny_model, monkeypatch):
     assert counter.frame_count == 2  # every later call fell in a warmed bucket (2-4 prompts of 1-2 points)
     predictor.predict_batch([dict(point_coords=points[:1, :1], point_labels=torch.ones(1, 1, dtype=torch.int64).numpy()), dict(box=boxes[0])])
     assert counter.frame_count == 3  # one point per prompt: the point bucket 1, not warmed
+
+
+def test_warm_up_covers_prompts_on_one_image_of_a_batch(tiny_model, monkeypatch):
+    """A clip of 3 frames where only one frame has prompts decodes with the one-image shape, not the
+    3-image one: warm_up(batch_sizes=(3,)) must have compiled both."""
+    predictor = SamHQPredictor(apply_fused_backend(copy.deepcopy(tiny_model)))
+    counter = CompileCounterWithBackend("aot_eager")
+    predictor._prompt_decoder = PromptDecoder(predictor.model, backend=counter)
+    monkeypatch.setattr(predictor, "_encode", tiny_model.encode_image)  # (the eager encoder: the interpreter's is slow)
+    predictor.warm_up(batch_sizes=(3,), prompts=2, points=1)
+    warmed = counter.frame_count
+    predictor.set_images([make_photo(60, 90, seed=s) for s in range(3)])
+    boxes = np.array([[5.0, 5.0, 30.0, 40.0], [20.0, 10.0, 80.0, 50.0]])
+    predictor.predict_batch([{}, dict(box=boxes), {}])  # both prompts on frame 1
+    predictor.predict_batch([dict(box=boxes[0]), {}, dict(box=boxes[1])])  # one prompt on each of frames 0 and 2
+    assert counter.frame_count == warmed == 2
 
 
 def test_warm_up_on_eager_runs_the_encoder_only(tiny_model, monkeypatch):
