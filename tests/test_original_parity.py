@@ -193,12 +193,15 @@ def test_prompt_encoder_matches_original(tiny_pair, points, with_box):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("labels", [[[1, -2, 2], [0, 7, -1]], [[1.0, 0.5, -0.5], [-1.0, 1.5, 0.0]]], ids=["int", "float"])
-def test_labels_outside_sams_set_match_original(tiny_pair, labels):
-    """A label other than 1 / 0 / -1 (an int, or a fraction in a float tensor) is a point with no
-    label embedding in the original: not a "not a point", not rounded to a neighbour."""
+@pytest.mark.parametrize("labels, dtype", [([[1, -2, 2], [0, 7, -1]], torch.int64), ([[1.0, 0.5, -0.5], [-1.0, 1.5, 0.0]], torch.float32),
+                                           ([[1, 255, 0], [0, 200, 1]], torch.uint8)], ids=["int", "float", "uint8"])
+def test_labels_outside_sams_set_match_original(tiny_pair, labels, dtype):
+    """A label other than 1 / 0 / -1 (an int, a fraction in a float tensor, 255 in a uint8 one) is a
+    point with no label embedding in the original: not a "not a point", not rounded to a neighbour.
+    (uint8 255 must not compare equal to -1: the original compares after its float padding label
+    promoted the labels to float.)"""
     reference, ours = tiny_pair
-    labels = torch.tensor(labels)
+    labels = torch.tensor(labels, dtype=dtype)
     coords = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(5)) * 200
     with torch.no_grad():
         expected, actual = reference.prompt_encoder((coords, labels), None, None), ours.prompt_encoder((coords, labels), None, None)

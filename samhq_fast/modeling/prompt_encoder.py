@@ -94,7 +94,7 @@ class PromptEncoder(nn.Module):
         Label 1 / 0 add the foreground / background embedding, -1 is "not a point"; any other
         label leaves the bare positional encoding (as in the original)."""
         embedding = self.pe_layer.points(coords + 0.5, self.input_image_size)  # +0.5: centre of the pixel
-        labels = labels[..., None]
+        labels = labels[..., None].float()  # (compared as numbers: in uint8, 255 == -1 would hold)
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight.float(), embedding)
         embedding = embedding + (labels == 0) * self.point_embeddings[0].weight.float()
         return embedding + (labels == 1) * self.point_embeddings[1].weight.float()
@@ -161,7 +161,7 @@ class PromptEncoder(nn.Module):
             coords, labels = points
             if boxes is None:  # a "not a point" token stands in for the missing box
                 coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)
-                labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+                labels = torch.cat([labels.float(), labels.new_full((labels.shape[0], 1), -1.0, dtype=torch.float32)], dim=1)  # (in uint8, -1 is 255)
             sparse.append(self.embed_points(coords, labels))
         if boxes is not None:
             sparse.append(self.embed_boxes(boxes))
