@@ -59,7 +59,8 @@ finish() {
     save_tuning
 }
 trap save_tuning EXIT
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1  # no network there
+# No network there. An editable install needs setuptools >= 64 (unknown on the device): else a plain one.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
 if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-index --no-deps .whl/*.whl; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
@@ -71,6 +72,7 @@ if [[ $stages == *,tests,* ]]; then
     # --dist load, not loadfile: test_fused_backend.py alone (real-size vit_b / vit_h, several decoder
     # compiles) could outlast the stage on one worker. A test module that fails to import (a package
     # missing on the device) costs its own tests only.
+    # -v: a line per finished test, so a stage killed before pytest's summary still names its failures.
     # The files in priority order (xdist's load scheduling keeps it roughly): if the stage is cut, the
     # kernels and the fused encoder have been checked before the decoder and the image path.
     parallel=()
@@ -79,7 +81,7 @@ if [[ $stages == *,tests,* ]]; then
            tests/test_fused_backend.py tests/test_decoding.py)
     test_files=("${first[@]}")
     for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || test_files+=("$f"); done
-    timeout -s INT -k 20 300 python3 -m pytest -m gpu -q -rfE --tb=short --durations=15 "${parallel[@]}" \
+    timeout -s INT -k 20 300 python3 -m pytest -m gpu -v -rfE --tb=short --durations=15 "${parallel[@]}" \
         --continue-on-collection-errors -p no:cacheprovider "${test_files[@]}" 2>&1 | tee "$out/gpu_tests.log"
     finish tests "$?"
 fi

@@ -58,8 +58,9 @@ from . import common
 
 MODES = ("eager", "graphed", "graphed-manual", "compiled")
 # eager first (the numerics reference), then what matters most, so a tight time budget cuts the
-# least useful: compiled-without-graphs is a diagnostic (what the graphs save).
-RUN_ORDER = ("eager", "graphed", "graphed-manual", "e2e", "compiled")
+# least useful: the default graphs, the whole pipeline (set_image + 1 prompt), the alternative
+# graphs, and compiled-without-graphs last, a diagnostic (what the graphs save).
+RUN_ORDER = ("eager", "graphed", "e2e", "graphed-manual", "compiled")
 E2E_BACKENDS = ("eager", "fused")
 # End to end the two backends run different image encoders: correct bf16 encoders differ by up to
 # ~2.5e-2 (rel L2, bench_encoder), and that reaches the logits.
