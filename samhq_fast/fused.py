@@ -67,9 +67,9 @@ class FusedBlock(nn.Module):
         from samhq_fast.kernels.fused_linear import fused_linear
 
         attn, mlp = self.attn, self.mlp
-        if torch.is_grad_enabled() and (x.requires_grad or attn.qkv.weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             # the kernels have no backward: their outputs would carry no autograd history, and a
-            # backward pass would silently leave the encoder out
+            # backward pass would silently leave the encoder out (or the part of it being fine-tuned)
             raise RuntimeError(
                 "the fused backend is inference-only (its Triton kernels have no backward pass): run the model under "
                 "torch.inference_mode() or torch.no_grad() (the predictors do), or load it with backend='eager' to train"

@@ -79,6 +79,9 @@ def test_fused_encoder_refuses_autograd(tiny_model, fused_tiny, kernel_spies):
     with pytest.raises(RuntimeError, match="inference-only"):
         block(tokens)  # ... and a differentiable input
     assert block(tokens.detach()).shape == tokens.shape  # autograd on, but nothing to differentiate
+    block.mlp.lin1.weight.requires_grad_(True)  # fine-tuning one layer of a frozen encoder
+    with pytest.raises(RuntimeError, match="inference-only"):
+        block(tokens.detach())
 
 
 def test_fused_predictor_matches_eager(tiny_checkpoints, kernel_spies):
