@@ -231,6 +231,29 @@ def test_tuning_keys_tell_dtypes_apart(monkeypatch):
     assert all(len(family) == 2 and family[0] != family[1] for family in keys.values()), keys
 
 
+def test_tuning_keys_tell_launch_variants_apart(monkeypatch):
+    """A choice is reused only for the same launch: the fused linear's key holds its epilogue
+    (activation, residual), the attention's its window (a global block's tiles spill in a windowed
+    one, and the candidate lists differ). Stand-ins as above let it run on the CPU."""
+    keys = {"fused_linear": [], "rel_pos_attention": []}
+
+    def record(kernel, key, candidates, launch, device):
+        keys[kernel].append(key)
+        return launch(fused_linear.TORCH_OP if kernel == "fused_linear" else attention.INTERPRETER_CONFIG)
+
+    for module in (fused_linear, attention):
+        monkeypatch.setattr(module, "interpreting", lambda x, who: False)
+        monkeypatch.setattr(module.autotune, "run", record)
+    x, w, b, residual = make_inputs((6,), 32, 24, torch.float32, residual=True)
+    fused_linear.fused_linear(x, w, b)
+    fused_linear.fused_linear(x, w, b, activation="gelu")
+    fused_linear.fused_linear(x, w, b, residual=residual)
+    qkv = x.new_zeros(1, 6, 6, 96)
+    for window in (0, 3):  # the whole 6 x 6 grid, or 3 x 3 windows of it
+        attention.rel_pos_attention(qkv, x.new_zeros(96), x.new_zeros(11, 16), x.new_zeros(11, 16), 2, window)
+    assert len(set(keys["fused_linear"])) == 3 and len(set(keys["rel_pos_attention"])) == 2, keys
+
+
 def test_global_blocks_are_offered_their_own_candidates(monkeypatch):
     """The launcher offers the tuner the global-only tiles (two grid rows of keys) in a global block
     and not in a windowed one, where they spill. Stand-ins as above let it run on the CPU."""
