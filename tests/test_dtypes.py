@@ -40,6 +40,15 @@ def check_close_to_fp32(fp32_results, half_results) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_model_normalizes_pixels_in_fp32(tiny_model, dtype):
+    """preprocess normalizes in fp32 and rounds once to the model dtype, not (x - mean) / std in half
+    precision (two more roundings: about 2x the input error in bf16)."""
+    images = torch.rand(2, 3, 200, 256, generator=torch.Generator().manual_seed(0)) * 255  # padded to 256 x 256
+    half = copy.deepcopy(tiny_model).to(dtype)
+    assert torch.equal(half.preprocess(images), tiny_model.preprocess(images).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_model_return_torch_is_the_numpy_output(tiny_model, dtype):
     """return_torch gives the numpy outputs' values and dtypes as tensors (bool masks, float32 scores
     and logits), also from a half model, whose decoder computes scores and low-res logits in 16 bits."""

@@ -177,3 +177,14 @@ def test_graphed_encoder_captures_again_after_a_cast(graphed_stub):
     model.weight = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))  # what model.double() does to a weight
     encoder(torch.ones(1, 3, 4, 4))
     assert model.calls.count("capture") == 2 * 3
+
+
+def test_graphed_encoder_captures_again_after_new_weights_of_the_same_dtype(graphed_stub):
+    """load_state_dict(assign=True) replaces the weight tensors without changing device or dtype:
+    the graphs captured before would replay the old weights' addresses."""
+    model, encoder = graphed_stub
+    encoder(torch.ones(1, 3, 4, 4))
+    old = model.weight  # (kept alive: the new weight cannot take its address)
+    model.weight = torch.nn.Parameter(torch.ones(1))
+    encoder(torch.ones(1, 3, 4, 4))
+    assert old.dtype == model.weight.dtype and model.calls.count("capture") == 2 * 3

@@ -542,6 +542,21 @@ def test_bool_masks_are_upsampled_a_few_prompts_at_a_time(prepared, tiny_model, 
     assert upsampled[-2:] == [2, 1] and torch.equal(output["masks"], expected)
 
 
+def test_a_prompt_larger_than_the_chunk_budget_goes_alone(prepared, tiny_model, monkeypatch):
+    """A huge image can hold more pixels per prompt than MASK_CHUNK_PIXELS (here 1): the chunk is then
+    one prompt, not zero."""
+    predictor, _ = prepared("rounding_103x300")
+    monkeypatch.setattr(sam_hq, "MASK_CHUNK_PIXELS", 1)
+    upsampled = []
+    postprocess = tiny_model.postprocess_masks
+    monkeypatch.setattr(tiny_model, "postprocess_masks", lambda low_res, *sizes: upsampled.append(len(low_res)) or postprocess(low_res, *sizes))
+    boxes = np.array([[10, 5, 120, 90], [100, 20, 290, 100]], dtype=float)
+    masks, _, _ = predictor.predict(box=boxes)
+    logits, _, _ = predictor.predict(box=boxes, return_logits=True)
+    assert upsampled == [1, 1, 2]  # two chunks of one for the masks, then the logits in one call
+    np.testing.assert_array_equal(masks, logits > 0)
+
+
 @pytest.mark.gpu
 def test_bool_masks_of_many_prompts_on_a_large_frame_gpu():
     """64 boxes on a 3840x2160 frame: their fp32 upsampled logits all at once would take 2.1 GB beside
