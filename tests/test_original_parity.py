@@ -212,6 +212,19 @@ def test_labels_outside_sams_set_match_original(tiny_pair, labels, dtype):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
 
 
+def test_transform_matches_original(original, photo):
+    """ResizeLongestSide against the original's: numpy images (PIL), float tensor batches (its one
+    antialiased pass), coordinates and boxes."""
+    ours, theirs = ResizeLongestSide(256), original.utils.transforms.ResizeLongestSide(256)
+    np.testing.assert_array_equal(ours.apply_image(photo), theirs.apply_image(photo))
+    chw = torch.from_numpy(photo).permute(2, 0, 1)[None].float()
+    torch.testing.assert_close(ours.apply_image_torch(chw), theirs.apply_image_torch(chw), rtol=0, atol=0)
+    boxes, size = np.array([[5.0, 7.0, 200.0, 140.0]]), photo.shape[:2]
+    np.testing.assert_allclose(ours.apply_boxes(boxes, size), theirs.apply_boxes(boxes, size), rtol=1e-6)
+    torch.testing.assert_close(ours.apply_coords_torch(torch.tensor([[3.0, 149.0]]), size),
+                               theirs.apply_coords_torch(torch.tensor([[3.0, 149.0]]), size))
+
+
 def test_forward_matches_original(tiny_pair, photo):
     """Sam.forward(batched_input): two images of different sizes, points on one and boxes on the other."""
     reference, ours = tiny_pair
