@@ -255,16 +255,16 @@ def test_a_known_shape_recompiled_past_the_limit(tiny_model, image_state):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_shapes_past_dynamos_limit_over_all_variants_compile(tiny_model, image_state, monkeypatch):
+def test_shapes_past_dynamos_limit_over_all_variants_compile(tiny_model, image_state):
     """Dynamo also caps the compiled variants of one function in all (256 by default; every
     PromptDecoder of a process compiles the same function, and bucket shapes times image counts
     reach it): lowered here to 4, the decoder's 6 shapes must still compile."""
-    monkeypatch.setattr(torch._dynamo.config, decoding.RECOMPILE_LIMIT_NAMES[1], 4)
     counter = CompileCounterWithBackend("eager")
     decoder = PromptDecoder(tiny_model, backend=counter)
     shapes = [(num, points) for num in (1, 2) for points in (1, 2, 3)]
-    for num, points in shapes:
-        decoder(*image_state, **make_prompts("points", num, points), multimask_output=True, hq_token_only=False)
+    with torch._dynamo.config.patch({decoding.RECOMPILE_LIMIT_NAMES[1]: 4}):  # (not monkeypatch: its undo deletes config entries)
+        for num, points in shapes:
+            decoder(*image_state, **make_prompts("points", num, points), multimask_output=True, hq_token_only=False)
     assert counter.frame_count == len(shapes)
 
 
