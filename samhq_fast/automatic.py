@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from .modeling import SamHQ
-from .predictor import SamHQPredictor, check_flags
-from .transforms import as_rgb_uint8, as_rgb_uint8_torch
+from .predictor import SamHQPredictor
+from .transforms import as_rgb_uint8, as_rgb_uint8_torch, check_flags
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 CROP_EDGE_TOLERANCE = 20.0  # pixels: a box this close to a crop's inner edge was cut by the crop

@@ -15,8 +15,8 @@ from .modeling import SamHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import decode_eager, no_prompt_outputs
 from .transforms import (
-    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, check_image_size, check_resized_shape, resize_longest_side, resize_longest_side_torch,
-    scale_coords,
+    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, check_flags, check_image_size, check_resized_pixels, check_resized_shape,
+    resize_longest_side, resize_longest_side_torch, scale_coords,
 )
 
 PROMPT_KEYS = ("point_coords", "point_labels", "box", "mask_input")  # what a predict_batch prompt dict may hold
@@ -55,14 +55,6 @@ def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValueError(f"{name} has NaN or infinite values")
     return array
-
-
-def check_flags(**flags) -> None:
-    """Boolean options must be booleans (or 0 / 1): a string such as "False" is truthy and would
-    silently give the other output."""
-    for name, value in flags.items():
-        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 class ImageNotSetError(RuntimeError, ValueError):
@@ -209,6 +201,7 @@ class SamHQPredictor:
         if not isinstance(transformed_image, torch.Tensor) or transformed_image.ndim != 4 or transformed_image.shape[:2] != (1, 3):
             shape = list(transformed_image.shape) if isinstance(transformed_image, torch.Tensor) else type(transformed_image).__name__
             raise ValueError(f"transformed_image must be a [1, 3, h, w] tensor, got {shape}")
+        check_resized_pixels(transformed_image, "transformed_image")
         if max(transformed_image.shape[-2:]) != size:
             raise ValueError(f"transformed_image must have its longest side resized to {size}, got {list(transformed_image.shape[-2:])}")
         input_size = tuple(transformed_image.shape[-2:])

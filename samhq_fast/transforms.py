@@ -6,6 +6,7 @@ equals the model's image size (1024), before padding. Coordinates are (x, y) pix
 
 import numbers
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -21,6 +22,34 @@ def check_image_size(size, name: str) -> tuple[int, int]:
             and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in values)):
         raise ValueError(f"{name} must be (H, W), two positive integers, got {size!r}")
     return int(values[0]), int(values[1])
+
+
+def check_flags(**flags) -> None:
+    """Boolean options must be booleans (or 0 / 1): a string such as "False" is truthy and would
+    silently give the other output."""
+    for name, value in flags.items():
+        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_resized_pixels(image: torch.Tensor, name: str) -> None:
+    """A resized image the model takes as it is (set_torch_image, the model's forward): RGB on a
+    0..255 scale, uint8 or float. Refuses other dtypes, meta tensors and float NaN / inf or values
+    outside 0..255 (one host sync, float input only); warns when every value is within [0, 1] (not
+    all 0)."""
+    if image.is_meta:
+        raise ValueError(f"{name} is on the meta device: it holds no pixels")
+    if image.dtype != torch.uint8 and image.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name} must be uint8 or float16/bfloat16/float32/float64 on a 0..255 scale, got {image.dtype}")
+    if image.is_floating_point() and image.numel():
+        nonfinite, below, above, unit = torch.stack([
+            ~torch.isfinite(image).all(), (image < 0).any(), (image > 255).any(), (image <= 1).all() & (image > 0).any()]).tolist()
+        if nonfinite:
+            raise ValueError(f"{name} has NaN or infinite values")
+        if below or above:
+            raise ValueError(f"{name} has values outside 0..255: RGB pixels on a 0..255 scale are expected")
+        if unit:
+            warnings.warn(f"{name}: every value is within [0, 1], but the scale is 0..255 (multiply by 255?)", stacklevel=3)
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:

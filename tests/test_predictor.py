@@ -941,18 +941,51 @@ def test_original_model_attributes(tiny_model):
         ([dict(image=torch.zeros(3, 256, 200), original_size=(0, 5))], "batched_input[0]: original_size must be (H, W), two positive integers, got (0, 5)"),
         ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200, 3))], "batched_input[0]: original_size must be (H, W)"),  # image.shape
         ([dict(image=torch.zeros(3, 256, 200), original_size=torch.tensor([25.5, 20.0]))], "batched_input[0]: original_size must be (H, W)"),
+        ([dict(image=torch.full((3, 256, 200), float("nan")), original_size=(256, 200))], "batched_input[0]: image has NaN or infinite values"),
+        ([dict(image=torch.full((3, 256, 200), 300.0), original_size=(256, 200))], "batched_input[0]: image has values outside 0..255"),
+        ([dict(image=torch.ones(3, 256, 200, dtype=torch.bool), original_size=(256, 200))], "batched_input[0]: image must be uint8 or float16"),
         # the second image's prompts are refused before the encoder runs on both
         ([dict(image=torch.zeros(3, 256, 200), original_size=(256, 200)),
           dict(image=torch.zeros(3, 256, 200), original_size=(256, 200), point_coords=torch.zeros(1, 2, 2), point_labels=torch.ones(1, 3))],
          "batched_input[1]: point_labels must have shape [N, K]"),
     ],
     ids=["empty", "not_resized", "hwc", "no_original_size", "box_shape", "mask_shape", "zero_original_size", "original_size_with_channels",
-         "float_original_size", "second_image_prompts"],
+         "float_original_size", "nan_image", "image_over_255", "bool_image", "second_image_prompts"],
 )
 def test_model_forward_rejects_bad_input(tiny_model, monkeypatch, batched_input, message):
     monkeypatch.setattr(tiny_model, "encode_image", lambda images: pytest.fail("the encoder ran before the input was checked"))
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         tiny_model(batched_input, multimask_output=False)
+
+
+def test_model_forward_refuses_flags_that_are_not_booleans(tiny_model, monkeypatch):
+    """A string is truthy: "no" would silently give the multimask output."""
+    monkeypatch.setattr(tiny_model, "encode_image", lambda images: pytest.fail("the encoder ran before the input was checked"))
+    batched_input = [dict(image=torch.zeros(3, 256, 200), original_size=(256, 200))]
+    with pytest.raises(TypeError, match="multimask_output must be True or False, got 'no'"):
+        tiny_model(batched_input, multimask_output="no")
+    with pytest.raises(TypeError, match="hq_token_only must be True or False, got 'no'"):
+        tiny_model(batched_input, multimask_output=False, hq_token_only="no")
+
+
+@pytest.mark.parametrize("image, error, message", [
+    (torch.full((1, 3, 171, 256), float("inf")), ValueError, "transformed_image has NaN or infinite values"),
+    (torch.full((1, 3, 171, 256), -1.0), ValueError, "transformed_image has values outside 0..255"),
+    (torch.ones(1, 3, 170, 256, dtype=torch.int64), TypeError, "transformed_image must be uint8 or float16/bfloat16/float32/float64"),
+    (torch.zeros(1, 3, 170, 256, device="meta"), ValueError, "transformed_image is on the meta device"),
+], ids=["inf", "negative", "int64", "meta"])
+def test_set_torch_image_refuses_pixels_it_cannot_take(tiny_model, image, error, message):
+    """Every other image entry point refuses these; the original would encode them (NaN: NaN scores)."""
+    predictor = SamHQPredictor(tiny_model)
+    with pytest.raises(error, match=re.escape(message)):
+        predictor.set_torch_image(image, (200, 300))
+    assert not predictor.is_image_set
+
+
+def test_set_torch_image_warns_of_a_unit_scale_image(tiny_model):
+    """Float pixels in [0, 1] (a common convention) would reach the model as a black image."""
+    with pytest.warns(UserWarning, match=re.escape("every value is within [0, 1], but the scale is 0..255")):
+        SamHQPredictor(tiny_model).set_torch_image(torch.full((1, 3, 171, 256), 0.5), (200, 300))
 
 
 def test_model_forward_takes_original_size_as_a_tensor_or_array(tiny_model):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..transforms import check_image_size
+from ..transforms import check_flags, check_image_size, check_resized_pixels
 from .image_encoder import ImageEncoderViT, ViTConfig
 from .mask_decoder import MaskDecoderHQ
 from .prompt_encoder import PromptEncoder, prompt_count
@@ -185,6 +185,7 @@ class SamHQ(nn.Module):
         """
         if not isinstance(batched_input, (list, tuple)) or not batched_input:
             raise TypeError(f"batched_input must be a non-empty list of dicts, one per image, got {type(batched_input).__name__}")
+        check_flags(multimask_output=multimask_output, hq_token_only=hq_token_only)
         size = self.config.img_size
         images, original_sizes, prompts = [], [], []
         for i, record in enumerate(batched_input):  # every record is checked before the encoder runs
@@ -195,6 +196,7 @@ class SamHQ(nn.Module):
             if "original_size" not in record:
                 raise ValueError(f"batched_input[{i}] has no 'original_size' (H, W)")
             try:
+                check_resized_pixels(image, "image")
                 original_sizes.append(check_image_size(record["original_size"], "original_size"))
                 prompts.append(self.prompt_encoder.check_prompts(
                     *(record.get(key) for key in ("point_coords", "point_labels", "boxes", "mask_inputs")), mask_name="mask_inputs"))
