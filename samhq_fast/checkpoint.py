@@ -129,7 +129,17 @@ def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         shared = state_dict.setdefault("shared_image_embedding.positional_embedding", tied)
         if not torch.equal(shared, tied):
             raise CheckpointError(f"{_HF_TIED_COPY} and shared_image_embedding.positional_embedding differ")
-    return {_rename(k, _TO_ORIGINAL, mlp_from=1): v for k, v in state_dict.items()}
+    original_keys = sorted(k for k in state_dict if k.startswith("image_encoder."))
+    if original_keys:
+        raise CheckpointError(
+            f"checkpoint mixes the HF layout (vision_encoder.*) with the original one ({len(original_keys)} keys such as "
+            f"{original_keys[0]}): keep the weights of one layout"
+        )
+    renamed = {_rename(k, _TO_ORIGINAL, mlp_from=1): k for k in state_dict}
+    if len(renamed) < len(state_dict):  # two keys would become one: one tensor would be dropped silently
+        clashes = sorted(set(state_dict) - set(renamed.values()))
+        raise CheckpointError(f"checkpoint names {len(clashes)} weights twice (HF names mapped to the original's clash), e.g. {clashes[0]}")
+    return {new: state_dict[old] for new, old in renamed.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +244,9 @@ def _read_pth(path: Path, fmt: str) -> dict:
     obj = _unwrap(obj, path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors (found {type(obj).__name__})")
+    if not all(isinstance(k, str) for k in obj):
+        keys = [repr(k) for k in obj if not isinstance(k, str)]
+        raise CheckpointError(f"{path} does not hold a state dict: its keys must be names (str), got {', '.join(keys[:8])}")
     others = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if others:
         shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
@@ -563,10 +576,12 @@ def load_state_dict_strict(model: SamHQ, state_dict: dict[str, torch.Tensor]) ->
         if k in state_dict and expected[k].is_floating_point() and not state_dict[k].is_floating_point()
     ]
     without_data = [k for k in expected if k in state_dict and state_dict[k].is_meta]
+    not_dense = [f"{k}: {state_dict[k].layout}" for k in expected if k in state_dict and state_dict[k].layout != torch.strided]
     problems = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped tensors", misshaped),
                          ("tensors that are not floating point (weights must be float32/float16/bfloat16/float64)", not_float),
-                         ("tensors without data (on the meta device)", without_data)):
+                         ("tensors without data (on the meta device)", without_data),
+                         ("tensors that are not dense (sparse or other layouts: save them with .to_dense())", not_dense)):
         if items:
             shown = "\n    ".join(items[:40]) + (f"\n    ... and {len(items) - 40} more" if len(items) > 40 else "")
             problems.append(f"  {len(items)} {title}:\n    {shown}")

@@ -218,6 +218,34 @@ def test_hf_file_with_disagreeing_gaussian_copies(tiny_sd, tmp_path):
     assert "positional_embedding" in message and "differ" in message
 
 
+def test_a_file_holding_both_layouts_is_refused(tiny_sd, tmp_path):
+    """Original and HF copies of the weights (with other values) in one file: refuse rather than keep
+    whichever the renaming writes last."""
+    hf = {k: v + 1 for k, v in original_to_hf(tiny_sd).items()}
+    message = load_error(save({**tiny_sd, **hf}, tmp_path / "both_layouts.safetensors"))
+    assert "mixes the HF layout" in message and "image_encoder." in message
+
+
+def test_hf_and_original_names_of_one_weight_are_refused(tiny_sd, tmp_path):
+    """An HF file that also holds one decoder weight under its original name: two tensors for one weight."""
+    hf = original_to_hf(tiny_sd)
+    hf["prompt_encoder.point_embeddings.0.weight"] = hf["prompt_encoder.point_embed.0.weight"] + 1
+    message = load_error(save(hf, tmp_path / "one_weight_twice.safetensors"))
+    assert "names 1 weights twice" in message and "prompt_encoder.point_embed" in message
+
+
+def test_keys_that_are_not_names_are_refused(tiny_sd, tmp_path):
+    message = load_error(save({**tiny_sd, 7: torch.zeros(1)}, tmp_path / "int_key.pth"))
+    assert "its keys must be names (str), got 7" in message
+
+
+def test_sparse_weights_are_refused(tiny_sd, tmp_path):
+    """A sparse tensor loads into the module and fails at the first predict, deep in torch."""
+    key = "mask_decoder.iou_token.weight"
+    message = load_error(save({**tiny_sd, key: tiny_sd[key].to_sparse()}, tmp_path / "sparse.pth"))
+    assert "1 tensors that are not dense" in message and f"{key}: torch.sparse_coo" in message
+
+
 def test_legacy_pth_format(tiny_model, tiny_sd, tmp_path):
     # Pre-zip torch.save format (torch < 1.6) cannot be memory-mapped but is a valid checkpoint.
     path = tmp_path / "legacy.pth"
