@@ -541,6 +541,10 @@ def convert(args) -> int:
         dtype = resolve_dtype(args.dtype)
         keep = FOURIER_BASIS_KEY if dtype in HALF_DTYPES else None  # half models keep it fp32 too
         state_dict = {k: v.to(dtype) if v.is_floating_point() and k != keep else v for k, v in state_dict.items()}
+        overflowed = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+        if overflowed:  # load refuses infinite weights: refuse to write them
+            raise ValueError(f"{len(overflowed)} tensors hold values beyond {args.dtype}'s range (e.g. {overflowed[0]}): "
+                             "convert to bf16 (float32's range) or keep float32")
     if args.layout == "hf":
         state_dict = original_to_hf(state_dict)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}

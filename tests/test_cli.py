@@ -389,6 +389,17 @@ def test_convert_dtype(capsys, tmp_path, tiny_checkpoints, tiny_model, dtype, to
             assert tensors[k].dtype == torch_dtype and torch.equal(tensors[k], v.to(torch_dtype)), k
 
 
+def test_convert_refuses_weights_beyond_fp16s_range(capsys, tmp_path, tiny_model):
+    """fp16 tops out at 65504: a larger weight would be written as inf, which load then refuses."""
+    state_dict = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    state_dict["mask_decoder.iou_token.weight"][0, 0] = 1e5
+    source, out_path = tmp_path / "large.pth", tmp_path / "half.safetensors"
+    torch.save(state_dict, source)
+    code, _, err = run(capsys, "convert", source, out_path, "--dtype", "fp16")
+    assert code == 2 and "1 tensors hold values beyond fp16's range (e.g. mask_decoder.iou_token.weight)" in err
+    assert not out_path.exists()
+
+
 def test_convert_rejects_bad_input_before_writing(capsys, tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"foo": torch.zeros(3)}, bad)
