@@ -255,6 +255,11 @@ class SamHQPredictor:
     def _require_image(self, single: bool = True) -> None:
         if not self.is_image_set:
             raise ImageNotSetError("no image is set: call set_image(...) or set_images([...]) before predicting / get_image_embedding")
+        if (self.features.dtype, self.features.device) != (self.model.dtype, self.model.device):
+            raise RuntimeError(
+                f"the model was cast or moved (now {self.model.dtype} on {self.model.device}) since the image was set "
+                f"({self.features.dtype} on {self.features.device}): call set_image / set_images again"
+            )
         if single and self.num_images != 1:
             raise RuntimeError(
                 f"{self.num_images} images are set (set_images): predict / predict_torch take one image; "

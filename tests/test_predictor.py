@@ -14,6 +14,7 @@ in the same order, so logits agree to ~1e-6 of their scale; masks may only diffe
 logit is within 1e-4 of the 0 threshold.
 """
 
+import copy
 import re
 import warnings
 
@@ -980,6 +981,17 @@ def test_set_torch_image_refuses_pixels_it_cannot_take(tiny_model, image, error,
     with pytest.raises(error, match=re.escape(message)):
         predictor.set_torch_image(image, (200, 300))
     assert not predictor.is_image_set
+
+
+def test_a_model_cast_after_set_image_needs_the_image_set_again(tiny_model):
+    """The embeddings of the image set are in the old dtype: a clear error, not a dtype clash deep in torch."""
+    predictor = SamHQPredictor(copy.deepcopy(tiny_model))
+    predictor.set_image(make_photo(60, 90))
+    predictor.model.half()
+    with pytest.raises(RuntimeError, match=re.escape("the model was cast or moved (now torch.float16 on cpu) since the image was set")):
+        predictor.predict(box=np.array([5, 5, 40, 30]))
+    predictor.set_image(make_photo(60, 90))
+    assert predictor.predict(box=np.array([5, 5, 40, 30]))[0].shape == (1, 60, 90)
 
 
 def test_set_torch_image_warns_of_a_unit_scale_image(tiny_model):
