@@ -36,8 +36,11 @@ NORMALIZED_WARNING_MIN_SIDE = 32
 
 def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise ValueError(f"{name} is on the meta device: it holds no values")
         value = value.detach().cpu()
-        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bfloat16
+        numpy_lacks = value.dtype == torch.bfloat16 or (value.is_floating_point() and value.dtype.itemsize == 1)  # float8s
+        value = (value.float() if numpy_lacks else value).numpy()
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as e:

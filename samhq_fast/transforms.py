@@ -187,8 +187,10 @@ def as_rgb_uint8_torch(
     image_format = channel_order(image_format)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
-    if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
-        raise TypeError(f"torch images must be uint8 (0..255) or floating point in [0, 1], got dtype {image.dtype}")
+    if image.dtype != torch.uint8 and image.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"torch images must be uint8 (0..255) or float16/bfloat16/float32/float64 in [0, 1], got dtype {image.dtype}")
+    if image.is_meta:
+        raise ValueError("image is on the meta device: it holds no pixels")
     layouts = "[B, H, W, C] or [B, C, H, W] (C = 1, 3 or 4)" if batched else "[H, W, C] (HWC), [C, H, W] (CHW) (C = 1, 3 or 4) or [H, W]"
     if not batched and image.ndim == 2:  # [H, W] gray
         images = image[None, None]

@@ -688,10 +688,12 @@ def test_gray_image_is_not_the_rgb_image(plain_rgb_predictors):
         (torch.zeros(20, 30, 3, dtype=torch.int32), "RGB", TypeError, "uint8"),
         (torch.zeros(20, 30, 2, dtype=torch.uint8), "RGB", ValueError, "[H, W, C] (HWC), [C, H, W] (CHW) (C = 1, 3 or 4)"),
         (torch.linspace(-0.25, 2.0, 20 * 30 * 3).reshape(20, 30, 3), "RGB", ValueError, "float images must hold values in [0, 1] (got -0.25..2)"),
+        (torch.zeros(20, 30, 3, device="meta"), "RGB", ValueError, "image is on the meta device"),
+        (torch.zeros(20, 30, 3, dtype=torch.float8_e4m3fn), "RGB", TypeError, "uint8 (0..255) or float16/bfloat16/float32/float64 in [0, 1]"),
     ],
     ids=[
         "float_above_1", "float_below_0", "nan", "empty_rows", "4d", "two_channels", "numpy_chw", "bad_format", "int32_range", "too_elongated",
-        "list", "tensor_int32", "tensor_2_channels", "tensor_float_range",
+        "list", "tensor_int32", "tensor_2_channels", "tensor_float_range", "tensor_meta", "tensor_float8",
     ],
 )
 def test_bad_images_raise(tiny_model, image, image_format, error, message):
@@ -753,6 +755,7 @@ BAD_PROMPTS = {
     "box_scalar": (dict(box=3.0), ValueError, "last dimension of 4"),
     "coords_4d": (dict(point_coords=np.zeros((1, 1, 1, 2)), point_labels=np.zeros((1, 1, 1))), ValueError, "[K, 2] or [N, K, 2]"),
     "coords_not_numeric": (dict(point_coords="10,20", point_labels=L1), TypeError, "numeric array"),
+    "coords_on_meta": (dict(point_coords=torch.zeros(1, 2, device="meta"), point_labels=L1), ValueError, "point_coords is on the meta device"),
     # a nested list of equal lengths holding a non-number: not a ragged list
     "coords_list_of_words": (dict(point_coords=[["ten", "twenty"]], point_labels=[1]), TypeError, "point_coords must be a numeric array, got strings"),
     # numbers as strings: a cast to float would read them as numbers
