@@ -46,6 +46,15 @@ def check_close_to_fp32(fp32_results, half_results, dtype: str) -> None:
     assert (masks16 == masks32).mean() > equal_pixels
 
 
+def test_fp16_model_refuses_mask_logits_beyond_its_range(tiny_model):
+    """1e5 is a finite float64 logit but inf in fp16: the scores would come out NaN."""
+    predictor = SamHQPredictor(copy.deepcopy(tiny_model).half())
+    predictor.set_image(np.zeros((40, 60, 3), np.uint8))
+    low = 4 * tiny_model.config.embedding_size
+    with pytest.raises(ValueError, match=r"mask_input has values beyond float16's range \(max \|logit\| 1e\+05\)"):
+        predictor.predict(box=np.array([5, 5, 40, 30]), mask_input=np.full((1, low, low), 1e5))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_model_normalizes_pixels_in_fp32(tiny_model, dtype):
     """preprocess normalizes in fp32 and rounds once to the model dtype, not (x - mean) / std in half

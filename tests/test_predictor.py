@@ -755,6 +755,8 @@ BAD_PROMPTS = {
     "box_scalar": (dict(box=3.0), ValueError, "last dimension of 4"),
     "coords_4d": (dict(point_coords=np.zeros((1, 1, 1, 2)), point_labels=np.zeros((1, 1, 1))), ValueError, "[K, 2] or [N, K, 2]"),
     "coords_not_numeric": (dict(point_coords="10,20", point_labels=L1), TypeError, "numeric array"),
+    "mask_beyond_float32": (dict(box=np.array([5, 5, 40, 30]), mask_input=np.full((1, LOW, LOW), 1e39)), ValueError,
+                            "mask_input has values beyond float32's range (max |logit| 1e+39)"),
     "coords_on_meta": (dict(point_coords=torch.zeros(1, 2, device="meta"), point_labels=L1), ValueError, "point_coords is on the meta device"),
     # a nested list of equal lengths holding a non-number: not a ragged list
     "coords_list_of_words": (dict(point_coords=[["ten", "twenty"]], point_labels=[1]), TypeError, "point_coords must be a numeric array, got strings"),
