@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .modeling import SamHQ
-from .predictor import SamHQPredictor
+from .predictor import SamHQPredictor, as_finite_array
 from .transforms import as_rgb_uint8, as_rgb_uint8_torch, check_flags
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -204,6 +204,9 @@ class SamHQAutomaticMaskGenerator:
         if stability_score_offset < 0:  # the +offset mask must be the inner one, or every "stability" is >= 1
             raise ValueError(f"stability_score_offset must be >= 0 (stability compares the masks at logit thresholds "
                              f"+offset and -offset), got {stability_score_offset!r}")
+        for name in ("box_nms_thresh", "crop_nms_thresh"):  # an IoU bound: below 0, every overlap-free box suppresses the next
+            if not 0 <= thresholds[name] <= 1:
+                raise ValueError(f"{name} must be an IoU in [0, 1] (1 keeps every mask), got {thresholds[name]!r}")
         if not 0 <= crop_overlap_ratio <= 1:  # crops wider than the image beyond 1: negative offsets
             raise ValueError(f"crop_overlap_ratio must be in [0, 1] (a fraction of the crop size), got {crop_overlap_ratio!r}")
         if output_mode == "coco_rle":
@@ -387,10 +390,10 @@ class SamHQAutomaticMaskGenerator:
 
 def _checked_grid(grid, layer: int) -> np.ndarray:
     """A user's point grid -> float64 [P, 2] (x, y) in [0, 1], or a ValueError naming the problem."""
-    array = np.asarray(grid, dtype=np.float64)
+    array = as_finite_array(grid, f"point_grids[{layer}]")  # (refuses ragged lists, strings, NaN, with the name)
     if array.ndim != 2 or array.shape[1] != 2 or len(array) == 0:
         raise ValueError(f"point_grids[{layer}] must be a [P, 2] array of (x, y) with P >= 1, got shape {list(array.shape)}")
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+    if array.min() < 0 or array.max() > 1:
         raise ValueError(f"point_grids[{layer}] must hold (x, y) fractions of the crop's size, in [0, 1], not pixels")
     return array
 

@@ -34,7 +34,7 @@ BOX_MARGIN = 1.0
 NORMALIZED_WARNING_MIN_SIDE = 32
 
 
-def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
+def as_finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.is_meta:
             raise ValueError(f"{name} is on the meta device: it holds no values")
@@ -45,7 +45,8 @@ def _finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
         array = np.asarray(value)
     except (TypeError, ValueError) as e:
         if isinstance(value, (list, tuple)) and "sequence" in str(e):  # numpy's words for nested lists of unequal lengths
-            raise ValueError(f"{name} is ragged (nested lists of different lengths): every prompt needs the same number of points (pad with label -1)") from e
+            hint = ": every prompt needs the same number of points (pad with label -1)" if name in ("point_coords", "point_labels") else ""
+            raise ValueError(f"{name} is ragged (nested lists of different lengths){hint}") from e
         raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from e
     if np.iscomplexobj(array):
         raise TypeError(f"{name} must hold real numbers, got complex values")
@@ -456,8 +457,8 @@ class SamHQPredictor:
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         if point_coords is not None:
-            pts = _finite_array(point_coords, "point_coords", last_dim=2)
-            lbl = _finite_array(point_labels, "point_labels")
+            pts = as_finite_array(point_coords, "point_coords", last_dim=2)
+            lbl = as_finite_array(point_labels, "point_labels")
             if pts.ndim not in (2, 3):
                 raise ValueError(f"point_coords must be [K, 2] or [N, K, 2], got shape {list(pts.shape)}")
             if pts.shape[-2] == 0:
@@ -474,7 +475,7 @@ class SamHQPredictor:
             coords = torch.as_tensor(scale_coords(pts, original_size, size), dtype=torch.float32, device=self.device)
             labels = torch.as_tensor(lbl, dtype=torch.int64, device=self.device)
         if box is not None:
-            bx = _finite_array(box, "box", last_dim=4)
+            bx = as_finite_array(box, "box", last_dim=4)
             if bx.ndim not in (1, 2):
                 raise ValueError(f"box must be [4] or [N, 4] (x1, y1, x2, y2), got shape {list(bx.shape)}")
             bx = bx.reshape(-1, 4)
@@ -494,7 +495,7 @@ class SamHQPredictor:
             low_res = 4 * self.model.config.embedding_size
             if (mask_input.dtype == torch.bool) if isinstance(mask_input, torch.Tensor) else np.asarray(mask_input).dtype == np.bool_:
                 raise TypeError("mask_input must be float logits (a previous predict's low_res_logits), got a bool mask")
-            mk = _finite_array(mask_input, "mask_input")
+            mk = as_finite_array(mask_input, "mask_input")
             if mk.ndim not in (3, 4) or mk.shape[-3:] != (1, low_res, low_res):
                 raise ValueError(f"mask_input must be [1, {low_res}, {low_res}] or [N, 1, {low_res}, {low_res}] logits, got shape {list(mk.shape)}")
             if mk.size and np.abs(mk).max() > torch.finfo(self.model.dtype).max:  # would become inf in the model

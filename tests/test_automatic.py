@@ -365,10 +365,15 @@ def test_min_mask_region_area_cleans_every_mask(tiny_model, photo):
         (dict(pred_iou_thresh=float("nan")), ValueError, "pred_iou_thresh must be a finite number, got nan"),
         (dict(box_nms_thresh="0.7"), ValueError, "box_nms_thresh must be a finite number, got '0.7'"),
         (dict(stability_score_offset=-0.5), ValueError, "stability_score_offset must be >= 0"),
+        (dict(box_nms_thresh=-0.5), ValueError, "box_nms_thresh must be an IoU in [0, 1] (1 keeps every mask), got -0.5"),
+        (dict(crop_nms_thresh=1.5), ValueError, "crop_nms_thresh must be an IoU in [0, 1]"),
+        (dict(points_per_side=None, point_grids=[[[0.5, 0.5], [0.1]]]), ValueError, "point_grids[0] is ragged"),
+        (dict(points_per_side=None, point_grids=[[[0.5, "0.5"]]]), TypeError, "point_grids[0] must be a numeric array, got strings"),
+        (dict(points_per_side=None, point_grids=[[[0.5, float("nan")]]]), ValueError, "point_grids[0] has NaN or infinite values"),
     ],
     ids=["no_points", "both", "grids_per_layer", "output_mode", "batch_0", "batch_float", "negative_layers", "empty_layer_grid",
          "transposed_grid", "empty_grid", "pixel_grid", "overlap_above_1", "overlap_negative", "nan_threshold", "string_threshold",
-         "negative_stability_offset"],
+         "negative_stability_offset", "negative_box_nms", "crop_nms_above_1", "ragged_grid", "string_grid", "nan_grid"],
 )
 def test_bad_arguments(tiny_model, kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
