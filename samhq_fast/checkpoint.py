@@ -331,6 +331,9 @@ def _read_folder(path: Path) -> dict:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a safetensors index (no valid 'weight_map' of tensor name -> shard file)") from e
+        not_names = [repr(shard) for shard in shards if not isinstance(shard, str) or Path(shard).name != shard]
+        if not_names:  # HF writes plain file names; a path could read any file on the machine
+            raise CheckpointError(f"{index} names shards that are not file names in its folder: {', '.join(not_names[:4])}")
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shard files that are not in {path}: {', '.join(missing)}")

@@ -714,8 +714,11 @@ def test_empty_folder(tmp_path):
         ('{"metadata": {}}', "is not a safetensors index (no valid 'weight_map'"),
         ("not json", "is not a safetensors index"),
         ('{"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}}', "names shard files that are not in"),
+        ('{"weight_map": {"a.weight": 1}}', "names shards that are not file names in its folder: 1"),
+        ('{"weight_map": {"a.weight": "/etc/hostname"}}', "names shards that are not file names in its folder: '/etc/hostname'"),
+        ('{"weight_map": {"a.weight": "../model.safetensors"}}', "not file names in its folder: '../model.safetensors'"),
     ],
-    ids=["no_weight_map", "invalid_json", "missing_shard"],
+    ids=["no_weight_map", "invalid_json", "missing_shard", "int_shard", "absolute_shard", "parent_shard"],
 )
 def test_broken_sharded_folder(tmp_path, index, message):
     (tmp_path / "model.safetensors.index.json").write_text(index)
