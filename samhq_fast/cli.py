@@ -460,6 +460,8 @@ def segment(args) -> int:
             setattr(args, name, default)
     if args.auto and (points or boxes):
         args.parser.error("--auto segments everything without prompts: drop --point / --box")
+    if args.auto and args.multimask:  # the generator keeps all three of SAM's masks per point already
+        args.parser.error("--multimask applies to prompts; --auto keeps every candidate mask of each grid point")
     if not args.auto and not points and not boxes:
         args.parser.error("give at least one prompt: --point X,Y[,LABEL] and/or --box X1,Y1,X2,Y2 (or --auto for everything)")
     if points and len(boxes) > 1:

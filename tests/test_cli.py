@@ -452,6 +452,7 @@ ERROR_CASES = {
     "auto_options_without_auto": (["--point", "220,150", "--stability-offset", "0.5", "--points-per-side", "8"],
                                   "--points-per-side, --stability-offset apply only to --auto"),
     "auto_option_without_auto": (["--point", "220,150", "--box-nms-thresh", "0.5"], "--box-nms-thresh applies only to --auto"),
+    "auto_with_multimask": (["--auto", "--multimask"], "--multimask applies to prompts; --auto keeps every candidate mask"),
     # refused while parsing, before a (vit_h: 2.5 GB) checkpoint is loaded
     "auto_no_grid": (["--auto", "--points-per-side", "0"], "argument --points-per-side: expected a positive integer, got '0'"),
     "auto_nan_thresh": (["--auto", "--pred-iou-thresh", "nan"], "argument --pred-iou-thresh: expected a finite number, got 'nan'"),
