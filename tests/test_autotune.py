@@ -211,10 +211,10 @@ def test_each_gpu_model_is_timed_separately(fresh_cache, monkeypatch):
     assert len(json.loads((fresh_cache / autotune.CACHE_FILE).read_text())) == 2
 
 
-def test_tuning_keys_tell_dtypes_apart(monkeypatch):
-    """Each kernel family keys its choice by dtype: a tile timed for fp32 is not reused for fp16
-    (the candidates differ too). The keys are built on the compiled path: stand-ins for the
-    interpreter check and the tuner let it run on the CPU."""
+@pytest.fixture
+def tuning_keys(monkeypatch) -> dict:
+    """The keys each kernel family asks the tuner for, {family: [key, ...]}. The keys are built on the
+    compiled path: stand-ins for the interpreter check and the tuner let it run on the CPU."""
     keys = {"fused_linear": [], "rel_pos_attention": []}
 
     def record(kernel, key, candidates, launch, device):
@@ -224,26 +224,23 @@ def test_tuning_keys_tell_dtypes_apart(monkeypatch):
     for module in (fused_linear, attention):
         monkeypatch.setattr(module, "interpreting", lambda x, who: False)
         monkeypatch.setattr(module.autotune, "run", record)
+    return keys
+
+
+def test_tuning_keys_tell_dtypes_apart(tuning_keys):
+    """Each kernel family keys its choice by dtype: a tile timed for fp32 is not reused for fp16
+    (the candidates differ too)."""
     for dtype in (torch.float32, torch.float16):
         x, w, b, _ = make_inputs((5,), 32, 24, dtype)
         fused_linear.fused_linear(x, w, b)
         attention.rel_pos_attention(x.new_zeros(1, 3, 4, 96), x.new_zeros(96), x.new_zeros(5, 16), x.new_zeros(7, 16), 2, 0)
-    assert all(len(family) == 2 and family[0] != family[1] for family in keys.values()), keys
+    assert all(len(family) == 2 and family[0] != family[1] for family in tuning_keys.values()), tuning_keys
 
 
-def test_tuning_keys_tell_launch_variants_apart(monkeypatch):
+def test_tuning_keys_tell_launch_variants_apart(tuning_keys):
     """A choice is reused only for the same launch: the fused linear's key holds its epilogue
     (activation, residual), the attention's its window (a global block's tiles spill in a windowed
-    one, and the candidate lists differ). Stand-ins as above let it run on the CPU."""
-    keys = {"fused_linear": [], "rel_pos_attention": []}
-
-    def record(kernel, key, candidates, launch, device):
-        keys[kernel].append(key)
-        return launch(fused_linear.TORCH_OP if kernel == "fused_linear" else attention.INTERPRETER_CONFIG)
-
-    for module in (fused_linear, attention):
-        monkeypatch.setattr(module, "interpreting", lambda x, who: False)
-        monkeypatch.setattr(module.autotune, "run", record)
+    one, and the candidate lists differ)."""
     x, w, b, residual = make_inputs((6,), 32, 24, torch.float32, residual=True)
     fused_linear.fused_linear(x, w, b)
     fused_linear.fused_linear(x, w, b, activation="gelu")
@@ -251,7 +248,7 @@ def test_tuning_keys_tell_launch_variants_apart(monkeypatch):
     qkv = x.new_zeros(1, 6, 6, 96)
     for window in (0, 3):  # the whole 6 x 6 grid, or 3 x 3 windows of it
         attention.rel_pos_attention(qkv, x.new_zeros(96), x.new_zeros(11, 16), x.new_zeros(11, 16), 2, window)
-    assert len(set(keys["fused_linear"])) == 3 and len(set(keys["rel_pos_attention"])) == 2, keys
+    assert len(set(tuning_keys["fused_linear"])) == 3 and len(set(tuning_keys["rel_pos_attention"])) == 2, tuning_keys
 
 
 def test_global_blocks_are_offered_their_own_candidates(monkeypatch):
