@@ -498,8 +498,9 @@ class SamHQPredictor:
             mk = as_finite_array(mask_input, "mask_input")
             if mk.ndim not in (3, 4) or mk.shape[-3:] != (1, low_res, low_res):
                 raise ValueError(f"mask_input must be [1, {low_res}, {low_res}] or [N, 1, {low_res}, {low_res}] logits, got shape {list(mk.shape)}")
-            if mk.size and np.abs(mk).max() > torch.finfo(self.model.dtype).max:  # would become inf in the model
-                raise ValueError(f"mask_input has values beyond {str(self.model.dtype).removeprefix('torch.')}'s range (max |logit| {np.abs(mk).max():.3g})")
+            largest = np.abs(mk).max(initial=0.0)
+            if largest > torch.finfo(self.model.dtype).max:  # would become inf in the model
+                raise ValueError(f"mask_input has values beyond {str(self.model.dtype).removeprefix('torch.')}'s range (max |logit| {largest:.3g})")
             batched |= mk.ndim == 4
             mk = mk if mk.ndim == 4 else mk[None]
             counts["mask_input"] = mk.shape[0]

@@ -24,6 +24,9 @@ def check_image_size(size, name: str) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
+FLOAT_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # (not float8: torch cannot check its values)
+
+
 def check_flags(**flags) -> None:
     """Boolean options must be booleans (or 0 / 1): a string such as "False" is truthy and would
     silently give the other output."""
@@ -39,7 +42,7 @@ def check_resized_pixels(image: torch.Tensor, name: str) -> None:
     all 0)."""
     if image.is_meta:
         raise ValueError(f"{name} is on the meta device: it holds no pixels")
-    if image.dtype != torch.uint8 and image.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if image.dtype != torch.uint8 and image.dtype not in FLOAT_IMAGE_DTYPES:
         raise TypeError(f"{name} must be uint8 or float16/bfloat16/float32/float64 on a 0..255 scale, got {image.dtype}")
     if image.is_floating_point() and image.numel():
         nonfinite, below, above, unit = torch.stack([
@@ -187,7 +190,7 @@ def as_rgb_uint8_torch(
     image_format = channel_order(image_format)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
-    if image.dtype != torch.uint8 and image.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if image.dtype != torch.uint8 and image.dtype not in FLOAT_IMAGE_DTYPES:
         raise TypeError(f"torch images must be uint8 (0..255) or float16/bfloat16/float32/float64 in [0, 1], got dtype {image.dtype}")
     if image.is_meta:
         raise ValueError("image is on the meta device: it holds no pixels")

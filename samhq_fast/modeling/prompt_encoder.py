@@ -158,10 +158,10 @@ class PromptEncoder(nn.Module):
         batch = prompt_count(points and points[0], boxes, masks)
         sparse = [self.no_mask_embed.weight.new_zeros(batch, 0, self.embed_dim, dtype=torch.float32)]
         if points is not None:
-            coords, labels = points
+            coords, labels = points[0], points[1].float()  # (labels as numbers: in uint8, -1 would be 255)
             if boxes is None:  # a "not a point" token stands in for the missing box
                 coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)
-                labels = torch.cat([labels.float(), labels.new_full((labels.shape[0], 1), -1.0, dtype=torch.float32)], dim=1)  # (in uint8, -1 is 255)
+                labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
             sparse.append(self.embed_points(coords, labels))
         if boxes is not None:
             sparse.append(self.embed_boxes(boxes))
