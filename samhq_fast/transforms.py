@@ -271,7 +271,7 @@ def _bilinear_aa_round(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def scale_coords(coords: np.ndarray, original_size: tuple[int, int], long_side: int) -> np.ndarray:
     """(x, y) pixel coordinates [..., 2] in the original frame -> the resized input frame (float64)."""
-    old_h, old_w = original_size
+    old_h, old_w = check_image_size(original_size, "original_size")
     new_h, new_w = preprocess_shape(old_h, old_w, long_side)
     coords = np.array(coords, dtype=np.float64)
     coords[..., 0] *= new_w / old_w
@@ -315,7 +315,7 @@ class ResizeLongestSide:
 
     def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         """(x, y) [..., 2] -> float32 [..., 2] in the input frame, on the coordinates' device (no host sync)."""
-        old_h, old_w = original_size
+        old_h, old_w = check_image_size(original_size, "original_size")
         new_h, new_w = preprocess_shape(old_h, old_w, self.target_length)
         coords = coords.float()
         return torch.stack([coords[..., 0] * (new_w / old_w), coords[..., 1] * (new_h / old_h)], dim=-1)

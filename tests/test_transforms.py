@@ -17,6 +17,7 @@ from PIL import Image
 import torch
 
 from samhq_fast.transforms import (
+    ResizeLongestSide,
     as_rgb_uint8,
     as_rgb_uint8_torch,
     load_image,
@@ -114,6 +115,16 @@ def test_scale_coords_keeps_batch_shape_and_does_not_modify_input():
     np.testing.assert_array_equal(coords, before)
     np.testing.assert_allclose(out[..., 0], coords[..., 0] * 256 / 300)
     np.testing.assert_allclose(out[..., 1], coords[..., 1] * 171 / 200)
+
+
+@pytest.mark.parametrize("original_size", [(0, 300), (200, 0), (200.5, 300), (-1, 300), (200,)])
+@pytest.mark.parametrize("method", ["apply_coords", "apply_boxes", "apply_coords_torch", "apply_boxes_torch"])
+def test_coordinate_maps_reject_a_bad_original_size(original_size, method):
+    """An empty or malformed original frame is a ValueError naming it (a zero side divided by zero)."""
+    boxes = np.array([[10.0, 20.0, 30.0, 40.0]])
+    arg = torch.from_numpy(boxes) if method.endswith("torch") else boxes
+    with pytest.raises(ValueError, match="original_size must be"):
+        getattr(ResizeLongestSide(256), method)(arg, original_size)
 
 
 # ---------------------------------------------------------------------------------------------
