@@ -21,6 +21,7 @@ from .transforms import as_rgb_uint8, as_rgb_uint8_torch, check_flags
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 CROP_EDGE_TOLERANCE = 20.0  # pixels: a box this close to a crop's inner edge was cut by the crop
+DECODE_PIXELS = 1 << 26  # binary masks decoded together in generate (64 M pixels: ~0.3 GB in flight)
 
 
 def point_grid(n_per_side: int) -> np.ndarray:
@@ -114,11 +115,26 @@ def masks_to_rle(masks: torch.Tensor) -> list[dict]:
     return rles
 
 
+def rles_to_masks(rles: list[dict], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One or more uncompressed RLEs of one size [H, W] -> bool [N, H, W] on `device`, decoded together.
+
+    Each run but the last ends in a flip of the pixel value, so the running count of flips, mod 2,
+    is the mask in column-major order; transposing it to [H, W] is one batched copy (on the GPU, not
+    the host's one-mask-at-a-time strided copy, which is most of the host time of a numpy decode)."""
+    height, width = rles[0]["size"]
+    if any(rle["size"] != rles[0]["size"] or sum(rle["counts"]) != height * width for rle in rles):
+        raise ValueError(f"RLEs to decode together must all have size {rles[0]['size']} and counts summing to {height * width}")
+    ends = [np.cumsum(rle["counts"][:-1], dtype=np.int64) for rle in rles]  # [runs - 1] per mask; only a first run may be 0 long
+    rows = np.repeat(np.arange(len(rles)), [len(e) for e in ends])
+    flips = torch.zeros(len(rles), height * width, dtype=torch.uint8, device=device)
+    flips[torch.as_tensor(rows, device=device), torch.as_tensor(np.concatenate(ends), device=device)] = 1
+    column_major = flips.cumsum(dim=1, dtype=torch.uint8).bitwise_and_(1)  # 0 / 1; the uint8 sum wraps at 256: parity holds
+    return column_major.view(torch.bool).view(len(rles), width, height).transpose(1, 2).contiguous()
+
+
 def rle_to_mask(rle: dict) -> np.ndarray:
-    """Uncompressed RLE -> bool [H, W]."""
-    height, width = rle["size"]
-    values = np.arange(len(rle["counts"])) % 2 == 1  # runs alternate 0, 1, 0, ...
-    return np.ascontiguousarray(np.repeat(values, rle["counts"]).reshape(width, height).T)
+    """Uncompressed RLE -> bool [H, W] (numpy, C order)."""
+    return rles_to_masks([rle])[0].numpy()
 
 
 def rle_area(rle: dict) -> int:
@@ -263,7 +279,7 @@ class SamHQAutomaticMaskGenerator:
             data = _select(data, box_nms(data["boxes"], 1 / crop_area.double(), self.crop_nms_thresh))
         if self.min_mask_region_area > 0:
             data = self._remove_small_regions(data, max(self.box_nms_thresh, self.crop_nms_thresh))
-        return [self._record(data, i) for i in range(len(data["rles"]))]
+        return [self._record(data, i, segmentation) for i, segmentation in enumerate(self._segmentations(data["rles"]))]
 
     def _process_crop(self, rgb, crop_box, layer, image_size, multimask_output, hq_token_only) -> dict:
         x0, y0, x1, y1 = crop_box
@@ -349,8 +365,8 @@ class SamHQAutomaticMaskGenerator:
         if not data["rles"]:
             return data
         masks, unchanged = [], []
-        for rle in data["rles"]:
-            mask, holes_changed = remove_small_regions(rle_to_mask(rle), self.min_mask_region_area, "holes")
+        for mask in rles_to_masks(data["rles"]).numpy():
+            mask, holes_changed = remove_small_regions(mask, self.min_mask_region_area, "holes")
             mask, islands_changed = remove_small_regions(mask, self.min_mask_region_area, "islands")
             masks.append(torch.from_numpy(mask))
             unchanged.append(not (holes_changed or islands_changed))
@@ -364,17 +380,23 @@ class SamHQAutomaticMaskGenerator:
                 data["boxes"][i] = boxes[i]
         return _select(data, keep)
 
-    def _record(self, data: dict, i: int) -> dict:
-        rle = data["rles"][i]
-        if self.output_mode == "binary_mask":
-            segmentation = rle_to_mask(rle)
-        elif self.output_mode == "coco_rle":
+    def _segmentations(self, rles: list[dict]) -> list:
+        """The records' "segmentation", per output_mode. Binary masks are decoded on the model's
+        device, DECODE_PIXELS at a time (a few bytes of working memory per pixel)."""
+        if self.output_mode == "uncompressed_rle":
+            return rles
+        if self.output_mode == "coco_rle":
             from pycocotools import mask as coco_mask
 
-            segmentation = coco_mask.frPyObjects(rle, *rle["size"])
-            segmentation["counts"] = segmentation["counts"].decode("utf-8")
-        else:
-            segmentation = rle
+            encoded = [coco_mask.frPyObjects(rle, *rle["size"]) for rle in rles]
+            return [dict(rle, counts=rle["counts"].decode("utf-8")) for rle in encoded]
+        if not rles:
+            return []
+        chunk = max(1, DECODE_PIXELS // math.prod(rles[0]["size"]))
+        return [mask for i in range(0, len(rles), chunk) for mask in rles_to_masks(rles[i : i + chunk], self.predictor.device).cpu().numpy()]
+
+    def _record(self, data: dict, i: int, segmentation) -> dict:
+        rle = data["rles"][i]
         x0, y0, x1, y1 = data["boxes"][i].tolist()
         cx0, cy0, cx1, cy1 = data["crop_boxes"][i].tolist()
         return {

@@ -31,6 +31,7 @@ from samhq_fast.automatic import (
     remove_small_regions,
     rle_area,
     rle_to_mask,
+    rles_to_masks,
     stability_score,
 )
 from samhq_fast.decoding import PromptDecoder
@@ -100,6 +101,23 @@ def test_rle_round_trip_and_counts():
         assert rle["size"] == [7, 9] and rle["counts"] == _runs(mask)
         np.testing.assert_array_equal(rle_to_mask(rle), mask)
         assert rle_area(rle) == mask.sum()
+
+
+def test_rles_decode_together():
+    """Masks of every kind (empty, full, first pixel set, > 255 runs: the uint8 flip count wraps)
+    decode together to the masks they came from; RLEs that do not fit their size are refused."""
+    gen = np.random.default_rng(1)
+    masks = gen.random((4, 23, 29)) > 0.5  # ~330 runs each
+    masks[1], masks[2] = False, True
+    masks[3, 0, 0] = True
+    rles = masks_to_rle(torch.from_numpy(masks))
+    decoded = rles_to_masks(rles)
+    assert decoded.dtype == torch.bool and decoded.is_contiguous()
+    np.testing.assert_array_equal(decoded.numpy(), masks)
+    other_size = masks_to_rle(torch.zeros(1, 29, 23, dtype=torch.bool))
+    for bad in (rles[:1] + other_size, [dict(rles[0], counts=rles[0]["counts"] + [1])]):
+        with pytest.raises(ValueError, match="must all have size"):
+            rles_to_masks(bad)
 
 
 def test_mask_boxes():
@@ -326,6 +344,20 @@ def test_output_modes_agree(tiny_model, photo):
     for b, r in zip(binary, rle):
         assert r["segmentation"]["size"] == [200, 300]
         np.testing.assert_array_equal(rle_to_mask(r["segmentation"]), b["segmentation"])
+
+
+@pytest.mark.parametrize("masks_per_chunk", [1, 2])
+def test_binary_masks_decode_in_chunks(tiny_model, photo, monkeypatch, masks_per_chunk):
+    """generate decodes its binary masks a bounded number of pixels at a time: the records do not
+    depend on it, and each segmentation is its own C-ordered bool [H, W] array."""
+    expected = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=3, **LOOSE).generate(photo)
+    monkeypatch.setattr("samhq_fast.automatic.DECODE_PIXELS", masks_per_chunk * 200 * 300)
+    actual = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=3, **LOOSE).generate(photo)
+    assert len(actual) == len(expected) > masks_per_chunk
+    for a, e in zip(actual, expected):
+        assert a["segmentation"].flags.c_contiguous and a["segmentation"].dtype == np.bool_
+        np.testing.assert_array_equal(a["segmentation"], e["segmentation"])
+        assert a["area"] == int(a["segmentation"].sum())
 
 
 def test_min_mask_region_area_cleans_every_mask(tiny_model, photo):
