@@ -48,7 +48,13 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
     if problem:
         return False, problem
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cuda" or (interpreter and device.type == "cpu"):
+    if device.type == "cuda" and not interpreter:
+        capability = torch.cuda.get_device_capability(device)
+        if dtype == torch.bfloat16 and capability < (8, 0):  # ptxas refuses bf16 conversions below sm_80 (Triton's and Inductor's)
+            return False, (f"bfloat16 Triton kernels need compute capability 8.0 or newer (Ampere), but "
+                           f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use dtype='fp16'")
+        return True, ""
+    if interpreter and device.type in ("cpu", "cuda"):
         return True, ""
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU, slowly), got {device}"
 

@@ -187,12 +187,20 @@ def test_interpreter_too_old_for_numpy_is_refused_at_load(tmp_path, monkeypatch)
         samhq_fast.load(tmp_path / "not_there.pth", device="cpu", backend="fused")
 
 
+def fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:
+    """resolve_backend asks torch for the CUDA device's compute capability: answer for a GPU this
+    machine does not have."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
 def test_auto_backend_choice(monkeypatch):
     """"auto": eager everywhere until the GPU tests have passed (AUTO_PICKS_FUSED_ON_CUDA); then fused
-    on CUDA only, and never under the kill switch. resolve_backend needs no CUDA device to decide."""
+    on CUDA only, and never under the kill switch."""
     from samhq_fast import build
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fake_gpu(monkeypatch, (9, 0), "NVIDIA H200")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(build, "AUTO_PICKS_FUSED_ON_CUDA", False)
     assert build.resolve_backend("auto", cuda, torch.bfloat16) == "eager"
@@ -201,6 +209,25 @@ def test_auto_backend_choice(monkeypatch):
     assert build.resolve_backend("auto", cpu, torch.float32) == "eager"
     monkeypatch.setenv(KILL_SWITCH, "1")
     assert build.resolve_backend("auto", cuda, torch.bfloat16) == "eager"
+
+
+def test_bf16_fused_needs_ampere(monkeypatch):
+    """Below compute capability 8.0 (a T4, a V100) ptxas has no bf16 conversions, so Triton's and
+    Inductor's bf16 kernels fail to compile: "fused" in bf16 is refused there with the way out
+    (fp16), and "auto" stays eager; fp16 and fp32 are not affected."""
+    from samhq_fast import build
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(build, "AUTO_PICKS_FUSED_ON_CUDA", True)
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    with pytest.raises(ValueError, match=r"need compute capability 8.0 or newer \(Ampere\), but Tesla T4 is 7.5: use dtype='fp16'"):
+        build.resolve_backend("fused", cuda, torch.bfloat16)
+    assert build.resolve_backend("auto", cuda, torch.bfloat16) == "eager"
+    for dtype in (torch.float16, torch.float32):
+        assert build.resolve_backend("fused", cuda, dtype) == build.resolve_backend("auto", cuda, dtype) == "fused"
+    fake_gpu(monkeypatch, (8, 0), "NVIDIA A100")
+    assert build.resolve_backend("fused", cuda, torch.bfloat16) == "fused"
 
 
 def test_fused_bf16_in_the_interpreter_is_a_clear_error(tiny_checkpoints, tiny_model):
