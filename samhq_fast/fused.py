@@ -49,10 +49,13 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
         return False, problem
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type == "cuda" and not interpreter:
+        # Triton supports compute capability 8.0+: below it tl.dot falls back to FMA (no tensor cores,
+        # slower than the eager backend's cuBLAS) and ptxas has no bf16 conversions (no bf16 kernel,
+        # Triton's or Inductor's, compiles).
         capability = torch.cuda.get_device_capability(device)
-        if dtype == torch.bfloat16 and capability < (8, 0):  # ptxas refuses bf16 conversions below sm_80 (Triton's and Inductor's)
-            return False, (f"bfloat16 Triton kernels need compute capability 8.0 or newer (Ampere), but "
-                           f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use dtype='fp16'")
+        if capability < (8, 0):
+            return False, (f"the Triton kernels need an NVIDIA GPU of compute capability 8.0 or newer (Ampere), but "
+                           f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use backend='eager'")
         return True, ""
     if interpreter and device.type in ("cpu", "cuda"):
         return True, ""

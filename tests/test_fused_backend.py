@@ -211,23 +211,21 @@ def test_auto_backend_choice(monkeypatch):
     assert build.resolve_backend("auto", cuda, torch.bfloat16) == "eager"
 
 
-def test_bf16_fused_needs_ampere(monkeypatch):
-    """Below compute capability 8.0 (a T4, a V100) ptxas has no bf16 conversions, so Triton's and
-    Inductor's bf16 kernels fail to compile: "fused" in bf16 is refused there with the way out
-    (fp16), and "auto" stays eager; fp16 and fp32 are not affected."""
+def test_fused_needs_ampere(monkeypatch):
+    """Below compute capability 8.0 (a T4, a V100) Triton's dots run without tensor cores and bf16
+    does not compile at all: "fused" is refused there with the way out, and "auto" stays eager."""
     from samhq_fast import build
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(build, "AUTO_PICKS_FUSED_ON_CUDA", True)
     cuda = torch.device("cuda")
     fake_gpu(monkeypatch, (7, 5), "Tesla T4")
-    with pytest.raises(ValueError, match=r"need compute capability 8.0 or newer \(Ampere\), but Tesla T4 is 7.5: use dtype='fp16'"):
-        build.resolve_backend("fused", cuda, torch.bfloat16)
-    assert build.resolve_backend("auto", cuda, torch.bfloat16) == "eager"
-    for dtype in (torch.float16, torch.float32):
-        assert build.resolve_backend("fused", cuda, dtype) == build.resolve_backend("auto", cuda, dtype) == "fused"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        with pytest.raises(ValueError, match=r"compute capability 8.0 or newer \(Ampere\), but Tesla T4 is 7.5: use backend='eager'"):
+            build.resolve_backend("fused", cuda, dtype)
+        assert build.resolve_backend("auto", cuda, dtype) == "eager"
     fake_gpu(monkeypatch, (8, 0), "NVIDIA A100")
-    assert build.resolve_backend("fused", cuda, torch.bfloat16) == "fused"
+    assert all(build.resolve_backend("fused", cuda, dtype) == "fused" for dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
 def test_fused_bf16_in_the_interpreter_is_a_clear_error(tiny_checkpoints, tiny_model):
