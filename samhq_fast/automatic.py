@@ -10,6 +10,7 @@ runs, the first one of zeros) between the steps, as the original does, to bound 
 import itertools
 import math
 import numbers
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -130,6 +131,14 @@ def rles_to_masks(rles: list[dict], device: torch.device | str = "cpu") -> torch
     flips[torch.as_tensor(rows, device=device), torch.as_tensor(np.concatenate(ends), device=device)] = 1
     column_major = flips.cumsum(dim=1, dtype=torch.uint8).bitwise_and_(1)  # 0 / 1; the uint8 sum wraps at 256: parity holds
     return column_major.view(torch.bool).view(len(rles), width, height).transpose(1, 2).contiguous()
+
+
+def decode_in_chunks(rles: list[dict], device: torch.device | str = "cpu") -> Iterator[np.ndarray]:
+    """`rles_to_masks` over DECODE_PIXELS at a time (a few bytes of working memory per pixel) ->
+    bool [H, W] numpy masks, one by one."""
+    chunk = max(1, DECODE_PIXELS // math.prod(rles[0]["size"])) if rles else 1
+    for start in range(0, len(rles), chunk):
+        yield from rles_to_masks(rles[start : start + chunk], device).cpu().numpy()
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:
@@ -365,7 +374,7 @@ class SamHQAutomaticMaskGenerator:
         if not data["rles"]:
             return data
         masks, unchanged = [], []
-        for mask in rles_to_masks(data["rles"]).numpy():
+        for mask in decode_in_chunks(data["rles"]):  # on the host: scipy takes numpy masks
             mask, holes_changed = remove_small_regions(mask, self.min_mask_region_area, "holes")
             mask, islands_changed = remove_small_regions(mask, self.min_mask_region_area, "islands")
             masks.append(torch.from_numpy(mask))
@@ -381,8 +390,7 @@ class SamHQAutomaticMaskGenerator:
         return _select(data, keep)
 
     def _segmentations(self, rles: list[dict]) -> list:
-        """The records' "segmentation", per output_mode. Binary masks are decoded on the model's
-        device, DECODE_PIXELS at a time (a few bytes of working memory per pixel)."""
+        """The records' "segmentation", per output_mode (binary masks decoded on the model's device)."""
         if self.output_mode == "uncompressed_rle":
             return rles
         if self.output_mode == "coco_rle":
@@ -390,10 +398,7 @@ class SamHQAutomaticMaskGenerator:
 
             encoded = [coco_mask.frPyObjects(rle, *rle["size"]) for rle in rles]
             return [dict(rle, counts=rle["counts"].decode("utf-8")) for rle in encoded]
-        if not rles:
-            return []
-        chunk = max(1, DECODE_PIXELS // math.prod(rles[0]["size"]))
-        return [mask for i in range(0, len(rles), chunk) for mask in rles_to_masks(rles[i : i + chunk], self.predictor.device).cpu().numpy()]
+        return list(decode_in_chunks(rles, self.predictor.device))
 
     def _record(self, data: dict, i: int, segmentation) -> dict:
         rle = data["rles"][i]

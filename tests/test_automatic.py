@@ -346,13 +346,18 @@ def test_output_modes_agree(tiny_model, photo):
         np.testing.assert_array_equal(rle_to_mask(r["segmentation"]), b["segmentation"])
 
 
+@pytest.mark.parametrize("min_mask_region_area", [0, 30])
 @pytest.mark.parametrize("masks_per_chunk", [1, 2])
-def test_binary_masks_decode_in_chunks(tiny_model, photo, monkeypatch, masks_per_chunk):
-    """generate decodes its binary masks a bounded number of pixels at a time: the records do not
-    depend on it, and each segmentation is its own C-ordered bool [H, W] array."""
-    expected = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=3, **LOOSE).generate(photo)
+def test_binary_masks_decode_in_chunks(tiny_model, photo, monkeypatch, masks_per_chunk, min_mask_region_area):
+    """generate decodes its binary masks (for the records, and for the small-region clean-up) a
+    bounded number of pixels at a time: the records do not depend on it, and each segmentation is its
+    own C-ordered bool [H, W] array."""
+    if min_mask_region_area:
+        pytest.importorskip("scipy")
+    options = dict(LOOSE, points_per_side=3, min_mask_region_area=min_mask_region_area)
+    expected = SamHQAutomaticMaskGenerator(tiny_model, **options).generate(photo)
     monkeypatch.setattr("samhq_fast.automatic.DECODE_PIXELS", masks_per_chunk * 200 * 300)
-    actual = SamHQAutomaticMaskGenerator(tiny_model, points_per_side=3, **LOOSE).generate(photo)
+    actual = SamHQAutomaticMaskGenerator(tiny_model, **options).generate(photo)
     assert len(actual) == len(expected) > masks_per_chunk
     for a, e in zip(actual, expected):
         assert a["segmentation"].flags.c_contiguous and a["segmentation"].dtype == np.bool_
