@@ -34,7 +34,10 @@ BOX_MARGIN = 1.0
 NORMALIZED_WARNING_MIN_SIDE = 32
 
 
-def as_finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray:
+def as_finite_array(value, name: str, last_dim: int | None = None, keep_float: bool = False) -> np.ndarray:
+    """A prompt-like value (numpy, torch, nested lists) -> a finite float64 numpy array, or a
+    TypeError / ValueError naming `name`. keep_float: float arrays keep their precision (checked in
+    it, not copied to float64: mask logits are large and go to the model as float32)."""
     if isinstance(value, torch.Tensor):
         if value.is_meta:
             raise ValueError(f"{name} is on the meta device: it holds no values")
@@ -53,7 +56,8 @@ def as_finite_array(value, name: str, last_dim: int | None = None) -> np.ndarray
     if array.dtype.kind not in "biuf":  # a cast would read the string "10" as 10, and None as NaN
         kind = {"U": "strings", "S": "strings", "O": "Python objects"}.get(array.dtype.kind, f"dtype {array.dtype}")
         raise TypeError(f"{name} must be a numeric array, got {kind}")
-    array = array.astype(np.float64)
+    if not (keep_float and array.dtype.kind == "f"):
+        array = array.astype(np.float64)
     if last_dim is not None and (array.ndim == 0 or array.shape[-1] != last_dim):
         raise ValueError(f"{name} must have a last dimension of {last_dim}, got shape {list(array.shape)}")
     if not np.isfinite(array).all():
@@ -495,10 +499,10 @@ class SamHQPredictor:
             low_res = 4 * self.model.config.embedding_size
             if (mask_input.dtype == torch.bool) if isinstance(mask_input, torch.Tensor) else np.asarray(mask_input).dtype == np.bool_:
                 raise TypeError("mask_input must be float logits (a previous predict's low_res_logits), got a bool mask")
-            mk = as_finite_array(mask_input, "mask_input")
+            mk = as_finite_array(mask_input, "mask_input", keep_float=True)
             if mk.ndim not in (3, 4) or mk.shape[-3:] != (1, low_res, low_res):
                 raise ValueError(f"mask_input must be [1, {low_res}, {low_res}] or [N, 1, {low_res}, {low_res}] logits, got shape {list(mk.shape)}")
-            largest = np.abs(mk).max(initial=0.0)
+            largest = float(max(mk.max(initial=0), -mk.min(initial=0)))  # max |logit|, without an abs() copy
             if largest > torch.finfo(self.model.dtype).max:  # would become inf in the model
                 raise ValueError(f"mask_input has values beyond {str(self.model.dtype).removeprefix('torch.')}'s range (max |logit| {largest:.3g})")
             batched |= mk.ndim == 4

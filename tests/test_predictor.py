@@ -28,7 +28,7 @@ from conftest import TINY_CONFIG, make_model
 from samhq_fast import SamHQPredictor
 from samhq_fast import predictor as predictor_module
 from samhq_fast.modeling import sam_hq
-from samhq_fast.predictor import POINT_MARGIN, ImageNotSetError
+from samhq_fast.predictor import POINT_MARGIN, ImageNotSetError, as_finite_array
 
 S = TINY_CONFIG.img_size  # 256: model input side
 G = TINY_CONFIG.embedding_size  # 16: embedding grid
@@ -833,6 +833,23 @@ BAD_TORCH_PROMPTS = {
     "coords_three_columns": (dict(point_coords=torch.zeros(1, 2, 3), point_labels=torch.ones(1, 2), boxes=torch.zeros(1, 4)), ValueError,
                              "point_coords must have shape [N, K, 2]"),
 }
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32])
+def test_mask_logits_are_checked_in_their_own_float_precision(dtype):
+    """mask_input (N x 256 x 256 logits) is checked without a float64 copy: float arrays keep their
+    dtype and values (the model takes them as float32), other numbers become float64; NaN / inf and
+    non-numbers are refused as for every prompt."""
+    values = (np.arange(-6, 6).reshape(1, 3, 4) * 7.5).astype(dtype)
+    checked = as_finite_array(values, "mask_input", keep_float=True)
+    assert checked.dtype == (np.float64 if dtype == np.int32 else dtype)
+    np.testing.assert_array_equal(checked, values)
+    assert as_finite_array(values, "point_coords").dtype == np.float64  # coordinates: float64, as the original
+    if dtype != np.int32:
+        with pytest.raises(ValueError, match="mask_input has NaN or infinite values"):
+            as_finite_array(np.full((1, 2), np.inf, dtype), "mask_input", keep_float=True)
+    with pytest.raises(TypeError, match="mask_input must be a numeric array, got strings"):
+        as_finite_array(np.array([["1"]]), "mask_input", keep_float=True)
 
 
 @pytest.mark.parametrize(
