@@ -15,7 +15,7 @@ from .modeling import SamHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import decode_eager, no_prompt_outputs
 from .transforms import (
-    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, check_flags, check_image_size, check_resized_pixels, check_resized_shape,
+    ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, channel_order, check_flags, check_image_size, check_resized_pixels, check_resized_shape,
     resize_longest_side, resize_longest_side_torch, scale_coords,
 )
 
@@ -182,9 +182,12 @@ class SamHQPredictor:
             return resize_longest_side_torch(rgb, size), tuple(rgb.shape[-2:])
         if not isinstance(image, (np.ndarray, Image.Image)):
             raise TypeError(f"image must be a numpy array, PIL image or torch tensor, got {type(image).__name__}")
-        rgb = as_rgb_uint8(image, image_format)
-        resized = resize_longest_side(rgb, size)
-        return torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None], rgb.shape[:2]
+        # BGR data is resized as it is (the resize works per channel) and flipped on the device: on the
+        # host, flipping a 1080p frame is a strided copy costing about as much as its resize.
+        bgr = channel_order(image_format) == "BGR"
+        pixels = as_rgb_uint8(image)  # uint8 [H, W, 3], channels in image_format's order
+        resized = torch.as_tensor(resize_longest_side(pixels, size), device=self.device).permute(2, 0, 1)[None]
+        return (resized.flip(1) if bgr else resized), pixels.shape[:2]
 
     @torch.inference_mode()
     def _encode_images(self, resized: list[torch.Tensor], original_sizes: list[tuple[int, int]]) -> None:

@@ -160,6 +160,8 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """uint8 [H, W, 3] (or [H, W], [H, W, 4]) -> [h, w, ...] with max(h, w) == long_side (PIL bilinear,
     antialiased, as the original)."""
     h, w = check_resized_shape(image.shape[0], image.shape[1], long_side)
+    if (h, w) == image.shape[:2]:  # PIL's resize to the same size is a copy
+        return image
     return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
@@ -293,7 +295,9 @@ class ResizeLongestSide:
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W] or [H, W, C] -> [h, w] / [h, w, C] (PIL bilinear, antialiased, as the original)."""
-        return resize_longest_side(np.asarray(image), self.target_length)
+        image = np.asarray(image)
+        resized = resize_longest_side(image, self.target_length)
+        return resized.copy() if resized is image else resized  # always a new array, as the original's
 
     def apply_image_torch(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, h, w] on the images' device: uint8 RGB by `resize_longest_side_torch`

@@ -618,6 +618,8 @@ def _image_variants(rgb: np.ndarray) -> dict:
     return {
         "bgr": (np.ascontiguousarray(rgb[..., ::-1]), "BGR", rgb),
         "bgr_view": (rgb[..., ::-1], "BGR", rgb),
+        "bgra": (np.dstack([rgb[..., ::-1], alpha]), "BGR", rgb),  # OpenCV's 4-channel order
+        "gray_bgr": (rgb[..., 0], "BGR", np.repeat(rgb[..., :1], 3, axis=2)),
         "rgba": (np.dstack([rgb, alpha]), "RGB", rgb),
         "pil": (Image.fromarray(rgb), "RGB", rgb),
         "uint16": (rgb.astype(np.uint16) * 257, "RGB", rgb),

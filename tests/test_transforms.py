@@ -145,6 +145,9 @@ def test_resize_longest_side_is_pil_bilinear(shape):
 def test_resize_longest_side_keeps_an_image_already_at_size():
     image = photo(171, 256)
     np.testing.assert_array_equal(resize_longest_side(image, 256), image)
+    kept = ResizeLongestSide(256).apply_image(image)  # the original's apply_image: always a new array
+    np.testing.assert_array_equal(kept, image)
+    assert not np.shares_memory(kept, image)
 
 
 def test_resize_longest_side_rejects_an_image_whose_short_side_rounds_to_zero():
