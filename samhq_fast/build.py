@@ -45,7 +45,7 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
+        device = torch.device(device.strip().lower() if isinstance(device, str) else device)  # "CPU", "Cuda:1" as --dtype takes "BF16"
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be like {DEVICES}, got {device!r}") from e
     if device.type == "cuda":

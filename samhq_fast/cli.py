@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,8 @@ Re-save a SAM-HQ checkpoint as one .safetensors file, in the original SAM-HQ key
 (vision_encoder.*, mask_decoder.hq_token ...). IN may be anything `samhq_fast.load` reads
 (.pth, .safetensors in either layout, an HF folder, a hub id). IN is checked by building the
 model from it before anything is written; OUT must end in .safetensors. Light HQ-SAM (vit_tiny)
-has no HF layout (transformers has no TinyViT SAM-HQ): --layout hf refuses it.
+has no HF layout (transformers has no TinyViT SAM-HQ): --layout hf refuses it. OUT holds the
+weights only: transformers' SamHQModel.from_pretrained also needs the model's config.json.
 """
 CONVERT_EPILOG = """\
 examples:
@@ -112,6 +114,8 @@ examples:
 BENCH_VARIANTS = ("vit_b", "vit_l", "vit_h")
 BENCH_BACKENDS = ("eager", "compile", "fused", "fused-graphed", "hf", "hf-eager")
 BENCH_WHAT = ("encoder", "decoder", "e2e")
+BENCH_RUN_OPTIONS = ("variant", "batch", "prompts", "dtype", "backends", "what", "checkpoint", "output", "plot", "interpret",
+                     "smoke", "time_budget_s")  # what --table has no use for
 BENCH_HELP = """\
 Benchmark the image encoder, the prompt decoder and the whole predictor (end to end), backend
 against backend in the same run, and write JSON + a Markdown table (+ a bar chart with --plot).
@@ -227,6 +231,16 @@ def _variants(text: str) -> list[str]:
     return list(BENCH_VARIANTS) if text.strip() == "all" else _choices(BENCH_VARIANTS, "variant")(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _positive_ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in _comma_list(text)]
@@ -272,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--box", "-b", action="append", type=parse_box, default=[], metavar="X1,Y1,X2,Y2",
                      help="a box prompt (corners in pixels); several boxes = several objects; repeatable")
     seg.add_argument("--multimask", action="store_true",
-                     help="let SAM propose 3 masks and keep the one with the best predicted IoU (good for a single ambiguous click)")
+                     help="let SAM propose 3 masks and keep the one with the best predicted IoU (good for a single ambiguous click); "
+                          "with --hq-only the mask is the HQ token's either way and only the score is that best one's, as in the original")
     seg.add_argument("--hq-only", action="store_true", help="use the HQ token's mask alone instead of SAM mask + HQ mask")
     seg.add_argument("--auto", action="store_true",
                      help="segment everything, without prompts: the automatic mask generator (a point grid, the original's filters "
@@ -336,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU only: allow the fused backend under the Triton interpreter (set TRITON_INTERPRET=1 before "
                           "starting; fp32 / fp16; checks it runs; NOT a speed figure)")
     ben.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few repeats: tests the tool, not speed")
-    ben.add_argument("--time-budget-s", type=float, default=None, metavar="S",
+    ben.add_argument("--time-budget-s", type=_seconds, default=None, metavar="S",
                      help="per benchmark run: start no configuration after S seconds (default: encoder 420, decoder 220)")
     ben.add_argument("--table", type=os.path.expanduser, nargs="+", metavar="RESULTS.json",
                      help="only print the Markdown performance table of these results files (runs nothing)")
@@ -406,17 +421,39 @@ def _strict_json(value):
     return value
 
 
-def _write_json(args, model, image_size: tuple[int, int], mask_format: str, **fields) -> None:
-    """segment --json: what was run (image, checkpoint, model, device, dtype, backend), the mask file, then `fields`."""
+def _json_writer(args, model, image_size: tuple[int, int], mask_format: str, **fields) -> Callable[[Path], object]:
+    """segment --json's writer: what was run (image, checkpoint, model, device, dtype, backend), the mask file, then `fields`."""
     result = {
         "image": str(args.image), "checkpoint": str(args.checkpoint), "variant": model.variant, "image_size": list(image_size),
         "mask": str(args.output), "mask_format": mask_format, "device": str(model.device), "dtype": args.dtype, "backend": model.backend, **fields,
     }
-    Path(args.json).write_text(json.dumps(_strict_json(result), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(_strict_json(result), indent=2, allow_nan=False) + "\n"
+    return lambda path: path.write_text(text)
 
 
 def _written(args) -> str:
     return ", ".join(str(p) for p in (args.output, args.overlay, args.json) if p)
+
+
+def _write_outputs(outputs: list[tuple[str, str, Callable[[Path], object]]]) -> None:
+    """Write each (option, path, write(to_path)) to a temporary file beside its path, then move them
+    all into place: a failure (an image too large for its format, a full disk, Ctrl-C) leaves no
+    output behind, half-written or alone, and the error names the output."""
+    temporary = []
+    try:
+        for option, path, write in outputs:
+            path = Path(path)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # PIL picks the format by the suffix
+            temporary.append(tmp)
+            try:
+                write(tmp)
+            except (OSError, ValueError) as e:
+                raise OSError(f"could not write {option} {path}: {e}") from None
+        for (_, path, _), tmp in zip(outputs, temporary):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
 
 
 def segment_everything(args, image: np.ndarray, model) -> int:
@@ -432,20 +469,21 @@ def segment_everything(args, image: np.ndarray, model) -> int:
     index = np.zeros((h, w), dtype=np.uint8 if len(records) <= 255 else np.uint16)
     for i, record in enumerate(records):
         index[record["segmentation"]] = i + 1
-    Image.fromarray(index).save(args.output)
+    outputs = [("--output", args.output, Image.fromarray(index).save)]
     if args.overlay:
         prompts = [{"points": r["point_coords"], "labels": [1], "box": None} for r in records]
-        draw_overlay(image, [r["segmentation"] for r in records], prompts).save(args.overlay)
+        outputs.append(("--overlay", args.overlay, draw_overlay(image, [r["segmentation"] for r in records], prompts).save))
     masks = [
         {"index": i + 1, "point": r["point_coords"][0], "score": r["predicted_iou"], "stability": r["stability_score"],
          "area": r["area"], "bbox_xywh": _bbox_xywh(r["segmentation"])}  # not r["bbox"]: the original's is 1 px short
         for i, r in enumerate(records)
     ]
-    print(f"{len(records)} mask{'' if len(records) == 1 else 's'} from a {args.points_per_side}x{args.points_per_side} point grid"
-          + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
     if args.json:
         settings = {k: getattr(args, k) for k in ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_thresh", "stability_offset", "box_nms_thresh", "hq_only")}
-        _write_json(args, model, (h, w), "index", auto=settings, masks=masks)
+        outputs.append(("--json", args.json, _json_writer(args, model, (h, w), "index", auto=settings, masks=masks)))
+    _write_outputs(outputs)  # before anything is printed: a closed stdout cannot cost a file
+    print(f"{len(records)} mask{'' if len(records) == 1 else 's'} from a {args.points_per_side}x{args.points_per_side} point grid"
+          + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
     print(f"wrote {_written(args)} (index mask, {index.dtype.itemsize * 8}-bit, {w}x{h})")
     return 0
 
@@ -507,17 +545,20 @@ def segment(args) -> int:
         out = np.zeros((h, w), dtype=np.uint8)
         for i, mask in enumerate(masks):
             out[mask] = i + 1
-    Image.fromarray(out).save(args.output)
-    if args.overlay:
-        draw_overlay(image, masks, prompts).save(args.overlay)
-
-    for i, (prompt, mask, score) in enumerate(zip(prompts, masks, scores)):
+    for prompt, mask, score in zip(prompts, masks, scores):
         prompt.update(score=float(score), area=int(mask.sum()), bbox_xywh=_bbox_xywh(mask))
-        bbox = "empty" if prompt["bbox_xywh"] is None else "bbox xywh " + ",".join(map(str, prompt["bbox_xywh"]))
-        print(f"prompt {i}: {_describe(prompt)}: score {score:.3f}, area {prompt['area']} px "
-              f"({100 * prompt['area'] / (h * w):.1f}%), {bbox}")
+    outputs = [("--output", args.output, Image.fromarray(out).save)]
+    if args.overlay:
+        outputs.append(("--overlay", args.overlay, draw_overlay(image, masks, prompts).save))
     if args.json:
-        _write_json(args, model, (h, w), "binary" if len(masks) == 1 else "index", multimask=args.multimask, hq_only=args.hq_only, prompts=prompts)
+        mask_format = "binary" if len(masks) == 1 else "index"
+        outputs.append(("--json", args.json, _json_writer(args, model, (h, w), mask_format, multimask=args.multimask, hq_only=args.hq_only, prompts=prompts)))
+    _write_outputs(outputs)  # before anything is printed: a closed stdout cannot cost a file
+
+    for i, prompt in enumerate(prompts):
+        bbox = "empty" if prompt["bbox_xywh"] is None else "bbox xywh " + ",".join(map(str, prompt["bbox_xywh"]))
+        print(f"prompt {i}: {_describe(prompt)}: score {prompt['score']:.3f}, area {prompt['area']} px "
+              f"({100 * prompt['area'] / (h * w):.1f}%), {bbox}")
     print(f"wrote {_written(args)} ({'binary' if len(masks) == 1 else 'index'} mask, {w}x{h})")
     return 0
 
@@ -637,7 +678,15 @@ def bench(args) -> int:
     from samhq_fast.benchmark import common, report
 
     if args.table:
-        print(report.table_from_files(args.table), end="")
+        defaults = args.parser.parse_args([])  # (argparse passes a string default through the option's type)
+        ignored = [name for name in BENCH_RUN_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+        if ignored:  # silently dropping them would hide a mistake (a --plot that is never drawn)
+            args.parser.error(f"--table only prints the table of results files and runs nothing: drop "
+                              f"{', '.join('--' + name.replace('_', '-') for name in ignored)}")
+        files = {}
+        for path in args.table:  # a file named twice (a.json a.json, or a glob overlapping it) gives one table
+            files.setdefault(os.path.realpath(path), path)
+        print(report.table_from_files(list(files.values())), end="")
         return 0
     device, backends = _bench_plan(args)
     runs = _bench_runs(args, backends, device)
@@ -719,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except SystemExit as e:  # argparse already printed --help / --version (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are moved into place only once all are written)
+        print("samhq-fast: interrupted", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
+    except BrokenPipeError:  # stdout closed early (| head): the files are written before anything is printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 141  # the shell's status for SIGPIPE
     except (ValueError, TypeError, OSError) as e:  # bad checkpoint, image, prompt, an output that cannot be written...
         print(f"samhq-fast: error: {e}", file=sys.stderr)
         return 2

@@ -167,6 +167,18 @@ def test_bench_checkpoint_runs_its_own_architecture(tiny_checkpoints, tmp_path):
     assert {row["variant"] for row in merged["rows"]} == {"custom"}
 
 
+def test_bench_table_runs_nothing_and_says_so(tmp_path, capsys):
+    """--table only prints: run options given with it are refused (a --plot would never be drawn), and a
+    file named twice (a glob overlapping a name) gives one table."""
+    path = tmp_path / "encoder-gpu.json"
+    path.write_text(json.dumps(gpu_results()))
+    assert main(["bench", "--table", str(path), "--plot", str(tmp_path / "p.png"), "--smoke"]) == 2
+    assert "--table only prints the table of results files and runs nothing: drop --plot, --smoke" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+    assert main(["bench", "--table", str(path), str(tmp_path / ".." / tmp_path.name / "encoder-gpu.json")]) == 0
+    assert capsys.readouterr().out.count("Machine: NVIDIA H200") == 1
+
+
 def test_bench_table_from_results(tmp_path, capsys):
     path = tmp_path / "encoder-gpu.json"
     path.write_text(json.dumps(gpu_results()))
@@ -364,6 +376,8 @@ def test_bench_nothing_to_run_says_why_and_writes_nothing(tmp_path, capsys):
     (["--what", "decoder", "--backends", "hf"], "nothing to run"),
     (["--plot", "out.jpg"], "--plot must end in .png"),
     (["--output", "out.txt"], "--output must end in .json"),
+    (["--time-budget-s", "-5"], "expected a positive number of seconds, got '-5'"),
+    (["--time-budget-s", "nan"], "expected a positive number of seconds, got 'nan'"),
 ])
 def test_bench_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

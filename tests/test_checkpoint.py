@@ -1129,7 +1129,7 @@ def test_dtype(tiny_model, tiny_checkpoints, dtype, expected):
         assert torch.equal(value, reference[key].to(kept)), key
 
 
-@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+@pytest.mark.parametrize("device", ["cpu", "CPU", " Cpu", torch.device("cpu")])
 def test_device_cpu(tiny_checkpoints, device):
     model = samhq_fast.load(tiny_checkpoints["pth"], device=device)
     assert all(t.device == torch.device("cpu") for t in model.state_dict().values())

@@ -363,6 +363,49 @@ def test_paths_may_start_at_the_home_folder(capsys, tmp_path, monkeypatch, ckpt,
     assert samhq_fast.load(tmp_path / "model.safetensors", device="cpu").state_dict().keys() == predictor.model.state_dict().keys()
 
 
+class _OverlayTooLarge:
+    """An overlay whose save writes part of a file, then fails as PIL does for an image beyond its format's limits."""
+
+    def save(self, path):
+        Path(path).write_bytes(b"RIFF half a file")
+        raise OSError("encoding error 5: Image size exceeds WebP limit of 16383 pixels")
+
+
+@pytest.mark.parametrize("prompt", [["--point", "220,150"], ["--auto", "--points-per-side", "2"]], ids=["point", "auto"])
+def test_a_failed_output_leaves_no_output_behind(capsys, tmp_path, ckpt, monkeypatch, prompt):
+    """Outputs are written to temporary files and moved into place together: one that cannot be written
+    leaves neither a half-written file nor the others, and the error names it."""
+    monkeypatch.setattr(cli, "draw_overlay", lambda *args, **kwargs: _OverlayTooLarge())
+    overlay = tmp_path / "overlay.webp"
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, *prompt, "-o", tmp_path / "m.png", "--overlay", overlay, "--json", tmp_path / "r.json")
+    assert code == 2 and out == ""
+    assert err == f"samhq-fast: error: could not write --overlay {overlay}: encoding error 5: Image size exceeds WebP limit of 16383 pixels\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(capsys, tmp_path, ckpt, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.SamHQPredictor, "predict", interrupted)
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "220,150", "-o", tmp_path / "m.png")
+    assert (code, out, err) == (130, "", "samhq-fast: interrupted\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_stdout_costs_no_file(tmp_path, ckpt):
+    """`samhq-fast segment ... | head -0`: every file is written before the summary is printed; the
+    closed pipe ends the run quietly with the shell's SIGPIPE status, without a traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "samhq_fast", "segment", str(PHOTO), "-c", ckpt, "--point", "220,150",
+                                "-o", str(tmp_path / "m.png"), "--json", str(tmp_path / "r.json")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader is gone before anything is printed
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141 and err == "", err[-2000:]
+    assert read_png(tmp_path / "m.png").shape == load_image(PHOTO).shape[:2]
+    assert json.loads((tmp_path / "r.json").read_text())["prompts"]
+
+
 def test_python_dash_m_runs_the_cli_and_warnings_are_one_line(tmp_path, ckpt):
     """`python -m samhq_fast` is the CLI; a library warning (here: the kill switch overriding --backend
     fused) prints as one "samhq-fast: warning:" line, not Python's file:line and source line."""
