@@ -136,7 +136,10 @@ def test_stability_score():
         assert np.isclose(g.item(), ((l > 0.3) & (l > -0.3)).sum() / ((l > 0.3) | (l > -0.3)).sum())
 
 
-def test_box_nms_against_a_plain_greedy_loop():
+@pytest.mark.parametrize("block_elements", [1 << 17, 1, 7 * 40], ids=["one_block", "a_row_per_block", "uneven_blocks"])
+def test_box_nms_against_a_plain_greedy_loop(monkeypatch, block_elements):
+    """box_nms takes the boxes a block of rows at a time: the kept boxes do not depend on the blocks."""
+    monkeypatch.setattr("samhq_fast.automatic.NMS_BLOCK_ELEMENTS", block_elements)
     gen = np.random.default_rng(2)
     corners = gen.uniform(0, 50, (40, 2))
     boxes = np.concatenate([corners, corners + gen.uniform(5, 30, (40, 2))], axis=1)
