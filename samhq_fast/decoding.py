@@ -42,8 +42,9 @@ def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box
 
     coords [P, K, 2] / labels [P, K] with has_point [P, K] (bool: False in empty slots, whose label
     is not read, so that every label value means what it means to the eager decoder), boxes [P, 4] with has_box [P],
-    masks [P, 1, 4G, 4G] with has_mask [P], all in the resized input frame
-    -> sparse [P, K + 3, C], sparse_mask [P, K + 3] bool, dense [P, C, G, G] (model dtype).
+    masks [P, 1, 4G, 4G] with has_mask [P] (both None when no prompt has a mask: no mask is
+    downscaled, and dense is the no-mask embedding broadcast, as in the eager decoder), all in the
+    resized input frame -> sparse [P, K + 3, C], sparse_mask [P, K + 3] bool, dense [P, C, G, G] (model dtype).
     """
     enc = model.prompt_encoder
     dtype = enc.no_mask_embed.weight.dtype
@@ -54,6 +55,8 @@ def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box
     sparse_mask = torch.cat([has_point, no_box_real[:, None], has_box[:, None].expand(-1, 2)], dim=1)
     g = enc.image_embedding_size
     no_mask = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(num, -1, *g)
+    if masks is None:
+        return sparse, sparse_mask, no_mask
     dense = torch.where(has_mask[:, None, None, None], enc.mask_downscaling(masks.to(dtype)), no_mask)
     return sparse, sparse_mask, dense
 
@@ -93,7 +96,8 @@ class PromptDecoder:
       "manual": the compiled function captured in a torch.cuda.CUDAGraph per shape by
       `graphs.GraphCache` (static input buffers, less Python per replay);
       False: no graphs. Graphs need compile=True and a CUDA model.
-    Shapes compiled: one per (prompt bucket, point bucket, images set); each compiles on its first call.
+    Shapes compiled: one per (prompt bucket, point bucket, images set, whether any prompt has a mask);
+    each compiles on its first call.
     """
 
     GRAPH_MODES = (None, False, True, "trees", "manual")
@@ -154,8 +158,8 @@ class PromptDecoder:
 
     def _run(self, *args):
         """decode_padded(model, *args) through the compiled function / its graphs."""
-        image_embeddings, _, _, image_index, coords = args[:5]
-        shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None)
+        image_embeddings, _, _, image_index, coords, _, _, _, _, masks, _ = args
+        shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None, masks is not None)
         call = self._decode if self._graphs is None else (lambda *a: self._graphs(shape, *a))  # noqa: E731
         if not self.compiled:
             return call(*args)
@@ -172,7 +176,7 @@ class PromptDecoder:
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(
                 f"PromptDecoder: torch.compile's limit of compiled variants (PromptDecoder.RECOMPILE_LIMIT = "
-                f"{self.RECOMPILE_LIMIT}) is reached; the shape (prompts, points, images, one image) = {shape} "
+                f"{self.RECOMPILE_LIMIT}) is reached; the shape (prompts, points, images, one image, masks) = {shape} "
                 "runs uncompiled (correct, but slower)", stacklevel=2,
             )
             self._uncompiled_shapes.add(shape)
@@ -229,6 +233,7 @@ class PromptDecoder:
         k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
         rows = padded_rows(sum(counts))
         low_res = 4 * model.config.embedding_size
+        any_mask = any(prompt[4] is not None for prompt, _ in decoded_sets)  # else no mask buffers: a shape of its own
         # The padded batch: empty rows are all padding (no point, no box, no mask) and read image 0.
         index = torch.zeros(rows, dtype=torch.int64, device=device)
         coords = torch.zeros(rows, k_pad, 2, device=device)
@@ -236,8 +241,8 @@ class PromptDecoder:
         has_point = torch.zeros(rows, k_pad, dtype=torch.bool, device=device)
         box = torch.zeros(rows, 4, device=device)
         has_box = torch.zeros(rows, dtype=torch.bool, device=device)
-        masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=model.dtype)
-        has_mask = torch.zeros(rows, dtype=torch.bool, device=device)
+        masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=model.dtype) if any_mask else None
+        has_mask = torch.zeros(rows, dtype=torch.bool, device=device) if any_mask else None
         start = 0
         for (image, point_coords, point_labels, boxes, mask_input), n in decoded_sets:
             set_rows = slice(start, start + n)
@@ -258,8 +263,9 @@ class PromptDecoder:
         for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
             chunk_index = index[chunk] if image_embeddings.shape[0] > 1 else None
+            chunk_masks = (masks[chunk], has_mask[chunk]) if any_mask else (None, None)
             all_masks, iou = self._run(image_embeddings, self.image_pe, hq_features, chunk_index, coords[chunk], labels[chunk],
-                                       has_point[chunk], box[chunk], has_box[chunk], masks[chunk], has_mask[chunk])
+                                       has_point[chunk], box[chunk], has_box[chunk], *chunk_masks)
             real = min(total - chunk_start, all_masks.shape[0])  # padding rows only in the last chunk
             chunk_logits, chunk_scores = select_masks(all_masks[:real], iou[:real], multimask_output, hq_token_only)
             # Copy out of the CUDA graph's static outputs now: the next chunk's replay overwrites them.

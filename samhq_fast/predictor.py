@@ -233,10 +233,10 @@ class SamHQPredictor:
         shapes, the CUDA graph with encoder_graphs=True). On the fused backend also decoder calls
         per (prompt count n, points per prompt k): n prompts on one image, and n prompts spread over
         min(n, b) of the b images (torch.compile and the CUDA graph of each bucket shape; a decoder
-        shape is (prompt bucket, point bucket, b, or 1 when all prompts read one image)). A later
-        call with as many images set, whose prompt and point counts fall in warmed buckets
-        (`decoding.PROMPT_BUCKETS` / `POINT_BUCKETS`), compiles nothing; box-only prompts count as
-        k = 1. The images set (if any) are kept.
+        shape is (prompt bucket, point bucket, b, or 1 when all prompts read one image, whether any
+        prompt has a mask_input)). A later call with as many images set, whose prompt and point
+        counts fall in warmed buckets (`decoding.PROMPT_BUCKETS` / `POINT_BUCKETS`) and which has no
+        mask_input, compiles nothing; box-only prompts count as k = 1. The images set (if any) are kept.
         """
         counts = {"batch_sizes": batch_sizes, "prompts": prompts, "points": points}
         for name, values in counts.items():

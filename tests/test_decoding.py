@@ -207,19 +207,21 @@ def test_chunks_survive_static_output_buffers(tiny_model, image_state, monkeypat
 
 
 def test_no_recompiles_within_buckets(tiny_model, image_state):
-    """Dynamo traces once per (prompt bucket, point bucket); prompt types, counts inside a bucket and
-    the output flags reuse the graph. aot_eager keeps this test fast: the guards are Dynamo's."""
+    """Dynamo traces once per (prompt bucket, point bucket, with or without masks); prompt types,
+    counts inside a bucket and the output flags reuse the graph. aot_eager keeps this test fast: the
+    guards are Dynamo's."""
     counter = CompileCounterWithBackend("aot_eager")
     decoder = PromptDecoder(tiny_model, backend=counter)
     calls = [("points", 4, 3), ("points", 3, 4), ("box", 2, 1), ("points+box", 1, 2), ("mask", 4, 1),
-             ("points+mask", 2, 3)]
-    # point buckets: 3, 4 -> 4; no points / 1 / 2 -> 1 and 2: three point buckets, one prompt bucket (4)
+             ("points+mask", 2, 3), ("mask", 3, 1), ("points+mask", 4, 4)]
+    # one prompt bucket (4); without masks, point buckets 4 (3 and 4 points), 1 (box only) and 2; with
+    # masks (no mask buffers are filled, nor masks downscaled, without), point buckets 1 and 4
     for kind, num, points in calls:
         for flags in ((True, False), (False, True)):
             decoder(*image_state, **make_prompts(kind, num, points), multimask_output=flags[0], hq_token_only=flags[1])
-    assert counter.frame_count == 3
+    assert counter.frame_count == 5
     decoder(*image_state, **make_prompts("points", 5, 3), multimask_output=True, hq_token_only=False)
-    assert counter.frame_count == 4  # 5 prompts: the next prompt bucket (16), a new graph
+    assert counter.frame_count == 6  # 5 prompts: the next prompt bucket (16), a new graph
 
 
 def test_more_bucket_shapes_than_dynamos_recompile_limit(tiny_model, image_state):
