@@ -3,6 +3,7 @@
 (encoder / decoder benchmarks, results table and plot). Run `samhq-fast --help`."""
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -772,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         print("samhq-fast: interrupted", file=sys.stderr)
         return 130  # the shell's status for SIGINT
     except BrokenPipeError:  # stdout closed early (| head): the files are written before anything is printed
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        with contextlib.suppress(OSError, ValueError):  # (a stdout without a file descriptor: nothing to flush at exit)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout at exit
         return 141  # the shell's status for SIGPIPE
     except (ValueError, TypeError, OSError) as e:  # bad checkpoint, image, prompt, an output that cannot be written...
         print(f"samhq-fast: error: {e}", file=sys.stderr)
