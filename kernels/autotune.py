@@ -15,8 +15,9 @@ largest takes 165 KiB); one that fails on some other GPU is skipped by `pick`, n
 SAMHQ_FAST_AUTOTUNE=0 (or "false", "no", "off") skips the timing and uses each family's default. Nothing is timed in the
 Triton interpreter (its timings mean nothing) or while a CUDA graph is being captured (timing
 syncs): there a shape this process has already timed keeps its choice, any other gets the default,
-which is not cached. A default this GPU cannot launch (the 16-bit linear default takes 96 KiB of
-shared memory: a T4 has 64 KiB) is passed over for the next candidate in the list (`run`).
+which is not cached. A default this GPU cannot launch (too much shared memory for it: consumer GPUs
+of compute capability 8.6 / 8.9 have 99 KiB a block, Hopper 227 KiB) is passed over for the next
+candidate in the list (`run`).
 """
 
 from __future__ import annotations

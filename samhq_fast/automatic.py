@@ -23,7 +23,7 @@ from .transforms import as_rgb_uint8, as_rgb_uint8_torch, check_flags
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 CROP_EDGE_TOLERANCE = 20.0  # pixels: a box this close to a crop's inner edge was cut by the crop
 NMS_BLOCK_ELEMENTS = 1 << 17  # box pairs per array operation in box_nms (0.5 MB float32 temporaries: cache-sized, fastest of 2^15-2^22 here)
-DECODE_PIXELS = 1 << 26  # binary masks decoded together in generate (64 M pixels: ~0.3 GB in flight)
+DECODE_PIXELS = 1 << 26  # binary masks decoded together in generate (64 M pixels: ~0.3 GB in flight; one larger mask: ~4 B a pixel)
 
 
 def point_grid(n_per_side: int) -> np.ndarray:
@@ -128,13 +128,17 @@ def rles_to_masks(rles: list[dict], device: torch.device | str = "cpu") -> torch
     Each run but the last ends in a flip of the pixel value, so the running count of flips, mod 2,
     is the mask in column-major order; transposing it to [H, W] is one batched copy (on the GPU, not
     the host's one-mask-at-a-time strided copy, which is most of the host time of a numpy decode)."""
-    height, width = rles[0]["size"]
-    if any(rle["size"] != rles[0]["size"] or sum(rle["counts"]) != height * width for rle in rles):
-        raise ValueError(f"RLEs to decode together must all have size {rles[0]['size']} and counts summing to {height * width}")
-    ends = [np.cumsum(rle["counts"][:-1], dtype=np.int64) for rle in rles]  # [runs - 1] per mask; only a first run may be 0 long
+    height, width = size = [int(s) for s in rles[0]["size"]]
+    if any([int(s) for s in rle["size"]] != size or sum(rle["counts"]) != height * width for rle in rles):
+        raise ValueError(f"RLEs to decode together must all have size {size} and counts summing to {height * width}")
+    ends = [np.cumsum(rle["counts"][:-1], dtype=np.int64) for rle in rles]  # [runs - 1] per mask
     rows = np.repeat(np.arange(len(rles)), [len(e) for e in ends])
+    ends = np.concatenate(ends)
+    inside = ends < height * width  # a run of 0 at the end ends at H * W: no pixel flips there
     flips = torch.zeros(len(rles), height * width, dtype=torch.uint8, device=device)
-    flips[torch.as_tensor(rows, device=device), torch.as_tensor(np.concatenate(ends), device=device)] = 1
+    # accumulated: two runs ending at one pixel (a 0-long run between them) flip it twice, i.e. not at all
+    flips.index_put_((torch.as_tensor(rows[inside], device=device), torch.as_tensor(ends[inside], device=device)),
+                     torch.ones((), dtype=torch.uint8, device=device), accumulate=True)
     column_major = flips.cumsum(dim=1, dtype=torch.uint8).bitwise_and_(1)  # 0 / 1; the uint8 sum wraps at 256: parity holds
     return column_major.view(torch.bool).view(len(rles), width, height).transpose(1, 2).contiguous()
 

@@ -442,16 +442,17 @@ def _write_outputs(outputs: list[tuple[str, str, Callable[[Path], object]]]) -> 
     output behind, half-written or alone, and the error names the output."""
     temporary = []
     try:
-        for option, path, write in outputs:
-            path = Path(path)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # PIL picks the format by the suffix
+        targets = [Path(os.path.realpath(path)) for _, path, _ in outputs]  # through symlinks, as a plain write would go
+        for (option, path, write), target in zip(outputs, targets):
+            tmp = target.with_name(f".{target.stem}.{os.getpid()}.partial{target.suffix}")  # PIL picks the format by the suffix
             temporary.append(tmp)
             try:
                 write(tmp)
-            except (OSError, ValueError) as e:
-                raise OSError(f"could not write {option} {path}: {e}") from None
-        for (_, path, _), tmp in zip(outputs, temporary):
-            os.replace(tmp, path)
+            except (OSError, ValueError) as e:  # (an OSError naming the temporary file: its reason alone)
+                reason = e.strerror if isinstance(e, OSError) and e.filename and e.strerror else e
+                raise OSError(f"could not write {option} {path}: {reason}") from None
+        for target, tmp in zip(targets, temporary):
+            os.replace(tmp, target)
     finally:
         for tmp in temporary:
             tmp.unlink(missing_ok=True)
@@ -766,7 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     library_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         args = parser.parse_args(argv)
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must meet the BrokenPipeError handler below
+        return status
     except SystemExit as e:  # argparse already printed --help / --version (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 1
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are moved into place only once all are written)

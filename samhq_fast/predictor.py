@@ -56,7 +56,7 @@ def as_finite_array(value, name: str, last_dim: int | None = None, keep_float: b
     if array.dtype.kind not in "biuf":  # a cast would read the string "10" as 10, and None as NaN
         kind = {"U": "strings", "S": "strings", "O": "Python objects"}.get(array.dtype.kind, f"dtype {array.dtype}")
         raise TypeError(f"{name} must be a numeric array, got {kind}")
-    if not (keep_float and array.dtype.kind == "f"):
+    if not (keep_float and array.dtype in (np.float16, np.float32, np.float64) and array.dtype.isnative):  # (what torch takes)
         array = array.astype(np.float64)
     if last_dim is not None and (array.ndim == 0 or array.shape[-1] != last_dim):
         raise ValueError(f"{name} must have a last dimension of {last_dim}, got shape {list(array.shape)}")
@@ -186,7 +186,8 @@ class SamHQPredictor:
         # host, flipping a 1080p frame is a strided copy costing about as much as its resize.
         bgr = channel_order(image_format) == "BGR"
         pixels = as_rgb_uint8(image)  # uint8 [H, W, 3], channels in image_format's order
-        resized = torch.as_tensor(resize_longest_side(pixels, size), device=self.device).permute(2, 0, 1)[None]
+        resized = resize_longest_side(pixels, size)  # pixels themselves at the model's size: read-only from PIL, maybe
+        resized = torch.as_tensor(np.require(resized, requirements="W"), device=self.device).permute(2, 0, 1)[None]
         return (resized.flip(1) if bgr else resized), pixels.shape[:2]
 
     @torch.inference_mode()

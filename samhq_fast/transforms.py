@@ -16,10 +16,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 def check_image_size(size, name: str) -> tuple[int, int]:
     """An image's (H, W): a tuple, list, torch.Size, or 2-element tensor / array of positive
-    integers -> (H, W) as Python ints; anything else is a ValueError naming `name`."""
+    integers (whole-number floats such as 1080.0 too, as the original takes them) -> (H, W) as
+    Python ints; anything else is a ValueError naming `name`."""
     values = size.tolist() if isinstance(size, (np.ndarray, torch.Tensor)) else size
     if not (isinstance(values, (tuple, list)) and len(values) == 2
-            and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in values)):
+            and all(isinstance(s, numbers.Real) and not isinstance(s, bool) and float(s).is_integer() and s > 0 for s in values)):
         raise ValueError(f"{name} must be (H, W), two positive integers, got {size!r}")
     return int(values[0]), int(values[1])
 

@@ -114,6 +114,10 @@ def test_rles_decode_together():
     decoded = rles_to_masks(rles)
     assert decoded.dtype == torch.bool and decoded.is_contiguous()
     np.testing.assert_array_equal(decoded.numpy(), masks)
+    # RLEs from elsewhere may hold 0-long runs anywhere (and a numpy size): against a plain run expansion
+    for counts in ([3, 0, 2], [5, 0], [2, 3, 0], [0, 5], [0, 2, 0, 3], [1, 1, 1, 1, 1]):
+        expected = np.concatenate([np.full(n, i % 2 == 1) for i, n in enumerate(counts)]).reshape(5, 1).T
+        np.testing.assert_array_equal(rle_to_mask({"size": np.array([1, 5]), "counts": counts}), expected)
     other_size = masks_to_rle(torch.zeros(1, 29, 23, dtype=torch.bool))
     for bad in (rles[:1] + other_size, [dict(rles[0], counts=rles[0]["counts"] + [1])]):
         with pytest.raises(ValueError, match="must all have size"):

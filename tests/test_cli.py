@@ -383,6 +383,15 @@ def test_a_failed_output_leaves_no_output_behind(capsys, tmp_path, ckpt, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_through_a_symlink_is_written_where_it_points(capsys, tmp_path, ckpt):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "mask.png").symlink_to(tmp_path / "store" / "mask.png")
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--point", "220,150", "-o", tmp_path / "mask.png")
+    assert code == 0, err
+    assert (tmp_path / "mask.png").is_symlink() and read_png(tmp_path / "store" / "mask.png").shape == load_image(PHOTO).shape[:2]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["mask.png"]
+
+
 def test_ctrl_c_is_one_line_and_writes_nothing(capsys, tmp_path, ckpt, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -396,9 +405,10 @@ def test_ctrl_c_is_one_line_and_writes_nothing(capsys, tmp_path, ckpt, monkeypat
 def test_a_closed_stdout_costs_no_file(tmp_path, ckpt):
     """`samhq-fast segment ... | head -0`: every file is written before the summary is printed; the
     closed pipe ends the run quietly with the shell's SIGPIPE status, without a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's stdout is block-buffered, as in a shell
     process = subprocess.Popen([sys.executable, "-m", "samhq_fast", "segment", str(PHOTO), "-c", ckpt, "--point", "220,150",
                                 "-o", str(tmp_path / "m.png"), "--json", str(tmp_path / "r.json")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     process.stdout.close()  # the reader is gone before anything is printed
     err = process.stderr.read()
     assert process.wait(timeout=300) == 141 and err == "", err[-2000:]

@@ -837,17 +837,35 @@ BAD_TORCH_PROMPTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32])
+def test_an_image_already_at_the_models_size_skips_the_resize_quietly(tiny_model):
+    """An image whose longest side is the model's input size is not resized; a read-only array (what
+    numpy gives of a PIL image) is copied rather than handed to torch (which warns about it). The
+    features are those of the same pixels given to set_torch_image."""
+    size = tiny_model.config.img_size
+    image = make_photo(size * 3 // 4, size, seed=4)
+    image.flags.writeable = False
+    expected = SamHQPredictor(tiny_model)
+    expected.set_torch_image(torch.from_numpy(image.copy()).permute(2, 0, 1)[None], image.shape[:2])
+    for given in (image, Image.fromarray(image)):
+        predictor = SamHQPredictor(tiny_model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            predictor.set_image(given)
+        torch.testing.assert_close(predictor.features, expected.features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32, ">f4", np.longdouble])
 def test_mask_logits_are_checked_in_their_own_float_precision(dtype):
     """mask_input (N x 256 x 256 logits) is checked without a float64 copy: float arrays keep their
-    dtype and values (the model takes them as float32), other numbers become float64; NaN / inf and
-    non-numbers are refused as for every prompt."""
+    dtype and values (the model takes them as float32), other numbers (and floats torch cannot take:
+    big-endian, long double) become float64; NaN / inf and non-numbers are refused as for every prompt."""
     values = (np.arange(-6, 6).reshape(1, 3, 4) * 7.5).astype(dtype)
     checked = as_finite_array(values, "mask_input", keep_float=True)
-    assert checked.dtype == (np.float64 if dtype == np.int32 else dtype)
+    assert checked.dtype == (dtype if dtype in (np.float16, np.float32, np.float64) else np.float64)
+    torch.as_tensor(checked)  # a dtype torch takes
     np.testing.assert_array_equal(checked, values)
     assert as_finite_array(values, "point_coords").dtype == np.float64  # coordinates: float64, as the original
-    if dtype != np.int32:
+    if dtype in (np.float16, np.float32, np.float64):
         with pytest.raises(ValueError, match="mask_input has NaN or infinite values"):
             as_finite_array(np.full((1, 2), np.inf, dtype), "mask_input", keep_float=True)
     with pytest.raises(TypeError, match="mask_input must be a numeric array, got strings"):

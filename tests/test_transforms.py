@@ -117,6 +117,14 @@ def test_scale_coords_keeps_batch_shape_and_does_not_modify_input():
     np.testing.assert_allclose(out[..., 1], coords[..., 1] * 171 / 200)
 
 
+def test_coordinate_maps_take_whole_number_float_sizes():
+    """The original takes (1080.0, 1920.0) as an original_size: so do the maps (a fraction is refused below)."""
+    transform = ResizeLongestSide(1024)
+    np.testing.assert_array_equal(transform.apply_coords(np.array([[960.0, 540.0]]), (1080.0, np.float64(1920))), [[512.0, 288.0]])
+    torch.testing.assert_close(transform.apply_boxes_torch(torch.tensor([[960.0, 540.0, 1920.0, 1080.0]]), (1080.0, 1920.0)),
+                               torch.tensor([[512.0, 288.0, 1024.0, 576.0]]))
+
+
 @pytest.mark.parametrize("original_size", [(0, 300), (200, 0), (200.5, 300), (-1, 300), (200,)])
 @pytest.mark.parametrize("method", ["apply_coords", "apply_boxes", "apply_coords_torch", "apply_boxes_torch"])
 def test_coordinate_maps_reject_a_bad_original_size(original_size, method):
