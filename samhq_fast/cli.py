@@ -32,7 +32,8 @@ DTYPE_CHOICES = ", ".join(DTYPE_NAMES) + " (any case)"
 FORMATTER = argparse.RawDescriptionHelpFormatter  # keep the line breaks of the descriptions
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # segment --auto options; None on the command line means "not given", so they can be refused without --auto
-AUTO_DEFAULTS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7)
+AUTO_DEFAULTS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7,
+                     crop_n_layers=0, min_mask_region_area=0)
 
 MAIN_HELP = """\
 SAM-HQ (Segment Anything in High Quality) inference from the command line.
@@ -270,6 +271,7 @@ def _number(convert, valid, expected: str):
 _count = _number(int, lambda v: v >= 1, "a positive integer")
 _finite = _number(float, math.isfinite, "a finite number")
 _non_negative = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+_non_negative_count = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"--auto: stability = IoU of the masks at logit thresholds +D and -D (default {AUTO_DEFAULTS['stability_offset']})")
     seg.add_argument("--box-nms-thresh", type=_finite, default=None, metavar="T",
                      help=f"--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default {AUTO_DEFAULTS['box_nms_thresh']})")
+    seg.add_argument("--crop-n-layers", type=_non_negative_count, default=None, metavar="N",
+                     help="--auto: also run the grid on overlapping zoomed-in crops, 4 in layer 1, 16 in layer 2, ... "
+                          "(finds small objects; N + 1 times the work and more; default 0)")
+    seg.add_argument("--min-mask-region-area", type=_non_negative_count, default=None, metavar="A",
+                     help="--auto: fill holes and remove islands smaller than A pixels in every mask (needs scipy; default 0: off)")
     seg.add_argument("--output", "-o", type=os.path.expanduser, required=True, metavar="MASK.png",
                      help="mask PNG: binary 0/255 for one prompt, index 0..N for N prompts")
     seg.add_argument("--overlay", type=os.path.expanduser, metavar="OVERLAY.png",
@@ -465,6 +472,7 @@ def segment_everything(args, image: np.ndarray, model) -> int:
     generator = SamHQAutomaticMaskGenerator(
         model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch, pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_thresh, stability_score_offset=args.stability_offset, box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area,
     )
     records = sorted(generator.generate(image, hq_token_only=args.hq_only), key=lambda r: -r["area"])
     h, w = image.shape[:2]
@@ -481,10 +489,11 @@ def segment_everything(args, image: np.ndarray, model) -> int:
         for i, r in enumerate(records)
     ]
     if args.json:
-        settings = {k: getattr(args, k) for k in ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_thresh", "stability_offset", "box_nms_thresh", "hq_only")}
+        settings = {k: getattr(args, k) for k in (*AUTO_DEFAULTS, "hq_only")}
         outputs.append(("--json", args.json, _json_writer(args, model, (h, w), "index", auto=settings, masks=masks)))
     _write_outputs(outputs)  # before anything is printed: a closed stdout cannot cost a file
-    print(f"{len(records)} mask{'' if len(records) == 1 else 's'} from a {args.points_per_side}x{args.points_per_side} point grid"
+    layers = f" (and {args.crop_n_layers} crop layer{'s' if args.crop_n_layers > 1 else ''})" if args.crop_n_layers else ""
+    print(f"{len(records)} mask{'' if len(records) == 1 else 's'} from a {args.points_per_side}x{args.points_per_side} point grid{layers}"
           + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
     print(f"wrote {_written(args)} (index mask, {index.dtype.itemsize * 8}-bit, {w}x{h})")
     return 0

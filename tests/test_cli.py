@@ -273,7 +273,7 @@ def test_segment_auto_index_png_width(count, png_dtype, capsys, tmp_path, ckpt, 
     defaults = inspect.signature(import_original().SamAutomaticMaskGenerator).parameters
     assert RowGenerator.settings == {name: defaults[name].default for name in RowGenerator.settings}
     assert set(RowGenerator.settings) == {"points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-                                          "stability_score_offset", "box_nms_thresh"}
+                                          "stability_score_offset", "box_nms_thresh", "crop_n_layers", "min_mask_region_area"}
     index = read_png(mask_path)
     assert index.dtype == png_dtype and index.max() == count
     for i in range(count):
@@ -283,6 +283,35 @@ def test_segment_auto_index_png_width(count, png_dtype, capsys, tmp_path, ckpt, 
         i = count - entry["index"]  # the record painted with this index
         assert entry["point"] == [i + 0.5, 2 * i + 0.25] and entry["stability"] == pytest.approx(0.8 - i / 1000)
         assert entry["score"] == pytest.approx(0.9 - i / 1000) and entry["bbox_xywh"] == [0, i, i + 1, 1]
+
+
+def test_segment_auto_crop_layers_and_clean_up(capsys, tmp_path, ckpt, photo, monkeypatch):
+    """--crop-n-layers and --min-mask-region-area reach the generator: the index PNG is the API's
+    records with those settings, painted largest first."""
+    pytest.importorskip("scipy")
+
+    class Recording(samhq_fast.SamHQAutomaticMaskGenerator):
+        def __init__(self, model, **settings):
+            Recording.settings = settings
+            super().__init__(model, **settings)
+
+    monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", Recording)
+    options = dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0, stability_score_offset=0.05, box_nms_thresh=1.0,
+                   crop_n_layers=1, min_mask_region_area=40)
+    mask_path, json_path = tmp_path / "all.png", tmp_path / "all.json"
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--points-per-side", 2, "--pred-iou-thresh", 0.0, "--stability-thresh", 0.0,
+                         "--stability-offset", 0.05, "--box-nms-thresh", 1.0, "--crop-n-layers", 1, "--min-mask-region-area", 40,
+                         "-o", mask_path, "--json", json_path)
+    assert code == 0, err
+    assert (Recording.settings["crop_n_layers"], Recording.settings["min_mask_region_area"]) == (1, 40) and "(and 1 crop layer)" in out
+    records = sorted(samhq_fast.SamHQAutomaticMaskGenerator(samhq_fast.load(ckpt, device="cpu"), **options).generate(photo),
+                     key=lambda r: -r["area"])
+    expected = np.zeros(photo.shape[:2], np.uint8)
+    for i, record in enumerate(records):
+        expected[record["segmentation"]] = i + 1
+    np.testing.assert_array_equal(read_png(mask_path), expected)
+    settings = json.loads(json_path.read_text())["auto"]
+    assert (settings["crop_n_layers"], settings["min_mask_region_area"]) == (1, 40)
 
 
 def test_segment_auto_json_is_strict_json(capsys, tmp_path, ckpt, monkeypatch):
@@ -510,6 +539,8 @@ ERROR_CASES = {
     "auto_no_grid": (["--auto", "--points-per-side", "0"], "argument --points-per-side: expected a positive integer, got '0'"),
     "auto_nan_thresh": (["--auto", "--pred-iou-thresh", "nan"], "argument --pred-iou-thresh: expected a finite number, got 'nan'"),
     "auto_negative_offset": (["--auto", "--stability-offset", "-1"], "argument --stability-offset: expected a number >= 0, got '-1'"),
+    "auto_negative_crop_layers": (["--auto", "--crop-n-layers", "-1"], "argument --crop-n-layers: expected an integer >= 0, got '-1'"),
+    "crop_layers_without_auto": (["--point", "220,150", "--crop-n-layers", "1"], "--crop-n-layers applies only to --auto"),
 }
 
 
