@@ -22,7 +22,7 @@ from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layou
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
 from samhq_fast.modeling.prompt_encoder import HALF_DTYPES
 from samhq_fast.predictor import SamHQPredictor
-from samhq_fast.transforms import load_image
+from samhq_fast.transforms import ImageTooLargeError, load_image
 
 # Distinct overlay colors (matplotlib's tab10), one per prompt, cycling.
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlay", type=os.path.expanduser, metavar="OVERLAY.png",
                      help=f"also write the photo with the masks and prompts drawn on it ({', '.join(OVERLAY_SUFFIXES)})")
     seg.add_argument("--json", type=os.path.expanduser, metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
+    seg.add_argument("--max-image-pixels", type=_non_negative_count, default=None, metavar="N",
+                     help="read images of up to N pixels, 0 for any size (default: PIL's limit, about 89 M pixels, against "
+                          "decompression bombs; PIL warns from there and refuses beyond twice that)")
     seg.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     seg.add_argument("--dtype", type=_dtype, default="fp32", metavar="fp32|fp16|bf16",
                      help=f"model precision: {DTYPE_CHOICES} (default fp32)")
@@ -529,7 +532,15 @@ def segment(args) -> int:
     if len(set(paths)) < len(paths):
         args.parser.error("IMAGE, --output, --overlay and --json must be different files (one would overwrite another)")
 
-    image = load_image(args.image)
+    pil_limit = Image.MAX_IMAGE_PIXELS  # PIL's global: set for this read only (main may run inside another program)
+    if args.max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
+    try:
+        image = load_image(args.image)
+    except ImageTooLargeError as e:
+        raise ImageTooLargeError(f"{e} (here: --max-image-pixels N, or 0 for no limit)") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     model = samhq_fast.load(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend)
     if args.auto:
         return segment_everything(args, image, model)

@@ -62,6 +62,10 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+class ImageTooLargeError(ValueError):
+    """An image over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, twice over)."""
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file ("~" expanded) -> RGB uint8 [H, W, 3] (EXIF orientation applied)."""
     path = os.path.expanduser(path)
@@ -73,7 +77,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             return as_rgb_uint8(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError as e:
-        raise ValueError(
+        raise ImageTooLargeError(
             f"image {path} is too large to read safely ({e}): if you trust the file, set PIL.Image.MAX_IMAGE_PIXELS "
             "higher (or to None) first"
         ) from e

@@ -421,6 +421,24 @@ def test_an_output_through_a_symlink_is_written_where_it_points(capsys, tmp_path
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["mask.png"]
 
 
+def test_max_image_pixels(capsys, tmp_path, ckpt, monkeypatch):
+    """An image over PIL's decompression-bomb limit: the error names the CLI's way out, which reads it
+    (and leaves PIL's limit as it was)."""
+    with Image.open(PHOTO) as photo:
+        photo.resize((60, 40)).save(tmp_path / "big.png")  # 2,400 pixels > 2 x 1,000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    prompt = ["--point", "30,20", "-o", tmp_path / "m.png"]
+    code, _, err = run(capsys, "segment", tmp_path / "big.png", "-c", ckpt, *prompt)
+    assert code == 2 and "is too large to read safely" in err and "(here: --max-image-pixels N, or 0 for no limit)" in err
+    for limit in (0, 2400):
+        code, _, err = run(capsys, "segment", tmp_path / "big.png", "-c", ckpt, *prompt, "--max-image-pixels", limit)
+        assert code == 0, err
+        assert Image.MAX_IMAGE_PIXELS == 1000
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # to read the mask here
+        assert read_png(tmp_path / "m.png").shape == (40, 60)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+
+
 def test_ctrl_c_is_one_line_and_writes_nothing(capsys, tmp_path, ckpt, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
