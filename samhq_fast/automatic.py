@@ -371,12 +371,12 @@ class SamHQAutomaticMaskGenerator:
         edge of the image (the object probably goes on outside the crop)."""
         x0, y0, x1, y1 = crop_box
         height, width = image_size
-        boxes = (boxes + torch.tensor([x0, y0, x0, y0], device=boxes.device)).float()
-        crop = torch.tensor(crop_box, dtype=torch.float32, device=boxes.device)
-        image = torch.tensor([0, 0, width, height], dtype=torch.float32, device=boxes.device)
-        near_crop = torch.isclose(boxes, crop[None], atol=CROP_EDGE_TOLERANCE, rtol=0)
-        near_image = torch.isclose(boxes, image[None], atol=CROP_EDGE_TOLERANCE, rtol=0)
-        return (near_crop & ~near_image).any(dim=1)
+        boxes = boxes.float()
+        # (side in image pixels, the crop's edge, the image's edge) with Python-number edges: no upload, no sync
+        sides = ((boxes[:, 0] + x0, x0, 0), (boxes[:, 1] + y0, y0, 0), (boxes[:, 2] + x0, x1, width), (boxes[:, 3] + y0, y1, height))
+        cut = [((side - crop_edge).abs() <= CROP_EDGE_TOLERANCE) & ~((side - image_edge).abs() <= CROP_EDGE_TOLERANCE)
+               for side, crop_edge, image_edge in sides]
+        return torch.stack(cut, dim=1).any(dim=1)
 
     def _remove_small_regions(self, data: dict, nms_thresh: float) -> dict:
         """Fill small holes and drop small islands in every mask; where that changed masks that now

@@ -311,11 +311,12 @@ def test_box_nms_between_records(tiny_model, photo):
 def test_masks_cut_by_a_crop_edge():
     """Crop [88, 0, 200, 63] of a 200 x 100 image; boxes in crop pixels. A side within 20 px of a crop
     edge that is not also an image edge marks a mask the crop cut."""
-    boxes = torch.tensor([[10, 10, 50, 40], [40, 5, 60, 30], [40, 5, 100, 30], [40, 5, 60, 50]])
+    boxes = torch.tensor([[10, 10, 50, 40], [40, 5, 60, 30], [40, 5, 100, 30], [40, 5, 60, 50], [20, 5, 60, 30], [21, 5, 60, 30]])
     cut = SamHQAutomaticMaskGenerator._cut_by_crop(boxes, [88, 0, 200, 63], (100, 200))
     # left side 98 near the crop's 88; top 5 near the crop's AND the image's 0; right 188 near both
-    # 200s; bottom 50 near the crop's 63, not the image's 100
-    assert cut.tolist() == [True, False, False, True]
+    # 200s; bottom 50 near the crop's 63, not the image's 100; left 108 exactly 20 px from 88 (near,
+    # as torch.isclose's atol), 109 not
+    assert cut.tolist() == [True, False, False, True, True, False]
 
 
 def test_crop_layers(tiny_model, photo, monkeypatch):
