@@ -131,9 +131,9 @@ def rles_to_masks(rles: list[dict], device: torch.device | str = "cpu") -> torch
     height, width = size = [int(s) for s in rles[0]["size"]]
     if any([int(s) for s in rle["size"]] != size or sum(rle["counts"]) != height * width for rle in rles):
         raise ValueError(f"RLEs to decode together must all have size {size} and counts summing to {height * width}")
-    ends = [np.cumsum(rle["counts"][:-1], dtype=np.int64) for rle in rles]  # [runs - 1] per mask
-    rows = np.repeat(np.arange(len(rles)), [len(e) for e in ends])
-    ends = np.concatenate(ends)
+    ends_per_mask = [np.cumsum(rle["counts"][:-1], dtype=np.int64) for rle in rles]  # [runs - 1] each
+    rows = np.repeat(np.arange(len(rles)), [len(e) for e in ends_per_mask])
+    ends = np.concatenate(ends_per_mask)
     inside = ends < height * width  # a run of 0 at the end ends at H * W: no pixel flips there
     flips = torch.zeros(len(rles), height * width, dtype=torch.uint8, device=device)
     # accumulated: two runs ending at one pixel (a 0-long run between them) flip it twice, i.e. not at all
