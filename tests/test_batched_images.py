@@ -584,6 +584,8 @@ def test_bad_predict_batch_prompts(batch, prompts, error, message):
         (np.zeros((20, 30, 3), np.uint8), TypeError, "list of images"),
         (torch.zeros(20, 30, 3, dtype=torch.uint8), TypeError, "list of images"),
         ([np.zeros((20, 30, 3), np.uint8), np.full((20, 30, 3), 2.0)], ValueError, "images[1]: float images must hold values in [0, 1]"),
+        # converted in threads: the error raised is still the first bad image's
+        ([np.zeros((20, 30, 3), np.uint8), np.full((20, 30, 3), 2.0), "image.png"], ValueError, "images[1]: float images must hold values in [0, 1]"),
         ([np.zeros((20, 30, 3), np.uint8), torch.full((20, 30, 3), float("nan"))], ValueError, "images[1]: image has NaN"),
         ([torch.zeros(20, 30, 3, dtype=torch.int64)], TypeError, "images[0]: torch images must be uint8"),
         ([torch.zeros(2, 20, 30, dtype=torch.uint8)], ValueError, "images[0]: torch images must have shape [H, W, C] (HWC), [C, H, W] (CHW)"),
@@ -595,7 +597,7 @@ def test_bad_predict_batch_prompts(batch, prompts, error, message):
         (torch.zeros(1, 2, 20, 30, 3, dtype=torch.uint8), TypeError, "got a 5-D Tensor"),
     ],
     ids=[
-        "empty", "numpy_image", "tensor_image", "float_range", "tensor_nan", "tensor_int64", "tensor_2_channels", "elongated", "path",
+        "empty", "numpy_image", "tensor_image", "float_range", "first_of_two_bad", "tensor_nan", "tensor_int64", "tensor_2_channels", "elongated", "path",
         "batch_2_channels", "empty_batch", "batch_float_range", "5d_tensor",
     ],
 )
