@@ -799,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # (a stdout without a file descriptor: nothing to flush at exit)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout at exit
         return 141  # the shell's status for SIGPIPE
-    except (ValueError, TypeError, OSError) as e:  # bad checkpoint, image, prompt, an output that cannot be written...
+    except (ValueError, TypeError, OSError, ImportError) as e:  # bad checkpoint, image, prompt, an unwritable output, a missing extra...
         print(f"samhq-fast: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -165,6 +165,7 @@ class SamHQPredictor:
             )
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image")
+
         def transform(i: int, image) -> tuple[torch.Tensor, tuple[int, int]]:
             try:
                 return self._transform_image(image, image_format)

@@ -314,6 +314,13 @@ def test_segment_auto_crop_layers_and_clean_up(capsys, tmp_path, ckpt, photo, mo
     assert (settings["crop_n_layers"], settings["min_mask_region_area"]) == (1, 40)
 
 
+def test_segment_auto_names_a_missing_extra(capsys, tmp_path, ckpt, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy fails, as without the [amg] extra
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--min-mask-region-area", 10, "-o", tmp_path / "m.png")
+    assert (code, out) == (2, "") and err == "samhq-fast: error: min_mask_region_area > 0 needs scipy: pip install scipy\n"
+    assert not (tmp_path / "m.png").exists()
+
+
 def test_segment_auto_json_is_strict_json(capsys, tmp_path, ckpt, monkeypatch):
     """An empty mask kept with the stability filter off has a 0 / 0 stability score (NaN, in the
     original too): the JSON says null, not Python's NaN token, which strict parsers refuse."""
