@@ -371,9 +371,10 @@ class SamHQAutomaticMaskGenerator:
         edge of the image (the object probably goes on outside the crop)."""
         x0, y0, x1, y1 = crop_box
         height, width = image_size
-        boxes = boxes.float()
-        # (side in image pixels, the crop's edge, the image's edge) with Python-number edges: no upload, no sync
-        sides = ((boxes[:, 0] + x0, x0, 0), (boxes[:, 1] + y0, y0, 0), (boxes[:, 2] + x0, x1, width), (boxes[:, 3] + y0, y1, height))
+        # (side in image pixels, the crop's edge, the image's edge) with Python-number edges: no upload,
+        # no sync; offset, then cast to float32, as the original
+        sides = [((boxes[:, k] + offset).float(), crop_edge, image_edge)
+                 for k, (offset, crop_edge, image_edge) in enumerate(((x0, x0, 0), (y0, y0, 0), (x0, x1, width), (y0, y1, height)))]
         cut = [((side - crop_edge).abs() <= CROP_EDGE_TOLERANCE) & ~((side - image_edge).abs() <= CROP_EDGE_TOLERANCE)
                for side, crop_edge, image_edge in sides]
         return torch.stack(cut, dim=1).any(dim=1)
@@ -438,8 +439,12 @@ def _checked_grid(grid, layer: int) -> np.ndarray:
     return array
 
 
+class MissingExtraError(ImportError):
+    """An option that needs an optional dependency (the [amg] extra) that is not installed."""
+
+
 def _require(module: str, what: str) -> None:
     try:
         __import__(module)
     except ImportError as e:
-        raise ImportError(f"{what} needs {module}: pip install {module}") from e
+        raise MissingExtraError(f"{what} needs {module}: pip install 'samhq-fast[amg]' (or pip install {module})") from e

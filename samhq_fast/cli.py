@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import samhq_fast
-from samhq_fast.automatic import SamHQAutomaticMaskGenerator
+from samhq_fast.automatic import MissingExtraError, SamHQAutomaticMaskGenerator
 from samhq_fast.build import BACKENDS, DTYPE_NAMES, dtype_name, resolve_dtype
 from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layout, original_to_hf, read_state_dict
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"--auto: of two masks whose boxes overlap by IoU > T, keep the better scored (default {AUTO_DEFAULTS['box_nms_thresh']})")
     seg.add_argument("--crop-n-layers", type=_non_negative_count, default=None, metavar="N",
                      help="--auto: also run the grid on overlapping zoomed-in crops, 4 in layer 1, 16 in layer 2, ... "
-                          "(finds small objects; N + 1 times the work and more; default 0)")
+                          "(finds small objects; 1 + 4 + ... + 4^N grids: 5x the work for N = 1, 21x for N = 2; default 0)")
     seg.add_argument("--min-mask-region-area", type=_non_negative_count, default=None, metavar="A",
                      help="--auto: fill holes and remove islands smaller than A pixels in every mask (needs scipy; default 0: off)")
     seg.add_argument("--output", "-o", type=os.path.expanduser, required=True, metavar="MASK.png",
@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"also write the photo with the masks and prompts drawn on it ({', '.join(OVERLAY_SUFFIXES)})")
     seg.add_argument("--json", type=os.path.expanduser, metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
     seg.add_argument("--max-image-pixels", type=_non_negative_count, default=None, metavar="N",
-                     help="read images of up to N pixels, 0 for any size (default: PIL's limit, about 89 M pixels, against "
-                          "decompression bombs; PIL warns from there and refuses beyond twice that)")
+                     help="PIL's decompression-bomb limit for the image, in pixels: it warns above N and refuses above 2N "
+                          "(default: PIL's N, about 89 M pixels); 0: no limit")
     seg.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     seg.add_argument("--dtype", type=_dtype, default="fp32", metavar="fp32|fp16|bf16",
                      help=f"model precision: {DTYPE_CHOICES} (default fp32)")
@@ -799,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # (a stdout without a file descriptor: nothing to flush at exit)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout at exit
         return 141  # the shell's status for SIGPIPE
-    except (ValueError, TypeError, OSError, ImportError) as e:  # bad checkpoint, image, prompt, an unwritable output, a missing extra...
+    except (ValueError, TypeError, OSError, MissingExtraError) as e:  # bad checkpoint, image, prompt, an unwritable output, a missing extra...
         print(f"samhq-fast: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -34,6 +34,8 @@ BOX_MARGIN = 1.0
 # On an image at least this large (longest side, pixels), prompts whose every coordinate lies in
 # [0, 1] are almost surely normalized coordinates, not pixels: they get a warning.
 NORMALIZED_WARNING_MIN_SIDE = 32
+# Threads for the host-side resizes of set_images: the CPUs this process may run on.
+HOST_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def as_finite_array(value, name: str, last_dim: int | None = None, keep_float: bool = False) -> np.ndarray:
@@ -166,36 +168,48 @@ class SamHQPredictor:
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image")
 
-        def transform(i: int, image) -> tuple[torch.Tensor, tuple[int, int]]:
-            try:
-                return self._transform_image(image, image_format)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"images[{i}]: {e}") from e
-
         # Host images are converted and resized (PIL, ~25 ms a 1080p frame) in threads: PIL's resize
-        # releases the GIL, so this scales with the host's cores. The first failing image's error is raised.
-        with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
-            transformed = list(pool.map(transform, range(len(images)), images))
+        # releases the GIL, so this scales with the host's cores. Only host work goes there: torch
+        # work stays on this thread, on its current CUDA stream. The first bad image's error is raised.
+        on_host = [i for i, image in enumerate(images) if not isinstance(image, torch.Tensor)]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(on_host), HOST_CPUS))) as pool:
+            resizing = {i: pool.submit(self._resize_on_host, images[i], image_format) for i in on_host}
+            transformed = []
+            for i, image in enumerate(images):
+                try:
+                    transformed.append(self._upload(*resizing[i].result(), image_format) if i in resizing
+                                       else self._transform_image(image, image_format))
+                except (TypeError, ValueError) as e:
+                    pool.shutdown(cancel_futures=True)  # the images not started yet are not resized
+                    raise type(e)(f"images[{i}]: {e}") from e
         self._encode_images([t for t, _ in transformed], [size for _, size in transformed])
 
     def _transform_image(self, image, image_format: str) -> tuple[torch.Tensor, tuple[int, int]]:
         """Any accepted image (a torch tensor also as a batch of one) -> (RGB uint8 [1, 3, h, w] resized
         to the model's input, on the model's device; the original (H, W))."""
-        size = self.model.config.img_size
         if isinstance(image, torch.Tensor):
             if image.ndim == 4 and image.shape[0] != 1:
                 raise ValueError(f"a 4-D image tensor must be a batch of one, got shape {list(image.shape)}")
             rgb = as_rgb_uint8_torch(image, image_format, self.device, batched=image.ndim == 4)
-            return resize_longest_side_torch(rgb, size), tuple(rgb.shape[-2:])
+            return resize_longest_side_torch(rgb, self.model.config.img_size), tuple(rgb.shape[-2:])
+        return self._upload(*self._resize_on_host(image, image_format), image_format)
+
+    def _resize_on_host(self, image, image_format: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """A numpy or PIL image -> (uint8 [h, w, 3] resized to the model's input, channels still in
+        image_format's order; the original (H, W)). Host work only (set_images runs it in threads)."""
         if not isinstance(image, (np.ndarray, Image.Image)):
             raise TypeError(f"image must be a numpy array, PIL image or torch tensor, got {type(image).__name__}")
-        # BGR data is resized as it is (the resize works per channel) and flipped on the device: on the
-        # host, flipping a 1080p frame is a strided copy costing about as much as its resize.
-        bgr = channel_order(image_format) == "BGR"
-        pixels = as_rgb_uint8(image)  # uint8 [H, W, 3], channels in image_format's order
-        resized = resize_longest_side(pixels, size)  # pixels themselves at the model's size: read-only from PIL, maybe
+        channel_order(image_format)  # a bad image_format fails before the work
+        pixels = as_rgb_uint8(image)  # uint8 [H, W, 3]
+        return resize_longest_side(pixels, self.model.config.img_size), pixels.shape[:2]
+
+    def _upload(self, resized: np.ndarray, original_size: tuple[int, int], image_format: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """`_resize_on_host`'s output -> (RGB uint8 [1, 3, h, w] on the model's device; original (H, W)).
+        BGR data was resized as it is (the resize works per channel) and is flipped here, on the
+        device: on the host, flipping a 1080p frame is a strided copy costing about as much as its resize."""
+        # (an image already at the model's size is the caller's pixels: read-only from PIL, maybe)
         resized = torch.as_tensor(np.require(resized, requirements="W"), device=self.device).permute(2, 0, 1)[None]
-        return (resized.flip(1) if bgr else resized), pixels.shape[:2]
+        return (resized.flip(1) if channel_order(image_format) == "BGR" else resized), original_size
 
     @torch.inference_mode()
     def _encode_images(self, resized: list[torch.Tensor], original_sizes: list[tuple[int, int]]) -> None:

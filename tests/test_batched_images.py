@@ -7,6 +7,7 @@ input, 64x64 low-res logits), fp32 on the CPU.
 
 import copy
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -462,6 +463,26 @@ def test_set_images_mixes_torch_and_numpy(tiny_model, photos, singles):
     results = mixed.predict_batch(prompts)
     for result, oracle, prompt in zip(results, [singles[0], alone, singles[2]], prompts):
         assert_same_as_single(result, oracle.predict(**prompt, return_logits=True))
+
+
+def test_set_images_resizes_host_images_in_threads_and_runs_torch_on_the_callers(tiny_model, photos, monkeypatch):
+    """Host images are resized in worker threads; every torch step (the uploads, a torch image's
+    conversion) runs on the calling thread, whose CUDA stream the caller may have chosen."""
+    threads = {"resize": set(), "torch": set()}
+    resize, upload, transform = SamHQPredictor._resize_on_host, SamHQPredictor._upload, SamHQPredictor._transform_image
+
+    def recorded(kind, method):
+        def call(*args, **kwargs):
+            threads[kind].add(threading.get_ident())
+            return method(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(SamHQPredictor, "_resize_on_host", recorded("resize", resize))
+    monkeypatch.setattr(SamHQPredictor, "_upload", recorded("torch", upload))
+    monkeypatch.setattr(SamHQPredictor, "_transform_image", recorded("torch", transform))
+    monkeypatch.setattr("samhq_fast.predictor.HOST_CPUS", 2)
+    SamHQPredictor(tiny_model).set_images([photos[0], torch.from_numpy(photos[1]), photos[2]])
+    assert threads["torch"] == {threading.get_ident()} and threading.get_ident() not in threads["resize"]
 
 
 # A 4-D array of same-size frames (a decoded video clip): converted and resized as ONE batch must
