@@ -278,6 +278,19 @@ def test_no_mask_over_the_iou_threshold_gives_no_records(tiny_model, photo, crop
 
 
 @pytest.mark.gpu
+def test_rles_decode_on_the_gpu():
+    """The records' masks are decoded on the model's device: CUDA's accumulated uint8 scatter and
+    uint8 cumulative sum give the masks exactly (0-long runs, > 255 runs, empty and full masks)."""
+    gen = np.random.default_rng(3)
+    masks = gen.random((6, 37, 41)) > 0.5
+    masks[1], masks[2] = False, True
+    rles = masks_to_rle(torch.from_numpy(masks))
+    np.testing.assert_array_equal(rles_to_masks(rles, "cuda").cpu().numpy(), masks)
+    odd = [{"size": [1, 5], "counts": counts} for counts in ([3, 0, 2], [2, 3, 0], [0, 2, 0, 3])]
+    torch.testing.assert_close(rles_to_masks(odd, "cuda").cpu(), rles_to_masks(odd, "cpu"), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_a_large_points_per_batch_on_a_large_frame_gpu():
     """256 points in one batch on a 3840x2160 frame, no mask filtered before upsampling: their fp32 full-size logits at
     once would take 8.5 GB; a chunk (16 prompts) takes 0.53 GB, so the peak stays near a few chunks."""
