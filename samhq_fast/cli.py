@@ -233,16 +233,6 @@ def _variants(text: str) -> list[str]:
     return list(BENCH_VARIANTS) if text.strip() == "all" else _choices(BENCH_VARIANTS, "variant")(text)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 def _positive_ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in _comma_list(text)]
@@ -272,6 +262,7 @@ _count = _number(int, lambda v: v >= 1, "a positive integer")
 _finite = _number(float, math.isfinite, "a finite number")
 _non_negative = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 _non_negative_count = _number(int, lambda v: v >= 0, "an integer >= 0")
+_seconds = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
