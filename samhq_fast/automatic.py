@@ -11,6 +11,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,7 +270,7 @@ class SamHQAutomaticMaskGenerator:
         self.output_mode = output_mode
 
     @torch.inference_mode()
-    def generate(self, image, multimask_output: bool = True, hq_token_only: bool = False) -> list[dict]:
+    def generate(self, image, multimask_output: bool = True, hq_token_only: bool = False) -> list[dict[str, Any]]:
         """image: what `SamHQPredictor.set_image` takes (numpy [H, W, 3] uint8 RGB, PIL, or a torch
         tensor) -> one record per mask: "segmentation" (per output_mode), "area" (pixels), "bbox"
         [x, y, w, h] (w = x_last - x_first: one short of the mask's width, as the original's),

@@ -2,6 +2,7 @@
 
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -170,7 +171,7 @@ def _registry_builder(variant: str):
 
 # Drop-in for segment_anything_hq.sam_model_registry: builds on the CPU like the original;
 # move it with .to(device) or use `load` directly.
-class _Registry(dict):
+class _Registry(dict[str, Callable[..., SamHQ]]):
     def __missing__(self, key):
         raise KeyError(f"no SAM-HQ variant {key!r} in sam_model_registry: choose from {', '.join(self)}")
 

@@ -6,6 +6,7 @@ import numbers
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -69,11 +70,17 @@ def as_finite_array(value, name: str, last_dim: int | None = None, keep_float: b
     return array
 
 
+# What predict returns for one image (masks, scores, low_res_logits): numpy, or torch with return_torch=True
+# (the overloads below give type checkers the one that a literal return_torch picks).
+NumpyOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
+TorchOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class ImageNotSetError(RuntimeError, ValueError):
     """predict / get_image_embedding was called before set_image (a RuntimeError, as in the original)."""
 
 
-def _to_output(tensors: tuple[torch.Tensor, ...], return_torch: bool, batched: bool) -> tuple:
+def _to_output(tensors: TorchOutputs, return_torch: bool, batched: bool) -> tuple:
     """Decoder outputs -> numpy (bool masks, float32 values), or float32 / bool tensors left on their
     device (no host sync) with return_torch; the prompt axis dropped when the prompt was unbatched."""
     if return_torch:
@@ -311,6 +318,16 @@ class SamHQPredictor:
                 "coordinates are (x, y) pixels of the original image"
             )
 
+    @overload
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output: bool = True,
+                return_logits: bool = False, hq_token_only: bool = False, return_torch: Literal[False] = False) -> NumpyOutputs: ...
+    @overload
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output: bool = True,
+                return_logits: bool = False, hq_token_only: bool = False, *, return_torch: Literal[True]) -> TorchOutputs: ...
+    @overload
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output: bool = True,
+                return_logits: bool = False, hq_token_only: bool = False, return_torch: bool = False) -> NumpyOutputs | TorchOutputs: ...
+
     def predict(
         self,
         point_coords=None,
@@ -321,7 +338,7 @@ class SamHQPredictor:
         return_logits: bool = False,
         hq_token_only: bool = False,
         return_torch: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> NumpyOutputs | TorchOutputs:
         """Predict masks for prompts in the original image's pixel frame.
 
         One prompt (as the original): point_coords [K, 2] (x, y), point_labels [K] (1 foreground,
@@ -345,6 +362,16 @@ class SamHQPredictor:
         coords, labels, boxes, masks_in, batched = self._prompts_to_torch(point_coords, point_labels, box, mask_input)
         outputs = self.predict_torch(coords, labels, boxes, masks_in, multimask_output, return_logits, hq_token_only)
         return _to_output(outputs, return_torch, batched)
+
+    @overload
+    def predict_batch(self, prompts, multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False,
+                      return_torch: Literal[False] = False) -> list[NumpyOutputs | None]: ...
+    @overload
+    def predict_batch(self, prompts, multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False,
+                      *, return_torch: Literal[True]) -> list[TorchOutputs | None]: ...
+    @overload
+    def predict_batch(self, prompts, multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False,
+                      return_torch: bool = False) -> list[NumpyOutputs | None] | list[TorchOutputs | None]: ...
 
     def predict_batch(
         self,
@@ -377,7 +404,7 @@ class SamHQPredictor:
 
     def predict_batch_torch(
         self, prompts, multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False
-    ) -> list:
+    ) -> list[TorchOutputs | None]:
         """`predict_batch` for torch prompts already in each image's resized INPUT frame, as
         `predict_torch` takes them: one dict per image set (or None to skip it) with keys among
         point_coords [N, K, 2], point_labels [N, K], boxes [N, 4], mask_input [N, 1, 4G, 4G]
@@ -555,7 +582,7 @@ class SamHQPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         hq_token_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> TorchOutputs:
         """Like `predict`, with torch tensors already in the resized INPUT frame (see `transforms`):
         point_coords [N, K, 2], point_labels [N, K], boxes [N, 4], mask_input [N, 1, 4G, 4G]
         -> masks [N, 1, H, W] (bool, or logits), scores [N, 1], low_res_logits [N, 1, 4G, 4G].
