@@ -32,6 +32,9 @@ DTYPE_CHOICES = ", ".join(DTYPE_NAMES) + " (any case)"
 FORMATTER = argparse.RawDescriptionHelpFormatter  # keep the line breaks of the descriptions
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # segment --auto options; None on the command line means "not given", so they can be refused without --auto
+# --masks-dir: the layout of the original's scripts/amg.py (one 0/255 PNG per mask, {id}.png, and this CSV)
+AMG_METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
+                       "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
 AUTO_DEFAULTS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7,
                      crop_n_layers=0, min_mask_region_area=0)
 
@@ -76,6 +79,11 @@ Outputs:
   --overlay FILE      the photo with each mask blended in a color (10, cycling) and the prompts
                       drawn (green dots foreground, red dots background, box outlines;
                       --auto: every mask, largest first, and its grid point).
+  --masks-dir DIR     --auto: also every mask on its own, as the original's scripts/amg.py
+                      writes them: DIR/{id}.png (0/255) and DIR/metadata.csv (id, area,
+                      bbox (1 px short, as the original's), point, scores, crop box); id i
+                      is the index PNG's value i + 1. Overlapping masks keep all their
+                      pixels here.
   --json FILE         per-prompt prompts, predicted IoU score, mask area and bounding box
                       (--auto: per mask its grid point, score, stability (null when not a
                       number: an empty mask's is 0 / 0), area, box).
@@ -93,8 +101,9 @@ examples:
   # two objects, one box each -> index mask (values 0, 1, 2)
   samhq-fast segment assets/chelsea.jpg --checkpoint sam_hq_vit_b.pth --box 10,20,200,280 --box 230,40,440,290 \\
       --output objects.png
-  # everything, no prompts
-  samhq-fast segment assets/chelsea.jpg --checkpoint sam_hq_vit_b.pth --auto --output all.png --overlay all.jpg
+  # everything, no prompts; also each mask on its own in masks/ (as the original's scripts/amg.py)
+  samhq-fast segment assets/chelsea.jpg --checkpoint sam_hq_vit_b.pth --auto --output all.png --overlay all.jpg \\
+      --masks-dir masks
 Negative coordinates need the `=` form: --point=-3,40.
 """
 
@@ -306,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlay", type=os.path.expanduser, metavar="OVERLAY.png",
                      help=f"also write the photo with the masks and prompts drawn on it ({', '.join(OVERLAY_SUFFIXES)})")
     seg.add_argument("--json", type=os.path.expanduser, metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
+    seg.add_argument("--masks-dir", type=os.path.expanduser, metavar="DIR",
+                     help="--auto: also write each mask as DIR/{id}.png (0/255) with DIR/metadata.csv, as the original's "
+                          "scripts/amg.py (created if missing; numbered PNGs of an earlier run there are replaced)")
     seg.add_argument("--max-image-pixels", type=_non_negative_count, default=None, metavar="N",
                      help="PIL's decompression-bomb limit for the image, in pixels: it warns above N and refuses above 2N "
                           "(default: PIL's N, about 89 M pixels); 0: no limit")
@@ -434,7 +446,7 @@ def _json_writer(args, model, image_size: tuple[int, int], mask_format: str, **f
 
 
 def _written(args) -> str:
-    return ", ".join(str(p) for p in (args.output, args.overlay, args.json) if p)
+    return ", ".join(str(p) for p in (args.output, args.overlay, args.json, args.masks_dir) if p)
 
 
 def _write_outputs(outputs: list[tuple[str, str, Callable[[Path], object]]]) -> None:
@@ -457,6 +469,59 @@ def _write_outputs(outputs: list[tuple[str, str, Callable[[Path], object]]]) -> 
     finally:
         for tmp in temporary:
             tmp.unlink(missing_ok=True)
+
+
+def _check_masks_dir(folder: str) -> None:
+    """Fail before the model runs if --masks-dir cannot hold this run's masks alone: it must be a
+    folder (or not exist yet) holding nothing but what an earlier run wrote there."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--masks-dir {folder} is a file: give a folder")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--masks-dir {folder}: folder {path.parent} does not exist")
+    others = sorted(p.name for p in path.iterdir() if not _is_amg_output(p.name)) if path.is_dir() else []
+    if others:
+        raise ValueError(f"--masks-dir {folder} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+                         "give a new or empty folder, as this run's masks would mix with them")
+
+
+def _is_amg_output(name: str) -> bool:
+    """metadata.csv, {id}.png, or a temporary file of _write_outputs left by a killed run."""
+    return name == "metadata.csv" or (name.endswith(".png") and name[:-4].isdigit()) or (name.startswith(".") and ".partial." in name)
+
+
+def _masks_dir_outputs(folder: str, records: list[dict]) -> list[tuple[str, str, Callable[[Path], object]]]:
+    """--masks-dir's files, in scripts/amg.py's format: record i as {i}.png (0/255, 8-bit gray) and
+    row i of metadata.csv (the record's values as Python prints them; no newline after the last row)."""
+    rows = [AMG_METADATA_HEADER] + [
+        ",".join(str(v) for v in (i, r["area"], *r["bbox"], *r["point_coords"][0], r["predicted_iou"], r["stability_score"], *r["crop_box"]))
+        for i, r in enumerate(records)
+    ]
+
+    def png_writer(mask: np.ndarray) -> Callable[[Path], None]:  # converted when written: one full-size copy at a time
+        return lambda path: Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+    text = "\n".join(rows)
+    return [("--masks-dir", os.path.join(folder, f"{i}.png"), png_writer(r["segmentation"])) for i, r in enumerate(records)] + [
+        ("--masks-dir", os.path.join(folder, "metadata.csv"), lambda path: path.write_text(text))]
+
+
+def _write_with_masks_dir(outputs: list[tuple[str, str, Callable[[Path], object]]], folder: str, records: list[dict]) -> None:
+    """_write_outputs of `outputs` and --masks-dir's files for `records`, together. The folder is
+    created if missing (and removed again if a write fails); {id}.png files of an earlier run with
+    more masks are removed once the new files are in place."""
+    new_folder = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        _write_outputs(outputs + _masks_dir_outputs(folder, records))
+    except BaseException:
+        if new_folder:
+            with contextlib.suppress(OSError):  # (the temporary files are gone: it is empty)
+                os.rmdir(folder)
+        raise
+    for path in Path(folder).glob("*.png"):
+        if path.stem.isdigit() and int(path.stem) >= len(records):
+            path.unlink()
 
 
 def segment_everything(args, image: np.ndarray, model) -> int:
@@ -485,7 +550,11 @@ def segment_everything(args, image: np.ndarray, model) -> int:
     if args.json:
         settings = {k: getattr(args, k) for k in (*AUTO_DEFAULTS, "hq_only")}
         outputs.append(("--json", args.json, _json_writer(args, model, (h, w), "index", auto=settings, masks=masks)))
-    _write_outputs(outputs)  # before anything is printed: a closed stdout cannot cost a file
+    # before anything is printed: a closed stdout cannot cost a file
+    if args.masks_dir:
+        _write_with_masks_dir(outputs, args.masks_dir, records)
+    else:
+        _write_outputs(outputs)
     layers = f" (and {args.crop_n_layers} crop layer{'s' if args.crop_n_layers > 1 else ''})" if args.crop_n_layers else ""
     print(f"{len(records)} mask{'' if len(records) == 1 else 's'} from a {args.points_per_side}x{args.points_per_side} point grid{layers}"
           + ("" if records else " (none passed the filters: lower --pred-iou-thresh / --stability-thresh)"))
@@ -505,6 +574,8 @@ def segment(args) -> int:
         args.parser.error("--auto segments everything without prompts: drop --point / --box")
     if args.auto and args.multimask:  # the generator keeps all three of SAM's masks per point already
         args.parser.error("--multimask applies to prompts; --auto keeps every candidate mask of each grid point")
+    if args.masks_dir and not args.auto:
+        args.parser.error("--masks-dir applies only to --auto (prompts: --json has each mask's area and box)")
     if not args.auto and not points and not boxes:
         args.parser.error("give at least one prompt: --point X,Y[,LABEL] and/or --box X1,Y1,X2,Y2 (or --auto for everything)")
     if points and len(boxes) > 1:
@@ -522,6 +593,10 @@ def segment(args) -> int:
     paths = [Path(p).resolve() for p in (args.image, args.output, args.overlay, args.json) if p]
     if len(set(paths)) < len(paths):
         args.parser.error("IMAGE, --output, --overlay and --json must be different files (one would overwrite another)")
+    if args.masks_dir:
+        _check_masks_dir(args.masks_dir)
+        if any(path.parent == Path(args.masks_dir).resolve() for path in paths):
+            args.parser.error("--masks-dir needs a folder of its own: IMAGE, --output, --overlay and --json must be elsewhere")
 
     pil_limit = Image.MAX_IMAGE_PIXELS  # PIL's global: set for this read only (main may run inside another program)
     if args.max_image_pixels is not None:

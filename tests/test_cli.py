@@ -255,7 +255,8 @@ class RowGenerator:
             segmentation = np.zeros(image.shape[:2], dtype=bool)
             segmentation[i, : i + 1] = True
             records.append({"segmentation": segmentation, "area": i + 1, "point_coords": [[i + 0.5, 2 * i + 0.25]],
-                            "predicted_iou": 0.9 - i / 1000, "stability_score": 0.8 - i / 1000})
+                            "predicted_iou": 0.9 - i / 1000, "stability_score": 0.8 - i / 1000,
+                            "bbox": [0, i, i, 0], "crop_box": [0, 0, image.shape[1], image.shape[0]]})  # (the original's bbox: 1 px short)
         return records
 
 
@@ -283,6 +284,107 @@ def test_segment_auto_index_png_width(count, png_dtype, capsys, tmp_path, ckpt, 
         i = count - entry["index"]  # the record painted with this index
         assert entry["point"] == [i + 0.5, 2 * i + 0.25] and entry["stability"] == pytest.approx(0.8 - i / 1000)
         assert entry["score"] == pytest.approx(0.9 - i / 1000) and entry["bbox_xywh"] == [0, i, i + 1, 1]
+
+
+def read_amg_folder(folder: Path) -> tuple[list[str], list[list[float]], list[np.ndarray]]:
+    """scripts/amg.py's layout: metadata.csv's header and rows (as numbers), and {id}.png for each row's id."""
+    header, *rows = folder.joinpath("metadata.csv").read_text().split("\n")
+    rows = [[float(v) for v in row.split(",")] for row in rows]
+    return header.split(","), rows, [read_png(folder / f"{int(row[0])}.png") for row in rows]
+
+
+def test_segment_auto_masks_dir(capsys, tmp_path, ckpt, photo):
+    """--masks-dir: each of the generator's records (largest first, as in the index PNG) as its own
+    0/255 PNG, and its values in metadata.csv's row, in the columns of the original's scripts/amg.py."""
+    folder = tmp_path / "masks"
+    filters = dict(pred_iou_thresh=0.0, stability_score_thresh=0.3, stability_score_offset=0.05, box_nms_thresh=1.0)
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "--points-per-side", 3, "--pred-iou-thresh", 0.0,
+                         "--stability-thresh", 0.3, "--stability-offset", 0.05, "--box-nms-thresh", 1.0,
+                         "-o", tmp_path / "all.png", "--masks-dir", folder)
+    assert code == 0, err
+    assert str(folder) in out.splitlines()[-1]
+    records = sorted(samhq_fast.SamHQAutomaticMaskGenerator(samhq_fast.load(ckpt, device="cpu"), points_per_side=3, **filters).generate(photo),
+                     key=lambda r: -r["area"])
+    assert len(records) > 1
+    header, rows, pngs = read_amg_folder(folder)
+    assert header == ["id", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h", "point_input_x", "point_input_y", "predicted_iou",
+                      "stability_score", "crop_box_x0", "crop_box_y0", "crop_box_w", "crop_box_h"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["metadata.csv", *(f"{i}.png" for i in range(len(records)))])
+    for i, (row, png, record) in enumerate(zip(rows, pngs, records, strict=True)):
+        # (Python's float text reads back to the same float: exact)
+        assert row == [i, record["area"], *record["bbox"], *record["point_coords"][0], record["predicted_iou"], record["stability_score"],
+                       *record["crop_box"]]
+        assert png.dtype == np.uint8
+        np.testing.assert_array_equal(png, record["segmentation"] * 255)
+    index = read_png(tmp_path / "all.png")  # id i is index i + 1 where no smaller mask was painted over it
+    assert all((index[png > 0] >= i + 1).all() for i, png in enumerate(pngs))
+
+
+def test_segment_auto_masks_dir_replaces_an_earlier_run(capsys, tmp_path, ckpt, monkeypatch):
+    """A second run into the same folder leaves only its own masks: the earlier run's extra {id}.png go."""
+    monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", RowGenerator)
+    folder = tmp_path / "masks"
+    for count in (5, 3):
+        monkeypatch.setattr(RowGenerator, "COUNT", count)
+        code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "-o", tmp_path / "all.png", "--masks-dir", folder)
+        assert code == 0, err
+        assert sorted(p.name for p in folder.iterdir()) == sorted(["metadata.csv", *(f"{i}.png" for i in range(count))])
+    _, rows, pngs = read_amg_folder(folder)
+    for i, (row, png) in enumerate(zip(rows, pngs)):  # largest first: row 2 - i of RowGenerator's, i.e. its first 3 - i pixels
+        assert row[:6] == [i, 3 - i, 0, 2 - i, 2 - i, 0] and (png[2 - i, : 3 - i] == 255).all() and png.sum() == 255 * (3 - i)
+
+
+@pytest.mark.parametrize("case", ["other_files", "a_file", "output_inside", "without_auto"])
+def test_segment_auto_masks_dir_refused(case, capsys, tmp_path, ckpt, monkeypatch):
+    """Refused before the model runs, with nothing written: a folder holding other files (they would
+    mix with the masks), a file, an output inside the folder, or no --auto."""
+    monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", RowGenerator)
+    monkeypatch.setattr(RowGenerator, "COUNT", 2)
+    folder, mask_path = tmp_path / "masks", tmp_path / "all.png"
+    options = ["--auto"]
+    if case == "other_files":
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+    elif case == "a_file":
+        folder.write_text("mine")
+    elif case == "output_inside":
+        folder.mkdir()
+        mask_path = folder / "all.png"
+    else:
+        options = ["--point", "220,150"]
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, *options, "-o", mask_path, "--masks-dir", folder)
+    message = {"other_files": "holds other files (notes.txt): give a new or empty folder", "a_file": "is a file: give a folder",
+               "output_inside": "--masks-dir needs a folder of its own", "without_auto": "--masks-dir applies only to --auto"}[case]
+    assert (code, out) == (2, "") and message in err and "Traceback" not in err
+    assert not mask_path.exists()
+    if case == "a_file":
+        assert folder.read_text() == "mine"
+    elif case == "without_auto":
+        assert not folder.exists()
+    else:
+        assert sorted(p.name for p in folder.iterdir()) == (["notes.txt"] if case == "other_files" else [])
+
+
+def test_segment_auto_masks_dir_failed_write_leaves_nothing(capsys, tmp_path, ckpt, monkeypatch):
+    """A write that fails (here the last mask's) leaves no output, and no folder the run created."""
+    monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", RowGenerator)
+    monkeypatch.setattr(RowGenerator, "COUNT", 3)
+    real_outputs = cli._masks_dir_outputs
+
+    def failing_last_png(folder, records):
+        outputs = real_outputs(folder, records)
+
+        def full_disk(path):
+            raise OSError(28, "No space left on device", str(path))
+
+        outputs[len(records) - 1] = (*outputs[len(records) - 1][:2], full_disk)
+        return outputs
+
+    monkeypatch.setattr(cli, "_masks_dir_outputs", failing_last_png)
+    folder, mask_path = tmp_path / "new", tmp_path / "all.png"
+    code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "-o", mask_path, "--masks-dir", folder)
+    assert code == 2 and f"could not write --masks-dir {folder / '2.png'}: No space left on device" in err
+    assert not mask_path.exists() and not folder.exists()
 
 
 def test_segment_auto_crop_layers_and_clean_up(capsys, tmp_path, ckpt, photo, monkeypatch):
