@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,8 @@ OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # --masks-dir: the layout of the original's scripts/amg.py (one 0/255 PNG per mask, {id}.png, and this CSV)
 AMG_METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
                        "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
+AMG_MASK_NAME = re.compile(r"(0|[1-9][0-9]*)\.png", re.ASCII)  # the names --masks-dir writes: 0.png, 1.png, ...
+OutputWriters = list[tuple[str, str, Callable[[Path], object]]]  # (option, path, write(to_path)) for _write_outputs
 AUTO_DEFAULTS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7,
                      crop_n_layers=0, min_mask_region_area=0)
 
@@ -317,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--json", type=os.path.expanduser, metavar="OUT.json", help="also write prompts, scores, areas and bounding boxes as JSON")
     seg.add_argument("--masks-dir", type=os.path.expanduser, metavar="DIR",
                      help="--auto: also write each mask as DIR/{id}.png (0/255) with DIR/metadata.csv, as the original's "
-                          "scripts/amg.py (created if missing; numbered PNGs of an earlier run there are replaced)")
+                          "scripts/amg.py (created if missing; an earlier run's files there are replaced; a folder holding other files is refused)")
     seg.add_argument("--max-image-pixels", type=_non_negative_count, default=None, metavar="N",
                      help="PIL's decompression-bomb limit for the image, in pixels: it warns above N and refuses above 2N "
                           "(default: PIL's N, about 89 M pixels); 0: no limit")
@@ -449,7 +452,7 @@ def _written(args) -> str:
     return ", ".join(str(p) for p in (args.output, args.overlay, args.json, args.masks_dir) if p)
 
 
-def _write_outputs(outputs: list[tuple[str, str, Callable[[Path], object]]]) -> None:
+def _write_outputs(outputs: OutputWriters) -> None:
     """Write each (option, path, write(to_path)) to a temporary file beside its path, then move them
     all into place: a failure (an image too large for its format, a full disk, Ctrl-C) leaves no
     output behind, half-written or alone, and the error names the output."""
@@ -473,24 +476,44 @@ def _write_outputs(outputs: list[tuple[str, str, Callable[[Path], object]]]) -> 
 
 def _check_masks_dir(folder: str) -> None:
     """Fail before the model runs if --masks-dir cannot hold this run's masks alone: it must be a
-    folder (or not exist yet) holding nothing but what an earlier run wrote there."""
+    folder (or not exist yet) that is empty or holds only an earlier run's files (its metadata.csv,
+    {id}.png, temporaries), which this run replaces: numbered PNGs of the user's own are not touched."""
     path = Path(folder)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"--masks-dir {folder} is a broken symbolic link")
     if path.exists() and not path.is_dir():
         raise ValueError(f"--masks-dir {folder} is a file: give a folder")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--masks-dir {folder}: folder {path.parent} does not exist")
-    others = sorted(p.name for p in path.iterdir() if not _is_amg_output(p.name)) if path.is_dir() else []
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    others = [e.name for e in entries if not _is_earlier_run_file(e)]
+    if entries and not others and not _has_amg_metadata(path):
+        others = [e.name for e in entries]  # numbered PNGs, but no metadata.csv of ours: the user's own files
     if others:
         raise ValueError(f"--masks-dir {folder} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
                          "give a new or empty folder, as this run's masks would mix with them")
 
 
-def _is_amg_output(name: str) -> bool:
-    """metadata.csv, {id}.png, or a temporary file of _write_outputs left by a killed run."""
-    return name == "metadata.csv" or (name.endswith(".png") and name[:-4].isdigit()) or (name.startswith(".") and ".partial." in name)
+def _is_earlier_run_file(entry: Path) -> bool:
+    """A plain file --masks-dir writes: metadata.csv, {id}.png, or a temporary of _write_outputs left by a killed run."""
+    if entry.is_symlink() or not entry.is_file():
+        return False
+    return entry.name == "metadata.csv" or AMG_MASK_NAME.fullmatch(entry.name) is not None or _is_temporary(entry.name)
 
 
-def _masks_dir_outputs(folder: str, records: list[dict]) -> list[tuple[str, str, Callable[[Path], object]]]:
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and ".partial." in name
+
+
+def _has_amg_metadata(folder: Path) -> bool:
+    try:
+        with open(folder / "metadata.csv") as f:
+            return f.readline().rstrip("\n") == AMG_METADATA_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _masks_dir_outputs(folder: str, records: list[dict]) -> OutputWriters:
     """--masks-dir's files, in scripts/amg.py's format: record i as {i}.png (0/255, 8-bit gray) and
     row i of metadata.csv (the record's values as Python prints them; no newline after the last row)."""
     rows = [AMG_METADATA_HEADER] + [
@@ -506,10 +529,10 @@ def _masks_dir_outputs(folder: str, records: list[dict]) -> list[tuple[str, str,
         ("--masks-dir", os.path.join(folder, "metadata.csv"), lambda path: path.write_text(text))]
 
 
-def _write_with_masks_dir(outputs: list[tuple[str, str, Callable[[Path], object]]], folder: str, records: list[dict]) -> None:
+def _write_with_masks_dir(outputs: OutputWriters, folder: str, records: list[dict]) -> None:
     """_write_outputs of `outputs` and --masks-dir's files for `records`, together. The folder is
-    created if missing (and removed again if a write fails); {id}.png files of an earlier run with
-    more masks are removed once the new files are in place."""
+    created if missing (and removed again if a write fails); once the new files are in place, an
+    earlier run's {id}.png beyond this run's count and its leftover temporaries are removed."""
     new_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     try:
@@ -519,9 +542,10 @@ def _write_with_masks_dir(outputs: list[tuple[str, str, Callable[[Path], object]
             with contextlib.suppress(OSError):  # (the temporary files are gone: it is empty)
                 os.rmdir(folder)
         raise
-    for path in Path(folder).glob("*.png"):
-        if path.stem.isdigit() and int(path.stem) >= len(records):
-            path.unlink()
+    for entry in Path(folder).iterdir():
+        stale = AMG_MASK_NAME.fullmatch(entry.name) and int(entry.stem) >= len(records)
+        if (stale or _is_temporary(entry.name)) and _is_earlier_run_file(entry):
+            entry.unlink()
 
 
 def segment_everything(args, image: np.ndarray, model) -> int:
@@ -538,7 +562,7 @@ def segment_everything(args, image: np.ndarray, model) -> int:
     index = np.zeros((h, w), dtype=np.uint8 if len(records) <= 255 else np.uint16)
     for i, record in enumerate(records):
         index[record["segmentation"]] = i + 1
-    outputs = [("--output", args.output, Image.fromarray(index).save)]
+    outputs: OutputWriters = [("--output", args.output, Image.fromarray(index).save)]
     if args.overlay:
         prompts = [{"points": r["point_coords"], "labels": [1], "box": None} for r in records]
         outputs.append(("--overlay", args.overlay, draw_overlay(image, [r["segmentation"] for r in records], prompts).save))
@@ -594,9 +618,10 @@ def segment(args) -> int:
     if len(set(paths)) < len(paths):
         args.parser.error("IMAGE, --output, --overlay and --json must be different files (one would overwrite another)")
     if args.masks_dir:
-        _check_masks_dir(args.masks_dir)
-        if any(path.parent == Path(args.masks_dir).resolve() for path in paths):
+        folder = Path(args.masks_dir).resolve()
+        if any(folder in (path, path.parent) for path in paths):
             args.parser.error("--masks-dir needs a folder of its own: IMAGE, --output, --overlay and --json must be elsewhere")
+        _check_masks_dir(args.masks_dir)
 
     pil_limit = Image.MAX_IMAGE_PIXELS  # PIL's global: set for this read only (main may run inside another program)
     if args.max_image_pixels is not None:
@@ -635,7 +660,7 @@ def segment(args) -> int:
             out[mask] = i + 1
     for prompt, mask, score in zip(prompts, masks, scores):
         prompt.update(score=float(score), area=int(mask.sum()), bbox_xywh=_bbox_xywh(mask))
-    outputs = [("--output", args.output, Image.fromarray(out).save)]
+    outputs: OutputWriters = [("--output", args.output, Image.fromarray(out).save)]
     if args.overlay:
         outputs.append(("--overlay", args.overlay, draw_overlay(image, masks, prompts).save))
     if args.json:

@@ -316,12 +316,13 @@ def test_segment_auto_masks_dir(capsys, tmp_path, ckpt, photo):
                        *record["crop_box"]]
         assert png.dtype == np.uint8
         np.testing.assert_array_equal(png, record["segmentation"] * 255)
-    index = read_png(tmp_path / "all.png")  # id i is index i + 1 where no smaller mask was painted over it
-    assert all((index[png > 0] >= i + 1).all() for i, png in enumerate(pngs))
+    index = read_png(tmp_path / "all.png")  # id i is the index PNG's value i + 1 (where no smaller mask was painted over it)
+    assert all((png[index == i + 1] == 255).all() for i, png in enumerate(pngs))
 
 
 def test_segment_auto_masks_dir_replaces_an_earlier_run(capsys, tmp_path, ckpt, monkeypatch):
-    """A second run into the same folder leaves only its own masks: the earlier run's extra {id}.png go."""
+    """A second run into the same folder leaves only its own masks: the earlier run's extra {id}.png
+    and the temporaries of a killed run go."""
     monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", RowGenerator)
     folder = tmp_path / "masks"
     for count in (5, 3):
@@ -329,40 +330,63 @@ def test_segment_auto_masks_dir_replaces_an_earlier_run(capsys, tmp_path, ckpt, 
         code, _, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "-o", tmp_path / "all.png", "--masks-dir", folder)
         assert code == 0, err
         assert sorted(p.name for p in folder.iterdir()) == sorted(["metadata.csv", *(f"{i}.png" for i in range(count))])
+        (folder / ".1.99999.partial.png").write_bytes(b"")  # as a killed run leaves: removed by the next one
     _, rows, pngs = read_amg_folder(folder)
     for i, (row, png) in enumerate(zip(rows, pngs)):  # largest first: row 2 - i of RowGenerator's, i.e. its first 3 - i pixels
         assert row[:6] == [i, 3 - i, 0, 2 - i, 2 - i, 0] and (png[2 - i, : 3 - i] == 255).all() and png.sum() == 255 * (3 - i)
 
 
-@pytest.mark.parametrize("case", ["other_files", "a_file", "output_inside", "without_auto"])
+AMG_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
+              "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
+# --masks-dir folders refused before the model runs: (files in it, message); None: a path that is not a folder
+MASKS_DIR_REFUSED = {
+    "other_files": ({"notes.txt": "mine", "metadata.csv": AMG_HEADER}, "holds other files (notes.txt): give a new or empty folder"),
+    # numbered PNGs, but no earlier run's metadata.csv: a user's own (frames, say), not to be overwritten or deleted
+    "own_numbered_pngs": ({"0.png": "frame", "12.png": "frame"}, "holds other files (0.png, 12.png)"),
+    "own_metadata": ({"metadata.csv": "name,value", "0.png": "mask"}, "holds other files (0.png, metadata.csv)"),
+    "not_a_name_it_writes": ({"metadata.csv": AMG_HEADER, "007.png": "mine", "1.PNG": "mine"}, "holds other files (007.png, 1.PNG)"),
+    "a_subfolder": ({"metadata.csv": AMG_HEADER, "20.png/": None}, "holds other files (20.png)"),
+    "a_file": (None, "is a file: give a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(MASKS_DIR_REFUSED))
 def test_segment_auto_masks_dir_refused(case, capsys, tmp_path, ckpt, monkeypatch):
-    """Refused before the model runs, with nothing written: a folder holding other files (they would
-    mix with the masks), a file, an output inside the folder, or no --auto."""
+    """Refused before the model runs, with nothing written or removed: a folder holding anything but
+    an earlier run's files (they would mix with the masks, or be replaced), or a file."""
     monkeypatch.setattr(cli, "SamHQAutomaticMaskGenerator", RowGenerator)
     monkeypatch.setattr(RowGenerator, "COUNT", 2)
     folder, mask_path = tmp_path / "masks", tmp_path / "all.png"
-    options = ["--auto"]
-    if case == "other_files":
-        folder.mkdir()
-        (folder / "notes.txt").write_text("mine")
-    elif case == "a_file":
+    files, message = MASKS_DIR_REFUSED[case]
+    if files is None:
         folder.write_text("mine")
-    elif case == "output_inside":
+    else:
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).mkdir() if name.endswith("/") else (folder / name).write_text(text)
+    before = sorted(folder.iterdir()) if folder.is_dir() else folder.read_text()
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, "--auto", "-o", mask_path, "--masks-dir", folder)
+    assert (code, out) == (2, "") and message in err and "Traceback" not in err
+    assert not mask_path.exists() and (sorted(folder.iterdir()) if folder.is_dir() else folder.read_text()) == before
+    if files:
+        assert all((folder / name).is_dir() if name.endswith("/") else (folder / name).read_text() == text for name, text in files.items())
+
+
+@pytest.mark.parametrize("case", ["output_inside", "output_is_it", "without_auto"])
+def test_segment_auto_masks_dir_usage_errors(case, capsys, tmp_path, ckpt):
+    """--masks-dir with an output inside it or at its path (a file where the folder would go), or
+    without --auto: a usage error before the model runs, nothing written."""
+    folder, mask_path, json_path = tmp_path / "masks", tmp_path / "all.png", tmp_path / "all.json"
+    if case == "output_inside":
         folder.mkdir()
         mask_path = folder / "all.png"
-    else:
-        options = ["--point", "220,150"]
-    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, *options, "-o", mask_path, "--masks-dir", folder)
-    message = {"other_files": "holds other files (notes.txt): give a new or empty folder", "a_file": "is a file: give a folder",
-               "output_inside": "--masks-dir needs a folder of its own", "without_auto": "--masks-dir applies only to --auto"}[case]
-    assert (code, out) == (2, "") and message in err and "Traceback" not in err
-    assert not mask_path.exists()
-    if case == "a_file":
-        assert folder.read_text() == "mine"
-    elif case == "without_auto":
-        assert not folder.exists()
-    else:
-        assert sorted(p.name for p in folder.iterdir()) == (["notes.txt"] if case == "other_files" else [])
+    elif case == "output_is_it":
+        folder = json_path
+    options = ["--point", "220,150"] if case == "without_auto" else ["--auto"]
+    code, out, err = run(capsys, "segment", PHOTO, "-c", ckpt, *options, "-o", mask_path, "--json", json_path, "--masks-dir", folder)
+    message = "--masks-dir applies only to --auto" if case == "without_auto" else "--masks-dir needs a folder of its own"
+    assert (code, out) == (2, "") and message in err
+    assert not mask_path.exists() and not json_path.exists() and (list(folder.iterdir()) == [] if case == "output_inside" else not folder.exists())
 
 
 def test_segment_auto_masks_dir_failed_write_leaves_nothing(capsys, tmp_path, ckpt, monkeypatch):

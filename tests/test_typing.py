@@ -11,7 +11,9 @@ from mypy import api as mypy_api
 REPO = Path(__file__).resolve().parents[1]
 
 USER_SCRIPT = '''
-from typing import Any, assert_type
+from typing import Any
+
+from typing_extensions import assert_type  # (typing's own from Python 3.11 on; the package supports 3.10)
 
 import numpy as np
 import torch
