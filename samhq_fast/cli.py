@@ -107,7 +107,6 @@ examples:
   # everything, no prompts; also each mask on its own in masks/ (as the original's scripts/amg.py)
   samhq-fast segment assets/chelsea.jpg --checkpoint sam_hq_vit_b.pth --auto --output all.png --overlay all.jpg \\
       --masks-dir masks
-Negative coordinates need the `=` form: --point=-3,40.
 """
 
 CONVERT_HELP = """\
@@ -277,8 +276,18 @@ _non_negative_count = _number(int, lambda v: v >= 0, "an integer >= 0")
 _seconds = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse reading any argument that starts with "-" and a digit as a value, as Python 3.14's
+    argparse does: a box past the left border (--box -10,20,300,400) or a point above the image
+    (--point 40,-3 is fine, --point -3,40 was "expected one argument"). No option looks like a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")  # (3.11's: only "-3", "-3.5"; subcommands are _Parsers too)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samhq-fast", description=MAIN_HELP, epilog=MAIN_EPILOG, formatter_class=FORMATTER)
+    parser = _Parser(prog="samhq-fast", description=MAIN_HELP, epilog=MAIN_EPILOG, formatter_class=FORMATTER)
     parser.add_argument("--version", action="version", version=f"%(prog)s {samhq_fast.__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
 

@@ -718,6 +718,16 @@ def test_segment_mps_device_without_mps(capsys, tmp_path, ckpt):
     assert not (tmp_path / "m.png").exists()
 
 
+def test_negative_coordinates_are_values():
+    """A box past the left border and points above or left of the image, written plainly: argparse
+    before Python 3.14 read "-10,20,200,280" as an unknown option ("expected one argument")."""
+    args = build_parser().parse_args(["segment", "x.jpg", "-c", "c.pth", "--box", "-10,20,200,280", "--point", "40,-3",
+                                      "-p", "-3.5,40,0", "-o", "m.png"])
+    assert args.box == [(-10, 20, 200, 280)] and args.point == [(40, -3, 1), (-3.5, 40, 0)]
+    with pytest.raises(SystemExit):  # an option name where a value belongs is still an error
+        build_parser().parse_args(["segment", "x.jpg", "-c", "c.pth", "--box", "-o", "m.png"])
+
+
 @pytest.mark.parametrize("command", [["segment", "x.jpg", "-c", "c.pth", "-o", "m.png"], ["convert", "a.pth", "b.safetensors"]])
 def test_dtype_names_are_those_load_accepts(command):
     # The CLI takes every name samhq_fast.load takes, in any case, and passes on its short name.
