@@ -32,12 +32,12 @@ POINT_COLORS = {1: (0, 255, 0), 0: (255, 0, 0)}  # foreground green, background 
 DTYPE_CHOICES = ", ".join(DTYPE_NAMES) + " (any case)"
 FORMATTER = argparse.RawDescriptionHelpFormatter  # keep the line breaks of the descriptions
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-# segment --auto options; None on the command line means "not given", so they can be refused without --auto
 # --masks-dir: the layout of the original's scripts/amg.py (one 0/255 PNG per mask, {id}.png, and this CSV)
 AMG_METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
                        "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
 AMG_MASK_NAME = re.compile(r"(0|[1-9][0-9]*)\.png", re.ASCII)  # the names --masks-dir writes: 0.png, 1.png, ...
 OutputWriters = list[tuple[str, str, Callable[[Path], object]]]  # (option, path, write(to_path)) for _write_outputs
+# segment --auto options; None on the command line means "not given", so they can be refused without --auto
 AUTO_DEFAULTS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7,
                      crop_n_layers=0, min_mask_region_area=0)
 
