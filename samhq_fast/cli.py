@@ -36,6 +36,7 @@ OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 AMG_METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
                        "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
 AMG_MASK_NAME = re.compile(r"(0|[1-9][0-9]*)\.png", re.ASCII)  # the names --masks-dir writes: 0.png, 1.png, ...
+TEMPORARY_MARK = ".partial"  # in the names of _write_outputs' temporary files: .{stem}.{pid}.partial{suffix}
 OutputWriters = list[tuple[str, str, Callable[[Path], object]]]  # (option, path, write(to_path)) for _write_outputs
 # segment --auto options; None on the command line means "not given", so they can be refused without --auto
 AUTO_DEFAULTS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_thresh=0.95, stability_offset=1.0, box_nms_thresh=0.7,
@@ -469,7 +470,7 @@ def _write_outputs(outputs: OutputWriters) -> None:
     try:
         targets = [Path(os.path.realpath(path)) for _, path, _ in outputs]  # through symlinks, as a plain write would go
         for (option, path, write), target in zip(outputs, targets):
-            tmp = target.with_name(f".{target.stem}.{os.getpid()}.partial{target.suffix}")  # PIL picks the format by the suffix
+            tmp = target.with_name(f".{target.stem}.{os.getpid()}{TEMPORARY_MARK}{target.suffix}")  # PIL picks the format by the suffix
             temporary.append(tmp)
             try:
                 write(tmp)
@@ -511,7 +512,7 @@ def _is_earlier_run_file(entry: Path) -> bool:
 
 
 def _is_temporary(name: str) -> bool:
-    return name.startswith(".") and ".partial." in name
+    return name.startswith(".") and f"{TEMPORARY_MARK}." in name
 
 
 def _has_amg_metadata(folder: Path) -> bool:
