@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"model precision: {DTYPE_CHOICES} (default fp32)")
     seg.add_argument("--backend", type=str.lower, choices=BACKENDS, default="auto",
                      help="eager: the reference PyTorch model; fused: Triton kernels in the image encoder and a compiled "
-                          "prompt decoder (CUDA, or the Triton interpreter with TRITON_INTERPRET=1); auto: eager for now "
-                          "(see the README) (default auto)")
+                          "prompt decoder (CUDA, or the Triton interpreter with TRITON_INTERPRET=1); auto: fused on CUDA "
+                          "in bf16 / fp16, else eager (default auto)")
     seg.set_defaults(run=segment, parser=seg)
 
     conv = commands.add_parser("convert", help="re-save a checkpoint as .safetensors (original or HF key layout)",

@@ -41,6 +41,17 @@ def seeded_global_rng():
     random.seed(0)
 
 
+@pytest.fixture(scope="module")
+def tf32_off():
+    """fp32 comparisons on the GPU: cuBLAS matmuls and cuDNN convolutions (the decoder's upscaling and
+    HQ convs, on by default) in full fp32, not TF32, whose rounding differs between the algorithms
+    eager and compiled code pick."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 def randomize_(model: SamHQ, seed: int = 0) -> SamHQ:
     """Give every parameter a non-trivial random value (PyTorch's init leaves pos_embed, rel-pos
     tables, TinyViT's attention biases, norms and BatchNorm statistics at 0/1, which would hide bugs

@@ -399,7 +399,7 @@ def test_default_graph_mode_on_cuda_gpu(tiny_model):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
-def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs):
+def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs, tf32_off):
     """On CUDA the compiled decoder replays CUDA graphs: outputs must be right and never stale
     (two different prompt sets through the same graph, twice each)."""
     model = copy.deepcopy(tiny_model).cuda()
@@ -425,7 +425,7 @@ def assert_graphs_not_skipped():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
-def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, monkeypatch, cuda_graphs):
+def test_graphed_decode_images_matches_eager_gpu(tiny_model, two_images_state, monkeypatch, cuda_graphs, tf32_off):
     """Prompts of two images through the graphed decoder (per-prompt image index inside the graph),
     alternating prompt sets so a stale replay would show, and 7 prompts in chunks of 4 (buckets
     shrunk to (1, 2, 4)): the second chunk replays the first one's graph."""

@@ -17,6 +17,7 @@ logit is within 1e-4 of the 0 threshold.
 import copy
 import re
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -556,6 +557,25 @@ def test_a_prompt_larger_than_the_chunk_budget_goes_alone(prepared, tiny_model, 
     logits, _, _ = predictor.predict(box=boxes, return_logits=True)
     assert upsampled == [1, 1, 2]  # two chunks of one for the masks, then the logits in one call
     np.testing.assert_array_equal(masks, logits > 0)
+
+
+def test_a_chunks_logits_are_freed_before_the_next_chunk(prepared, tiny_model, monkeypatch):
+    """Bool masks keep at most one chunk of fp32 upsampled logits alive: each chunk's logits are gone
+    (no reference left) before the next chunk's are made, else the peak holds two chunks."""
+    predictor, _ = prepared("rounding_103x300")
+    monkeypatch.setattr(sam_hq, "MASK_CHUNK_PIXELS", 1)  # one prompt per chunk
+    made, alive_at_each_call = [], []
+    postprocess = tiny_model.postprocess_masks
+
+    def tracked(low_res, *sizes):
+        alive_at_each_call.append(sum(ref() is not None for ref in made))
+        logits = postprocess(low_res, *sizes)
+        made.append(weakref.ref(logits))
+        return logits
+
+    monkeypatch.setattr(tiny_model, "postprocess_masks", tracked)
+    masks, _, _ = predictor.predict(box=np.array([[10, 5, 120, 90], [100, 20, 290, 100], [0, 0, 50, 50]], dtype=float))
+    assert masks.shape[0] == 3 and alive_at_each_call == [0, 0, 0]
 
 
 @pytest.mark.gpu

@@ -167,8 +167,10 @@ class SamHQ(nn.Module):
         out = torch.empty((*masks.shape[:2], height, width), dtype=torch.bool, device=masks.device)
         chunk = self.prompts_per_mask_chunk(masks.shape[1], (height, width))
         for start in range(0, len(masks), chunk):
+            # without del, the next chunk's logits would be made while `logits` still holds this one's
             logits = self.postprocess_masks(masks[start : start + chunk], input_size, (height, width))
             torch.gt(logits, self.mask_threshold, out=out[start : start + chunk])
+            del logits
         return out
 
     @torch.no_grad()
