@@ -262,7 +262,7 @@ def test_fused_encoder_matches_eager_real_size_gpu(variant, tf32_off):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("encoder_graphs", [False, True])
+@pytest.mark.parametrize("encoder_graphs", [False, True, None])
 def test_hot_path_has_no_host_sync_gpu(tiny_checkpoints, encoder_graphs):
     """Frames on the GPU in, tensors out: set_image on a uint8 CUDA tensor and predict_torch with
     CUDA prompts (N = 2, and N = 0: a frame without detections) must not synchronize with the host
@@ -354,7 +354,7 @@ def test_predictor_with_encoder_graphs_gpu(tiny_checkpoints):
     alternate through one graph (a stale replay would repeat the previous frame's masks) and for a
     two-image set_images batch (a second graph)."""
     model = samhq_fast.load(tiny_checkpoints["pth"], device="cuda", backend="fused")
-    plain, graphed = SamHQPredictor(model), SamHQPredictor(model, encoder_graphs=True)
+    plain, graphed = SamHQPredictor(model, encoder_graphs=False), SamHQPredictor(model, encoder_graphs=True)
     gen = torch.Generator("cuda").manual_seed(4)
     frames = [torch.randint(0, 256, (180, 240, 3), dtype=torch.uint8, device="cuda", generator=gen) for _ in range(2)]
     box = np.array([[10, 20, 150, 160]])
@@ -373,7 +373,7 @@ def test_predictor_with_encoder_graphs_gpu(tiny_checkpoints):
     for got_image, expected_image in zip(results[1], results[0]):
         for g, e in zip(got_image, expected_image):
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
-    assert len(graphed._encode._graphs.graphs) == 2  # batch 1 and batch 2
+    assert len(graphed._graphed_encoder._graphs.graphs) == 2  # batch 1 and batch 2
 
 
 @pytest.mark.gpu
@@ -390,6 +390,41 @@ def test_fused_model_on_a_second_gpu(tiny_model):
         for got in (fused.encode_image(images), GraphedEncoder(fused)(images)):
             for g, e in zip(got, expected):
                 assert g.device == e.device and rel_error(g, e) < 1e-4
+
+
+def test_default_encoder_graphs_are_for_batch_1_of_a_fused_cuda_model(tiny_model, monkeypatch):
+    """encoder_graphs=None replays batch-1 encoder calls of a fused CUDA model from a graph (where the
+    H200 bench measured it faster) and runs other batch sizes, eager and CPU models plainly; True
+    graphs every batch size, False none. (A stand-in graph encoder and a model that says it is on
+    CUDA: the real graphs are tested on the GPU.)"""
+    from samhq_fast import predictor as predictor_module
+    from samhq_fast.modeling import SamHQ
+
+    replayed = []
+
+    class RecordingGraphedEncoder:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, images):
+            replayed.append(len(images))
+            return self.model.encode_image(images)
+
+    monkeypatch.setattr(predictor_module, "GraphedEncoder", RecordingGraphedEncoder)
+    model = copy.deepcopy(tiny_model)
+    cases = [("cuda", "fused", None, [1]), ("cuda", "eager", None, []), ("cpu", "fused", None, []),
+             ("cuda", "fused", True, [1, 2]), ("cuda", "eager", True, [1, 2]), ("cuda", "fused", False, [])]
+    for device, backend, encoder_graphs, expected in cases:
+        monkeypatch.setattr(SamHQ, "device", property(lambda self: torch.device(device)))
+        model.backend = backend
+        predictor = SamHQPredictor(model, encoder_graphs=encoder_graphs)
+        replayed.clear()
+        with torch.inference_mode():
+            for batch in (1, 2):
+                predictor._encode(torch.zeros(batch, 3, 256, 256))
+        assert replayed == expected, (device, backend, encoder_graphs)
+    with pytest.raises(TypeError, match="encoder_graphs must be True, False or None"):
+        SamHQPredictor(model, encoder_graphs="batch 1")
 
 
 def test_graphed_encoder_needs_cuda(tiny_model):
