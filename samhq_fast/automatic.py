@@ -108,19 +108,34 @@ def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> 
 
 
 def masks_to_rle(masks: torch.Tensor) -> list[dict]:
-    """bool [N, H, W] -> per mask {"size": [H, W], "counts": [run lengths]}: COCO's uncompressed RLE
-    (column-major, starting with a run of zeros, which is 0 long when the first pixel is set)."""
+    """bool [N, H, W] -> per mask {"size": [H, W], "counts": integer numpy array of run lengths}: COCO's
+    uncompressed RLE (column-major, starting with a run of zeros, which is 0 long when the first pixel
+    is set); the records' "uncompressed_rle" gives counts as a list, as the original.
+
+    The counts are laid out on the masks' device and copied to the host once (int32 below 2^31
+    pixels): a mask of noise has ~10^5 runs, and building them on the host, one Python int per run
+    (the original's lists), took more time than the generator's GPU work."""
     n, height, width = masks.shape
-    flat = masks.transpose(1, 2).reshape(n, height * width)  # column-major pixel order
-    changes = (flat[:, 1:] != flat[:, :-1]).nonzero().cpu().numpy()  # [M, (mask, pixel before a change)], by mask
-    starts_set = flat[:, 0].cpu().numpy()
-    bounds = np.searchsorted(changes[:, 0], np.arange(n + 1))
-    rles = []
-    for i in range(n):
-        edges = np.concatenate([[0], changes[bounds[i] : bounds[i + 1], 1] + 1, [height * width]])
-        counts = ([0] if starts_set[i] else []) + np.diff(edges).tolist()
-        rles.append({"size": [height, width], "counts": counts})
-    return rles
+    if n == 0:
+        return []
+    pixels = height * width
+    # Each mask's pixels in column-major order between two sentinels: an unset one before the first
+    # (a set first pixel then ends a 0-long run of zeros) and the last pixel's opposite after the
+    # last (so every run, the last one too, ends in a change of value).
+    padded = torch.empty(n, pixels + 2, dtype=torch.bool, device=masks.device)
+    padded[:, 1:-1].view(n, width, height).copy_(masks.transpose(1, 2))
+    padded[:, 0] = False
+    padded[:, -1] = ~masks[:, -1, -1]
+    # [M] each, by mask then position: a run of mask `mask_of_end` ends `end` pixels in
+    mask_of_end, end = (padded[:, 1:] != padded[:, :-1]).nonzero().unbind(1)
+    end = end.to(torch.int32 if pixels < 2**31 else torch.int64)
+    first_of_mask = torch.ones_like(mask_of_end, dtype=torch.bool)
+    first_of_mask[1:] = mask_of_end[1:] != mask_of_end[:-1]
+    counts = end - torch.where(first_of_mask, 0, end.roll(1))  # [M] run lengths, mask after mask
+    runs_per_mask = torch.bincount(mask_of_end, minlength=n).to(counts.dtype)
+    host = torch.cat([runs_per_mask, counts]).cpu().numpy()  # one copy to the host
+    # copies: a view would keep the whole batch's counts alive as long as any one mask's
+    return [{"size": [height, width], "counts": c.copy()} for c in np.split(host[n:], np.cumsum(host[: n - 1], dtype=np.int64))]
 
 
 def rles_to_masks(rles: list[dict], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -130,9 +145,10 @@ def rles_to_masks(rles: list[dict], device: torch.device | str = "cpu") -> torch
     is the mask in column-major order; transposing it to [H, W] is one batched copy (on the GPU, not
     the host's one-mask-at-a-time strided copy, which is most of the host time of a numpy decode)."""
     height, width = size = [int(s) for s in rles[0]["size"]]
-    if any([int(s) for s in rle["size"]] != size or sum(rle["counts"]) != height * width for rle in rles):
+    counts_per_mask = [np.asarray(rle["counts"], dtype=np.int64) for rle in rles]  # lists or arrays
+    if any([int(s) for s in rle["size"]] != size or counts.sum() != height * width for rle, counts in zip(rles, counts_per_mask)):
         raise ValueError(f"RLEs to decode together must all have size {size} and counts summing to {height * width}")
-    ends_per_mask = [np.cumsum(rle["counts"][:-1], dtype=np.int64) for rle in rles]  # [runs - 1] each
+    ends_per_mask = [np.cumsum(counts[:-1]) for counts in counts_per_mask]  # [runs - 1] each
     rows = np.repeat(np.arange(len(rles)), [len(e) for e in ends_per_mask])
     ends = np.concatenate(ends_per_mask)
     inside = ends < height * width  # a run of 0 at the end ends at H * W: no pixel flips there
@@ -158,7 +174,7 @@ def rle_to_mask(rle: dict) -> np.ndarray:
 
 
 def rle_area(rle: dict) -> int:
-    return int(sum(rle["counts"][1::2]))
+    return int(np.sum(rle["counts"][1::2]))
 
 
 def remove_small_regions(mask: np.ndarray, min_area: int, mode: str) -> tuple[np.ndarray, bool]:
@@ -404,7 +420,7 @@ class SamHQAutomaticMaskGenerator:
     def _segmentations(self, rles: list[dict]) -> list:
         """The records' "segmentation", per output_mode (binary masks decoded on the model's device)."""
         if self.output_mode == "uncompressed_rle":
-            return rles
+            return [dict(rle, counts=rle["counts"].tolist()) for rle in rles]
         if self.output_mode == "coco_rle":
             from pycocotools import mask as coco_mask
 

@@ -89,16 +89,19 @@ def _runs(mask: np.ndarray) -> list[int]:
     return ([0] if mask.T.ravel()[0] else []) + counts
 
 
-def test_rle_round_trip_and_counts():
+@pytest.mark.parametrize("height, width", [(7, 9), (1, 1), (1, 6), (5, 1)])
+def test_rle_round_trip_and_counts(height, width):
     gen = np.random.default_rng(0)
-    masks = gen.random((5, 7, 9)) > 0.6
+    masks = gen.random((6, height, width)) > 0.6
     masks[1] = False
     masks[2] = True
     masks[3, 0, 0] = True  # the first pixel set: a leading 0-run
     masks[4, 0, 0] = False
+    masks[5, -1, -1] = not masks[5, -1, -1]  # the last pixel either way
     rles = masks_to_rle(torch.from_numpy(masks))
-    for mask, rle in zip(masks, rles):
-        assert rle["size"] == [7, 9] and rle["counts"] == _runs(mask)
+    assert masks_to_rle(torch.zeros(0, height, width, dtype=torch.bool)) == []
+    for mask, rle in zip(masks, rles, strict=True):
+        assert rle["size"] == [height, width] and rle["counts"].tolist() == _runs(mask)
         np.testing.assert_array_equal(rle_to_mask(rle), mask)
         assert rle_area(rle) == mask.sum()
 
@@ -119,7 +122,7 @@ def test_rles_decode_together():
         expected = np.concatenate([np.full(n, i % 2 == 1) for i, n in enumerate(counts)]).reshape(5, 1).T
         np.testing.assert_array_equal(rle_to_mask({"size": np.array([1, 5]), "counts": counts}), expected)
     other_size = masks_to_rle(torch.zeros(1, 29, 23, dtype=torch.bool))
-    for bad in (rles[:1] + other_size, [dict(rles[0], counts=rles[0]["counts"] + [1])]):
+    for bad in (rles[:1] + other_size, [dict(rles[0], counts=np.append(rles[0]["counts"], 1))]):
         with pytest.raises(ValueError, match="must all have size"):
             rles_to_masks(bad)
 
