@@ -115,6 +115,7 @@ def masks_to_rle(masks: torch.Tensor) -> list[dict]:
     The counts are laid out on the masks' device and copied to the host once (int32 below 2^31
     pixels): a mask of noise has ~10^5 runs, and building them on the host, one Python int per run
     (the original's lists), took more time than the generator's GPU work."""
+    masks = masks.bool()  # 0 / 1 integer masks too (the sentinel below negates the last pixel)
     n, height, width = masks.shape
     if n == 0:
         return []
@@ -126,13 +127,14 @@ def masks_to_rle(masks: torch.Tensor) -> list[dict]:
     padded[:, 1:-1].view(n, width, height).copy_(masks.transpose(1, 2))
     padded[:, 0] = False
     padded[:, -1] = ~masks[:, -1, -1]
+    changes = padded[:, 1:] != padded[:, :-1]  # [N, H * W + 1]: True where a run ends
     # [M] each, by mask then position: a run of mask `mask_of_end` ends `end` pixels in
-    mask_of_end, end = (padded[:, 1:] != padded[:, :-1]).nonzero().unbind(1)
+    mask_of_end, end = changes.nonzero().unbind(1)
     end = end.to(torch.int32 if pixels < 2**31 else torch.int64)
     first_of_mask = torch.ones_like(mask_of_end, dtype=torch.bool)
     first_of_mask[1:] = mask_of_end[1:] != mask_of_end[:-1]
     counts = end - torch.where(first_of_mask, 0, end.roll(1))  # [M] run lengths, mask after mask
-    runs_per_mask = torch.bincount(mask_of_end, minlength=n).to(counts.dtype)
+    runs_per_mask = changes.sum(1, dtype=counts.dtype)
     host = torch.cat([runs_per_mask, counts]).cpu().numpy()  # one copy to the host
     # copies: a view would keep the whole batch's counts alive as long as any one mask's
     return [{"size": [height, width], "counts": c.copy()} for c in np.split(host[n:], np.cumsum(host[: n - 1], dtype=np.int64))]

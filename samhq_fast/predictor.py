@@ -14,7 +14,7 @@ from PIL import Image
 
 from .decoding import PromptDecoder
 from .graphs import GraphedEncoder
-from .modeling import SamHQ
+from .modeling import ImageEncoderViT, SamHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import decode_eager, no_prompt_outputs
 from .transforms import (
@@ -96,9 +96,10 @@ class SamHQPredictor:
         CUDA graph per batch size (`graphs.GraphedEncoder`; CUDA models only): the encoder's hundreds
         of kernel launches become one replay, at the cost of one graph memory pool per batch size
         seen (the first call per batch size records it). None (the default): a graph for batch 1
-        (one image, e.g. video frames) on a fused CUDA model, where launches bound the encoder (on
-        an H200 in bf16, vit_h 18.6 -> 16.0 ms, vit_b 7.9 -> 3.9 ms; from batch 8 on graphs gained
-        nothing), and no graphs otherwise. False: no graphs."""
+        (one image, e.g. video frames) on a fused CUDA model with a ViT encoder (not TinyViT, not
+        under the Triton interpreter), where launches bound the encoder (on an H200 in bf16, vit_h
+        18.6 -> 16.0 ms, vit_b 7.9 -> 3.9 ms; from batch 8 on graphs gained nothing), and no graphs
+        otherwise. False: no graphs."""
         if not isinstance(model, SamHQ):
             raise TypeError(f"SamHQPredictor needs a samhq_fast SamHQ model (from samhq_fast.load), got {type(model).__name__}")
         if encoder_graphs not in (None, True, False):
@@ -106,8 +107,9 @@ class SamHQPredictor:
         self.model = model
         self._prompt_decoder = None  # the fused backend's compiled decoder, built on first use
         self._graphs_at_every_batch_size = encoder_graphs is not None
-        if encoder_graphs is None:
-            encoder_graphs = model.device.type == "cuda" and getattr(model, "backend", "eager") == "fused"
+        if encoder_graphs is None:  # what was measured faster: the Triton ViT encoder compiled for a GPU
+            encoder_graphs = (model.device.type == "cuda" and getattr(model, "backend", "eager") == "fused"
+                              and isinstance(model.image_encoder, ImageEncoderViT) and os.environ.get("TRITON_INTERPRET") != "1")
         self._graphed_encoder = GraphedEncoder(model) if encoder_graphs else None
         self.transform = ResizeLongestSide(model.config.img_size)  # the original's: original frame -> input frame
         self.reset_image()

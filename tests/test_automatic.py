@@ -100,6 +100,8 @@ def test_rle_round_trip_and_counts(height, width):
     masks[5, -1, -1] = not masks[5, -1, -1]  # the last pixel either way
     rles = masks_to_rle(torch.from_numpy(masks))
     assert masks_to_rle(torch.zeros(0, height, width, dtype=torch.bool)) == []
+    as_uint8 = masks_to_rle(torch.from_numpy(masks).to(torch.uint8))  # 0 / 1 integer masks encode alike
+    assert [r["counts"].tolist() for r in as_uint8] == [r["counts"].tolist() for r in rles]
     for mask, rle in zip(masks, rles, strict=True):
         assert rle["size"] == [height, width] and rle["counts"].tolist() == _runs(mask)
         np.testing.assert_array_equal(rle_to_mask(rle), mask)

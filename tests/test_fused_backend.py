@@ -411,6 +411,7 @@ def test_default_encoder_graphs_are_for_batch_1_of_a_fused_cuda_model(tiny_model
             return self.model.encode_image(images)
 
     monkeypatch.setattr(predictor_module, "GraphedEncoder", RecordingGraphedEncoder)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine (the kernels imported here stay interpreted)
     model = copy.deepcopy(tiny_model)
     cases = [("cuda", "fused", None, [1]), ("cuda", "eager", None, []), ("cpu", "fused", None, []),
              ("cuda", "fused", True, [1, 2]), ("cuda", "eager", True, [1, 2]), ("cuda", "fused", False, [])]
@@ -423,6 +424,15 @@ def test_default_encoder_graphs_are_for_batch_1_of_a_fused_cuda_model(tiny_model
             for batch in (1, 2):
                 predictor._encode(torch.zeros(batch, 3, 256, 256))
         assert replayed == expected, (device, backend, encoder_graphs)
+    # No default graphs for a fused TinyViT model (its encoder stays eager, never captured on the GPU)
+    # nor under the Triton interpreter (its host copies cannot be captured).
+    monkeypatch.setattr(SamHQ, "device", property(lambda self: torch.device("cuda")))
+    with torch.device("meta"):
+        light = SamHQ(SamHQConfig.from_variant("vit_tiny"))
+    light.backend = model.backend = "fused"
+    assert SamHQPredictor(light)._graphed_encoder is None and SamHQPredictor(model)._graphed_encoder is not None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert SamHQPredictor(model)._graphed_encoder is None
     with pytest.raises(TypeError, match="encoder_graphs must be True, False or None"):
         SamHQPredictor(model, encoder_graphs="batch 1")
 
