@@ -6,13 +6,14 @@ On the CPU they run only in the Triton interpreter (TRITON_INTERPRET=1, set befo
 """
 
 import contextlib
-import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from samhq_fast.switches import triton_interpreter_on
 
 
 INTERPRETER_BF16_ERROR = (
@@ -53,7 +54,7 @@ def interpreter_set_too_late() -> str | None:
     leaves the kernels half interpreted, failing deep inside Triton. (Cleared later, the kernels
     stay interpreted: slow, still right.)
     """
-    if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(tl.standard.cdiv, InterpretedFunction):
+    if triton_interpreter_on() and not isinstance(tl.standard.cdiv, InterpretedFunction):
         return "TRITON_INTERPRET=1 was set after Triton was imported: set it before Python starts (TRITON_INTERPRET=1 python ...)"
     return None
 
@@ -65,7 +66,7 @@ def interpreter_problem(dtype: torch.dtype | None = None) -> str | None:
     too_late = interpreter_set_too_late()
     if too_late:
         return too_late
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreter_on():
         if dtype == torch.bfloat16:
             return INTERPRETER_BF16_ERROR
         return interpreter_incompatibility(triton.__version__, np.__version__)
@@ -78,7 +79,7 @@ def interpreting(x: torch.Tensor, who: str) -> bool:
     problem = interpreter_problem(x.dtype)
     if problem:
         raise (TypeError if problem == INTERPRETER_BF16_ERROR else RuntimeError)(f"{who}: {problem}")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreter_on():
         return True
     if x.device.type != "cuda":
         raise RuntimeError(

@@ -33,7 +33,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from samhq_fast.switches import env_flag
+from samhq_fast.switches import env_flag, triton_interpreter_on
 
 CACHE_DIR_ENV = "SAMHQ_FAST_CACHE_DIR"
 AUTOTUNE_ENV = "SAMHQ_FAST_AUTOTUNE"
@@ -86,7 +86,7 @@ def file_key(device_name: str, kernel: str, shape_key: tuple) -> str:
 
 
 def tuning_enabled(device: torch.device) -> bool:
-    if not env_flag(AUTOTUNE_ENV, default=True) or os.environ.get("TRITON_INTERPRET") == "1":
+    if not env_flag(AUTOTUNE_ENV, default=True) or triton_interpreter_on():
         return False
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 

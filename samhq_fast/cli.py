@@ -23,6 +23,7 @@ from samhq_fast.checkpoint import FOURIER_BASIS_KEY, hf_to_original, is_hf_layou
 from samhq_fast.kernels import INTERPRETER_BF16_ERROR
 from samhq_fast.modeling.prompt_encoder import HALF_DTYPES
 from samhq_fast.predictor import SamHQPredictor
+from samhq_fast.switches import triton_interpreter_on
 from samhq_fast.transforms import ImageTooLargeError, load_image
 
 # Distinct overlay colors (matplotlib's tab10), one per prompt, cycling.
@@ -753,7 +754,7 @@ def _bench_plan(args) -> tuple[str, list[str]]:
         parser.error(f"--interpret with --dtype bf16: {INTERPRETER_BF16_ERROR}")
     if "fused-graphed" in backends and not on_gpu:
         parser.error("the fused-graphed backend replays CUDA graphs: it needs a CUDA device")
-    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+    if args.interpret and not triton_interpreter_on():
         # Triton picks interpreted or compiled functions (its own tl.cdiv too) when it is imported,
         # which `import samhq_fast` already did (through torch._dynamo): too late to switch here.
         parser.error("--interpret needs TRITON_INTERPRET=1 in the environment before Python starts: "

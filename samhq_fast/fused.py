@@ -17,7 +17,6 @@ Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (k
 when a model is loaded or `apply_fused_backend` runs: a model already fused stays fused).
 """
 
-import os
 import warnings
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 
 from .modeling import ImageEncoderViT, SamHQ
 from .modeling.image_encoder import Block
-from .switches import env_flag
+from .switches import env_flag, triton_interpreter_on
 
 KILL_SWITCH = "SAMHQ_FAST_DISABLE_FUSED"
 
@@ -47,7 +46,7 @@ def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> t
     problem = interpreter_problem(dtype)  # refused at load, not at the first forward
     if problem:
         return False, problem
-    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreter = triton_interpreter_on()
     if device.type == "cuda" and not interpreter:
         # Triton supports compute capability 8.0+: below it tl.dot falls back to FMA (no tensor cores,
         # slower than the eager backend's cuBLAS) and ptxas has no bf16 conversions (no bf16 kernel,

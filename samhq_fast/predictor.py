@@ -17,6 +17,7 @@ from .graphs import GraphedEncoder
 from .modeling import ImageEncoderViT, SamHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import decode_eager, no_prompt_outputs
+from .switches import triton_interpreter_on
 from .transforms import (
     ResizeLongestSide, as_rgb_uint8, as_rgb_uint8_torch, channel_order, check_flags, check_image_size, check_resized_pixels, check_resized_shape,
     resize_longest_side, resize_longest_side_torch, scale_coords,
@@ -109,7 +110,7 @@ class SamHQPredictor:
         self._graphs_at_every_batch_size = encoder_graphs is not None
         if encoder_graphs is None:  # what was measured faster: the Triton ViT encoder compiled for a GPU
             encoder_graphs = (model.device.type == "cuda" and getattr(model, "backend", "eager") == "fused"
-                              and isinstance(model.image_encoder, ImageEncoderViT) and os.environ.get("TRITON_INTERPRET") != "1")
+                              and isinstance(model.image_encoder, ImageEncoderViT) and not triton_interpreter_on())
         self._graphed_encoder = GraphedEncoder(model) if encoder_graphs else None
         self.transform = ResizeLongestSide(model.config.img_size)  # the original's: original frame -> input frame
         self.reset_image()

@@ -134,6 +134,32 @@ def test_kill_switch_off_values_keep_fused(tiny_checkpoints, monkeypatch, value)
     assert not any(m.training for m in model.modules())  # load returns an eval-mode model, fused or not
 
 
+@pytest.mark.parametrize("value", ["1", "true", "On", "0", "off", ""])
+def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch, value):
+    """Triton interprets for TRITON_INTERPRET=true / on as well as 1: samhq_fast's checks follow what
+    @triton.jit does (else a CPU tensor under TRITON_INTERPRET=true was refused as 'needs a CUDA
+    device', and on a GPU interpreted kernels were timed and graph-captured as compiled ones)."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from samhq_fast.kernels import interpreting
+    from samhq_fast.switches import triton_interpreter_on
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+
+    @triton.jit
+    def noop(x_ptr):
+        pass
+
+    interpreted = isinstance(noop, InterpretedFunction)
+    assert triton_interpreter_on() == interpreted
+    if interpreted:
+        assert interpreting(torch.zeros(2), "test")
+    else:
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            interpreting(torch.zeros(2), "test")
+
+
 def test_build_sam_hq_applies_the_fused_backend():
     """build_sam_hq (random weights: tests, benchmarks) honours backend= as load does: the benchmark
     would otherwise time eager under the fused name."""
