@@ -1,7 +1,8 @@
 """Triton kernels for samhq-fast, installed as ``samhq_fast.kernels``.
 
 One module per kernel family: ``attention`` (flash attention with SAM's decomposed rel-pos bias,
-windowed and global) and ``fused_linear`` (GEMM with bias / exact GELU / residual epilogues).
+windowed and global), ``fused_linear`` (GEMM with bias / exact GELU / residual epilogues) and
+``layer_norm`` (the blocks' LayerNorms, a row per tile).
 On the CPU they run only in the Triton interpreter (TRITON_INTERPRET=1, set before import).
 """
 

@@ -219,7 +219,7 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
     specializations) at vit_b / vit_h windowed and global shapes, every candidate offered runs
     without a stack (no spilled registers; the global-only tile aside, see its comment): the 16-bit
-    ones take 110-250 registers and at most 148 KiB of shared memory, the fp32 ones 64-125 registers.
+    ones take 110-255 registers and at most 148 KiB of shared memory, the fp32 ones 64-125 registers.
     REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 182-250
     registers in the 8-warp 128x64 tiles (one CTA per SM either way). The 4-warp 64x64 tiles could
     hold it too (194-251 registers) but are not offered it, to keep first-call tuning short.
@@ -230,10 +230,12 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
         return [_config(64, 16, 8, 2), _config(32, 16, 4, 2), _config(16, 32, 4, 2)]
     # 16-bit inputs on Hopper (wgmma). A 14x14 window is 2 query tiles of 128 or 4 of 64; its keys
     # are 4 tiles of 64 slots (4 rows of 16) or 7 of 32; a global 64x64 grid is 4,096 queries and
-    # 64 key tiles of one row (BLOCK_N 64) or 128 of half a row (32).
+    # 64 key tiles of one row (BLOCK_N 64) or 128 of half a row (32). 256 x 32 holds a whole window
+    # in one program (k, v and the rel-pos terms read once per window and head, not once per query
+    # tile; 222-255 registers, no stack); 256 x 64 spills.
     configs = [_config(128, 64, 8, 2), _config(128, 64, 8, 2, rel_w_once=True), _config(128, 64, 8, 3),
                _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
-               _config(64, 32, 4, 3), _config(64, 64, 4, 3)]
+               _config(64, 32, 4, 3), _config(64, 64, 4, 3), _config(256, 32, 8, 2)]
     if global_block:
         # Key tiles of two grid rows (half the loop trips): 223-236 registers, no stack (Triton 3.9;
         # 3.6: 254-255, 24 bytes of stack at vit_h) and 145-165 KiB. Windowed blocks, which also

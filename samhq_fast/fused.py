@@ -3,14 +3,16 @@
 `apply_fused_backend(model)` swaps every image-encoder block for a `FusedBlock` that holds the very
 same submodules under the same names, so state dicts, checkpoints and the rest of the model are
 untouched. Per block (x: [B, H, W, C] channels-last, H = W = 64 at 1024 input):
-  qkv  = norm1(x) @ Wqkv^T + b            GEMM + bias, on the 4,096 real tokens only (the original
-                                          runs it on the 70x70 padded grid in windowed blocks)
+  qkv  = norm1(x) @ Wqkv^T + b            Triton LayerNorm; GEMM + bias, on the 4,096 real tokens
+                                          only (the original runs it on the 70x70 padded grid in
+                                          windowed blocks)
   a    = rel_pos_attention(qkv)           Triton: windows, padding, rel-pos bias by index math
   x    = a @ Wproj^T + b + x              Triton GEMM, bias + residual in the epilogue
-  h    = gelu(norm2(x) @ W1^T + b1)       Triton GEMM, bias + exact GELU in the epilogue
+  h    = gelu(norm2(x) @ W1^T + b1)       Triton LayerNorm; Triton GEMM, bias + exact GELU in the epilogue
   x    = h @ W2^T + b2 + x                Triton GEMM, bias + residual in the epilogue
-(Every GEMM is Triton or cuBLAS + torch ops, whichever the tuner times faster for its shape on this
-GPU, with tiles tuned per GPU and shape: samhq_fast.kernels.autotune.)
+(Every GEMM is Triton or cuBLAS + torch ops, and every LayerNorm Triton or torch's, whichever the
+tuner times faster for its shape on this GPU, with tiles tuned per GPU and shape:
+samhq_fast.kernels.autotune.)
 The kernels are written for SAM's ViT blocks: Light HQ-SAM's TinyViT encoder (vit_tiny) stays eager
 under the fused backend, whose prompt decoder (samhq_fast.decoding) it still uses.
 Set SAMHQ_FAST_DISABLE_FUSED=1 to fall back to the eager reference everywhere (kill switch; read
@@ -73,6 +75,7 @@ class FusedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from samhq_fast.kernels.attention import rel_pos_attention
         from samhq_fast.kernels.fused_linear import fused_linear
+        from samhq_fast.kernels.layer_norm import layer_norm
 
         attn, mlp = self.attn, self.mlp
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -82,10 +85,11 @@ class FusedBlock(nn.Module):
                 "the fused backend is inference-only (its Triton kernels have no backward pass): run the model under "
                 "torch.inference_mode() or torch.no_grad() (the predictors do), or load it with backend='eager' to train"
             )
-        qkv = fused_linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)  # [B, H, W, 3C]
+        norm1, norm2 = self.norm1, self.norm2
+        qkv = fused_linear(layer_norm(x, norm1.weight, norm1.bias, norm1.eps), attn.qkv.weight, attn.qkv.bias)  # [B, H, W, 3C]
         heads = rel_pos_attention(qkv, attn.qkv.bias, attn.rel_pos_h, attn.rel_pos_w, attn.num_heads, self.window_size)
         x = fused_linear(heads, attn.proj.weight, attn.proj.bias, residual=x)
-        hidden = fused_linear(self.norm2(x), mlp.lin1.weight, mlp.lin1.bias, activation="gelu")  # [B, H, W, 4C]
+        hidden = fused_linear(layer_norm(x, norm2.weight, norm2.bias, norm2.eps), mlp.lin1.weight, mlp.lin1.bias, activation="gelu")  # [B, H, W, 4C]
         return fused_linear(hidden, mlp.lin2.weight, mlp.lin2.bias, residual=x)
 
 

@@ -1,5 +1,5 @@
 """kernels/autotune.py: the per-shape config choice and its on-disk cache, and every candidate
-config of both kernel families (each must compute the same function: the tuner only times them).
+config of the kernel families (each must compute the same function: the tuner only times them).
 
 The choice logic is driven by a fake timer here (no GPU timing on the CPU); the candidates run in
 the Triton interpreter at small awkward shapes, and at real shapes in the GPU-marked test.
@@ -14,7 +14,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from samhq_fast.kernels import attention, autotune, fused_linear
+from samhq_fast.kernels import attention, autotune, fused_linear, layer_norm
 from test_kernels_attention import check as check_attention
 from test_kernels_linear import make_inputs, reference
 
@@ -215,13 +215,13 @@ def test_each_gpu_model_is_timed_separately(fresh_cache, monkeypatch):
 def tuning_keys(monkeypatch) -> dict:
     """The keys each kernel family asks the tuner for, {family: [key, ...]}. The keys are built on the
     compiled path: stand-ins for the interpreter check and the tuner let it run on the CPU."""
-    keys = {"fused_linear": [], "rel_pos_attention": []}
+    keys = {"fused_linear": [], "rel_pos_attention": [], "layer_norm": []}
 
     def record(kernel, key, candidates, launch, device):
         keys[kernel].append(key)
-        return launch(fused_linear.TORCH_OP if kernel == "fused_linear" else attention.INTERPRETER_CONFIG)
+        return launch({"fused_linear": fused_linear.TORCH_OP, "layer_norm": layer_norm.TORCH_OP}.get(kernel, attention.INTERPRETER_CONFIG))
 
-    for module in (fused_linear, attention):
+    for module in (fused_linear, attention, layer_norm):
         monkeypatch.setattr(module, "interpreting", lambda x, who: False)
         monkeypatch.setattr(module.autotune, "run", record)
     return keys
@@ -229,11 +229,12 @@ def tuning_keys(monkeypatch) -> dict:
 
 def test_tuning_keys_tell_dtypes_apart(tuning_keys):
     """Each kernel family keys its choice by dtype: a tile timed for fp32 is not reused for fp16
-    (the candidates differ too)."""
+    (the GEMM and attention candidates differ too)."""
     for dtype in (torch.float32, torch.float16):
         x, w, b, _ = make_inputs((5,), 32, 24, dtype)
         fused_linear.fused_linear(x, w, b)
         attention.rel_pos_attention(x.new_zeros(1, 3, 4, 96), x.new_zeros(96), x.new_zeros(5, 16), x.new_zeros(7, 16), 2, 0)
+        layer_norm.layer_norm(x, x.new_ones(32), x.new_zeros(32), 1e-6)
     assert all(len(family) == 2 and family[0] != family[1] for family in tuning_keys.values()), tuning_keys
 
 

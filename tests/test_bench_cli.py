@@ -420,7 +420,7 @@ def gpu_session_commands(module: str) -> list[list[str]]:
 def test_gpu_session_command_lines_parse(monkeypatch):
     """The GPU session's command lines are accepted by every parser they reach, as on a GPU: a
     mistyped option there would cost a device call (there is no GPU to try them on first)."""
-    from samhq_fast.benchmark import decoder, encoder, profile_block
+    from samhq_fast.benchmark import decoder, encoder, profile_block, profile_decoder
     from samhq_fast.cli import _bench_plan, _bench_runs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -439,6 +439,8 @@ def test_gpu_session_command_lines_parse(monkeypatch):
     assert {"graphed", "graphed-manual", "eager", "compiled"} <= set(dec.mode_list) and dec.e2e_list == ["eager", "fused"]
     (profile,) = gpu_session_commands("samhq_fast.benchmark.profile_block")
     assert profile_block.parse_args(profile).batches == [1, 8]
+    (decoder_profile,) = gpu_session_commands("samhq_fast.benchmark.profile_decoder")
+    assert profile_decoder.parse_args(decoder_profile).prompt_counts == [1, 64, 256]
     (compile_baseline,) = gpu_session_commands("samhq_fast.benchmark.encoder")
     assert encoder.parse_args(compile_baseline).backend_list == ["eager", "compile"]
 

@@ -260,6 +260,25 @@ def test_block_profile_smoke(tmp_path):
         assert abs(sum(shares) - 100) < 1
 
 
+def test_decoder_profile_smoke(tmp_path):
+    """The decoder profiler on the CPU: a section per prompt count with both modes' tables, the
+    eager decoder's convolutions (the HQ mask features) among its ops, shares adding up, and the
+    not-a-speed-figure label."""
+    from samhq_fast.benchmark import profile_decoder
+
+    out = tmp_path / "profile.md"
+    text = profile_decoder.main(["--smoke", "--repeats", "1", "--prompts", "1,3", "--output", str(out)])
+    assert out.read_text() == text
+    assert "NOT A SPEED FIGURE" in text
+    for count in (1, 3):
+        section = text.split(f"\n## {count} box prompts (wall ms per call: eager ")[1].split("\n## ")[0]
+        assert "### eager" in section and "### compiled" in section
+        eager_rows = section.split("### eager")[1].split("### compiled")[0]
+        assert "`aten::_convolution`" in eager_rows
+        shares = [float(line.rsplit("|", 2)[-2].strip().rstrip("%")) for line in eager_rows.splitlines() if line.startswith("| `")]
+        assert abs(sum(shares) - 100) < 1
+
+
 @pytest.mark.slow
 def test_block_profile_real_variant(tmp_path, monkeypatch):
     """A real architecture's block (vit_b, fp32, eager only on the CPU): the path the GPU session

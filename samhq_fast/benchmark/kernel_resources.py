@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ..kernels import attention, fused_linear
+from ..kernels import attention, fused_linear, layer_norm
 from ..modeling.sam_hq import VARIANTS
 
 SHARED_MEMORY_LIMIT = {90: 232448}  # bytes per block: Hopper's 227 KiB opt-in maximum
@@ -177,11 +177,29 @@ def linear_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
     return launches
 
 
+def layer_norm_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
+    """(shape label, config, args, kwargs) of every Triton LayerNorm candidate at each variant's width
+    (a batch-8 block's rows: real launches at large M)."""
+    launches = []
+    for variant in SHAPE_VARIANTS:
+        vit = VARIANTS[variant]
+        x, w = _meta(8 * vit.grid_size ** 2, vit.embed_dim, dtype=dtype), _meta(vit.embed_dim, dtype=dtype)
+        for config in layer_norm.candidate_configs():
+            if config is layer_norm.TORCH_OP:
+                continue
+            with recorded_launches(layer_norm, "_layer_norm_kernel") as (rec,):
+                layer_norm._layer_norm(x, w, w, 1e-6, config)
+            (args, kwargs), = rec.launches
+            launches.append((f"{variant} norm", config, args, kwargs))
+    return launches
+
+
 def candidate_usage(arch: int = 90, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
     rows = []
     for family, launches_of, kernel in (("attention", attention_launches, attention._rel_pos_attention_kernel),
                                         ("rel_pos_terms", rel_pos_terms_launches, attention._rel_pos_terms_kernel),
-                                        ("fused_linear", linear_launches, fused_linear._fused_linear_kernel)):
+                                        ("fused_linear", linear_launches, fused_linear._fused_linear_kernel),
+                                        ("layer_norm", layer_norm_launches, layer_norm._layer_norm_kernel)):
         for dtype in dtypes:
             for shape, config, args, kwargs in launches_of(dtype):
                 usage = compile_usage(kernel, args, kwargs, arch)

@@ -52,11 +52,13 @@ def profile_calls(fn, x: torch.Tensor, repeats: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us"])
 
 
-def markdown(results: dict, header: list[str]) -> str:
+def markdown(results: dict, header: list[str], section=lambda key: "{} block, batch {}".format(*key)) -> str:
+    """results {key: {backend: profile_calls rows}} -> a Markdown section per key (titled section(key)),
+    a kernel table per backend."""
     lines = [*header, ""]
-    for (kind, batch), backends in results.items():
+    for key, backends in results.items():
         totals = {b: sum(r["us"] for r in rows) for b, rows in backends.items()}
-        lines += [f"## {kind} block, batch {batch}: " + ", ".join(f"{b} {t:.1f} us" for b, t in totals.items()), ""]
+        lines += [f"## {section(key)}: " + ", ".join(f"{b} {t:.1f} us" for b, t in totals.items()), ""]
         for backend, rows in backends.items():
             lines += [f"### {backend}", "", "| kernel | launches / call | us / call | share |", "|---|---:|---:|---:|"]
             for r in rows:
