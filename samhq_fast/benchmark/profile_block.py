@@ -52,6 +52,23 @@ def profile_calls(fn, x: torch.Tensor, repeats: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us"])
 
 
+def profile_setup(args, title: str, per_call: str, details: str = "") -> tuple[torch.device, torch.dtype, list[str]]:
+    """(device, dtype, Markdown header) of a profile run: CUDA in args.dtype, or the CPU in fp32 for
+    --smoke (or without CUDA), labelled not a speed figure. title gets the dtype appended; per_call
+    names what one profiled call is; details go before the repeat count."""
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if args.smoke else resolve_dtype(args.dtype)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU: NOT A SPEED FIGURE (op times of the CPU)"
+    header = [
+        f"# {title}, {str(dtype).removeprefix('torch.')}",
+        "",
+        f"{machine}; torch {torch.__version__}; {datetime.date.today().isoformat()}; random weights; {details}"
+        f"{args.repeats} calls profiled after 3 warm-up calls; times are "
+        + ("GPU kernel time per " if device.type == "cuda" else "CPU op time per ") + per_call,
+    ]
+    return device, dtype, header
+
+
 def markdown(results: dict, header: list[str], section=lambda key: "{} block, batch {}".format(*key)) -> str:
     """results {key: {backend: profile_calls rows}} -> a Markdown section per key (titled section(key)),
     a kernel table per backend."""
@@ -83,19 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    dtype = torch.float32 if args.smoke else resolve_dtype(args.dtype)
+    title = f"One ViT block, kernel by kernel: {'smoke (tiny block)' if args.smoke else args.variant}"
+    device, dtype, header = profile_setup(args, title, "block call")
     config = common.SMOKE_CONFIG.encoder if args.smoke else VARIANTS[args.variant]
     fused_ok, why_not = fused_available(device, dtype)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU: NOT A SPEED FIGURE (op times of the CPU)"
-    header = [
-        f"# One ViT block, kernel by kernel: {'smoke (tiny block)' if args.smoke else args.variant}, {str(dtype).removeprefix('torch.')}",
-        "",
-        f"{machine}; torch {torch.__version__}; {datetime.date.today().isoformat()}; random weights; "
-        f"{args.repeats} calls profiled after 3 warm-up calls; times are "
-        + ("GPU kernel time per block call" if device.type == "cuda" else "CPU op time per block call")
-        + ("" if fused_ok else f"; fused not run ({why_not})"),
-    ]
+    if not fused_ok:
+        header[-1] += f"; fused not run ({why_not})"
     results = {}
     with torch.inference_mode():
         for kind, block in make_blocks(config, device, dtype).items():

@@ -16,17 +16,16 @@ backend) it profiles CPU ops and says so: not a speed figure.
 """
 
 import argparse
-import datetime
 import time
 
 import torch
 
-from ..build import SHORT_DTYPE_NAMES, resolve_dtype
+from ..build import SHORT_DTYPE_NAMES
 from ..decoding import PromptDecoder
 from ..modeling.sam_hq import SamHQConfig
 from . import common
 from .decoder import Image, eager_decode, make_prompts
-from .profile_block import markdown, profile_calls
+from .profile_block import markdown, profile_calls, profile_setup
 
 MODES = ("eager", "compiled")
 
@@ -73,18 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    dtype = torch.float32 if args.smoke else resolve_dtype(args.dtype)
+    title = f"One prompt-decoder call, kernel by kernel: {'smoke (tiny model)' if args.smoke else 'vit_h'}"
+    device, dtype, header = profile_setup(args, title, "call", details="box prompts, multimask_output=True; ")
+    header[-1] += "; wall: synchronized wall clock per call, back to back"
     config = common.SMOKE_CONFIG if args.smoke else SamHQConfig.from_variant("vit_h")
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU: NOT A SPEED FIGURE (op times of the CPU)"
-    header = [
-        f"# One prompt-decoder call, kernel by kernel: {'smoke (tiny model)' if args.smoke else 'vit_h'}, {str(dtype).removeprefix('torch.')}",
-        "",
-        f"{machine}; torch {torch.__version__}; {datetime.date.today().isoformat()}; random weights; box prompts, "
-        f"multimask_output=True; {args.repeats} calls profiled after 3 warm-up calls; times are "
-        + ("GPU kernel time per call" if device.type == "cuda" else "CPU op time per call")
-        + "; wall: synchronized wall clock per call, back to back",
-    ]
     image = Image(config, device, dtype, args.seed)
     results, walls = {}, {}
     with torch.inference_mode():
