@@ -73,6 +73,16 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
 
 
+def as_decoder_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor as an argument of the compiled decoder: contiguous, in dtype, and an inference tensor like
+    the padded batch's own buffers (call under inference mode). Dynamo guards on strides, dtype and
+    whether a tensor is an inference tensor: a caller's plain tensor in place of a buffer would
+    compile the shape again. Copied when it is not all of that already."""
+    if tensor.is_inference() and tensor.dtype == dtype and tensor.is_contiguous():
+        return tensor
+    return tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 def padded_rows(num: int) -> int:
     """Rows the padded prompt batch has for num prompts: full chunks of the largest bucket, then the
     bucket of the rest (so every chunk is a bucket size)."""
@@ -141,6 +151,7 @@ class PromptDecoder:
         self._decode = fn
         self._graphs = GraphCache(fn) if graphs == "manual" else None
         self._shapes_seen, self._uncompiled_shapes = set(), set()
+        self._constants = {}  # (role, shape, fill) -> a tensor of the model's device, never written
         self._weights = weights_state(model)
 
     def _basis_version(self) -> int | None:
@@ -155,6 +166,65 @@ class PromptDecoder:
         """image_pe [1, 256, G, G], the same for every call, and the basis version it comes from."""
         self._pe_version = self._basis_version()
         self.image_pe = self.model.prompt_encoder.get_dense_pe()
+
+    def _constant(self, role: str, shape: tuple, dtype: torch.dtype, fill) -> torch.Tensor:
+        """A tensor of `shape` all `fill`, made once per role and shape: the padded batch's parts that
+        no prompt sets (no points, no boxes) or that every row sets (the has_* flags of a batch
+        without padding rows), with no fill launched per call. The decoder only reads its inputs.
+        One tensor per role: two arguments never alias (Dynamo would guard on, and recompile for,
+        which arguments are the same tensor)."""
+        key = (role, shape, fill)
+        if key not in self._constants:
+            self._constants[key] = torch.full(shape, fill, dtype=dtype, device=self.model.device)
+        return self._constants[key]
+
+    def _padded_batch(self, decoded_sets: list, rows: int, k_pad: int, any_mask: bool, one_image: bool) -> tuple:
+        """(index, coords, labels, has_point, box, has_box, masks, has_mask): the prompt sets laid out
+        as `rows` padded rows (see decode_padded; masks / has_mask None without mask prompts). index
+        [rows] says which image each row reads (empty rows: image 0), None for one_image. One set
+        that fills every row with a bucket's point count (one box, one point, 4 boxes...) is used as
+        given (`as_decoder_input`): no staging buffers; otherwise the sets are copied into zero-filled ones."""
+        device, dtype = self.model.device, self.model.dtype
+        (_, point_coords, point_labels, boxes, mask_input), n = decoded_sets[0]
+        if len(decoded_sets) == 1 and n == rows and (point_coords is None or point_coords.shape[1] == k_pad):
+            no_points, no_box = point_coords is None, boxes is None
+            return (
+                None,  # one set: one image
+                self._constant("coords", (rows, k_pad, 2), torch.float32, 0) if no_points else as_decoder_input(point_coords, torch.float32),
+                self._constant("labels", (rows, k_pad), torch.float32, 0) if no_points else as_decoder_input(point_labels, torch.float32),
+                self._constant("has_point", (rows, k_pad), torch.bool, not no_points),
+                self._constant("box", (rows, 4), torch.float32, 0) if no_box else as_decoder_input(boxes, torch.float32),
+                self._constant("has_box", (rows,), torch.bool, not no_box),
+                None if not any_mask else as_decoder_input(mask_input, dtype),
+                None if not any_mask else self._constant("has_mask", (rows,), torch.bool, True),
+            )
+        # The padded batch: empty rows are all padding (no point, no box, no mask) and read image 0.
+        low_res = 4 * self.model.config.embedding_size
+        index = None if one_image else torch.zeros(rows, dtype=torch.int64, device=device)
+        coords = torch.zeros(rows, k_pad, 2, device=device)
+        labels = torch.zeros(rows, k_pad, device=device)  # float: an int buffer would round a label of 0.5 to 0
+        has_point = torch.zeros(rows, k_pad, dtype=torch.bool, device=device)
+        box = torch.zeros(rows, 4, device=device)
+        has_box = torch.zeros(rows, dtype=torch.bool, device=device)
+        masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=dtype) if any_mask else None
+        has_mask = torch.zeros(rows, dtype=torch.bool, device=device) if any_mask else None
+        start = 0
+        for (image, point_coords, point_labels, boxes, mask_input), n in decoded_sets:
+            set_rows = slice(start, start + n)
+            if index is not None:
+                index[set_rows] = image  # a Python int: filled on the device, no host-to-device copy
+            if point_coords is not None:
+                coords[set_rows, : point_coords.shape[1]] = point_coords
+                labels[set_rows, : point_coords.shape[1]] = point_labels
+                has_point[set_rows, : point_coords.shape[1]] = True
+            if boxes is not None:
+                box[set_rows] = boxes
+                has_box[set_rows] = True
+            if mask_input is not None:
+                masks[set_rows] = mask_input
+                has_mask[set_rows] = True
+            start += n
+        return index, coords, labels, has_point, box, has_box, masks, has_mask
 
     def _run(self, *args):
         """decode_padded(model, *args) through the compiled function / its graphs."""
@@ -222,47 +292,22 @@ class PromptDecoder:
             self._bind()
         if self._basis_version() != self._pe_version:
             self._encode_dense_pe()
-        model = self.model
-        device = model.device
         decoded_sets = [(prompt, n) for prompt, n in zip(prompt_sets, counts) if n]  # sets with N = 0 take no rows
         images = {prompt[0] for prompt, _ in decoded_sets}
-        if len(images) == 1:  # one image: broadcast its features, no per-prompt index
+        one_image = len(images) == 1
+        if one_image:  # broadcast its features, no per-prompt index
             one = images.pop()
             image_embeddings, hq_features = image_embeddings[one : one + 1], hq_features[one : one + 1]
         most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt, _ in decoded_sets)
         k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
         rows = padded_rows(sum(counts))
-        low_res = 4 * model.config.embedding_size
         any_mask = any(prompt[4] is not None for prompt, _ in decoded_sets)  # else no mask buffers: a shape of its own
-        # The padded batch: empty rows are all padding (no point, no box, no mask) and read image 0.
-        index = torch.zeros(rows, dtype=torch.int64, device=device)
-        coords = torch.zeros(rows, k_pad, 2, device=device)
-        labels = torch.zeros(rows, k_pad, device=device)  # float: an int buffer would round a label of 0.5 to 0
-        has_point = torch.zeros(rows, k_pad, dtype=torch.bool, device=device)
-        box = torch.zeros(rows, 4, device=device)
-        has_box = torch.zeros(rows, dtype=torch.bool, device=device)
-        masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=model.dtype) if any_mask else None
-        has_mask = torch.zeros(rows, dtype=torch.bool, device=device) if any_mask else None
-        start = 0
-        for (image, point_coords, point_labels, boxes, mask_input), n in decoded_sets:
-            set_rows = slice(start, start + n)
-            index[set_rows] = image  # a Python int: filled on the device, no host-to-device copy
-            if point_coords is not None:
-                coords[set_rows, : point_coords.shape[1]] = point_coords
-                labels[set_rows, : point_coords.shape[1]] = point_labels
-                has_point[set_rows, : point_coords.shape[1]] = True
-            if boxes is not None:
-                box[set_rows] = boxes
-                has_box[set_rows] = True
-            if mask_input is not None:
-                masks[set_rows] = mask_input
-                has_mask[set_rows] = True
-            start += n
-        total = start
+        index, coords, labels, has_point, box, has_box, masks, has_mask = self._padded_batch(decoded_sets, rows, k_pad, any_mask, one_image)
+        total = sum(counts)
         logits, scores = [], []
         for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
-            chunk_index = index[chunk] if image_embeddings.shape[0] > 1 else None
+            chunk_index = None if index is None else index[chunk]
             chunk_masks = (masks[chunk], has_mask[chunk]) if any_mask else (None, None)
             all_masks, iou = self._run(image_embeddings, self.image_pe, hq_features, chunk_index, coords[chunk], labels[chunk],
                                        has_point[chunk], box[chunk], has_box[chunk], *chunk_masks)

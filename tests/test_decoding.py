@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from samhq_fast import SamHQPredictor, decoding
 from samhq_fast.benchmark.common import rel_l2
@@ -123,6 +124,63 @@ def test_image_features_are_broadcast_not_copied_per_prompt(tiny_model, image_st
     expected = eager_decode(tiny_model, image_state, prompts, False, False)
     got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=False, hq_token_only=False)
     assert expected[0].shape == got[0].shape == (3, 1, 4 * G, 4 * G)
+
+
+class FillCounter(TorchDispatchMode):
+    """Counts the ops that make a zero- or value-filled tensor (each a kernel launch on the GPU)."""
+
+    FILLS = ("aten.zeros", "aten.full", "aten.fill_", "aten.zero_")
+
+    def __init__(self):
+        super().__init__()
+        self.fills = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.fills += str(func.overloadpacket) in self.FILLS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind, num, points", [("box", 1, 1), ("points", 4, 4), ("points+box+mask", 1, 2), ("mask", 4, 1)])
+def test_a_batch_without_padding_needs_no_staging_buffers(tiny_model, image_state, kind, num, points):
+    """One prompt set filling its bucket (one box, 4 prompts of 4 points...) goes to the decoder as
+    given: from the second call on, no buffer is zero-filled or flagged per call (the padding-free
+    batch's flags and absent parts are made once and never written), and the outputs are eager's."""
+    decoder = PromptDecoder(tiny_model, compile=False)
+    prompts = make_prompts(kind, num, points)
+    decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    constants = {key: t.clone() for key, t in decoder._constants.items()}
+    assert constants  # the flags at least
+    decode = decoder._decode
+    counter = FillCounter()
+
+    def counted(*args):  # the padded batch's construction is counted, not the decoder network's own ops
+        counter.__exit__(None, None, None)
+        try:
+            return decode(*args)
+        finally:
+            counter.__enter__()
+
+    decoder._decode = counted
+    with counter:
+        got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    assert counter.fills == 0
+    for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, False, False)):
+        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+    assert all(torch.equal(decoder._constants[key], t) for key, t in constants.items())
+
+
+def test_given_and_staged_batches_share_a_compiled_shape(tiny_model, image_state):
+    """4 prompts of 3 points (padded to 4 slots: staged in fresh buffers) and of 4 points (taken as
+    given, copied to inference tensors) are one compiled shape: Dynamo guards on strides, dtypes and
+    inference-ness, and the given tensors (plain, int64 labels) must not fail those guards."""
+    counter = CompileCounterWithBackend("eager")
+    decoder = PromptDecoder(tiny_model, backend=counter)
+    for points in (3, 4, 3):
+        prompts = make_prompts("points", 4, points, seed=points)
+        got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+        for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, False, False)):
+            torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+    assert counter.frame_count == 1
 
 
 def test_padded_point_slots_are_invisible(tiny_model, image_state):
