@@ -27,8 +27,6 @@ from . import common
 from .decoder import Image, eager_decode, make_prompts
 from .profile_block import markdown, profile_calls, profile_setup
 
-MODES = ("eager", "compiled")
-
 
 def decoder_calls(image: Image, smoke: bool) -> dict:
     """{mode: fn(prompts)} for prompts = (coords, labels, boxes) in the input frame."""
