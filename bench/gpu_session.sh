@@ -2,8 +2,8 @@
 # A GPU session's work in as few device calls as possible: install, the GPU tests, the encoder and
 # decoder benchmarks. One device call runs at most 10 minutes and a session has 30 device minutes,
 # start-ups included, so run the stages in three calls, each straight after the last (the machine
-# stays warm ~30 s; a cold start costs 1-2 minutes), ~22 minutes of commands in all:
-#   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR tests,profile     (<= 5 + 3.5 min)
+# stays warm ~30 s; a cold start costs 1-2 minutes), ~23 minutes of commands in all:
+#   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR tests,profile     (<= 5 + 4.5 min)
 #   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR encoder           (<= 7 min)
 #   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR decoder           (<= 4.5 + 2 min of automatic masks)
 # (STAGES is required: all four do not fit one call.) The device's copy of the tree has no .git:
@@ -14,7 +14,7 @@
 #       --time-budget-s 450 --compile-reserve-s 0 --output OUT_DIR/encoder-compile-DATE.json
 # Writes OUT_DIR/gpu.txt (machine, versions, commit, each stage's exit status), gpu_tests.log,
 # block-profile.md + profile.log (one vit_h block, eager vs fused, kernel by kernel), decoder-profile.md
-# (one decoder call at 1 / 64 / 256 box prompts, eager vs compiled, kernel by kernel),
+# (one decoder call at 1 / 64 / 256 box prompts, eager vs compiled vs compiled-conv, kernel by kernel),
 # encoder-DATE.json / decoder-DATE.json (samhq-fast bench's merged JSON), the encoder plot,
 # automatic-masks-{eager,fused}-DATE.json + their log, and autotune.json. The device returns at most
 # 8 files per call, so what can be made again is deleted: the per-run part files the benchmarks
@@ -78,7 +78,7 @@ if [[ $stages == *,tests,* ]]; then
     # kernels and the fused encoder have been checked before the decoder and the image path.
     parallel=()
     if python3 -c "import xdist, pytest_timeout" 2>/dev/null; then parallel=(--timeout=150 -n 4 --dist load); fi
-    first=(tests/test_kernels_linear.py tests/test_kernels_attention.py tests/test_kernel_resources.py tests/test_autotune.py
+    first=(tests/test_kernels_linear.py tests/test_kernels_attention.py tests/test_kernels_conv3x3.py tests/test_kernel_resources.py tests/test_autotune.py
            tests/test_fused_backend.py tests/test_decoding.py)
     test_files=("${first[@]}")
     for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || test_files+=("$f"); done
@@ -90,8 +90,8 @@ if [[ $stages == *,profile,* ]]; then
     timeout -s INT -k 20 90 python3 -m samhq_fast.benchmark.profile_block --variant vit_h --batch 1,8 --dtype bf16 \
         --output "$out/block-profile.md" 2>&1 | tee "$out/profile.log" | tail -5
     finish profile "$?"
-    # (three decoder compiles, one per prompt bucket: ~1-2 min on a fresh machine)
-    timeout -s INT -k 20 120 python3 -m samhq_fast.benchmark.profile_decoder --prompts 1,64,256 --dtype bf16 \
+    # (six decoder compiles, one per prompt bucket and mode, and the conv3x3 tuning: ~2-3 min on a fresh machine)
+    timeout -s INT -k 20 180 python3 -m samhq_fast.benchmark.profile_decoder --prompts 1,64,256 --dtype bf16 \
         --output "$out/decoder-profile.md" 2>&1 | tee -a "$out/profile.log" | tail -5
     finish decoder-profile "$?"
 fi

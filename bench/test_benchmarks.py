@@ -67,7 +67,7 @@ def test_encoder(benchmark, variant, batch, backend):
     model.after_batch()
 
 
-@pytest.mark.parametrize("mode", ("eager", "compiled", "graphed", "graphed-manual"))
+@pytest.mark.parametrize("mode", ("eager", "compiled", "graphed", "graphed-conv", "graphed-manual"))
 @pytest.mark.parametrize("prompts", PROMPTS)
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_decoder(benchmark, variant, prompts, mode):

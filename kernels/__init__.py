@@ -1,8 +1,9 @@
 """Triton kernels for samhq-fast, installed as ``samhq_fast.kernels``.
 
 One module per kernel family: ``attention`` (flash attention with SAM's decomposed rel-pos bias,
-windowed and global), ``fused_linear`` (GEMM with bias / exact GELU / residual epilogues) and
-``layer_norm`` (the blocks' LayerNorms, a row per tile).
+windowed and global), ``fused_linear`` (GEMM with bias / exact GELU / residual epilogues),
+``layer_norm`` (the blocks' LayerNorms, a row per tile) and ``conv3x3`` (the HQ decoder's 3x3
+convolutions with LayerNorm / GELU / dot epilogues).
 On the CPU they run only in the Triton interpreter (TRITON_INTERPRET=1, set before import).
 """
 

@@ -8,7 +8,7 @@ a JSON file so later processes skip the timing:
 
   $SAMHQ_FAST_CACHE_DIR/autotune.json   (default ~/.cache/samhq_fast/autotune.json)
 
-Every candidate of the three families compiles offline for sm_90 (Hopper) with Triton 3.6 and 3.9, with
+Every candidate of the four families compiles offline for sm_90 (Hopper) with Triton 3.6 and 3.9, with
 the divisibility specializations of a real launch, within the 227 KiB shared-memory limit (the
 largest takes 165 KiB); one that fails on some other GPU is skipped by `pick`, not fatal.
 

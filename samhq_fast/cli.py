@@ -783,7 +783,7 @@ def _bench_runs(args, backends: list[str], device: str) -> list[tuple[str, list[
                 argv += ["--batch", ",".join(map(str, args.batch))]
             runs.append(("encoder", argv))
         # what each backend runs in the decoder (fused: both kinds of CUDA graphs, to see which is faster)
-        modes = {"eager": ["eager"], "compile": ["compiled"], "fused": ["graphed", "graphed-manual"]}
+        modes = {"eager": ["eager"], "compile": ["compiled"], "fused": ["graphed", "graphed-conv", "graphed-manual"]}
         mode_list = [m for b in backends if b in modes and "decoder" in args.what and (b != "fused" or device == "cuda") for m in modes[b]]
         e2e = [b for b in backends if b in ("eager", "fused") and "e2e" in args.what]
         if mode_list or e2e:

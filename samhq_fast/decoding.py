@@ -12,10 +12,12 @@ On CUDA the compiled function runs as CUDA graphs, one per bucket shape (mode="r
 or hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled without graphs.
 """
 
+import functools
 import warnings
 
 import torch
 
+from .fused import fused_available, triton_hq_masks
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import select_masks
@@ -61,16 +63,18 @@ def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box
     return sparse, sparse_mask, dense
 
 
-def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask):
+def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask,
+                  hq_masks=None):
     """-> all five mask logits [P, 5, 4G, 4G] and four IoU scores [P, 4] (selection happens outside,
     so one compiled graph serves every multimask / hq_token_only combination).
 
     image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
-    says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy)."""
+    says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy).
+    hq_masks: see MaskDecoderHQ.predict_masks (`fused.triton_hq_masks` for the Triton convolutions)."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
     sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, has_point, boxes, has_box, masks, has_mask)
-    return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask)
+    return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask, hq_masks)
 
 
 def as_decoder_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,6 +110,11 @@ class PromptDecoder:
       "manual": the compiled function captured in a torch.cuda.CUDAGraph per shape by
       `graphs.GraphCache` (static input buffers, less Python per replay);
       False: no graphs. Graphs need compile=True and a CUDA model.
+    conv_kernels=True runs the HQ branch's two 3x3 convolutions (and the LayerNorm2d, GELU, HQ
+      features and HQ token dot around them) as the Triton kernels of `kernels/conv3x3.py` instead
+      of Inductor's code (`fused.triton_hq_masks`); off by default until a GPU run has timed it
+      against Inductor (bench/NOTES.md, prediction 20). Needs the Triton kernels (a CUDA model, or
+      the interpreter).
     Shapes compiled: one per (prompt bucket, point bucket, images set, whether any prompt has a mask);
     each compiles on its first call.
     """
@@ -122,11 +131,13 @@ class PromptDecoder:
     # a warning (correct, but slow and without graphs).
     RECOMPILE_LIMIT = 4096
 
-    def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | str | None = None):
+    def __init__(self, model: SamHQ, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | str | None = None,
+                 conv_kernels: bool = False):
         if cuda_graphs not in self.GRAPH_MODES:
             raise ValueError(f"cuda_graphs must be one of {self.GRAPH_MODES}, got {cuda_graphs!r}")
         self.model = model
         self._options = compile, backend, cuda_graphs
+        self.conv_kernels = bool(conv_kernels)
         self._bind()
 
     def _bind(self) -> None:
@@ -140,7 +151,13 @@ class PromptDecoder:
             raise ValueError(f"cuda_graphs={cuda_graphs!r} needs a compiled decoder on a CUDA model, but {why}")
         graphs = ("trees" if on_cuda and compile else False) if cuda_graphs is None else "trees" if cuda_graphs is True else cuda_graphs
         self.cuda_graphs = graphs
-        fn = lambda *args: decode_padded(model, *args)  # noqa: E731  (compile a closure, not the module)
+        hq_masks = None
+        if self.conv_kernels:
+            ok, why = fused_available(model.device, model.dtype)
+            if not ok:
+                raise ValueError(f"conv_kernels=True needs the Triton kernels, which cannot run here: {why}")
+            hq_masks = functools.partial(triton_hq_masks, model.mask_decoder)
+        fn = lambda *args: decode_padded(model, *args, hq_masks=hq_masks)  # noqa: E731  (compile a closure, not the module)
         if compile:
             mode = "reduce-overhead" if graphs == "trees" else None
             cpu_half = not on_cuda and model.dtype in (torch.float16, torch.bfloat16) and backend == "inductor"

@@ -26,6 +26,7 @@ from torch import nn
 
 from .modeling import ImageEncoderViT, SamHQ
 from .modeling.image_encoder import Block
+from .modeling.mask_decoder import MaskDecoderHQ
 from .switches import env_flag, triton_interpreter_on
 
 KILL_SWITCH = "SAMHQ_FAST_DISABLE_FUSED"
@@ -112,3 +113,18 @@ def apply_fused_backend(model: SamHQ) -> SamHQ:
                 blocks[i] = FusedBlock(block)
     model.backend = "fused"
     return model
+
+
+def triton_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor) -> torch.Tensor:
+    """`decoder.hq_masks` by the Triton convolutions (kernels/conv3x3.py): conv + LayerNorm2d + GELU
+    in one kernel, writing the 64-channel map once; conv + HQ features + the HQ token's dot in the
+    next, writing only the mask. Called through custom ops, so torch.compile keeps each whole.
+
+    upscaled_sam [P, 32, 4h, 4w], hq_features [1 or P, 32, 4h, 4w], hyper_hq [P, 32] -> [P, 1, 16hw].
+    """
+    import samhq_fast.kernels.conv3x3  # noqa: F401  (registers torch.ops.samhq_fast.conv3x3_*)
+
+    conv1, norm, _, conv2 = decoder.embedding_maskfeature  # conv, LayerNorm2d, GELU, conv
+    pack = samhq_fast.kernels.conv3x3.pack_weight  # output channels contiguous: coalesced weight tiles
+    features = torch.ops.samhq_fast.conv3x3_ln_gelu(upscaled_sam, pack(conv1.weight), conv1.bias, norm.weight, norm.bias, norm.eps)
+    return torch.ops.samhq_fast.conv3x3_dot(features, pack(conv2.weight), conv2.bias, hq_features, hyper_hq)[:, None]

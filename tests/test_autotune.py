@@ -14,7 +14,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from samhq_fast.kernels import attention, autotune, fused_linear, layer_norm
+from samhq_fast.kernels import attention, autotune, conv3x3, fused_linear, layer_norm
 from test_kernels_attention import check as check_attention
 from test_kernels_linear import make_inputs, reference
 
@@ -215,13 +215,14 @@ def test_each_gpu_model_is_timed_separately(fresh_cache, monkeypatch):
 def tuning_keys(monkeypatch) -> dict:
     """The keys each kernel family asks the tuner for, {family: [key, ...]}. The keys are built on the
     compiled path: stand-ins for the interpreter check and the tuner let it run on the CPU."""
-    keys = {"fused_linear": [], "rel_pos_attention": [], "layer_norm": []}
+    keys = {"fused_linear": [], "rel_pos_attention": [], "layer_norm": [], "conv3x3": []}
+    torch_ops = {"fused_linear": fused_linear.TORCH_OP, "layer_norm": layer_norm.TORCH_OP, "conv3x3": conv3x3.TORCH_OP}
 
     def record(kernel, key, candidates, launch, device):
         keys[kernel].append(key)
-        return launch({"fused_linear": fused_linear.TORCH_OP, "layer_norm": layer_norm.TORCH_OP}.get(kernel, attention.INTERPRETER_CONFIG))
+        return launch(torch_ops.get(kernel, attention.INTERPRETER_CONFIG))
 
-    for module in (fused_linear, attention, layer_norm):
+    for module in (fused_linear, attention, layer_norm, conv3x3):
         monkeypatch.setattr(module, "interpreting", lambda x, who: False)
         monkeypatch.setattr(module.autotune, "run", record)
     return keys
@@ -235,13 +236,14 @@ def test_tuning_keys_tell_dtypes_apart(tuning_keys):
         fused_linear.fused_linear(x, w, b)
         attention.rel_pos_attention(x.new_zeros(1, 3, 4, 96), x.new_zeros(96), x.new_zeros(5, 16), x.new_zeros(7, 16), 2, 0)
         layer_norm.layer_norm(x, x.new_ones(32), x.new_zeros(32), 1e-6)
+        conv3x3.conv3x3_dot(x.new_zeros(2, 3, 4, 4), x.new_zeros(5, 3, 3, 3), x.new_zeros(5), x.new_zeros(1, 5, 4, 4), x.new_zeros(2, 5))
     assert all(len(family) == 2 and family[0] != family[1] for family in tuning_keys.values()), tuning_keys
 
 
 def test_tuning_keys_tell_launch_variants_apart(tuning_keys):
     """A choice is reused only for the same launch: the fused linear's key holds its epilogue
     (activation, residual), the attention's its window (a global block's tiles spill in a windowed
-    one, and the candidate lists differ)."""
+    one, and the candidate lists differ), the 3x3 convolution's its epilogue."""
     x, w, b, residual = make_inputs((6,), 32, 24, torch.float32, residual=True)
     fused_linear.fused_linear(x, w, b)
     fused_linear.fused_linear(x, w, b, activation="gelu")
@@ -249,7 +251,11 @@ def test_tuning_keys_tell_launch_variants_apart(tuning_keys):
     qkv = x.new_zeros(1, 6, 6, 96)
     for window in (0, 3):  # the whole 6 x 6 grid, or 3 x 3 windows of it
         attention.rel_pos_attention(qkv, x.new_zeros(96), x.new_zeros(11, 16), x.new_zeros(11, 16), 2, window)
+    conv_args = (x.new_zeros(2, 3, 4, 4), x.new_zeros(5, 3, 3, 3), x.new_zeros(5))
+    conv3x3.conv3x3_ln_gelu(*conv_args, x.new_ones(5), x.new_zeros(5), 1e-6)
+    conv3x3.conv3x3_dot(*conv_args, x.new_zeros(1, 5, 4, 4), x.new_zeros(2, 5))
     assert len(set(tuning_keys["fused_linear"])) == 3 and len(set(tuning_keys["rel_pos_attention"])) == 2, tuning_keys
+    assert len(set(tuning_keys["conv3x3"])) == 2, tuning_keys
 
 
 def test_global_blocks_are_offered_their_own_candidates(monkeypatch):

@@ -261,9 +261,9 @@ def test_block_profile_smoke(tmp_path):
 
 
 def test_decoder_profile_smoke(tmp_path):
-    """The decoder profiler on the CPU: a section per prompt count with both modes' tables, the
-    eager decoder's convolutions (the HQ mask features) among its ops, shares adding up, and the
-    not-a-speed-figure label."""
+    """The decoder profiler on the CPU: a section per prompt count with each mode's table (the Triton
+    convolutions in compiled-conv), the eager decoder's convolutions (the HQ mask features) among its
+    ops, shares adding up, and the not-a-speed-figure label."""
     from samhq_fast.benchmark import profile_decoder
 
     out = tmp_path / "profile.md"
@@ -273,6 +273,7 @@ def test_decoder_profile_smoke(tmp_path):
     for count in (1, 3):
         section = text.split(f"\n## {count} box prompts (wall ms per call: eager ")[1].split("\n## ")[0]
         assert "### eager" in section and "### compiled" in section
+        assert "`samhq_fast::conv3x3_ln_gelu`" in section.split("### compiled-conv")[1]  # the interpreter runs the Triton convolutions
         eager_rows = section.split("### eager")[1].split("### compiled")[0]
         assert "`aten::_convolution`" in eager_rows
         shares = [float(line.rsplit("|", 2)[-2].strip().rstrip("%")) for line in eager_rows.splitlines() if line.startswith("| `")]

@@ -432,6 +432,31 @@ def test_compiled_decoder_matches_eager(tiny_model, image_state, num, points):
                 torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_conv_kernels_decoder_matches_eager(tiny_model, image_state, compile):
+    """conv_kernels=True: the HQ branch through the Triton convolutions (interpreter), uncompiled and
+    inside the compiled function (custom ops, fullgraph), against the eager reference for one box and
+    a full bucket of point + mask prompts, every multimask / hq_token_only combination."""
+    decoder = PromptDecoder(tiny_model, compile=compile, conv_kernels=True)
+    for kind, num in (("box", 1), ("points+mask", 4)):
+        prompts = make_prompts(kind, num, 2, seed=5)
+        for multimask_output, hq_token_only in ((True, False), (False, True)):
+            expected = eager_decode(tiny_model, image_state, prompts, multimask_output, hq_token_only)
+            got = decoder(*image_state, **prompts, multimask_output=multimask_output, hq_token_only=hq_token_only)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+
+
+def test_conv_kernels_refused_where_they_cannot_run(tiny_model, monkeypatch):
+    """bf16 in the interpreter (tl.dot garbage) and the kill switch: refused when the decoder is
+    built, with the reason, not at the first prompt."""
+    with pytest.raises(ValueError, match="conv_kernels=True needs the Triton kernels.*bfloat16"):
+        PromptDecoder(copy.deepcopy(tiny_model).bfloat16(), conv_kernels=True)
+    monkeypatch.setenv("SAMHQ_FAST_DISABLE_FUSED", "1")
+    with pytest.raises(ValueError, match="SAMHQ_FAST_DISABLE_FUSED is set"):
+        PromptDecoder(tiny_model, conv_kernels=True)
+
+
 def test_cuda_graphs_needs_a_compiled_cuda_decoder(tiny_model):
     """cuda_graphs=True is refused, with the reason, where CUDA graphs cannot be used; False and the
     default (None: no graphs on the CPU) build."""
@@ -457,12 +482,14 @@ def test_default_graph_mode_on_cuda_gpu(tiny_model):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
-def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs, tf32_off):
+@pytest.mark.parametrize("conv_kernels", [False, True], ids=["inductor_convs", "triton_convs"])
+def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs, conv_kernels, tf32_off):
     """On CUDA the compiled decoder replays CUDA graphs: outputs must be right and never stale
-    (two different prompt sets through the same graph, twice each)."""
+    (two different prompt sets through the same graph, twice each), with the HQ branch's convolutions
+    by Inductor or by the Triton kernels (custom ops inside the graph)."""
     model = copy.deepcopy(tiny_model).cuda()
     state = tuple(t.cuda() for t in image_state)
-    decoder = PromptDecoder(model, cuda_graphs=cuda_graphs)
+    decoder = PromptDecoder(model, cuda_graphs=cuda_graphs, conv_kernels=conv_kernels)
     assert decoder.cuda_graphs == cuda_graphs
     counters.clear()
     # one padded shape (4 rows of 4 point slots); the second set has a prompt, a point and the box fewer

@@ -1,5 +1,5 @@
-"""Every tuning candidate of the three kernel families, and the rel-pos pre-pass's fixed config, compiled
-offline for Hopper (sm_90) exactly as a real vit_b / vit_h launch specializes it, fits in shared
+"""Every tuning candidate of the four kernel families, and the rel-pos pre-pass's fixed config, compiled
+offline for Hopper (sm_90) exactly as a real vit_b / vit_h (or HQ decoder) launch specializes it, fits in shared
 memory, does not fall off a register cliff and runs its 16-bit dots on Hopper's tensor cores
 (samhq_fast.benchmark.kernel_resources; no GPU needed, Triton's own cuobjdump reads the cubin).
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from samhq_fast.benchmark import kernel_resources
-from samhq_fast.kernels import attention, fused_linear, layer_norm
+from samhq_fast.kernels import attention, conv3x3, fused_linear, layer_norm
 from samhq_fast.modeling.sam_hq import VARIANTS
 
 pytestmark = pytest.mark.skipif(not kernel_resources.available(), reason="Triton's cuobjdump is not installed")
@@ -35,11 +35,11 @@ def test_every_candidate_fits_in_shared_memory(usage_rows):
     too_big = [row for row in usage_rows if row["shared_bytes"] > kernel_resources.SHARED_MEMORY_LIMIT[90]]
     assert not too_big
     families = {(row["family"], row["dtype"]) for row in usage_rows}
-    assert families == {(f, d) for f in ("attention", "rel_pos_terms", "fused_linear", "layer_norm") for d in ("bfloat16", "float32")}
+    assert families == {(f, d) for f in ("attention", "rel_pos_terms", "fused_linear", "layer_norm", "conv3x3") for d in ("bfloat16", "float32")}
 
 
 def test_no_register_cliffs(usage_rows):
-    """Attention (16-bit and fp32), the rel-pos pre-pass and the LayerNorm never spill, except the global-only
+    """Attention (16-bit and fp32), the rel-pos pre-pass, the LayerNorm and the 3x3 convolutions never spill, except the global-only
     128x128 tile at vit_h under Triton 3.6 (24 bytes); each GEMM's default (first) tile never
     spills, the 128x256 option only a few hundred bytes in its epilogue."""
     def stack(family, dtype=None, config=None):
@@ -54,11 +54,12 @@ def test_no_register_cliffs(usage_rows):
         assert max(stack("fused_linear", dtype, default)) == 0
     assert max(stack("rel_pos_terms")) == 0
     assert max(stack("layer_norm")) == 0
+    assert max(stack("conv3x3")) == 0
     assert max(stack("fused_linear")) <= 512
 
 
 def test_16_bit_dots_use_hoppers_tensor_cores_and_fp32_dots_stay_exact(usage_rows):
-    """Every bf16 config of the three kernels with dots compiles them to wgmma (Hopper's warpgroup MMA: an
+    """Every bf16 config of the kernels with dots compiles them to wgmma (Hopper's warpgroup MMA: an
     Ampere-style mma.sync fallback would leave much of the tensor-core rate unused); every fp32 one
     has none: its "ieee" dots run on the FMA units, so no TF32 rounding creeps in."""
     for row in usage_rows:
@@ -73,7 +74,8 @@ def test_16_bit_dots_use_hoppers_tensor_cores_and_fp32_dots_stay_exact(usage_row
 def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):
     """Both head_dims the kernels serve (64: vit_b / vit_l, 80: vit_h), windowed (interior and border
     windows: two kernels) and global, every attention candidate at each; the GEMM candidates at
-    vit_h's four block GEMMs; the LayerNorm candidates at vit_b's and vit_h's widths."""
+    vit_h's four block GEMMs; the LayerNorm candidates at vit_b's and vit_h's widths; the 3x3
+    convolution candidates at the HQ decoder's two convolutions."""
     assert {VARIANTS[v].head_dim for v in kernel_resources.SHAPE_VARIANTS} == {64, 80}
     shapes = {f"{v} {kind}" for v in kernel_resources.SHAPE_VARIANTS for kind in (f"window{VARIANTS[v].window_size}", "global")}
     attention_shapes = {f"{shape} {part}" for shape in shapes if "window" in shape for part in ("interior", "border")}
@@ -91,6 +93,9 @@ def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):
         norms = [c for c in layer_norm.candidate_configs() if c is not layer_norm.TORCH_OP]
         norm_rows = [(row["shape"], row["config"]) for row in rows if row["family"] == "layer_norm"]
         assert sorted(norm_rows, key=str) == sorted(((f"{v} norm", c) for v in kernel_resources.SHAPE_VARIANTS for c in norms), key=str)
+        convs = [c for c in conv3x3.candidate_configs(getattr(torch, dtype)) if c is not conv3x3.TORCH_OP]
+        conv_rows = [(row["shape"], row["config"]) for row in rows if row["family"] == "conv3x3"]
+        assert sorted(conv_rows, key=str) == sorted(((label, c) for label in ("hq conv1 ln_gelu", "hq conv2 dot") for c in convs), key=str)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """Prompt-decoder speed on one GPU: eager vs torch.compile vs torch.compile + CUDA graphs.
 
     python -m samhq_fast.benchmark.decoder --variants vit_b,vit_h --prompts 1,16,64,256,1024 --dtype bf16 \
-        --modes eager,compiled,graphed,graphed-manual --output bench/results/decoder-$(date +%F).json
+        --modes eager,compiled,graphed,graphed-conv,graphed-manual --output bench/results/decoder-$(date +%F).json
 
 Timed: prompt encoder + HQ mask decoder for N prompts against ONE image's cached features, with
 SAM-HQ's output rule (multimask_output=True: the best of the 3 multimask masks by predicted IoU,
@@ -13,6 +13,9 @@ one random image through model.encode_image per variant) and are NOT in the timi
             (1, 4, 16, 64, 256 prompts; more run in chunks of 256) under torch.compile, no CUDA graphs
   graphed   PromptDecoder(model): the same compiled function replayed as CUDA graphs
             (mode="reduce-overhead"), what predict_torch runs with the fused backend
+  graphed-conv  PromptDecoder(model, conv_kernels=True): graphed, with the HQ branch's two 3x3
+            convolutions (+ LayerNorm2d, GELU, HQ features, HQ token dot) as the Triton kernels of
+            kernels/conv3x3.py instead of Inductor's code (the experiment of NOTES prediction 20)
   graphed-manual  PromptDecoder(model, cuda_graphs="manual"): the compiled function captured by
             hand in a torch.cuda.CUDAGraph per bucket shape (samhq_fast.graphs.GraphCache)
 The decoder does not depend on the ViT size (vit_dim only enters the per-image HQ features), so
@@ -35,7 +38,7 @@ equally right, mask.
 Targets from the issue, printed for comparison and not asserted: a single prompt in <= 0.3 ms,
 >= 20,000 prompts/s batched.
 
-Order: eager for every variant (the numerics reference), graphed, graphed-manual, end to end, compiled; the JSON
+Order: eager for every variant (the numerics reference), graphed, graphed-conv, end to end, graphed-manual, compiled; the JSON
 (and a Markdown table next to it) is rewritten after every configuration; none starts after
 --time-budget-s (220 s): those are recorded as skipped. One failing configuration is recorded with
 its error and the run goes on. `--smoke` runs a tiny model on the CPU (eager + compiled, prompts
@@ -56,11 +59,12 @@ from ..modeling.sam_hq import decode_eager
 from ..predictor import SamHQPredictor
 from . import common
 
-MODES = ("eager", "graphed", "graphed-manual", "compiled")
+MODES = ("eager", "graphed", "graphed-conv", "graphed-manual", "compiled")
 # eager first (the numerics reference), then what matters most, so a tight time budget cuts the
-# least useful: the default graphs, the whole pipeline (set_image + 1 prompt), the alternative
-# graphs, and compiled-without-graphs last, a diagnostic (what the graphs save).
-RUN_ORDER = ("eager", "graphed", "e2e", "graphed-manual", "compiled")
+# least useful: the default graphs, the Triton convolutions against them, the whole pipeline
+# (set_image + 1 prompt), the alternative graphs, and compiled-without-graphs last, a diagnostic
+# (what the graphs save).
+RUN_ORDER = ("eager", "graphed", "graphed-conv", "e2e", "graphed-manual", "compiled")
 E2E_BACKENDS = ("eager", "fused")
 # End to end the two backends run different image encoders: correct bf16 encoders differ by up to
 # ~2.5e-2 (rel L2, bench_encoder), and that reaches the logits.
@@ -152,6 +156,8 @@ TIMED_CALLS = {
                 "decode (chunks of 256 prompts), mask selection",
     "graphed": "PromptDecoder(model) (CUDA graphs)(..., multimask_output=True): pad to the prompt bucket, graph replay "
                "(chunks of 256 prompts), mask selection, copy out",
+    "graphed-conv": "PromptDecoder(model, conv_kernels=True) (CUDA graphs)(..., multimask_output=True): as graphed, the HQ "
+                    "branch's 3x3 convolutions by kernels/conv3x3.py",
     "graphed-manual": "PromptDecoder(model, cuda_graphs='manual')(..., multimask_output=True): pad to the prompt bucket, "
                       "copy into the graph's static inputs, torch.cuda.CUDAGraph replay (chunks of 256), mask selection, copy out",
 }
@@ -168,7 +174,8 @@ def decoder_fn(mode: str, image: Image):
     # CUDA-graph trees) so the decoders of earlier modes / variants do not count toward the recompile
     # limit. On-disk Inductor / Triton caches stay: first calls may be faster after the first mode.
     torch._dynamo.reset()
-    decoder = PromptDecoder(model, cuda_graphs={"compiled": False, "graphed": "trees", "graphed-manual": "manual"}[mode])
+    graphs = {"compiled": False, "graphed": "trees", "graphed-conv": "trees", "graphed-manual": "manual"}[mode]
+    decoder = PromptDecoder(model, cuda_graphs=graphs, conv_kernels=mode == "graphed-conv")
     return lambda coords, labels, boxes, multimask=True: decoder(embeddings, hq_features, coords, labels, boxes, None, multimask, False)
 
 

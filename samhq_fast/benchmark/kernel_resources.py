@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ..kernels import attention, fused_linear, layer_norm
+from ..kernels import attention, conv3x3, fused_linear, layer_norm
 from ..modeling.sam_hq import VARIANTS
 
 SHARED_MEMORY_LIMIT = {90: 232448}  # bytes per block: Hopper's 227 KiB opt-in maximum
@@ -194,12 +194,35 @@ def layer_norm_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict
     return launches
 
 
+def conv3x3_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
+    """(shape label, config, args, kwargs) of every Triton conv3x3 candidate at the HQ decoder's two
+    convolutions (64 prompts at 256 x 256: 32 -> 64 + LayerNorm + GELU, then 64 -> 32 + the dot)."""
+    launches, hw, prompts = [], 256, 64
+    weights_1 = (_meta(64, 32, 3, 3, dtype=dtype).permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1), _meta(64, dtype=dtype))
+    weights_2 = (_meta(32, 64, 3, 3, dtype=dtype).permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1), _meta(32, dtype=dtype))
+    features = _meta(prompts, hw, hw, 64, dtype=dtype).permute(0, 3, 1, 2)  # the first kernel's channels-last output
+    calls = (("hq conv1 ln_gelu", lambda config: conv3x3._conv3x3(_meta(prompts, 32, hw, hw, dtype=dtype), *weights_1, *weights_1, 1e-6,
+                                                                 None, None, "ln_gelu", config)),
+             ("hq conv2 dot", lambda config: conv3x3._conv3x3(features, *weights_2, None, None, 1e-6, _meta(1, 32, hw, hw, dtype=dtype),
+                                                             _meta(prompts, 32, dtype=dtype), "dot", config)))
+    for label, call in calls:
+        for config in conv3x3.candidate_configs(dtype):
+            if config is conv3x3.TORCH_OP:
+                continue
+            with recorded_launches(conv3x3, "_conv3x3_kernel") as (rec,):
+                call(config)
+            (args, kwargs), = rec.launches
+            launches.append((label, config, args, kwargs))
+    return launches
+
+
 def candidate_usage(arch: int = 90, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
     rows = []
     for family, launches_of, kernel in (("attention", attention_launches, attention._rel_pos_attention_kernel),
                                         ("rel_pos_terms", rel_pos_terms_launches, attention._rel_pos_terms_kernel),
                                         ("fused_linear", linear_launches, fused_linear._fused_linear_kernel),
-                                        ("layer_norm", layer_norm_launches, layer_norm._layer_norm_kernel)):
+                                        ("layer_norm", layer_norm_launches, layer_norm._layer_norm_kernel),
+                                        ("conv3x3", conv3x3_launches, conv3x3._conv3x3_kernel)):
         for dtype in dtypes:
             for shape, config, args, kwargs in launches_of(dtype):
                 usage = compile_usage(kernel, args, kwargs, arch)

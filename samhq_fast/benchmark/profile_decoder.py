@@ -4,10 +4,12 @@
 
 The decoder is the same network for every variant (random weights, vit_h's model; its image inputs
 are one random image's embeddings and HQ features, as set_image stores them). It decodes N box
-prompts with multimask_output=True, twice per N:
+prompts with multimask_output=True, in each mode:
   eager     prompt encoder + HQ mask decoder, as SamHQPredictor.predict_torch's eager branch;
   compiled  PromptDecoder(model, cuda_graphs=False): the padded function the fused backend's CUDA
-            graphs record, so its kernels and their GPU times are the graphs', without the replay.
+            graphs record, so its kernels and their GPU times are the graphs', without the replay;
+  compiled-conv  the same with conv_kernels=True: the HQ branch's 3x3 convolutions by
+            kernels/conv3x3.py (only where the Triton kernels run: a CUDA GPU, or the interpreter).
 Per kernel: launches and GPU time per call, and its share of the call's GPU time. Each section's
 title also gives the wall-clock time per call (synchronized): above the GPU time by the host's
 launch work, which a CUDA graph replay removes (the graphed decoder's own wall time is in the
@@ -22,6 +24,7 @@ import torch
 
 from ..build import SHORT_DTYPE_NAMES
 from ..decoding import PromptDecoder
+from ..fused import fused_available
 from ..modeling.sam_hq import SamHQConfig
 from . import common
 from .decoder import Image, eager_decode, make_prompts
@@ -33,12 +36,15 @@ def decoder_calls(image: Image, smoke: bool) -> dict:
     model = image.model
     image_pe = model.prompt_encoder.get_dense_pe()  # once, as set_image does for the eager branch
     torch._dynamo.reset()  # a fresh compile: earlier runs' variants do not count toward Dynamo's limits
-    compiled = PromptDecoder(model, cuda_graphs=False, backend="eager" if smoke else "inductor")
-    return {
-        "eager": lambda prompts: eager_decode(model.prompt_encoder, model.mask_decoder, image.embeddings, image_pe,
-                                              image.hq_features, *prompts),
-        "compiled": lambda prompts: compiled(image.embeddings, image.hq_features, *prompts, None, True, False),
-    }
+    backend = "eager" if smoke else "inductor"
+    decoders = {"compiled": PromptDecoder(model, cuda_graphs=False, backend=backend)}
+    if fused_available(model.device, model.dtype)[0]:
+        decoders["compiled-conv"] = PromptDecoder(model, cuda_graphs=False, backend=backend, conv_kernels=True)
+    calls = {"eager": lambda prompts: eager_decode(model.prompt_encoder, model.mask_decoder, image.embeddings, image_pe,
+                                                   image.hq_features, *prompts)}
+    for mode, decoder in decoders.items():
+        calls[mode] = lambda prompts, decoder=decoder: decoder(image.embeddings, image.hq_features, *prompts, None, True, False)
+    return calls
 
 
 def wall_ms(fn, repeats: int, device: torch.device) -> float:

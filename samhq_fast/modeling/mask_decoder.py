@@ -47,12 +47,23 @@ class MaskDecoderHQ(nn.Module):
         """
         return self.embedding_encoder(image_embeddings) + self.compress_vit_feat(early_vit_features.permute(0, 3, 1, 2))
 
-    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def hq_masks(self, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor) -> torch.Tensor:
+        """The HQ token's mask logits: (embedding_maskfeature(upscaled_sam) + hq_features) dotted with
+        the HQ hypernetwork vector over the 32 channels.
+
+        upscaled_sam [P, 32, 4h, 4w], hq_features [1 or P, 32, 4h, 4w], hyper_hq [P, 32] -> [P, 1, 16hw].
+        """
+        upscaled_hq = self.embedding_maskfeature(upscaled_sam) + hq_features
+        return hyper_hq[:, None] @ upscaled_hq.flatten(2)
+
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None, hq_masks=None) -> tuple[torch.Tensor, torch.Tensor]:
         """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
 
         image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
         dense [P, 256, h, w], hq_features [1 or P, 32, 4h, 4w]; sparse_mask [P, T] bool marks the
-        real sparse tokens when prompts are padded to a fixed T (None: all are real).
+        real sparse tokens when prompts are padded to a fixed T (None: all are real). hq_masks: a
+        function computing `self.hq_masks(upscaled_sam, hq_features, hyper_hq)` some other way (the
+        fused Triton convolutions), None for this module's own.
         """
         num_prompts = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
@@ -65,11 +76,10 @@ class MaskDecoderHQ(nn.Module):
         hs, src = self.transformer(src, image_pe, tokens, token_mask)
 
         upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [P, 32, 4h, 4w]
-        upscaled_hq = self.embedding_maskfeature(upscaled_sam) + hq_features
         mlps = [*self.output_hypernetworks_mlps, self.hf_mlp]
         hyper_in = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(mlps)], dim=1)  # [P, 5, 32]
         masks_sam = hyper_in[:, :4] @ upscaled_sam.flatten(2)
-        masks_hq = hyper_in[:, 4:] @ upscaled_hq.flatten(2)
+        masks_hq = (hq_masks or self.hq_masks)(upscaled_sam, hq_features, hyper_in[:, 4])
         masks = torch.cat([masks_sam, masks_hq], dim=1).view(b, 5, *upscaled_sam.shape[-2:])
         return masks, self.iou_prediction_head(hs[:, 0])
 
