@@ -122,9 +122,10 @@ def triton_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
 
     upscaled_sam [P, 32, 4h, 4w], hq_features [1 or P, 32, 4h, 4w], hyper_hq [P, 32] -> [P, 1, 16hw].
     """
-    import samhq_fast.kernels.conv3x3  # noqa: F401  (registers torch.ops.samhq_fast.conv3x3_*)
+    from samhq_fast.kernels.conv3x3 import pack_weight  # importing it registers torch.ops.samhq_fast.conv3x3_*
 
     conv1, norm, _, conv2 = decoder.embedding_maskfeature  # conv, LayerNorm2d, GELU, conv
-    pack = samhq_fast.kernels.conv3x3.pack_weight  # output channels contiguous: coalesced weight tiles
-    features = torch.ops.samhq_fast.conv3x3_ln_gelu(upscaled_sam, pack(conv1.weight), conv1.bias, norm.weight, norm.bias, norm.eps)
-    return torch.ops.samhq_fast.conv3x3_dot(features, pack(conv2.weight), conv2.bias, hq_features, hyper_hq)[:, None]
+    # pack_weight: output channels contiguous, for coalesced weight tiles (a copy per call, so weights
+    # loaded in place are read)
+    features = torch.ops.samhq_fast.conv3x3_ln_gelu(upscaled_sam, pack_weight(conv1.weight), conv1.bias, norm.weight, norm.bias, norm.eps)
+    return torch.ops.samhq_fast.conv3x3_dot(features, pack_weight(conv2.weight), conv2.bias, hq_features, hyper_hq)[:, None]

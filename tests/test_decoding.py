@@ -6,6 +6,7 @@ counts stay within their buckets.
 """
 
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -436,15 +437,23 @@ def test_compiled_decoder_matches_eager(tiny_model, image_state, num, points):
 def test_conv_kernels_decoder_matches_eager(tiny_model, image_state, compile):
     """conv_kernels=True: the HQ branch through the Triton convolutions (interpreter), uncompiled and
     inside the compiled function (custom ops, fullgraph), against the eager reference for one box and
-    a full bucket of point + mask prompts, every multimask / hq_token_only combination."""
-    decoder = PromptDecoder(tiny_model, compile=compile, conv_kernels=True)
+    a full bucket of point + mask prompts, every multimask / hq_token_only combination; then with the
+    convolutions' weights loaded in place (the kernels read the model's weights, not a copy)."""
+    model = copy.deepcopy(tiny_model)
+    decoder = PromptDecoder(model, compile=compile, conv_kernels=True)
     for kind, num in (("box", 1), ("points+mask", 4)):
         prompts = make_prompts(kind, num, 2, seed=5)
         for multimask_output, hq_token_only in ((True, False), (False, True)):
-            expected = eager_decode(tiny_model, image_state, prompts, multimask_output, hq_token_only)
+            expected = eager_decode(model, image_state, prompts, multimask_output, hq_token_only)
             got = decoder(*image_state, **prompts, multimask_output=multimask_output, hq_token_only=hq_token_only)
             for g, e in zip(got, expected):
                 torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+    with torch.no_grad():
+        for conv in model.mask_decoder.embedding_maskfeature[::3]:
+            conv.weight.mul_(-1.5)  # as a load_state_dict would
+    expected = eager_decode(model, image_state, prompts, False, True)
+    got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=True)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=0)
 
 
 def test_conv_kernels_refused_where_they_cannot_run(tiny_model, monkeypatch):
@@ -501,6 +510,32 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs,
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
     assert_graphs_not_skipped()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
+def test_conv_kernels_tuned_on_the_first_graphed_call_gpu(tiny_model, image_state, cuda_graphs, tmp_path, monkeypatch, tf32_off):
+    """What the benchmark runs (conftest turns tuning off for the rest of the suite): the conv3x3
+    tuner times its candidates inside the first call, before the graph is recorded (graph trees'
+    warm-up run, GraphCache's warm-up calls), then the graph replays the chosen configs: outputs
+    right on every call, choices cached for both kernels."""
+    from samhq_fast.kernels import autotune
+
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(autotune, "_chosen", {})  # as in a new process
+    model = copy.deepcopy(tiny_model).cuda()
+    state = tuple(t.cuda() for t in image_state)
+    decoder = PromptDecoder(model, cuda_graphs=cuda_graphs, conv_kernels=True)
+    counters.clear()
+    for seed in (1, 2, 1):
+        prompts = {k: None if v is None else v.cuda() for k, v in make_prompts("box", 4, 1, seed=seed).items()}
+        expected = eager_decode(model, state, prompts, False, False)
+        got = decoder(*state, **prompts, multimask_output=False, hq_token_only=False)
+        torch.testing.assert_close(got[0], expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=0)
+    assert_graphs_not_skipped()
+    entries = json.loads((tmp_path / autotune.CACHE_FILE).read_text())
+    assert sorted(key.split(" | ")[3].split("/")[1] for key in entries if " | conv3x3 | " in key) == ["dot", "ln_gelu"]
 
 
 def assert_graphs_not_skipped():
