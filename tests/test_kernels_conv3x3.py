@@ -162,6 +162,15 @@ def test_compiled_with_the_custom_ops():
     assert_close(compiled(x), expected, 1e-4 * expected.abs().max().item(), 1e-4)
 
 
+def test_empty_batch():
+    """No prompts (or an empty image): empty outputs of the documented shapes and layout."""
+    x, weight, bias, norm_weight, norm_bias = make_conv(0, 6, 10, 5, 7, torch.float32)
+    out = conv3x3_ln_gelu(x, weight, bias, norm_weight, norm_bias, EPS)
+    assert out.shape == (0, 10, 5, 7) and out.permute(0, 2, 3, 1).is_contiguous()
+    assert conv3x3_dot(x, weight, bias, torch.zeros(1, 10, 5, 7), torch.zeros(0, 10)).shape == (0, 35)
+    assert conv3x3_ln_gelu(torch.zeros(2, 6, 0, 7), weight, bias, norm_weight, norm_bias, EPS).shape == (2, 10, 0, 7)
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
