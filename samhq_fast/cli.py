@@ -151,7 +151,8 @@ What is measured (--what):
 Backends (--backends): eager (the reference), compile (torch.compile of the eager model;
 decoder: PromptDecoder without CUDA graphs), fused (Triton encoder kernels, and the same encoder
 replayed from a CUDA graph per batch as "fused-graphed"; decoder: PromptDecoder with torch.compile's
-CUDA graphs and with hand-captured ones), hf / hf-eager (transformers SamHQModel with SDPA /
+CUDA graphs, the same with the Triton 3x3 convolutions (conv_kernels=True), and with hand-captured
+graphs), hf / hf-eager (transformers SamHQModel with SDPA /
 eager attention, encoder only).
 Several --dtype values run one after the other and land in one JSON.
 
@@ -782,7 +783,8 @@ def _bench_runs(args, backends: list[str], device: str) -> list[tuple[str, list[
             if args.batch:
                 argv += ["--batch", ",".join(map(str, args.batch))]
             runs.append(("encoder", argv))
-        # what each backend runs in the decoder (fused: both kinds of CUDA graphs, to see which is faster)
+        # what each backend runs in the decoder (fused: both kinds of CUDA graphs, and the Triton
+        # convolutions, to see which is faster)
         modes = {"eager": ["eager"], "compile": ["compiled"], "fused": ["graphed", "graphed-conv", "graphed-manual"]}
         mode_list = [m for b in backends if b in modes and "decoder" in args.what and (b != "fused" or device == "cuda") for m in modes[b]]
         e2e = [b for b in backends if b in ("eager", "fused") and "e2e" in args.what]
