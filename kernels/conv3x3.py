@@ -153,18 +153,24 @@ def _torch_conv3x3(x, weight, bias, norm_weight, norm_bias, eps, residual, vecto
     return (vector[:, None, :] @ (y + residual).flatten(2))[:, 0].contiguous()
 
 
+def _empty_output(x: torch.Tensor, c_out: int, epilogue: str) -> torch.Tensor:
+    """The output an epilogue writes (and the custom ops declare): "ln_gelu" [B, C_out, H, W]
+    channels-last in memory (a tile's store is one contiguous run); "dot" [B, H * W]."""
+    B, _, H, W = x.shape
+    return x.new_empty((B, H, W, c_out)).permute(0, 3, 1, 2) if epilogue == "ln_gelu" else x.new_empty((B, H * W))
+
+
 def _conv3x3(x, weight, bias, norm_weight, norm_bias, eps, residual, vector, epilogue: str, config: dict) -> torch.Tensor:
     """One launch with one config (inputs checked by the callers)."""
     if config.get("impl") == "torch":
         return _torch_conv3x3(x, weight, bias, norm_weight, norm_bias, eps, residual, vector, epilogue)
     B, C_in, H, W = x.shape
     C_out = weight.shape[0]
-    if epilogue == "ln_gelu":  # channels-last: a tile's store is one contiguous run
-        out = torch.empty((B, H, W, C_out), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
+    out = _empty_output(x, C_out, epilogue)
+    if epilogue == "ln_gelu":
         out_strides = out.stride()
         res_strides, vec_strides = (0, 0, 0, 0), (0, 0)
     else:
-        out = torch.empty((B, H * W), device=x.device, dtype=x.dtype)
         out_strides = (out.stride(0), 0, 0, 0)
         res_strides = (residual.stride(0) if residual.shape[0] > 1 else 0, *residual.stride()[1:])
         vec_strides = vector.stride()
@@ -218,7 +224,7 @@ def _run(who: str, x, weight, bias, norm_weight, norm_bias, eps, residual, vecto
     interpreted = interpreting(x, who)
     B, C_in, H, W = x.shape
     if B * H * W == 0:  # nothing to compute (and no empty launch for the tuner to time), as the other families
-        return x.new_empty((B, H, W, weight.shape[0])).permute(0, 3, 1, 2) if epilogue == "ln_gelu" else x.new_empty((B, H * W))
+        return _empty_output(x, weight.shape[0], epilogue)
     launch = lambda config: _conv3x3(x, weight, bias, norm_weight, norm_bias, eps, residual, vector, epilogue, config)  # noqa: E731
     with on_device(x):
         if interpreted:
@@ -275,8 +281,7 @@ def _conv3x3_ln_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 @_conv3x3_ln_gelu_op.register_fake
 def _(x, weight, bias, norm_weight, norm_bias, eps):
-    B, _, H, W = x.shape
-    return x.new_empty((B, H, W, weight.shape[0])).permute(0, 3, 1, 2)
+    return _empty_output(x, weight.shape[0], "ln_gelu")
 
 
 @torch.library.custom_op("samhq_fast::conv3x3_dot", mutates_args=())
@@ -286,4 +291,4 @@ def _conv3x3_dot_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
 
 @_conv3x3_dot_op.register_fake
 def _(x, weight, bias, residual, vector):
-    return x.new_empty((x.shape[0], x.shape[2] * x.shape[3]))
+    return _empty_output(x, weight.shape[0], "dot")

@@ -198,8 +198,8 @@ def conv3x3_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
     """(shape label, config, args, kwargs) of every Triton conv3x3 candidate at the HQ decoder's two
     convolutions (64 prompts at 256 x 256: 32 -> 64 + LayerNorm + GELU, then 64 -> 32 + the dot)."""
     launches, hw, prompts = [], 256, 64
-    weights_1 = (_meta(64, 32, 3, 3, dtype=dtype).permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1), _meta(64, dtype=dtype))
-    weights_2 = (_meta(32, 64, 3, 3, dtype=dtype).permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1), _meta(32, dtype=dtype))
+    weights_1 = (conv3x3.pack_weight(_meta(64, 32, 3, 3, dtype=dtype)), _meta(64, dtype=dtype))  # the layout the decoder passes
+    weights_2 = (conv3x3.pack_weight(_meta(32, 64, 3, 3, dtype=dtype)), _meta(32, dtype=dtype))
     features = _meta(prompts, hw, hw, 64, dtype=dtype).permute(0, 3, 1, 2)  # the first kernel's channels-last output
     calls = (("hq conv1 ln_gelu", lambda config: conv3x3._conv3x3(_meta(prompts, 32, hw, hw, dtype=dtype), *weights_1, *weights_1, 1e-6,
                                                                  None, None, "ln_gelu", config)),
