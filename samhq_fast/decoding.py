@@ -8,7 +8,8 @@ prompt (the order of prompt tokens does not matter to the decoder, which has no 
                      has_point [P, K] says which slots hold a point (the rest are empty)
   1 "no box" slot    SAM's padding point (not_a_point_embed): real when points are given without a box
   2 box-corner slots real when the prompt has a box
-On CUDA the compiled function runs as CUDA graphs, one per bucket shape (mode="reduce-overhead",
+The five hypernetwork MLPs run as three batched matmuls (`stacked_hypernetworks`; the same function
+with fewer kernels). On CUDA the compiled function runs as CUDA graphs, one per bucket shape (mode="reduce-overhead",
 or hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled without graphs.
 """
 
@@ -20,7 +21,7 @@ import torch
 from .fused import fused_available, triton_hq_masks
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
-from .modeling.mask_decoder import select_masks
+from .modeling.mask_decoder import MaskDecoderHQ, select_masks
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import no_prompt_outputs
 
@@ -63,18 +64,38 @@ def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box
     return sparse, sparse_mask, dense
 
 
+def stacked_hypernetworks(decoder: MaskDecoderHQ, mask_tokens: torch.Tensor) -> torch.Tensor:
+    """`decoder.hypernetworks` as three batched matmuls over the five MLPs (same shapes, one weight
+    set per token) instead of 15 small ones: fewer kernels per decoder call, which is what a single
+    prompt's latency is made of. The weights are stacked per call, so weights loaded in place are read.
+
+    mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32].
+    """
+    mlps = [*decoder.output_hypernetworks_mlps, decoder.hf_mlp]
+    x = mask_tokens.transpose(0, 1)  # [5, P, 256]: one matmul batch per token
+    depth = len(mlps[0].layers)
+    for i in range(depth):
+        weight = torch.stack([mlp.layers[i].weight for mlp in mlps])  # [5, out, in]
+        bias = torch.stack([mlp.layers[i].bias for mlp in mlps])  # [5, out]
+        x = torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
+        if i < depth - 1:
+            x = torch.relu(x)
+    return x.transpose(0, 1)
+
+
 def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask,
-                  hq_masks=None):
+                  *, hq_masks=None, hypernetworks=None):
     """-> all five mask logits [P, 5, 4G, 4G] and four IoU scores [P, 4] (selection happens outside,
     so one compiled graph serves every multimask / hq_token_only combination).
 
     image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
     says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy).
-    hq_masks: see MaskDecoderHQ.predict_masks (`fused.triton_hq_masks` for the Triton convolutions)."""
+    hq_masks, hypernetworks: see MaskDecoderHQ.predict_masks (`fused.triton_hq_masks` for the Triton
+    convolutions, `stacked_hypernetworks`)."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
     sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, has_point, boxes, has_box, masks, has_mask)
-    return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask, hq_masks)
+    return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask, hq_masks, hypernetworks)
 
 
 def as_decoder_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -157,7 +178,9 @@ class PromptDecoder:
             if not ok:
                 raise ValueError(f"conv_kernels=True needs the Triton kernels, which cannot run here: {why}")
             hq_masks = functools.partial(triton_hq_masks, model.mask_decoder)
-        fn = lambda *args: decode_padded(model, *args, hq_masks=hq_masks)  # noqa: E731  (compile a closure, not the module)
+        hypernetworks = functools.partial(stacked_hypernetworks, model.mask_decoder)
+        fn = lambda *args: decode_padded(model, *args, hq_masks=hq_masks, hypernetworks=hypernetworks)  # noqa: E731  (compile a closure, not the module)
+        self._uncompiled = fn  # for shapes past the recompile limit
         if compile:
             mode = "reduce-overhead" if graphs == "trees" else None
             cpu_half = not on_cuda and model.dtype in (torch.float16, torch.bfloat16) and backend == "inductor"
@@ -256,7 +279,7 @@ class PromptDecoder:
             except torch._dynamo.exc.FailOnRecompileLimitHit:
                 pass
         if shape in self._uncompiled_shapes:
-            return decode_padded(self.model, *args)
+            return self._uncompiled(*args)
         try:
             with torch._dynamo.config.patch(dict.fromkeys(RECOMPILE_LIMIT_NAMES, self.RECOMPILE_LIMIT)):
                 out = call(*args)
@@ -267,7 +290,7 @@ class PromptDecoder:
                 "runs uncompiled (correct, but slower)", stacklevel=2,
             )
             self._uncompiled_shapes.add(shape)
-            return decode_padded(self.model, *args)
+            return self._uncompiled(*args)
         self._shapes_seen.add(shape)
         return out
 

@@ -104,6 +104,27 @@ def test_weights_loaded_in_place_are_used(tiny_model, image_state):
         torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
 
 
+@pytest.mark.parametrize("num", [1, 3, 0])
+def test_stacked_hypernetworks_equal_the_five_mlps(tiny_model, num):
+    """The compiled decoder's three batched matmuls against the decoder's own five MLPs in float64,
+    token by token (each token must meet its own MLP: a swapped pair of weight sets fails); then
+    with one MLP's weights changed in place (they are stacked per call, not cached)."""
+    decoder = copy.deepcopy(tiny_model.mask_decoder)
+    tokens = torch.randn(num, 5, 256, generator=torch.Generator().manual_seed(num))
+    reference = copy.deepcopy(decoder).double()
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                decoder.hf_mlp.layers[1].weight.mul_(-2.0)
+                reference.hf_mlp.layers[1].weight.mul_(-2.0)
+        with torch.inference_mode():
+            got = decoding.stacked_hypernetworks(decoder, tokens)
+            expected = reference.hypernetworks(tokens.double())
+        assert got.shape == (num, 5, 32) and got.dtype == torch.float32
+        scale = expected.abs().max().item() if num else 1.0
+        torch.testing.assert_close(got.double(), expected, atol=1e-5 * scale, rtol=0)
+
+
 @pytest.mark.parametrize("n, buckets, expected", [(1, decoding.PROMPT_BUCKETS, 1), (4, decoding.PROMPT_BUCKETS, 4),
                                                    (5, decoding.PROMPT_BUCKETS, 16), (256, decoding.PROMPT_BUCKETS, 256),
                                                    (64, decoding.POINT_BUCKETS, 64), (65, decoding.POINT_BUCKETS, 128),

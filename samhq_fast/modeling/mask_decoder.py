@@ -56,14 +56,22 @@ class MaskDecoderHQ(nn.Module):
         upscaled_hq = self.embedding_maskfeature(upscaled_sam) + hq_features
         return hyper_hq[:, None] @ upscaled_hq.flatten(2)
 
-    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None, hq_masks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def hypernetworks(self, mask_tokens: torch.Tensor) -> torch.Tensor:
+        """Each output mask token through its own 3-layer MLP (the 4 SAM tokens', then hf_mlp for the
+        HQ token): mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
+        mlps = [*self.output_hypernetworks_mlps, self.hf_mlp]
+        return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)
+
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None, hq_masks=None,
+                      hypernetworks=None) -> tuple[torch.Tensor, torch.Tensor]:
         """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
 
         image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
         dense [P, 256, h, w], hq_features [1 or P, 32, 4h, 4w]; sparse_mask [P, T] bool marks the
         real sparse tokens when prompts are padded to a fixed T (None: all are real). hq_masks: a
         function computing `self.hq_masks(upscaled_sam, hq_features, hyper_hq)` some other way (the
-        fused Triton convolutions), None for this module's own.
+        fused Triton convolutions), None for this module's own; hypernetworks: likewise for
+        `self.hypernetworks(mask_tokens)` (the compiled decoder's batched matmuls).
         """
         num_prompts = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
@@ -76,8 +84,7 @@ class MaskDecoderHQ(nn.Module):
         hs, src = self.transformer(src, image_pe, tokens, token_mask)
 
         upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [P, 32, 4h, 4w]
-        mlps = [*self.output_hypernetworks_mlps, self.hf_mlp]
-        hyper_in = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(mlps)], dim=1)  # [P, 5, 32]
+        hyper_in = (hypernetworks or self.hypernetworks)(hs[:, 1:6])  # [P, 5, 32]
         masks_sam = hyper_in[:, :4] @ upscaled_sam.flatten(2)
         masks_hq = (hq_masks or self.hq_masks)(upscaled_sam, hq_features, hyper_in[:, 4])
         masks = torch.cat([masks_sam, masks_hq], dim=1).view(b, 5, *upscaled_sam.shape[-2:])
