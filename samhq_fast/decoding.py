@@ -8,17 +8,21 @@ prompt (the order of prompt tokens does not matter to the decoder, which has no 
                      has_point [P, K] says which slots hold a point (the rest are empty)
   1 "no box" slot    SAM's padding point (not_a_point_embed): real when points are given without a box
   2 box-corner slots real when the prompt has a box
-The five hypernetwork MLPs run as three batched matmuls (`stacked_hypernetworks`; the same function
-with fewer kernels). On CUDA the compiled function runs as CUDA graphs, one per bucket shape (mode="reduce-overhead",
-or hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled without graphs.
+The five hypernetwork MLPs run as three batched matmuls (`stacked_hypernetworks`: the same function
+with fewer kernels), and the HQ token's dot is folded into the last convolution (`folded_hq_masks`:
+the same function, a 32x smaller convolution). Without mask prompts, one image's tokens enter the two-way transformer once for
+all its prompts (see `embed_padded_prompts`). On CUDA the compiled function runs as CUDA graphs, one
+per bucket shape (mode="reduce-overhead", or hand-captured ones with cuda_graphs="manual"); on the
+CPU it is compiled without graphs.
 """
 
 import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-from .fused import fused_available, triton_hq_masks
+from .fused import fused_available, triton_conv_features
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ, select_masks
@@ -46,8 +50,9 @@ def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box
     coords [P, K, 2] / labels [P, K] with has_point [P, K] (bool: False in empty slots, whose label
     is not read, so that every label value means what it means to the eager decoder), boxes [P, 4] with has_box [P],
     masks [P, 1, 4G, 4G] with has_mask [P] (both None when no prompt has a mask: no mask is
-    downscaled, and dense is the no-mask embedding broadcast, as in the eager decoder), all in the
-    resized input frame -> sparse [P, K + 3, C], sparse_mask [P, K + 3] bool, dense [P, C, G, G] (model dtype).
+    downscaled), all in the resized input frame -> sparse [P, K + 3, C], sparse_mask [P, K + 3]
+    bool, dense [P, C, G, G] (model dtype); without masks dense is the no-mask embedding once,
+    [1, C, G, G], the same for every prompt, so that the decoder can share one image's work across them.
     """
     enc = model.prompt_encoder
     dtype = enc.no_mask_embed.weight.dtype
@@ -57,7 +62,7 @@ def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box
     sparse = torch.cat([enc.embed_points(coords, labels), no_box, enc.embed_boxes(boxes)], dim=1).to(dtype)
     sparse_mask = torch.cat([has_point, no_box_real[:, None], has_box[:, None].expand(-1, 2)], dim=1)
     g = enc.image_embedding_size
-    no_mask = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(num, -1, *g)
+    no_mask = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *g)
     if masks is None:
         return sparse, sparse_mask, no_mask
     dense = torch.where(has_mask[:, None, None, None], enc.mask_downscaling(masks.to(dtype)), no_mask)
@@ -83,6 +88,34 @@ def stacked_hypernetworks(decoder: MaskDecoderHQ, mask_tokens: torch.Tensor) -> 
     return x.transpose(0, 1)
 
 
+def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor,
+                    conv_features=None) -> torch.Tensor:
+    """`decoder.hq_masks` with the HQ token's dot folded into the last 3x3 convolution. The dot over
+    that convolution's 32 output channels is linear, so per prompt
+        hyper . (conv(f, W) + b + hq) = conv(f, hyper . W) + hyper . b + hyper . hq,
+    a 3x3 filter with one output channel instead of 32 (at 256 x 256: 2.4 GFLOP -> 75 MFLOP per
+    prompt, and the 32-channel map is never written). That filter runs as one batched matmul (each
+    of its 9 taps' channel sums at every pixel) and a sum of the 9 shifted tap maps.
+
+    upscaled_sam [P, 32, H, W], hq_features [1 or P, 32, H, W], hyper_hq [P, 32] -> [P, 1, H*W].
+    conv_features: computes the first convolution + LayerNorm2d + GELU, [P, 64, H, W] (any layout),
+    some other way (`fused.triton_conv_features`); None for the decoder's own modules.
+    """
+    first_conv, norm, gelu, last_conv = decoder.embedding_maskfeature
+    features = (conv_features or (lambda x: gelu(norm(first_conv(x)))))(upscaled_sam)  # [P, 64, H, W]
+    p, c, h, w = features.shape
+    size = last_conv.kernel_size[0]  # 3, with padding 1: output pixel (y, x) reads (y + i - 1, x + j - 1)
+    filters = torch.einsum("po,oct->ptc", hyper_hq, last_conv.weight.flatten(2))  # [P, 9 taps, 64]
+    if features.is_contiguous(memory_format=torch.channels_last):  # [P, H*W, 64] pixels is a view
+        taps = (features.permute(0, 2, 3, 1).reshape(p, h * w, c) @ filters.transpose(1, 2)).transpose(1, 2)
+    else:
+        taps = filters @ features.flatten(2)  # [P, 9, H*W]
+    taps = F.pad(taps.reshape(p, size, size, h, w), (1, 1, 1, 1))  # zeros outside the map, as the conv's padding
+    masks = sum(taps[:, i, j, i : i + h, j : j + w] for i in range(size) for j in range(size))  # [P, H, W]
+    masks = masks + (hyper_hq @ last_conv.bias)[:, None, None]
+    return masks.reshape(p, 1, h * w) + hyper_hq[:, None] @ hq_features.flatten(2)
+
+
 def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask,
                   *, hq_masks=None, hypernetworks=None):
     """-> all five mask logits [P, 5, 4G, 4G] and four IoU scores [P, 4] (selection happens outside,
@@ -90,8 +123,8 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
 
     image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
     says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy).
-    hq_masks, hypernetworks: see MaskDecoderHQ.predict_masks (`fused.triton_hq_masks` for the Triton
-    convolutions, `stacked_hypernetworks`)."""
+    hq_masks, hypernetworks: see MaskDecoderHQ.predict_masks (PromptDecoder passes `folded_hq_masks`
+    and `stacked_hypernetworks`)."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
     sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, has_point, boxes, has_box, masks, has_mask)
@@ -131,11 +164,11 @@ class PromptDecoder:
       "manual": the compiled function captured in a torch.cuda.CUDAGraph per shape by
       `graphs.GraphCache` (static input buffers, less Python per replay);
       False: no graphs. Graphs need compile=True and a CUDA model.
-    conv_kernels=True runs the HQ branch's two 3x3 convolutions (and the LayerNorm2d, GELU, HQ
-      features and HQ token dot around them) as the Triton kernels of `kernels/conv3x3.py` instead
-      of Inductor's code (`fused.triton_hq_masks`); off by default until a GPU run has timed it
-      against Inductor (bench/NOTES.md, prediction 20). Needs the Triton kernels (a CUDA model, or
-      the interpreter).
+    The HQ branch's last convolution is folded with the HQ token's dot (`folded_hq_masks`).
+    conv_kernels=True runs its first 3x3 convolution + LayerNorm2d + GELU as the Triton kernel of
+      `kernels/conv3x3.py` (`fused.triton_conv_features`) instead of cuDNN + Inductor's code; off by
+      default until a GPU run has timed it (bench/NOTES.md, predictions 20 and 23). Needs the
+      Triton kernels (a CUDA model, or the interpreter).
     Shapes compiled: one per (prompt bucket, point bucket, images set, whether any prompt has a mask);
     each compiles on its first call.
     """
@@ -172,12 +205,13 @@ class PromptDecoder:
             raise ValueError(f"cuda_graphs={cuda_graphs!r} needs a compiled decoder on a CUDA model, but {why}")
         graphs = ("trees" if on_cuda and compile else False) if cuda_graphs is None else "trees" if cuda_graphs is True else cuda_graphs
         self.cuda_graphs = graphs
-        hq_masks = None
+        conv_features = None
         if self.conv_kernels:
             ok, why = fused_available(model.device, model.dtype)
             if not ok:
                 raise ValueError(f"conv_kernels=True needs the Triton kernels, which cannot run here: {why}")
-            hq_masks = functools.partial(triton_hq_masks, model.mask_decoder)
+            conv_features = functools.partial(triton_conv_features, model.mask_decoder)
+        hq_masks = functools.partial(folded_hq_masks, model.mask_decoder, conv_features=conv_features)
         hypernetworks = functools.partial(stacked_hypernetworks, model.mask_decoder)
         fn = lambda *args: decode_padded(model, *args, hq_masks=hq_masks, hypernetworks=hypernetworks)  # noqa: E731  (compile a closure, not the module)
         self._uncompiled = fn  # for shapes past the recompile limit

@@ -115,17 +115,16 @@ def apply_fused_backend(model: SamHQ) -> SamHQ:
     return model
 
 
-def triton_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor) -> torch.Tensor:
-    """`decoder.hq_masks` by the Triton convolutions (kernels/conv3x3.py): conv + LayerNorm2d + GELU
-    in one kernel, writing the 64-channel map once; conv + HQ features + the HQ token's dot in the
-    next, writing only the mask. Called through custom ops, so torch.compile keeps each whole.
+def triton_conv_features(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor) -> torch.Tensor:
+    """The HQ branch's first 3x3 convolution + LayerNorm2d + GELU (`decoder.embedding_maskfeature[:3]`)
+    as one Triton kernel (kernels/conv3x3.py) that writes the 64-channel map once, called through a
+    custom op so that torch.compile keeps it whole.
 
-    upscaled_sam [P, 32, 4h, 4w], hq_features [1 or P, 32, 4h, 4w], hyper_hq [P, 32] -> [P, 1, 16hw].
+    upscaled_sam [P, 32, H, W] -> [P, 64, H, W], channels-last in memory.
     """
     from samhq_fast.kernels.conv3x3 import pack_weight  # importing it registers torch.ops.samhq_fast.conv3x3_*
 
-    conv1, norm, _, conv2 = decoder.embedding_maskfeature  # conv, LayerNorm2d, GELU, conv
+    conv, norm, _, _ = decoder.embedding_maskfeature  # conv, LayerNorm2d, GELU, conv
     # pack_weight: output channels contiguous, for coalesced weight tiles (a copy per call, so weights
     # loaded in place are read)
-    features = torch.ops.samhq_fast.conv3x3_ln_gelu(upscaled_sam, pack_weight(conv1.weight), conv1.bias, norm.weight, norm.bias, norm.eps)
-    return torch.ops.samhq_fast.conv3x3_dot(features, pack_weight(conv2.weight), conv2.bias, hq_features, hyper_hq)[:, None]
+    return torch.ops.samhq_fast.conv3x3_ln_gelu(upscaled_sam, pack_weight(conv.weight), conv.bias, norm.weight, norm.bias, norm.eps)

@@ -262,7 +262,7 @@ def test_block_profile_smoke(tmp_path):
 
 def test_decoder_profile_smoke(tmp_path):
     """The decoder profiler on the CPU: a section per prompt count with each mode's table (the Triton
-    convolutions in compiled-conv), the eager decoder's convolutions (the HQ mask features) among its
+    convolution in compiled-conv), the eager decoder's convolutions (the HQ mask features) among its
     ops, shares adding up, and the not-a-speed-figure label."""
     from samhq_fast.benchmark import profile_decoder
 

@@ -125,6 +125,30 @@ def test_stacked_hypernetworks_equal_the_five_mlps(tiny_model, num):
         torch.testing.assert_close(got.double(), expected, atol=1e-5 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("num, height, width, hq_batch", [(3, 9, 14, 1), (2, 16, 16, 2), (1, 5, 7, 1), (0, 8, 8, 1)])
+@pytest.mark.parametrize("layout", ["modules", "channels_last"])
+def test_folded_hq_masks_equal_the_hq_branch(tiny_model, num, height, width, hq_batch, layout):
+    """The HQ token's dot folded into the last 3x3 convolution (one output channel per prompt, tap
+    sums shifted into place) against the decoder's own convolutions, HQ features and dot in float64:
+    non-square maps that end mid-row, every border pixel (the padding), HQ features of one image or
+    one per prompt; the first convolution's output given NCHW (the modules) or channels-last (as the
+    Triton kernel writes it)."""
+    decoder = copy.deepcopy(tiny_model.mask_decoder).double()
+    gen = torch.Generator().manual_seed(num + height)
+    upscaled = torch.randn(num, 32, height, width, generator=gen, dtype=torch.float64)
+    hq_features = torch.randn(hq_batch, 32, height, width, generator=gen, dtype=torch.float64)
+    hyper = torch.randn(num, 32, generator=gen, dtype=torch.float64)
+    first_conv = None
+    if layout == "channels_last":
+        first_conv = lambda x: decoder.embedding_maskfeature[:3](x).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    with torch.inference_mode():
+        expected = decoder.hq_masks(upscaled, hq_features, hyper)
+        got = decoding.folded_hq_masks(decoder, upscaled, hq_features, hyper, conv_features=first_conv)
+    assert got.shape == expected.shape == (num, 1, height * width)
+    scale = expected.abs().max().item() if num else 1.0
+    torch.testing.assert_close(got, expected, atol=1e-12 * scale, rtol=0)
+
+
 @pytest.mark.parametrize("n, buckets, expected", [(1, decoding.PROMPT_BUCKETS, 1), (4, decoding.PROMPT_BUCKETS, 4),
                                                    (5, decoding.PROMPT_BUCKETS, 16), (256, decoding.PROMPT_BUCKETS, 256),
                                                    (64, decoding.POINT_BUCKETS, 64), (65, decoding.POINT_BUCKETS, 128),
@@ -146,6 +170,28 @@ def test_image_features_are_broadcast_not_copied_per_prompt(tiny_model, image_st
     expected = eager_decode(tiny_model, image_state, prompts, False, False)
     got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=False, hq_token_only=False)
     assert expected[0].shape == got[0].shape == (3, 1, 4 * G, 4 * G)
+
+
+@pytest.mark.parametrize("kind, shared", [("points+box", True), ("box+mask", False)])
+def test_first_image_projections_run_once_per_image(tiny_model, image_state, kind, shared):
+    """Without mask prompts every prompt's dense embedding is the same, so (one image) the first
+    block's projections of the image tokens (token-to-image keys and values, image-to-token queries)
+    run on one image, not on each of the 5 prompts; with mask prompts they run per prompt. Either
+    way the outputs are the eager decoder's."""
+    block = tiny_model.mask_decoder.transformer.layers[0]
+    projections = (block.cross_attn_token_to_image.k_proj, block.cross_attn_token_to_image.v_proj,
+                   block.cross_attn_image_to_token.q_proj)
+    rows = []
+    hooks = [p.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0])) for p in projections]
+    try:
+        prompts = make_prompts(kind, 5, 2, seed=6)
+        got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=True, hq_token_only=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows == [1 if shared else 16] * 3  # 5 prompts pad to the bucket of 16
+    for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, True, False)):
+        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
 
 
 class FillCounter(TorchDispatchMode):

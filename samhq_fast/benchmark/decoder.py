@@ -13,9 +13,9 @@ one random image through model.encode_image per variant) and are NOT in the timi
             (1, 4, 16, 64, 256 prompts; more run in chunks of 256) under torch.compile, no CUDA graphs
   graphed   PromptDecoder(model): the same compiled function replayed as CUDA graphs
             (mode="reduce-overhead"), what predict_torch runs with the fused backend
-  graphed-conv  PromptDecoder(model, conv_kernels=True): graphed, with the HQ branch's two 3x3
-            convolutions (+ LayerNorm2d, GELU, HQ features, HQ token dot) as the Triton kernels of
-            kernels/conv3x3.py instead of Inductor's code (the experiment of NOTES prediction 20)
+  graphed-conv  PromptDecoder(model, conv_kernels=True): graphed, with the HQ branch's first 3x3
+            convolution (+ LayerNorm2d, GELU) as the Triton kernel of kernels/conv3x3.py instead of
+            cuDNN + Inductor's code (the experiment of NOTES predictions 20 and 23)
   graphed-manual  PromptDecoder(model, cuda_graphs="manual"): the compiled function captured by
             hand in a torch.cuda.CUDAGraph per bucket shape (samhq_fast.graphs.GraphCache)
 The decoder does not depend on the ViT size (vit_dim only enters the per-image HQ features), so
@@ -157,7 +157,7 @@ TIMED_CALLS = {
     "graphed": "PromptDecoder(model) (CUDA graphs)(..., multimask_output=True): pad to the prompt bucket, graph replay "
                "(chunks of 256 prompts), mask selection, copy out",
     "graphed-conv": "PromptDecoder(model, conv_kernels=True) (CUDA graphs)(..., multimask_output=True): as graphed, the HQ "
-                    "branch's 3x3 convolutions by kernels/conv3x3.py",
+                    "branch's first 3x3 convolution (+ LayerNorm2d, GELU) by kernels/conv3x3.py",
     "graphed-manual": "PromptDecoder(model, cuda_graphs='manual')(..., multimask_output=True): pad to the prompt bucket, "
                       "copy into the graph's static inputs, torch.cuda.CUDAGraph replay (chunks of 256), mask selection, copy out",
 }

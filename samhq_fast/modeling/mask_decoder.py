@@ -67,27 +67,29 @@ class MaskDecoderHQ(nn.Module):
         """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
 
         image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
-        dense [P, 256, h, w], hq_features [1 or P, 32, 4h, 4w]; sparse_mask [P, T] bool marks the
-        real sparse tokens when prompts are padded to a fixed T (None: all are real). hq_masks: a
-        function computing `self.hq_masks(upscaled_sam, hq_features, hyper_hq)` some other way (the
-        fused Triton convolutions), None for this module's own; hypernetworks: likewise for
-        `self.hypernetworks(mask_tokens)` (the compiled decoder's batched matmuls).
+        dense [1 or P, 256, h, w] (1: the same for every prompt; with one image, the transformer's
+        first image projections then run once, not per prompt), hq_features [1 or P, 32, 4h, 4w];
+        sparse_mask [P, T] bool marks the real sparse tokens when prompts are padded to a fixed T
+        (None: all are real). hq_masks: a function computing `self.hq_masks(upscaled_sam,
+        hq_features, hyper_hq)` some other way (the padded decoder's folded convolution), None for
+        this module's own; hypernetworks: likewise for `self.hypernetworks(mask_tokens)` (the compiled
+        decoder's batched matmuls).
         """
         num_prompts = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
         tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
-        src = image_embeddings + dense  # broadcasts one image over all its prompts
-        b, c, h, w = src.shape
+        src = image_embeddings + dense  # [1 or P, C, h, w]: broadcasts one image over all its prompts
+        c, h, w = src.shape[1:]
         token_mask = None
         if sparse_mask is not None:  # the 6 output tokens are always real
             token_mask = torch.cat([sparse_mask.new_ones(num_prompts, output_tokens.shape[0]), sparse_mask], dim=1)
         hs, src = self.transformer(src, image_pe, tokens, token_mask)
 
-        upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [P, 32, 4h, 4w]
+        upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(num_prompts, c, h, w))  # [P, 32, 4h, 4w]
         hyper_in = (hypernetworks or self.hypernetworks)(hs[:, 1:6])  # [P, 5, 32]
         masks_sam = hyper_in[:, :4] @ upscaled_sam.flatten(2)
         masks_hq = (hq_masks or self.hq_masks)(upscaled_sam, hq_features, hyper_in[:, 4])
-        masks = torch.cat([masks_sam, masks_hq], dim=1).view(b, 5, *upscaled_sam.shape[-2:])
+        masks = torch.cat([masks_sam, masks_hq], dim=1).view(num_prompts, 5, *upscaled_sam.shape[-2:])
         return masks, self.iou_prediction_head(hs[:, 0])
 
     def forward(

@@ -24,10 +24,14 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # [B, heads, N, d]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """key_mask [B, Nk] bool (True = attend) drops padded prompt slots; None attends to all keys."""
+        """q [B or 1, Nq, C], k and v [B or 1, Nk, C] -> [B, Nq, C]. A batch of 1 serves every prompt:
+        one image's tokens are projected once, not once per prompt. key_mask [B, Nk] bool (True =
+        attend) drops padded prompt slots; None attends to all keys."""
         q = self._split_heads(self.q_proj(q))
         k = self._split_heads(self.k_proj(k))
         v = self._split_heads(self.v_proj(v))
+        batch = max(q.shape[0], k.shape[0])
+        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))  # views: SDPA takes equal batch sizes
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_mask is None else key_mask[:, None, None, :])
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
@@ -75,8 +79,10 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(dim)
 
     def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """image [B, C, h, w], image_pe [B or 1, C, h, w], tokens [B, T, C] -> (tokens [B, T, C], image [B, hw, C]).
-        token_mask [B, T] bool (None: every token is real) lets fixed-size prompt batches carry padding."""
+        """image [B or 1, C, h, w], image_pe [B or 1, C, h, w], tokens [B, T, C] -> (tokens [B, T, C],
+        image [B, hw, C]). token_mask [B, T] bool (None: every token is real) lets fixed-size prompt
+        batches carry padding. An image of batch 1 is shared by all B prompts until the first block's
+        image-to-token attention makes it per prompt (its projections before that run once)."""
         keys = image.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = tokens
