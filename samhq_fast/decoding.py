@@ -18,6 +18,7 @@ CPU it is compiled without graphs.
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,7 @@ def stacked_hypernetworks(decoder: MaskDecoderHQ, mask_tokens: torch.Tensor) -> 
 
 
 def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor,
-                    conv_features=None) -> torch.Tensor:
+                    conv_features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """`decoder.hq_masks` with the HQ token's dot folded into the last 3x3 convolution. The dot over
     that convolution's 32 output channels is linear, so per prompt
         hyper . (conv(f, W) + b + hq) = conv(f, hyper . W) + hyper . b + hyper . hq,
@@ -104,7 +105,7 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
     first_conv, norm, gelu, last_conv = decoder.embedding_maskfeature
     features = (conv_features or (lambda x: gelu(norm(first_conv(x)))))(upscaled_sam)  # [P, 64, H, W]
     p, c, h, w = features.shape
-    size = last_conv.kernel_size[0]  # 3, with padding 1: output pixel (y, x) reads (y + i - 1, x + j - 1)
+    size = 3  # the last conv is 3x3 with padding 1: output pixel (y, x) reads (y + i - 1, x + j - 1)
     filters = torch.einsum("po,oct->ptc", hyper_hq, last_conv.weight.flatten(2))  # [P, 9 taps, 64]
     if features.is_contiguous(memory_format=torch.channels_last):  # [P, H*W, 64] pixels is a view
         taps = (features.permute(0, 2, 3, 1).reshape(p, h * w, c) @ filters.transpose(1, 2)).transpose(1, 2)
