@@ -8,12 +8,12 @@ prompt (the order of prompt tokens does not matter to the decoder, which has no 
                      has_point [P, K] says which slots hold a point (the rest are empty)
   1 "no box" slot    SAM's padding point (not_a_point_embed): real when points are given without a box
   2 box-corner slots real when the prompt has a box
-The five hypernetwork MLPs run as three batched matmuls (`stacked_hypernetworks`: the same function
-with fewer kernels), and the HQ token's dot is folded into the last convolution (`folded_hq_masks`:
-the same function, a 32x smaller convolution). Without mask prompts, one image's tokens enter the two-way transformer once for
-all its prompts (see `embed_padded_prompts`). On CUDA the compiled function runs as CUDA graphs, one
-per bucket shape (mode="reduce-overhead", or hand-captured ones with cuda_graphs="manual"); on the
-CPU it is compiled without graphs.
+The same function as the eager decoder, computed with less work: the five hypernetwork MLPs run as
+three batched matmuls (`stacked_hypernetworks`), the HQ token's dot is folded into the last
+convolution (`folded_hq_masks`: a 32x smaller convolution), and without mask prompts one image's
+tokens enter the two-way transformer once for all its prompts (`embed_padded_prompts`). On CUDA the
+compiled function runs as CUDA graphs, one per bucket shape (mode="reduce-overhead", or
+hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled without graphs.
 """
 
 import functools
