@@ -77,7 +77,7 @@ def stacked_hypernetworks(decoder: MaskDecoderHQ, mask_tokens: torch.Tensor) -> 
 
     mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32].
     """
-    mlps = [*decoder.output_hypernetworks_mlps, decoder.hf_mlp]
+    mlps = decoder.hypernetwork_mlps
     x = mask_tokens.transpose(0, 1)  # [5, P, 256]: one matmul batch per token
     depth = len(mlps[0].layers)
     for i in range(depth):

@@ -56,11 +56,15 @@ class MaskDecoderHQ(nn.Module):
         upscaled_hq = self.embedding_maskfeature(upscaled_sam) + hq_features
         return hyper_hq[:, None] @ upscaled_hq.flatten(2)
 
+    @property
+    def hypernetwork_mlps(self) -> list[MLP]:
+        """The five output mask tokens' 3-layer MLPs, in token order: the 4 SAM tokens', then hf_mlp (HQ)."""
+        return [*self.output_hypernetworks_mlps, self.hf_mlp]
+
     def hypernetworks(self, mask_tokens: torch.Tensor) -> torch.Tensor:
-        """Each output mask token through its own 3-layer MLP (the 4 SAM tokens', then hf_mlp for the
-        HQ token): mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
-        mlps = [*self.output_hypernetworks_mlps, self.hf_mlp]
-        return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)
+        """Each output mask token through its own MLP (`hypernetwork_mlps`):
+        mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
+        return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.hypernetwork_mlps)], dim=1)
 
     def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None, hq_masks=None,
                       hypernetworks=None) -> tuple[torch.Tensor, torch.Tensor]:
