@@ -10,10 +10,12 @@ prompt (the order of prompt tokens does not matter to the decoder, which has no 
   2 box-corner slots real when the prompt has a box
 The same function as the eager decoder, computed with less work: the five hypernetwork MLPs run as
 three batched matmuls (`stacked_hypernetworks`), the HQ token's dot is folded into the last
-convolution (`folded_hq_masks`: a 32x smaller convolution), and without mask prompts one image's
-tokens enter the two-way transformer once for all its prompts (`embed_padded_prompts`). On CUDA the
-compiled function runs as CUDA graphs, one per bucket shape (mode="reduce-overhead", or
-hand-captured ones with cuda_graphs="manual"); on the CPU it is compiled without graphs.
+convolution (`folded_hq_masks`: a 32x smaller convolution), without mask prompts one image's
+tokens enter the two-way transformer once for all its prompts (`embed_padded_prompts`), and the
+output rule (multimask_output, hq_token_only) picks the SAM token before its mask is computed, inside
+the compiled function (the flags are tensors: one graph serves every combination). On CUDA the
+compiled function runs as CUDA graphs, one per bucket shape (hand-captured ones, or Inductor's
+graph trees with cuda_graphs="trees"); on the CPU it is compiled without graphs.
 """
 
 import functools
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from .fused import fused_available, triton_conv_features
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
-from .modeling.mask_decoder import MaskDecoderHQ, select_masks
+from .modeling.mask_decoder import MaskDecoderHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import no_prompt_outputs
 
@@ -118,18 +120,30 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
 
 
 def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask,
-                  *, hq_masks=None, hypernetworks=None):
-    """-> all five mask logits [P, 5, 4G, 4G] and four IoU scores [P, 4] (selection happens outside,
-    so one compiled graph serves every multimask / hq_token_only combination).
+                  multimask_output, hq_token_only, conv_features=None):
+    """-> the mask logits [P, 1, 4G, 4G] and IoU scores [P, 1] that the output rule (`select_masks`)
+    picks, the eager decoder's, computed with less work (see the module docstring).
 
     image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
     says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy).
-    hq_masks, hypernetworks: see MaskDecoderHQ.predict_masks (PromptDecoder passes `folded_hq_masks`
-    and `stacked_hypernetworks`)."""
+    multimask_output, hq_token_only: 0-dim bool tensors, so that one compiled graph serves every
+    combination of the two. conv_features: see `folded_hq_masks`."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
     sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, has_point, boxes, has_box, masks, has_mask)
-    return model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask, hq_masks, hypernetworks)
+    decoder = model.mask_decoder
+    iou_token, mask_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, sparse_mask)
+    hyper = stacked_hypernetworks(decoder, mask_tokens)  # [P, 5, 32]
+    iou = decoder.iou_prediction_head(iou_token)  # [P, 4]
+    # The output rule before the masks: the IoU scores do not depend on them, so only the chosen SAM
+    # token's mask is computed (one matmul row per prompt instead of four).
+    _, best = iou[:, 1:4].max(dim=1, keepdim=True)  # [P, 1]: the first of the best multimask tokens, as select_masks
+    token = torch.where(multimask_output, best + 1, 0)  # [P, 1]: the SAM token whose mask is output
+    hyper_sam = hyper.gather(1, token[:, :, None].expand(-1, -1, hyper.shape[2]))  # [P, 1, 32]
+    sam_masks = hyper_sam @ upscaled_sam.flatten(2)  # [P, 1, 16 G^2]
+    hq = folded_hq_masks(decoder, upscaled_sam, hq_features, hyper[:, 4], conv_features)  # [P, 1, 16 G^2]
+    logits = torch.where(hq_token_only, hq, sam_masks + hq)
+    return logits.view(-1, 1, *upscaled_sam.shape[-2:]), iou.gather(1, token)
 
 
 def as_decoder_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -160,10 +174,11 @@ class PromptDecoder:
     """Decodes any number of prompts, of one image or of several, with few compiled shapes.
 
     compile=False runs the same padded function eagerly (the reference for the compiled one).
-    cuda_graphs: None (the default) = "trees" when compiled on a CUDA model, False otherwise;
-      "trees" (or True): torch.compile(mode="reduce-overhead"), Inductor's CUDA-graph trees;
-      "manual": the compiled function captured in a torch.cuda.CUDAGraph per shape by
-      `graphs.GraphCache` (static input buffers, less Python per replay);
+    cuda_graphs: None (the default) = "manual" when compiled on a CUDA model, False otherwise;
+      "manual" (or True): the compiled function captured in a torch.cuda.CUDAGraph per shape by
+      `graphs.GraphCache` (static input buffers, less Python per replay: on an H200 one box timed
+      alone took 0.76 ms against 0.91 ms with graph trees, and its first call half the time);
+      "trees": torch.compile(mode="reduce-overhead"), Inductor's CUDA-graph trees;
       False: no graphs. Graphs need compile=True and a CUDA model.
     The HQ branch's last convolution is folded with the HQ token's dot (`folded_hq_masks`).
     conv_kernels=True runs its first 3x3 convolution + LayerNorm2d + GELU as the Triton kernel of
@@ -204,7 +219,7 @@ class PromptDecoder:
         if cuda_graphs and not (compile and on_cuda):
             why = "compile=False" if not compile else f"the model is on {model.device}, not a CUDA device"
             raise ValueError(f"cuda_graphs={cuda_graphs!r} needs a compiled decoder on a CUDA model, but {why}")
-        graphs = ("trees" if on_cuda and compile else False) if cuda_graphs is None else "trees" if cuda_graphs is True else cuda_graphs
+        graphs = ("manual" if on_cuda and compile else False) if cuda_graphs is None else "manual" if cuda_graphs is True else cuda_graphs
         self.cuda_graphs = graphs
         conv_features = None
         if self.conv_kernels:
@@ -212,9 +227,7 @@ class PromptDecoder:
             if not ok:
                 raise ValueError(f"conv_kernels=True needs the Triton kernels, which cannot run here: {why}")
             conv_features = functools.partial(triton_conv_features, model.mask_decoder)
-        hq_masks = functools.partial(folded_hq_masks, model.mask_decoder, conv_features=conv_features)
-        hypernetworks = functools.partial(stacked_hypernetworks, model.mask_decoder)
-        fn = lambda *args: decode_padded(model, *args, hq_masks=hq_masks, hypernetworks=hypernetworks)  # noqa: E731  (compile a closure, not the module)
+        fn = lambda *args: decode_padded(model, *args, conv_features=conv_features)  # noqa: E731  (compile a closure, not the module)
         self._uncompiled = fn  # for shapes past the recompile limit
         if compile:
             mode = "reduce-overhead" if graphs == "trees" else None
@@ -245,7 +258,7 @@ class PromptDecoder:
     def _constant(self, role: str, shape: tuple, dtype: torch.dtype, fill) -> torch.Tensor:
         """A tensor of `shape` all `fill`, made once per role and shape: the padded batch's parts that
         no prompt sets (no points, no boxes) or that every row sets (the has_* flags of a batch
-        without padding rows), with no fill launched per call. The decoder only reads its inputs.
+        without padding rows), and the output rule's flags, with no fill launched per call. The decoder only reads its inputs.
         One tensor per role: two arguments never alias (Dynamo would guard on, and recompile for,
         which arguments are the same tensor)."""
         key = (role, shape, fill)
@@ -303,7 +316,7 @@ class PromptDecoder:
 
     def _run(self, *args):
         """decode_padded(model, *args) through the compiled function / its graphs."""
-        image_embeddings, _, _, image_index, coords, _, _, _, _, masks, _ = args
+        image_embeddings, _, _, image_index, coords, _, _, _, _, masks, _, _, _ = args
         shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None, masks is not None)
         call = self._decode if self._graphs is None else (lambda *a: self._graphs(shape, *a))  # noqa: E731
         if not self.compiled:
@@ -379,20 +392,25 @@ class PromptDecoder:
         any_mask = any(prompt[4] is not None for prompt, _ in decoded_sets)  # else no mask buffers: a shape of its own
         index, coords, labels, has_point, box, has_box, masks, has_mask = self._padded_batch(decoded_sets, rows, k_pad, any_mask, one_image)
         total = sum(counts)
+        output_rule = (self._constant("multimask_output", (), torch.bool, bool(multimask_output)),
+                       self._constant("hq_token_only", (), torch.bool, bool(hq_token_only)))
+        padded = (index, coords, labels, has_point, box, has_box, masks, has_mask)
         logits, scores = [], []
         for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
-            chunk_index = None if index is None else index[chunk]
-            chunk_masks = (masks[chunk], has_mask[chunk]) if any_mask else (None, None)
-            all_masks, iou = self._run(image_embeddings, self.image_pe, hq_features, chunk_index, coords[chunk], labels[chunk],
-                                       has_point[chunk], box[chunk], has_box[chunk], *chunk_masks)
-            real = min(total - chunk_start, all_masks.shape[0])  # padding rows only in the last chunk
-            chunk_logits, chunk_scores = select_masks(all_masks[:real], iou[:real], multimask_output, hq_token_only)
+            # One chunk (up to 256 rows) is the whole batch: no views, which cost host time on every call.
+            chunk_index, *chunk_prompts = padded if rows <= PROMPT_BUCKETS[-1] else (None if t is None else t[chunk] for t in padded)
+            chunk_logits, chunk_scores = self._run(image_embeddings, self.image_pe, hq_features, chunk_index, *chunk_prompts, *output_rule)
+            real = total - chunk_start  # padding rows only in the last chunk
+            if real < chunk_logits.shape[0]:
+                chunk_logits, chunk_scores = chunk_logits[:real], chunk_scores[:real]
             # Copy out of the CUDA graph's static outputs now: the next chunk's replay overwrites them.
             logits.append(chunk_logits.clone())
             scores.append(chunk_scores.clone())
             # Drop every reference to the graph's outputs before the next chunk: CUDA-graph trees
             # treat a call made while a previous call's outputs are alive as a new graph to record.
-            del all_masks, iou, chunk_logits, chunk_scores
+            del chunk_logits, chunk_scores
         logits, scores = (torch.cat(logits), torch.cat(scores)) if len(logits) > 1 else (logits[0], scores[0])
+        if len(counts) == 1:
+            return [(logits, scores)]
         return list(zip(logits.split(counts), scores.split(counts)))

@@ -1,6 +1,6 @@
 """Hand-made CUDA graphs (torch.cuda.CUDAGraph) for fixed-shape GPU work: the fused image encoder
-per batch size, and the prompt decoder per bucket shape (PromptDecoder(cuda_graphs="manual"), the
-alternative to torch.compile's mode="reduce-overhead" graph trees).
+per batch size, and the prompt decoder per bucket shape (PromptDecoder's default on CUDA; the
+alternative is torch.compile's mode="reduce-overhead" graph trees).
 
 A graph replays the kernels it recorded on the buffers it recorded them with, so every input is
 copied into that graph's static buffers before each replay (a replay never reads stale inputs), and
@@ -22,11 +22,27 @@ def weights_state(model: torch.nn.Module) -> tuple:
     return weight.device, weight.dtype, weight.data_ptr()
 
 
+def copy_into(buffers: list, sources) -> None:
+    """buffer.copy_(source) for every buffer that is not None, as one multi-tensor copy per dtype
+    (a launch each, not one per tensor: the prompt decoder's graphs take a dozen small inputs)."""
+    groups = {}  # dtype -> (buffers, sources)
+    for buffer, source in zip(buffers, sources):
+        if buffer is not None:
+            group = groups.setdefault(buffer.dtype, ([], []))
+            group[0].append(buffer)
+            group[1].append(source)
+    for group_buffers, group_sources in groups.values():
+        torch._foreach_copy_(group_buffers, group_sources)
+
+
 class GraphCache:
     """Replays fn(*args) from one CUDA graph per shape key, captured on the key's first call.
 
-    args are CUDA tensors (or None, passed through as a constant); every graph of one cache shares
-    one memory pool (graphs replay one at a time, and outputs are copied out between replays).
+    args are CUDA tensors (or None, passed through as a constant). Graphs replay one at a time, each
+    right after its inputs are copied in, and their outputs are copied out between replays, so every
+    graph of one cache shares one memory pool, and graphs whose arguments at one position have the
+    same shape, dtype and strides read them from one static buffer (the prompt decoder's graphs of
+    every prompt and point bucket share one copy of the image features, not one each).
     The first call per key runs fn `warmup` times on a side stream before the capture, so lazy
     work (Triton compiles and autotuning, torch.compile, cuBLAS workspaces) happens outside it.
     """
@@ -34,6 +50,7 @@ class GraphCache:
     def __init__(self, fn: Callable, warmup: int = 2):
         self.fn, self.warmup = fn, warmup
         self.graphs = {}  # key -> (graph, static args, static outputs)
+        self.input_buffers = {}  # (position, shape, dtype, strides) -> the static buffer graphs read there
         self.pool = None
 
     def __call__(self, key: Hashable, *args):
@@ -42,16 +59,17 @@ class GraphCache:
             if key not in self.graphs:
                 self.graphs[key] = self._capture(args)
             graph, static_args, outputs = self.graphs[key]
-            for buffer, arg in zip(static_args, args):
-                if buffer is not None:
-                    buffer.copy_(arg)
+            copy_into(static_args, args)
             graph.replay()
         return outputs
 
     def _capture(self, args) -> tuple:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        static_args = [None if arg is None else arg.clone() for arg in args]
+        static_args = [None if arg is None else self._input_buffer(i, arg) for i, arg in enumerate(args)]
+        # A shared buffer holds an earlier call's values (another graph's inputs): the warm-up runs
+        # must see this call's (an image index valid for more images would read out of bounds).
+        copy_into(static_args, args)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -63,9 +81,19 @@ class GraphCache:
             outputs = self.fn(*static_args)
         return graph, static_args, outputs
 
+    def _input_buffer(self, position: int, arg: torch.Tensor) -> torch.Tensor:
+        """The static buffer that graphs read argument `position` from, shared by the graphs that take
+        it with this layout; it holds what the last call copied in (every call copies its arguments
+        in before the replay, and a capture before its warm-up runs)."""
+        key = (position, tuple(arg.shape), arg.dtype, arg.stride())
+        if key not in self.input_buffers:
+            self.input_buffers[key] = arg.clone()  # clone keeps the strides of a dense tensor
+        return self.input_buffers[key]
+
     def clear(self) -> None:
-        """Drop every graph and its memory pool."""
+        """Drop every graph, its input buffers and the memory pool."""
         self.graphs.clear()
+        self.input_buffers.clear()
         self.pool = None
 
 

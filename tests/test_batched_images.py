@@ -258,10 +258,10 @@ NO_PROMPTS = {
 
 
 def refuse_decoding(model, monkeypatch) -> None:
-    """Both decoder paths end in mask_decoder.predict_masks: make any call to it fail the test."""
+    """Both decoder paths run mask_decoder.decode_tokens: make any call to it fail the test."""
     def decode(*args, **kwargs):
         raise AssertionError("the mask decoder ran for no prompts")
-    monkeypatch.setattr(model.mask_decoder, "predict_masks", decode)
+    monkeypatch.setattr(model.mask_decoder, "decode_tokens", decode)
 
 
 @pytest.mark.parametrize("kind", list(NO_PROMPTS))

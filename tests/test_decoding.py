@@ -77,6 +77,25 @@ def test_padded_decoder_equals_eager(tiny_model, image_state, kind, num, points,
         torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)  # scores: 1e-5
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_multimask_pick_is_per_prompt(tiny_model, image_state, compile):
+    """The padded decoder picks each prompt's SAM token (the multimask token of highest predicted IoU)
+    before computing its mask: in a batch whose prompts' best tokens differ, each prompt must get
+    its own token's mask and score, as the eager decoder's select_masks gives."""
+    prompts = make_prompts("points", 7, 2, seed=4)  # 7 prompts: 9 padding rows in the bucket of 16
+    embeddings, hq_features = image_state
+    with torch.inference_mode():
+        sparse, dense = tiny_model.prompt_encoder((prompts["point_coords"], prompts["point_labels"]), None, None)
+        _, iou = tiny_model.mask_decoder.predict_masks(embeddings, tiny_model.prompt_encoder.get_dense_pe(), sparse, dense, hq_features)
+    assert len(set(iou[:, 1:4].argmax(dim=1).tolist())) > 1  # the batch mixes picks
+    decoder = PromptDecoder(tiny_model, compile=compile)
+    for hq_token_only in (False, True):  # True: the HQ mask alone, with the picked token's score
+        expected = eager_decode(tiny_model, image_state, prompts, True, hq_token_only)
+        got = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=hq_token_only)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+
+
 def test_a_reused_decoder_never_reads_stale_prompt_slots(tiny_model, image_state):
     """Two calls padded to one shape (4 rows of 4 point slots), the second with a prompt, a point and
     the box fewer: its padding must be empty slots, not what the first call left there."""
@@ -264,10 +283,9 @@ def test_padded_point_slots_are_invisible(tiny_model, image_state):
     for padded_slots_are_points in (False, True):
         has_point = torch.tensor([[True] * 3 + [padded_slots_are_points] * 2] * 2)
         with torch.inference_mode():
-            all_masks, iou = decoding.decode_padded(tiny_model, embeddings, tiny_model.prompt_encoder.get_dense_pe(), hq_features,
-                                                    None, coords, labels, has_point, torch.zeros(2, 4), no_box,
-                                                    torch.zeros(2, 1, 4 * G, 4 * G), no_mask)
-        got = all_masks[:, 4:5]  # the HQ mask, as base
+            got, _ = decoding.decode_padded(tiny_model, embeddings, tiny_model.prompt_encoder.get_dense_pe(), hq_features,
+                                            None, coords, labels, has_point, torch.zeros(2, 4), no_box,
+                                            torch.zeros(2, 1, 4 * G, 4 * G), no_mask, torch.tensor(False), torch.tensor(True))
         assert torch.allclose(got, base, atol=1e-5 * base.abs().max().item()) != padded_slots_are_points
 
 
@@ -310,7 +328,7 @@ def test_more_points_than_the_largest_point_bucket(tiny_model, image_state, monk
 def test_chunks_survive_static_output_buffers(tiny_model, image_state, monkeypatch):
     """A CUDA graph returns the same output buffers on every replay. A stand-in that does the same
     (copies every result into one pair of buffers) must not change a two-chunk decode: each chunk's
-    outputs are copied out before the next replay (hq_token_only selects a view of them)."""
+    outputs are copied out before the next replay (the real rows are a view of them)."""
     monkeypatch.setattr(decoding, "PROMPT_BUCKETS", (1, 2, 4))
     decoder = PromptDecoder(tiny_model, compile=False)
     run, static = decoder._decode, []
@@ -549,10 +567,10 @@ def test_cuda_graphs_needs_a_compiled_cuda_decoder(tiny_model):
 
 @pytest.mark.gpu
 def test_default_graph_mode_on_cuda_gpu(tiny_model):
-    """The default (None) graphs a compiled CUDA decoder with graph trees, and reports no graphs
-    for an uncompiled one (which has none)."""
+    """The default (None) graphs a compiled CUDA decoder with hand-captured graphs (as True does),
+    and reports no graphs for an uncompiled one (which has none)."""
     model = copy.deepcopy(tiny_model).cuda()
-    assert PromptDecoder(model).cuda_graphs == "trees"
+    assert PromptDecoder(model).cuda_graphs == PromptDecoder(model, cuda_graphs=True).cuda_graphs == "manual"
     assert PromptDecoder(model, compile=False).cuda_graphs is False
 
 
@@ -749,7 +767,7 @@ def test_warm_up_refuses_bad_counts(tiny_model, kwargs):
 
 @pytest.mark.gpu
 def test_warm_up_gpu(tiny_model):
-    """On CUDA (graph trees, encoder graphs): after warm_up, a real image and prompts in the warmed
+    """On CUDA (the default decoder graphs, encoder graphs): after warm_up, a real image and prompts in the warmed
     buckets trace no new graph, and the outputs are the eager predictor's."""
 
     predictor = SamHQPredictor(apply_fused_backend(copy.deepcopy(tiny_model).cuda()), encoder_graphs=True)

@@ -106,6 +106,44 @@ def test_one_graph_per_key_sharing_one_pool(fake_cuda):
     assert cache.graphs == {} and cache.pool is None
 
 
+def test_graphs_share_input_buffers_of_one_layout(fake_cuda):
+    """Two keys whose first argument has one shape and dtype read it from one static buffer (one copy
+    of an image's features for every prompt bucket); alternating calls still get their own inputs,
+    and a new key's warm-up runs on its own call's values, not on what the buffer held before."""
+    seen = []
+
+    def fn(x, y):
+        if not FakeGraph.capturing:
+            seen.append(x.clone())  # what the warm-up run read
+        return scaled_sum(x, y, [])
+
+    cache = graphs.GraphCache(fn, warmup=1)
+    x, small, large = torch.arange(3.0), torch.ones(3), torch.ones(1)
+    torch.testing.assert_close(cache("a", x, small), 2 * x + small)
+    torch.testing.assert_close(cache("b", 5 * x, large), 10 * x + large)
+    assert torch.equal(seen[-1], 5 * x)  # b's warm-up: this call's x, not a's
+    assert cache.graphs["a"][1][0] is cache.graphs["b"][1][0]  # one buffer for x
+    assert cache.graphs["a"][1][1] is not cache.graphs["b"][1][1]  # y: two shapes, two buffers
+    for scale in (3.0, 7.0):
+        torch.testing.assert_close(cache("a", scale * x, small).clone(), 2 * scale * x + small)
+        torch.testing.assert_close(cache("b", -scale * x, large).clone(), -2 * scale * x + large)
+    cache.clear()
+    assert cache.input_buffers == {}
+
+
+def test_copy_into_fills_every_buffer_from_its_own_input():
+    """The copies into a graph's input buffers run grouped by dtype (one multi-tensor copy each):
+    every buffer must still receive its own input, whatever the mix of dtypes, sizes and layouts;
+    None buffers (constant None arguments) take nothing."""
+    buffers = [torch.zeros(3), None, torch.zeros(2, dtype=torch.bool), torch.zeros(4, dtype=torch.int64),
+               torch.zeros(3, 2), torch.zeros((), dtype=torch.bool), torch.zeros(1)]
+    sources = [torch.arange(3.0), torch.ones(5), torch.tensor([True, False]), torch.arange(4),
+               torch.arange(6.0).reshape(2, 3).t(), torch.tensor(True), torch.full((1,), 7.0)]  # a transposed view
+    graphs.copy_into(buffers, sources)
+    for buffer, source in zip(buffers, sources):
+        assert buffer is None or torch.equal(buffer, source)
+
+
 def test_inputs_are_copied_not_aliased(fake_cuda):
     """The graph keeps its own input buffers: changing the caller's tensor later changes nothing."""
     cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, []), warmup=0)

@@ -11,13 +11,14 @@ one random image through model.encode_image per variant) and are NOT in the timi
   eager     model.prompt_encoder + model.mask_decoder, as SamHQPredictor.predict_torch's eager branch
   compiled  samhq_fast.decoding.PromptDecoder(model, cuda_graphs=False): prompts padded to buckets
             (1, 4, 16, 64, 256 prompts; more run in chunks of 256) under torch.compile, no CUDA graphs
-  graphed   PromptDecoder(model): the same compiled function replayed as CUDA graphs
-            (mode="reduce-overhead"), what predict_torch runs with the fused backend
+  graphed   PromptDecoder(model, cuda_graphs="trees"): the same compiled function replayed as
+            Inductor's CUDA-graph trees (mode="reduce-overhead")
   graphed-conv  PromptDecoder(model, conv_kernels=True): graphed, with the HQ branch's first 3x3
             convolution (+ LayerNorm2d, GELU) as the Triton kernel of kernels/conv3x3.py instead of
             cuDNN + Inductor's code (the experiment of NOTES predictions 20 and 23)
-  graphed-manual  PromptDecoder(model, cuda_graphs="manual"): the compiled function captured by
-            hand in a torch.cuda.CUDAGraph per bucket shape (samhq_fast.graphs.GraphCache)
+  graphed-manual  PromptDecoder(model) (cuda_graphs="manual", the default): the compiled function
+            captured by hand in a torch.cuda.CUDAGraph per bucket shape (samhq_fast.graphs.GraphCache),
+            what predict_torch runs with the fused backend
 The decoder does not depend on the ViT size (vit_dim only enters the per-image HQ features), so
 vit_b and vit_h should agree up to noise; both run as a check.
 
@@ -153,13 +154,14 @@ def make_prompts(kind: str, num: int, config: SamHQConfig, device, seed: int) ->
 TIMED_CALLS = {
     "eager": "model.prompt_encoder + model.mask_decoder (multimask_output=True) on N prompts, one call",
     "compiled": "PromptDecoder(model, cuda_graphs=False)(..., multimask_output=True): pad to the prompt bucket, compiled "
-                "decode (chunks of 256 prompts), mask selection",
-    "graphed": "PromptDecoder(model) (CUDA graphs)(..., multimask_output=True): pad to the prompt bucket, graph replay "
-               "(chunks of 256 prompts), mask selection, copy out",
-    "graphed-conv": "PromptDecoder(model, conv_kernels=True) (CUDA graphs)(..., multimask_output=True): as graphed, the HQ "
+                "decode (chunks of 256 prompts, mask selection inside)",
+    "graphed": "PromptDecoder(model, cuda_graphs='trees')(..., multimask_output=True): pad to the prompt bucket, graph "
+               "trees' replay (chunks of 256 prompts, mask selection inside), copy out",
+    "graphed-conv": "PromptDecoder(model, cuda_graphs='trees', conv_kernels=True)(..., multimask_output=True): as graphed, the HQ "
                     "branch's first 3x3 convolution (+ LayerNorm2d, GELU) by kernels/conv3x3.py",
-    "graphed-manual": "PromptDecoder(model, cuda_graphs='manual')(..., multimask_output=True): pad to the prompt bucket, "
-                      "copy into the graph's static inputs, torch.cuda.CUDAGraph replay (chunks of 256), mask selection, copy out",
+    "graphed-manual": "PromptDecoder(model) (cuda_graphs='manual', the default)(..., multimask_output=True): pad to the prompt "
+                      "bucket, copy into the graph's static inputs, torch.cuda.CUDAGraph replay (chunks of 256, mask selection "
+                      "inside), copy out",
 }
 
 
@@ -450,7 +452,7 @@ def method_notes(args, dtype) -> dict:
                    f"N to its buckets {PROMPT_BUCKETS} (chunks of {PROMPT_BUCKETS[-1]} beyond)",
         "timed_call": "decoder only, multimask_output=True, hq_token_only=False, -> low-res logits [N, 1, 4G, 4G] + scores; "
                       "no postprocess_masks. eager: prompt_encoder + mask_decoder as predict_torch's eager branch; compiled: "
-                      "PromptDecoder(model, cuda_graphs=False); graphed: PromptDecoder(model), CUDA graphs",
+                      "PromptDecoder(model, cuda_graphs=False); graphed: CUDA-graph trees; graphed-manual: hand-captured CUDA graphs (the default)",
         "throughput": f"first call timed apart (compiles the bucket shapes not yet compiled in this mode and variant; on-disk "
                       f"Inductor/Triton caches from earlier modes may shorten it), {args.warmup} warm-up calls timed together "
                       f"(warmup_s: CUDA-graph capture happens there), then >= {args.min_repeats} back-to-back calls (about "

@@ -66,18 +66,15 @@ class MaskDecoderHQ(nn.Module):
         mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
         return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.hypernetwork_mlps)], dim=1)
 
-    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None, hq_masks=None,
-                      hypernetworks=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
+    def decode_tokens(self, image_embeddings, image_pe, sparse, dense, sparse_mask=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The part every output head reads: the two-way transformer over output + prompt tokens and
+        the image, then the image's upscaling.
 
         image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
         dense [1 or P, 256, h, w] (1: the same for every prompt; with one image, the transformer's
-        first image projections then run once, not per prompt), hq_features [1 or P, 32, 4h, 4w];
-        sparse_mask [P, T] bool marks the real sparse tokens when prompts are padded to a fixed T
-        (None: all are real). hq_masks: a function computing `self.hq_masks(upscaled_sam,
-        hq_features, hyper_hq)` some other way (the padded decoder's folded convolution), None for
-        this module's own; hypernetworks: likewise for `self.hypernetworks(mask_tokens)` (the compiled
-        decoder's batched matmuls).
+        first image projections then run once, not per prompt); sparse_mask [P, T] bool marks the
+        real sparse tokens when prompts are padded to a fixed T (None: all are real).
+        -> (IoU token [P, 256], the five mask tokens [P, 5, 256] (4 SAM + HQ), upscaled image [P, 32, 4h, 4w]).
         """
         num_prompts = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
@@ -88,13 +85,18 @@ class MaskDecoderHQ(nn.Module):
         if sparse_mask is not None:  # the 6 output tokens are always real
             token_mask = torch.cat([sparse_mask.new_ones(num_prompts, output_tokens.shape[0]), sparse_mask], dim=1)
         hs, src = self.transformer(src, image_pe, tokens, token_mask)
+        upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(num_prompts, c, h, w))
+        return hs[:, 0], hs[:, 1:6], upscaled_sam
 
-        upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(num_prompts, c, h, w))  # [P, 32, 4h, 4w]
-        hyper_in = (hypernetworks or self.hypernetworks)(hs[:, 1:6])  # [P, 5, 32]
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
+        hq_features [1 or P, 32, 4h, 4w]; the rest as `decode_tokens`."""
+        iou_token, mask_tokens, upscaled_sam = self.decode_tokens(image_embeddings, image_pe, sparse, dense, sparse_mask)
+        hyper_in = self.hypernetworks(mask_tokens)  # [P, 5, 32]
         masks_sam = hyper_in[:, :4] @ upscaled_sam.flatten(2)
-        masks_hq = (hq_masks or self.hq_masks)(upscaled_sam, hq_features, hyper_in[:, 4])
-        masks = torch.cat([masks_sam, masks_hq], dim=1).view(num_prompts, 5, *upscaled_sam.shape[-2:])
-        return masks, self.iou_prediction_head(hs[:, 0])
+        masks_hq = self.hq_masks(upscaled_sam, hq_features, hyper_in[:, 4])
+        masks = torch.cat([masks_sam, masks_hq], dim=1).view(sparse.shape[0], 5, *upscaled_sam.shape[-2:])
+        return masks, self.iou_prediction_head(iou_token)
 
     def forward(
         self,
