@@ -258,9 +258,9 @@ class PromptDecoder:
     def _constant(self, role: str, shape: tuple, dtype: torch.dtype, fill) -> torch.Tensor:
         """A tensor of `shape` all `fill`, made once per role and shape: the padded batch's parts that
         no prompt sets (no points, no boxes) or that every row sets (the has_* flags of a batch
-        without padding rows), and the output rule's flags, with no fill launched per call. The decoder only reads its inputs.
-        One tensor per role: two arguments never alias (Dynamo would guard on, and recompile for,
-        which arguments are the same tensor)."""
+        without padding rows), and the output rule's flags, with no fill launched per call. The
+        decoder only reads its inputs. One tensor per role: two arguments never alias (Dynamo would
+        guard on, and recompile for, which arguments are the same tensor)."""
         key = (role, shape, fill)
         if key not in self._constants:
             self._constants[key] = torch.full(shape, fill, dtype=dtype, device=self.model.device)
