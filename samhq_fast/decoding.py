@@ -266,21 +266,41 @@ class PromptDecoder:
             self._constants[key] = torch.full(shape, fill, dtype=dtype, device=self.model.device)
         return self._constants[key]
 
+    def _point_slots(self, rows: int, k_pad: int, points: int) -> torch.Tensor:
+        """has_point [rows, k_pad] bool, True in the first `points` slots of every row: made once per
+        shape and point count, as `_constant`."""
+        key = ("has_point", (rows, k_pad), points)
+        if key not in self._constants:
+            slots = torch.arange(k_pad, device=self.model.device) < points
+            self._constants[key] = slots.expand(rows, k_pad).contiguous()  # contiguous, as a staged buffer (Dynamo guards on strides)
+        return self._constants[key]
+
+    def _fill_slots(self, values: torch.Tensor, k_pad: int, role: str) -> torch.Tensor:
+        """values [rows, K, ...] (point coords or labels) in k_pad >= K slots per row, float32, zeros in
+        the empty slots (has_point is False there: never read): one concatenation with a constant, no
+        zero-filled buffer per call (integer labels become float32 in it)."""
+        rows, points = values.shape[:2]
+        if points < k_pad:
+            empty = self._constant(f"empty {role} slots", (rows, k_pad - points, *values.shape[2:]), torch.float32, 0)
+            values = torch.cat([values, empty], dim=1)
+        return as_decoder_input(values, torch.float32)
+
     def _padded_batch(self, decoded_sets: list, rows: int, k_pad: int, any_mask: bool, one_image: bool) -> tuple:
         """(index, coords, labels, has_point, box, has_box, masks, has_mask): the prompt sets laid out
         as `rows` padded rows (see decode_padded; masks / has_mask None without mask prompts). index
         [rows] says which image each row reads (empty rows: image 0), None for one_image. One set
-        that fills every row with a bucket's point count (one box, one point, 4 boxes...) is used as
-        given (`as_decoder_input`): no staging buffers; otherwise the sets are copied into zero-filled ones."""
+        that fills every row (one box, one prompt of any number of points, 4 boxes...) is used as given
+        (`as_decoder_input`), its point lists padded to k_pad slots by one concatenation each: no
+        staging buffers; otherwise the sets are copied into zero-filled ones."""
         device, dtype = self.model.device, self.model.dtype
         (_, point_coords, point_labels, boxes, mask_input), n = decoded_sets[0]
-        if len(decoded_sets) == 1 and n == rows and (point_coords is None or point_coords.shape[1] == k_pad):
+        if len(decoded_sets) == 1 and n == rows:
             no_points, no_box = point_coords is None, boxes is None
             return (
                 None,  # one set: one image
-                self._constant("coords", (rows, k_pad, 2), torch.float32, 0) if no_points else as_decoder_input(point_coords, torch.float32),
-                self._constant("labels", (rows, k_pad), torch.float32, 0) if no_points else as_decoder_input(point_labels, torch.float32),
-                self._constant("has_point", (rows, k_pad), torch.bool, not no_points),
+                self._constant("coords", (rows, k_pad, 2), torch.float32, 0) if no_points else self._fill_slots(point_coords, k_pad, "coords"),
+                self._constant("labels", (rows, k_pad), torch.float32, 0) if no_points else self._fill_slots(point_labels, k_pad, "labels"),
+                self._point_slots(rows, k_pad, 0 if no_points else point_coords.shape[1]),
                 self._constant("box", (rows, 4), torch.float32, 0) if no_box else as_decoder_input(boxes, torch.float32),
                 self._constant("has_box", (rows,), torch.bool, not no_box),
                 None if not any_mask else as_decoder_input(mask_input, dtype),

@@ -227,11 +227,13 @@ class FillCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kind, num, points", [("box", 1, 1), ("points", 4, 4), ("points+box+mask", 1, 2), ("mask", 4, 1)])
+@pytest.mark.parametrize("kind, num, points", [("box", 1, 1), ("points", 4, 4), ("points+box+mask", 1, 2), ("mask", 4, 1),
+                                               ("points", 1, 3), ("points+box", 4, 5)])  # 3 -> 4, 5 -> 8 point slots
 def test_a_batch_without_padding_needs_no_staging_buffers(tiny_model, image_state, kind, num, points):
-    """One prompt set filling its bucket (one box, 4 prompts of 4 points...) goes to the decoder as
-    given: from the second call on, no buffer is zero-filled or flagged per call (the padding-free
-    batch's flags and absent parts are made once and never written), and the outputs are eager's."""
+    """One prompt set filling its bucket's rows (one box, one prompt of 3 points, 4 prompts of 4
+    points...) goes to the decoder as given, its point lists padded by concatenation: from the second
+    call on, no buffer is zero-filled or flagged per call (the flags, the absent parts and the empty
+    point slots are made once and never written), and the outputs are eager's."""
     decoder = PromptDecoder(tiny_model, compile=False)
     prompts = make_prompts(kind, num, points)
     decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
@@ -257,13 +259,14 @@ def test_a_batch_without_padding_needs_no_staging_buffers(tiny_model, image_stat
 
 
 def test_given_and_staged_batches_share_a_compiled_shape(tiny_model, image_state):
-    """4 prompts of 3 points (padded to 4 slots: staged in fresh buffers) and of 4 points (taken as
-    given, copied to inference tensors) are one compiled shape: Dynamo guards on strides, dtypes and
-    inference-ness, and the given tensors (plain, int64 labels) must not fail those guards."""
+    """3 prompts of 3 points (4 rows of 4 slots: staged in fresh buffers), 4 prompts of 4 points
+    (taken as given, copied to inference tensors) and 4 prompts of 3 points (given, slots padded by
+    concatenation) are one compiled shape: Dynamo guards on strides, dtypes and inference-ness, and
+    the given tensors (plain, int64 labels) must not fail those guards."""
     counter = CompileCounterWithBackend("eager")
     decoder = PromptDecoder(tiny_model, backend=counter)
-    for points in (3, 4, 3):
-        prompts = make_prompts("points", 4, points, seed=points)
+    for num, points in ((3, 3), (4, 4), (4, 3), (3, 3)):
+        prompts = make_prompts("points", num, points, seed=points)
         got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
         for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, False, False)):
             torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
