@@ -120,7 +120,7 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
 
 
 def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask,
-                  multimask_output, hq_token_only, conv_features=None):
+                  multimask_output, hq_token_only, *, conv_features=None):
     """-> the mask logits [P, 1, 4G, 4G] and IoU scores [P, 1] that the output rule (`select_masks`)
     picks, the eager decoder's, computed with less work (see the module docstring).
 
@@ -415,7 +415,7 @@ class PromptDecoder:
         output_rule = (self._constant("multimask_output", (), torch.bool, bool(multimask_output)),
                        self._constant("hq_token_only", (), torch.bool, bool(hq_token_only)))
         padded = (index, coords, labels, has_point, box, has_box, masks, has_mask)
-        logits, scores = [], []
+        chunk_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
             # One chunk (up to 256 rows) is the whole batch: no views, which cost host time on every call.
@@ -425,12 +425,11 @@ class PromptDecoder:
             if real < chunk_logits.shape[0]:
                 chunk_logits, chunk_scores = chunk_logits[:real], chunk_scores[:real]
             # Copy out of the CUDA graph's static outputs now: the next chunk's replay overwrites them.
-            logits.append(chunk_logits.clone())
-            scores.append(chunk_scores.clone())
+            chunk_outputs.append((chunk_logits.clone(), chunk_scores.clone()))
             # Drop every reference to the graph's outputs before the next chunk: CUDA-graph trees
             # treat a call made while a previous call's outputs are alive as a new graph to record.
             del chunk_logits, chunk_scores
-        logits, scores = (torch.cat(logits), torch.cat(scores)) if len(logits) > 1 else (logits[0], scores[0])
+        logits, scores = map(torch.cat, zip(*chunk_outputs)) if len(chunk_outputs) > 1 else chunk_outputs[0]
         if len(counts) == 1:
             return [(logits, scores)]
         return list(zip(logits.split(counts), scores.split(counts)))

@@ -25,7 +25,7 @@ def weights_state(model: torch.nn.Module) -> tuple:
 def copy_into(buffers: list, sources) -> None:
     """buffer.copy_(source) for every buffer that is not None, as one multi-tensor copy per dtype
     (a launch each, not one per tensor: the prompt decoder's graphs take a dozen small inputs)."""
-    groups = {}  # dtype -> (buffers, sources)
+    groups: dict[torch.dtype, tuple[list, list]] = {}  # dtype -> (buffers, sources)
     for buffer, source in zip(buffers, sources):
         if buffer is not None:
             group = groups.setdefault(buffer.dtype, ([], []))
@@ -50,7 +50,7 @@ class GraphCache:
     def __init__(self, fn: Callable, warmup: int = 2):
         self.fn, self.warmup = fn, warmup
         self.graphs = {}  # key -> (graph, static args, static outputs)
-        self.input_buffers = {}  # (position, shape, dtype, strides) -> the static buffer graphs read there
+        self.input_buffers: dict[tuple, torch.Tensor] = {}  # (position, shape, dtype, strides) -> the static buffer graphs read there
         self.pool = None
 
     def __call__(self, key: Hashable, *args):
