@@ -151,8 +151,8 @@ What is measured (--what):
 Backends (--backends): eager (the reference), compile (torch.compile of the eager model;
 decoder: PromptDecoder without CUDA graphs), fused (Triton encoder kernels, and the same encoder
 replayed from a CUDA graph per batch as "fused-graphed"; decoder: PromptDecoder with torch.compile's
-CUDA graphs, the same with the Triton 3x3 convolutions (conv_kernels=True), and with hand-captured
-graphs), hf / hf-eager (transformers SamHQModel with SDPA /
+CUDA-graph trees, the same with the Triton 3x3 convolutions (conv_kernels=True), and with
+hand-captured graphs, the fused backend's default), hf / hf-eager (transformers SamHQModel with SDPA /
 eager attention, encoder only).
 Several --dtype values run one after the other and land in one JSON.
 
