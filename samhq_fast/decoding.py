@@ -8,8 +8,11 @@ prompt (the order of prompt tokens does not matter to the decoder, which has no 
                      has_point [P, K] says which slots hold a point (the rest are empty)
   1 "no box" slot    SAM's padding point (not_a_point_embed): real when points are given without a box
   2 box-corner slots real when the prompt has a box
-The same function as the eager decoder, computed with less work: the five hypernetwork MLPs run as
-three batched matmuls (`stacked_hypernetworks`), the HQ token's dot is folded into the last
+The same function as the eager decoder, computed with less work and fewer kernels: weights packed
+once (`PackedWeights`) let the five hypernetwork MLPs run as three batched matmuls
+(`stacked_hypernetworks`) and the transformer's projections that read one input run as one matmul
+(`packed_two_way_transformer`), the output upscaling's transposed convolutions run as matmuls
+(`upscaled_by_matmuls`), the HQ token's dot is folded into the last
 convolution (`folded_hq_masks`: a 32x smaller convolution), without mask prompts one image's
 tokens enter the two-way transformer once for all its prompts (`embed_padded_prompts`), and the
 output rule (multimask_output, hq_token_only) picks the SAM token before its mask is computed, inside
@@ -24,11 +27,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .fused import fused_available, triton_conv_features
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ
+from .modeling.transformer import TwoWayTransformer
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import no_prompt_outputs
 
@@ -72,23 +77,142 @@ def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box
     return sparse, sparse_mask, dense
 
 
-def stacked_hypernetworks(decoder: MaskDecoderHQ, mask_tokens: torch.Tensor) -> torch.Tensor:
+def packing_recipes(decoder: MaskDecoderHQ) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
+    """What `PackedWeights` packs: name -> (torch.stack or torch.cat, the source tensors).
+      hypernetworks.{i}.weight / .bias   the five hypernetwork MLPs' layer i, stacked ([5, out, in] /
+                                         [5, out], `hypernetwork_mlps` order): `stacked_hypernetworks`
+      layers.{i}.self_attn.weight / .bias  block i's self-attention q | k projections (q | k | v in
+                                         the first block, which adds no positional encoding)
+      layers.{i}.image.weight / .bias    block i's token-to-image keys | image-to-token queries: both
+                                         project image + positional encoding
+    (`packed_two_way_transformer`)."""
+    mlps = decoder.hypernetwork_mlps
+    recipes: dict[str, tuple[Callable, list[torch.Tensor]]] = {}
+    for i in range(len(mlps[0].layers)):
+        for name in ("weight", "bias"):
+            recipes[f"hypernetworks.{i}.{name}"] = (torch.stack, [getattr(mlp.layers[i], name) for mlp in mlps])
+    for i, layer in enumerate(decoder.transformer.layers):
+        attn = layer.self_attn
+        self_projections = [attn.q_proj, attn.k_proj] + ([attn.v_proj] if layer.skip_first_layer_pe else [])
+        image_projections = [layer.cross_attn_token_to_image.k_proj, layer.cross_attn_image_to_token.q_proj]
+        for name in ("weight", "bias"):
+            recipes[f"layers.{i}.self_attn.{name}"] = (torch.cat, [getattr(p, name) for p in self_projections])
+            recipes[f"layers.{i}.image.{name}"] = (torch.cat, [getattr(p, name) for p in image_projections])
+    return recipes
+
+
+class PackedWeights:
+    """Decoder weights stacked or concatenated for the padded decoder (`packing_recipes`): fewer,
+    larger matmuls. Packed once and kept (packed per call, each would be a copy kernel in every
+    decoder call); `refresh` repacks them in place when a source weight has changed since (weights
+    loaded in place), so that a compiled function or a CUDA graph reading these tensors reads the
+    new weights. Inference-tensor weights track no versions: they are packed as they are at
+    construction."""
+
+    def __init__(self, decoder: MaskDecoderHQ):
+        self._recipes = packing_recipes(decoder)
+        self._sources = [t for _, sources in self._recipes.values() for t in sources]
+        self._tracked = not any(t.is_inference() for t in self._sources)
+        with torch.inference_mode():
+            self.tensors = {name: pack(sources) for name, (pack, sources) in self._recipes.items()}
+        for t in self.tensors.values():
+            torch._dynamo.mark_static_address(t)  # read in place by graph trees' replays, never copied in
+        self._versions = self._source_versions()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def _source_versions(self) -> tuple | None:
+        return tuple(t._version for t in self._sources) if self._tracked else None
+
+    def refresh(self) -> None:
+        """Repack (in place) if any source weight was written since the last packing."""
+        versions = self._source_versions()
+        if versions != self._versions:
+            with torch.inference_mode():
+                for name, (pack, sources) in self._recipes.items():
+                    pack(sources, out=self.tensors[name])
+            self._versions = versions
+
+
+def stacked_hypernetworks(packed: PackedWeights, mask_tokens: torch.Tensor) -> torch.Tensor:
     """`decoder.hypernetworks` as three batched matmuls over the five MLPs (same shapes, one weight
     set per token) instead of 15 small ones: fewer kernels per decoder call, which is what a single
-    prompt's latency is made of. The weights are stacked per call, so weights loaded in place are read.
+    prompt's latency is made of.
 
     mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32].
     """
-    mlps = decoder.hypernetwork_mlps
     x = mask_tokens.transpose(0, 1)  # [5, P, 256]: one matmul batch per token
-    depth = len(mlps[0].layers)
+    depth = sum(name.startswith("hypernetworks.") for name in packed.tensors) // 2
     for i in range(depth):
-        weight = torch.stack([mlp.layers[i].weight for mlp in mlps])  # [5, out, in]
-        bias = torch.stack([mlp.layers[i].bias for mlp in mlps])  # [5, out]
+        weight, bias = packed[f"hypernetworks.{i}.weight"], packed[f"hypernetworks.{i}.bias"]
         x = torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
         if i < depth - 1:
             x = torch.relu(x)
     return x.transpose(0, 1)
+
+
+def packed_two_way_transformer(transformer: TwoWayTransformer, packed: PackedWeights, image, image_pe, tokens, token_mask=None):
+    """`transformer(image, image_pe, tokens, token_mask)` with the projections that read one input
+    run as one matmul each (`packing_recipes`): per block, self-attention's q and k (and v in the
+    first block), and the image side's token-to-image keys with the image-to-token queries. Same
+    shapes in and out as the module's forward."""
+    keys = image.flatten(2).transpose(1, 2)  # [B or 1, hw, C]
+    key_pe = image_pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for i, layer in enumerate(transformer.layers):
+        self_attn, to_image, to_tokens = layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        weight, bias = packed[f"layers.{i}.self_attn.weight"], packed[f"layers.{i}.self_attn.bias"]
+        if layer.skip_first_layer_pe:
+            q, k, v = F.linear(queries, weight, bias).split(self_attn.q_proj.out_features, dim=-1)
+            queries = self_attn.attend(q, k, v, token_mask)
+        else:
+            q, k = F.linear(queries + tokens, weight, bias).split(self_attn.q_proj.out_features, dim=-1)
+            queries = queries + self_attn.attend(q, k, self_attn.v_proj(queries), token_mask)
+        queries = layer.norm1(queries)
+        weight, bias = packed[f"layers.{i}.image.weight"], packed[f"layers.{i}.image.bias"]
+        image_keys, image_queries = F.linear(keys + key_pe, weight, bias).split(to_image.k_proj.out_features, dim=-1)
+        queries = layer.norm2(queries + to_image.attend(to_image.q_proj(queries + tokens), image_keys, to_image.v_proj(keys)))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        attended = to_tokens.attend(image_queries, to_tokens.k_proj(queries + tokens), to_tokens.v_proj(queries), token_mask)
+        keys = layer.norm4(keys + attended)
+    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(queries + tokens, keys + key_pe, keys))
+    return queries, keys
+
+
+def conv_transpose_2x2(pixels: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """`conv` (kernel 2, stride 2) as one matmul. Its 2x2 output blocks do not overlap: output pixel
+    (2y + i, 2x + j) is input pixel (y, x) times the weight's tap (i, j), so the weight viewed as
+    [C_in, C_out * 2 * 2] maps each input pixel to its whole output block. The matmul reads the
+    weight where it is (under Inductor, a cuDNN transposed convolution takes a channels-last copy of
+    its weight per call), and rows may come in any order: blocks stay where their pixel was, and
+    whoever assembles the image reorders them once.
+
+    pixels [..., C_in] -> [..., 2 (i), 2 (j), C_out], bias added.
+    """
+    if conv.kernel_size != (2, 2) or conv.stride != (2, 2) or conv.padding != (0, 0) or conv.output_padding != (0, 0) or conv.groups != 1:
+        raise ValueError(f"conv_transpose_2x2 needs a transposed convolution of kernel 2, stride 2, no padding, one group: got {conv}")
+    c_in, c_out = pixels.shape[-1], conv.out_channels
+    blocks = pixels.reshape(-1, c_in) @ conv.weight.reshape(c_in, c_out * 4)  # [pixels, C_out * (i, j)]
+    return blocks.view(*pixels.shape[:-1], c_out, 2, 2).movedim(-3, -1) + conv.bias
+
+
+def upscaled_by_matmuls(upscaling: nn.Sequential, pixels: torch.Tensor) -> torch.Tensor:
+    """`upscaling` (ConvT 2x2 s2 -> LayerNorm2d -> GELU -> ConvT 2x2 s2 [-> GELU], the decoder's
+    `output_upscaling`) with each transposed convolution as a matmul (`conv_transpose_2x2`). The
+    first one's output blocks feed the second as they are; the image is assembled at the end.
+
+    pixels [P, h, w, C] (channels-last) -> [P, C_out, 4h, 4w] (channels-last in memory).
+    """
+    first, norm, gelu, second, *rest = upscaling
+    p, h, w, _ = pixels.shape
+    x = conv_transpose_2x2(pixels, first)  # [P, h, w, 2, 2, C/4]: pixel (2y + i, 2x + j)
+    x = gelu(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))  # LayerNorm2d: over channels
+    x = conv_transpose_2x2(x, second)  # [P, h, w, 2, 2, 2, 2, C_out]: pixel (4y + 2i + i', 4x + 2j + j')
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(p, 4 * h, 4 * w, second.out_channels).permute(0, 3, 1, 2)
+    for module in rest:
+        x = module(x)
+    return x
 
 
 def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor,
@@ -120,20 +244,23 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
 
 
 def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask,
-                  multimask_output, hq_token_only, *, conv_features=None):
+                  multimask_output, hq_token_only, *, packed: PackedWeights, conv_features=None):
     """-> the mask logits [P, 1, 4G, 4G] and IoU scores [P, 1] that the output rule (`select_masks`)
     picks, the eager decoder's, computed with less work (see the module docstring).
 
     image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
     says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy).
     multimask_output, hq_token_only: 0-dim bool tensors, so that one compiled graph serves every
-    combination of the two. conv_features: see `folded_hq_masks`."""
+    combination of the two. packed: the decoder's packed weights, kept fresh by the caller
+    (`PackedWeights.refresh`). conv_features: see `folded_hq_masks`."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
     sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, has_point, boxes, has_box, masks, has_mask)
     decoder = model.mask_decoder
-    iou_token, mask_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, sparse_mask)
-    hyper = stacked_hypernetworks(decoder, mask_tokens)  # [P, 5, 32]
+    upscale = functools.partial(upscaled_by_matmuls, decoder.output_upscaling)
+    transformer = functools.partial(packed_two_way_transformer, decoder.transformer, packed)
+    iou_token, mask_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, sparse_mask, upscale, transformer)
+    hyper = stacked_hypernetworks(packed, mask_tokens)  # [P, 5, 32]
     iou = decoder.iou_prediction_head(iou_token)  # [P, 4]
     # The output rule before the masks: the IoU scores do not depend on them, so only the chosen SAM
     # token's mask is computed (one matmul row per prompt instead of four).
@@ -227,7 +354,8 @@ class PromptDecoder:
             if not ok:
                 raise ValueError(f"conv_kernels=True needs the Triton kernels, which cannot run here: {why}")
             conv_features = functools.partial(triton_conv_features, model.mask_decoder)
-        fn = lambda *args: decode_padded(model, *args, conv_features=conv_features)  # noqa: E731  (compile a closure, not the module)
+        self._packed = packed = PackedWeights(model.mask_decoder)
+        fn = lambda *args: decode_padded(model, *args, packed=packed, conv_features=conv_features)  # noqa: E731  (compile a closure, not the module)
         self._uncompiled = fn  # for shapes past the recompile limit
         if compile:
             mode = "reduce-overhead" if graphs == "trees" else None
@@ -400,6 +528,7 @@ class PromptDecoder:
             self._bind()
         if self._basis_version() != self._pe_version:
             self._encode_dense_pe()
+        self._packed.refresh()
         decoded_sets = [(prompt, n) for prompt, n in zip(prompt_sets, counts) if n]  # sets with N = 0 take no rows
         images = {prompt[0] for prompt, _ in decoded_sets}
         one_image = len(images) == 1

@@ -108,15 +108,19 @@ def test_a_reused_decoder_never_reads_stale_prompt_slots(tiny_model, image_state
         torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
 
 
-def test_weights_loaded_in_place_are_used(tiny_model, image_state):
-    """model.load_state_dict copies into the existing tensors (same addresses): the decoder's cached
-    positional encoding must follow, as the compiled function's weights do."""
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_weights_loaded_in_place_are_used(tiny_model, image_state, compile):
+    """model.load_state_dict copies into the existing tensors (same addresses): what the decoder
+    keeps between calls (the positional encoding, the hypernetwork stacks) must follow, as the
+    compiled function's weights do."""
     model = copy.deepcopy(tiny_model)
-    decoder = PromptDecoder(model, compile=False)
+    decoder = PromptDecoder(model, compile=compile)
     prompts = make_prompts("points+box", 2, 2, seed=4)
     decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
-    with torch.no_grad():
-        model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(1.5)  # as a load_state_dict would
+    with torch.no_grad():  # as a load_state_dict would
+        model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(1.5)
+        model.mask_decoder.hf_mlp.layers[0].weight.mul_(-1.0)
+        model.mask_decoder.transformer.layers[0].self_attn.v_proj.weight.mul_(-1.0)
     expected = eager_decode(model, image_state, prompts, False, False)
     got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
     for g, e in zip(got, expected):
@@ -127,21 +131,67 @@ def test_weights_loaded_in_place_are_used(tiny_model, image_state):
 def test_stacked_hypernetworks_equal_the_five_mlps(tiny_model, num):
     """The compiled decoder's three batched matmuls against the decoder's own five MLPs in float64,
     token by token (each token must meet its own MLP: a swapped pair of weight sets fails); then
-    with one MLP's weights changed in place (they are stacked per call, not cached)."""
+    with one MLP's weight and another's bias changed in place: the stacks are kept between calls,
+    and `refresh` must restack them (before it, they still hold the old weights)."""
     decoder = copy.deepcopy(tiny_model.mask_decoder)
     tokens = torch.randn(num, 5, 256, generator=torch.Generator().manual_seed(num))
     reference = copy.deepcopy(decoder).double()
+    packed = decoding.PackedWeights(decoder)
     for change in (False, True):
         if change:
             with torch.no_grad():
-                decoder.hf_mlp.layers[1].weight.mul_(-2.0)
-                reference.hf_mlp.layers[1].weight.mul_(-2.0)
+                for model in (decoder, reference):
+                    model.hf_mlp.layers[1].weight.mul_(-2.0)
+                    model.output_hypernetworks_mlps[0].layers[2].bias.add_(1.0)
+            assert not torch.equal(packed["hypernetworks.1.weight"][4], decoder.hf_mlp.layers[1].weight)
+            packed.refresh()
         with torch.inference_mode():
-            got = decoding.stacked_hypernetworks(decoder, tokens)
+            got = decoding.stacked_hypernetworks(packed, tokens)
             expected = reference.hypernetworks(tokens.double())
         assert got.shape == (num, 5, 32) and got.dtype == torch.float32
         scale = expected.abs().max().item() if num else 1.0
         torch.testing.assert_close(got.double(), expected, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("num, image_batch, masked", [(3, 1, True), (2, 2, False), (1, 1, True)])
+def test_packed_transformer_equals_the_module(tiny_model, num, image_batch, masked):
+    """The two-way transformer with the projections that share an input packed into one matmul,
+    against the module in float64: one image broadcast over the prompts or one per prompt, padded
+    token slots masked or none; then with projections of both packs (self-attention's k, the image
+    side's image-to-token q) changed in place and repacked."""
+    transformer = copy.deepcopy(tiny_model.mask_decoder.transformer).double()
+    decoder = copy.deepcopy(tiny_model.mask_decoder).double()
+    decoder.transformer = transformer
+    gen = torch.Generator().manual_seed(num)
+    image = torch.randn(image_batch, 256, 5, 7, generator=gen, dtype=torch.float64)
+    image_pe = torch.randn(1, 256, 5, 7, generator=gen, dtype=torch.float64)
+    tokens = torch.randn(num, 9, 256, generator=gen, dtype=torch.float64)
+    token_mask = (torch.rand(num, 9, generator=gen) < 0.7) | (torch.arange(9) < 6) if masked else None
+    packed = decoding.PackedWeights(decoder)
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                transformer.layers[1].self_attn.k_proj.weight.mul_(-1.5)
+                transformer.layers[0].cross_attn_image_to_token.q_proj.bias.add_(0.5)
+            packed.refresh()
+        with torch.inference_mode():
+            expected = transformer(image, image_pe, tokens, token_mask)
+            got = decoding.packed_two_way_transformer(transformer, packed, image, image_pe, tokens, token_mask)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, atol=1e-10 * e.abs().max().item(), rtol=0)
+
+
+def test_packed_inference_weights_are_taken_once(tiny_model):
+    """Weights made under inference mode track no versions: the packed weights hold them as they
+    were, and refresh neither fails nor repacks."""
+    with torch.inference_mode():
+        decoder = copy.deepcopy(tiny_model.mask_decoder)
+        for p in decoder.parameters():
+            p.data = p.data.clone()  # inference tensors
+    packed = decoding.PackedWeights(decoder)
+    packed.refresh()
+    assert torch.equal(packed["hypernetworks.0.weight"][2], decoder.output_hypernetworks_mlps[2].layers[0].weight)
 
 
 @pytest.mark.parametrize("num, height, width, hq_batch", [(3, 9, 14, 1), (2, 16, 16, 2), (1, 5, 7, 1), (0, 8, 8, 1)])
@@ -168,6 +218,38 @@ def test_folded_hq_masks_equal_the_hq_branch(tiny_model, num, height, width, hq_
     torch.testing.assert_close(got, expected, atol=1e-12 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("num, height, width", [(3, 5, 7), (2, 16, 16), (1, 1, 3), (0, 4, 4)])
+@pytest.mark.parametrize("upscaling", ["output_upscaling", "embedding_encoder", "compress_vit_feat"])
+def test_upscaling_by_matmuls_equals_the_transposed_convolutions(tiny_model, num, height, width, upscaling):
+    """Each 2x2 stride-2 transposed convolution as one matmul and a reorder of its output blocks,
+    against the modules in float64: the decoder's output upscaling (with its trailing GELU) and the
+    two HQ-feature upsamplers (other channel counts: 256 or the ViT width in), on non-square grids.
+    The weights are made non-symmetric in the taps, so a swapped (i, j) or channel order fails."""
+    decoder = copy.deepcopy(tiny_model.mask_decoder).double()
+    modules = getattr(decoder, upscaling)
+    gen = torch.Generator().manual_seed(num + height)
+    with torch.no_grad():
+        for conv in (modules[0], modules[3]):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen, dtype=torch.float64))
+    pixels = torch.randn(num, height, width, modules[0].in_channels, generator=gen, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = modules(pixels.permute(0, 3, 1, 2))
+        got = decoding.upscaled_by_matmuls(modules, pixels)
+    assert got.shape == expected.shape == (num, modules[3].out_channels, 4 * height, 4 * width)
+    # channels-last, what the next convolution reads without a copy (an empty tensor has no layout)
+    assert num == 0 or got.is_contiguous(memory_format=torch.channels_last)
+    scale = expected.abs().max().item() if num else 1.0
+    torch.testing.assert_close(got, expected, atol=1e-12 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("conv", [torch.nn.ConvTranspose2d(4, 2, 3, stride=2), torch.nn.ConvTranspose2d(4, 2, 2, stride=1),
+                                  torch.nn.ConvTranspose2d(4, 2, 2, stride=2, padding=1), torch.nn.ConvTranspose2d(4, 2, 2, stride=2, groups=2)])
+def test_conv_transpose_as_matmul_refuses_other_convolutions(conv):
+    with pytest.raises(ValueError, match="kernel 2, stride 2"):
+        decoding.conv_transpose_2x2(torch.zeros(1, 3, 3, 4), conv)
+
+
 @pytest.mark.parametrize("n, buckets, expected", [(1, decoding.PROMPT_BUCKETS, 1), (4, decoding.PROMPT_BUCKETS, 4),
                                                    (5, decoding.PROMPT_BUCKETS, 16), (256, decoding.PROMPT_BUCKETS, 256),
                                                    (64, decoding.POINT_BUCKETS, 64), (65, decoding.POINT_BUCKETS, 128),
@@ -192,23 +274,27 @@ def test_image_features_are_broadcast_not_copied_per_prompt(tiny_model, image_st
 
 
 @pytest.mark.parametrize("kind, shared", [("points+box", True), ("box+mask", False)])
-def test_first_image_projections_run_once_per_image(tiny_model, image_state, kind, shared):
+def test_first_image_projections_run_once_per_image(tiny_model, image_state, kind, shared, monkeypatch):
     """Without mask prompts every prompt's dense embedding is the same, so (one image) the first
-    block's projections of the image tokens (token-to-image keys and values, image-to-token queries)
-    run on one image, not on each of the 5 prompts; with mask prompts they run per prompt. Either
-    way the outputs are the eager decoder's."""
+    block's projections of the image tokens (token-to-image keys and image-to-token queries, one
+    packed matmul; token-to-image values) run on one image, not on each of the 5 prompts; with mask
+    prompts they run per prompt. Either way the outputs are the eager decoder's."""
+    decoder = PromptDecoder(tiny_model, compile=False)
     block = tiny_model.mask_decoder.transformer.layers[0]
-    projections = (block.cross_attn_token_to_image.k_proj, block.cross_attn_token_to_image.v_proj,
-                   block.cross_attn_image_to_token.q_proj)
+    image_weights = (decoder._packed["layers.0.image.weight"], block.cross_attn_token_to_image.v_proj.weight)
     rows = []
-    hooks = [p.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0])) for p in projections]
-    try:
-        prompts = make_prompts(kind, 5, 2, seed=6)
-        got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=True, hq_token_only=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert rows == [1 if shared else 16] * 3  # 5 prompts pad to the bucket of 16
+    linear = torch.nn.functional.linear
+
+    def recording_linear(x, weight, bias=None):
+        if any(weight is w for w in image_weights):
+            rows.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
+    prompts = make_prompts(kind, 5, 2, seed=6)
+    got = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
+    monkeypatch.undo()
+    assert rows == [1 if shared else 16] * 2  # 5 prompts pad to the bucket of 16
     for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, True, False)):
         torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
 
@@ -288,7 +374,8 @@ def test_padded_point_slots_are_invisible(tiny_model, image_state):
         with torch.inference_mode():
             got, _ = decoding.decode_padded(tiny_model, embeddings, tiny_model.prompt_encoder.get_dense_pe(), hq_features,
                                             None, coords, labels, has_point, torch.zeros(2, 4), no_box,
-                                            torch.zeros(2, 1, 4 * G, 4 * G), no_mask, torch.tensor(False), torch.tensor(True))
+                                            torch.zeros(2, 1, 4 * G, 4 * G), no_mask, torch.tensor(False), torch.tensor(True),
+                                            packed=decoding.PackedWeights(tiny_model.mask_decoder))
         assert torch.allclose(got, base, atol=1e-5 * base.abs().max().item()) != padded_slots_are_points
 
 

@@ -66,7 +66,8 @@ class MaskDecoderHQ(nn.Module):
         mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
         return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.hypernetwork_mlps)], dim=1)
 
-    def decode_tokens(self, image_embeddings, image_pe, sparse, dense, sparse_mask=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_tokens(self, image_embeddings, image_pe, sparse, dense, sparse_mask=None, upscale=None, transformer=None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The part every output head reads: the two-way transformer over output + prompt tokens and
         the image, then the image's upscaling.
 
@@ -74,6 +75,9 @@ class MaskDecoderHQ(nn.Module):
         dense [1 or P, 256, h, w] (1: the same for every prompt; with one image, the transformer's
         first image projections then run once, not per prompt); sparse_mask [P, T] bool marks the
         real sparse tokens when prompts are padded to a fixed T (None: all are real).
+        upscale: computes `output_upscaling` some other way (`decoding.upscaled_by_matmuls`), from the
+        image tokens as pixels [P, h, w, 256] (channels-last); transformer: computes `self.transformer`
+        (same arguments) some other way (`decoding.packed_two_way_transformer`). None runs the modules.
         -> (IoU token [P, 256], the five mask tokens [P, 5, 256] (4 SAM + HQ), upscaled image [P, 32, 4h, 4w]).
         """
         num_prompts = sparse.shape[0]
@@ -84,8 +88,9 @@ class MaskDecoderHQ(nn.Module):
         token_mask = None
         if sparse_mask is not None:  # the 6 output tokens are always real
             token_mask = torch.cat([sparse_mask.new_ones(num_prompts, output_tokens.shape[0]), sparse_mask], dim=1)
-        hs, src = self.transformer(src, image_pe, tokens, token_mask)
-        upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(num_prompts, c, h, w))
+        hs, src = (transformer or self.transformer)(src, image_pe, tokens, token_mask)
+        pixels = src.reshape(num_prompts, h, w, c)  # [P, hw, C] -> [P, h, w, C], a view
+        upscaled_sam = upscale(pixels) if upscale else self.output_upscaling(pixels.permute(0, 3, 1, 2))
         return hs[:, 0], hs[:, 1:6], upscaled_sam
 
     def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,9 +27,12 @@ class Attention(nn.Module):
         """q [B or 1, Nq, C], k and v [B or 1, Nk, C] -> [B, Nq, C]. A batch of 1 serves every prompt:
         one image's tokens are projected once, not once per prompt. key_mask [B, Nk] bool (True =
         attend) drops padded prompt slots; None attends to all keys."""
-        q = self._split_heads(self.q_proj(q))
-        k = self._split_heads(self.k_proj(k))
-        v = self._split_heads(self.v_proj(v))
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v), key_mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` after the q / k / v projections: q [B or 1, Nq, inner], k and v [B or 1, Nk, inner]
+        (already projected) -> [B, Nq, C]."""
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         batch = max(q.shape[0], k.shape[0])
         q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))  # views: SDPA takes equal batch sizes
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_mask is None else key_mask[:, None, None, :])
