@@ -33,9 +33,9 @@ from .fused import fused_available, triton_conv_features
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ
-from .modeling.transformer import TwoWayTransformer
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import no_prompt_outputs
+from .modeling.transformer import TwoWayTransformer
 
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
 POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # points per prompt; more are padded to a multiple of the last
@@ -111,6 +111,7 @@ class PackedWeights:
 
     def __init__(self, decoder: MaskDecoderHQ):
         self._recipes = packing_recipes(decoder)
+        self.hypernetwork_layers = len(decoder.hypernetwork_mlps[0].layers)
         self._sources = [t for _, sources in self._recipes.values() for t in sources]
         self._tracked = not any(t.is_inference() for t in self._sources)
         with torch.inference_mode():
@@ -143,7 +144,7 @@ def stacked_hypernetworks(packed: PackedWeights, mask_tokens: torch.Tensor) -> t
     mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32].
     """
     x = mask_tokens.transpose(0, 1)  # [5, P, 256]: one matmul batch per token
-    depth = sum(name.startswith("hypernetworks.") for name in packed.tensors) // 2
+    depth = packed.hypernetwork_layers
     for i in range(depth):
         weight, bias = packed[f"hypernetworks.{i}.weight"], packed[f"hypernetworks.{i}.bias"]
         x = torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
