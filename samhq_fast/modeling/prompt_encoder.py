@@ -45,10 +45,7 @@ class PositionEmbeddingRandom(nn.Module):
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
         """coords [..., 2] normalized to [0, 1] -> [..., 2 * num_pos_feats] fp32."""
         gaussian = self.positional_encoding_gaussian_matrix.float()
-        centred = 2 * coords.float() - 1
-        # centred @ gaussian, a contraction over 2: as two broadcast products it is elementwise work
-        # that a compiler fuses with sin / cos (a matmul is a kernel launch of its own)
-        phases = 2 * math.pi * (centred[..., :1] * gaussian[0] + centred[..., 1:] * gaussian[1])
+        phases = 2 * math.pi * ((2 * coords.float() - 1) @ gaussian)
         return torch.cat([torch.sin(phases), torch.cos(phases)], dim=-1)
 
     def grid(self, size: tuple[int, int]) -> torch.Tensor:
