@@ -1,13 +1,14 @@
 """Prompt decoding for many prompts at a steady shape: prompt encoder + HQ decoder under
 torch.compile, prompt batches padded to a few bucket sizes and point lists to a few lengths.
 
-Padding is exact, not approximate: padded point slots are masked out of every attention whose keys
+Padding is exact, not approximate: empty prompt slots are masked out of every attention whose keys
 are prompt tokens, so the real prompts' outputs are those of the eager decoder. Sparse slots per
 prompt (the order of prompt tokens does not matter to the decoder, which has no token positions):
-  K point slots      any label, as in SAM (1 / 0 / -1, others the bare positional encoding);
-                     has_point [P, K] says which slots hold a point (the rest are empty)
+  K point slots      any label, as in SAM (1 / 0 / -1, others the bare positional encoding)
   1 "no box" slot    SAM's padding point (not_a_point_embed): real when points are given without a box
   2 box-corner slots real when the prompt has a box
+Which slots are real is said by a token bias (`real_token_columns`) made outside the compiled
+function: a constant for a prompt set that fills its rows.
 The same function as the eager decoder, computed with less work and fewer kernels: weights packed
 once (`PackedWeights`) let the five hypernetwork MLPs run as three batched matmuls
 (`stacked_hypernetworks`) and the transformer's projections that read one input run as one matmul
@@ -39,6 +40,7 @@ from .modeling.transformer import TwoWayTransformer
 
 PROMPT_BUCKETS = (1, 4, 16, 64, 256)  # prompts per decoder call; more are split into chunks of the last
 POINT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # points per prompt; more are padded to a multiple of the last
+OUTPUT_TOKENS = 6  # the decoder's IoU, 4 SAM mask and HQ tokens, before the prompt tokens
 # Dynamo's limits on compiled variants of one function: per guarded object, and in all (renamed in
 # torch 2.7: cache_size_limit and accumulated_cache_size_limit before)
 _RENAMED = hasattr(torch._dynamo.config, "recompile_limit")
@@ -52,29 +54,46 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
-def embed_padded_prompts(model: SamHQ, coords, labels, has_point, boxes, has_box, masks, has_mask):
+def token_bias_columns(k_pad: int) -> int:
+    """Columns of the token bias for k_pad point slots: the 6 output tokens and k_pad + 3 sparse
+    slots, rounded up to a multiple of 16. SDPA's memory-efficient kernel, and Inductor's lowering of
+    it, read a bias whose rows are aligned (to 8 elements in torch 2.13) in place; an unaligned one
+    is copied by every attention that reads it (padded, and under Inductor spread over every query)."""
+    return -(-(OUTPUT_TOKENS + k_pad + 3) // 16) * 16
+
+
+def real_token_columns(k_pad: int, points: int, box: bool) -> list[slice]:
+    """The token bias's columns (see `embed_padded_prompts` for the slots) that hold the real tokens
+    of a prompt with `points` points in its first point slots, and a box or not."""
+    columns = [slice(0, OUTPUT_TOKENS + points)]  # the output tokens, then the points
+    no_box = OUTPUT_TOKENS + k_pad
+    if box:
+        columns.append(slice(no_box + 1, no_box + 3))
+    elif points:  # SAM pads points with one not-a-point when there is no box
+        columns.append(slice(no_box, no_box + 1))
+    return columns
+
+
+def embed_padded_prompts(model: SamHQ, coords, labels, boxes, masks, has_mask):
     """Fixed-shape prompt embedding.
 
-    coords [P, K, 2] / labels [P, K] with has_point [P, K] (bool: False in empty slots, whose label
-    is not read, so that every label value means what it means to the eager decoder), boxes [P, 4] with has_box [P],
-    masks [P, 1, 4G, 4G] with has_mask [P] (both None when no prompt has a mask: no mask is
-    downscaled), all in the resized input frame -> sparse [P, K + 3, C], sparse_mask [P, K + 3]
-    bool, dense [P, C, G, G] (model dtype); without masks dense is the no-mask embedding once,
+    coords [P, K, 2] / labels [P, K] (empty slots hold any values: the token bias masks them, so
+    that every label value means what it means to the eager decoder), boxes [P, 4], masks
+    [P, 1, 4G, 4G] with has_mask [P] (both None when no prompt has a mask: no mask is downscaled),
+    all in the resized input frame -> sparse [P, K + 3, C]: K point slots, the "no box" slot, 2 box
+    corners; dense [P, C, G, G] (model dtype); without masks dense is the no-mask embedding once,
     [1, C, G, G], the same for every prompt, so that the decoder can share one image's work across them.
     """
     enc = model.prompt_encoder
     dtype = enc.no_mask_embed.weight.dtype
-    num = coords.shape[0]
-    no_box_real = has_point.any(dim=1) & ~has_box  # SAM pads points with one not-a-point without a box
-    no_box = enc.not_a_point_embed.weight.float().expand(num, 1, -1)
+    no_box = enc.not_a_point_embed.weight.float().expand(coords.shape[0], 1, -1)
     sparse = torch.cat([enc.embed_points(coords, labels), no_box, enc.embed_boxes(boxes)], dim=1).to(dtype)
-    sparse_mask = torch.cat([has_point, no_box_real[:, None], has_box[:, None].expand(-1, 2)], dim=1)
     g = enc.image_embedding_size
     no_mask = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *g)
     if masks is None:
-        return sparse, sparse_mask, no_mask
+        return sparse, no_mask
     dense = torch.where(has_mask[:, None, None, None], enc.mask_downscaling(masks.to(dtype)), no_mask)
-    return sparse, sparse_mask, dense
+    return sparse, dense
 
 
 def packing_recipes(decoder: MaskDecoderHQ) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
@@ -244,23 +263,26 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
     return masks.reshape(p, 1, h * w) + hyper_hq[:, None] @ hq_features.flatten(2)
 
 
-def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, has_point, boxes, has_box, masks, has_mask,
+def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, boxes, token_bias, masks, has_mask,
                   multimask_output, hq_token_only, *, packed: PackedWeights, conv_features=None):
     """-> the mask logits [P, 1, 4G, 4G] and IoU scores [P, 1] that the output rule (`select_masks`)
     picks, the eager decoder's, computed with less work (see the module docstring).
 
     image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
     says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy).
-    multimask_output, hq_token_only: 0-dim bool tensors, so that one compiled graph serves every
-    combination of the two. packed: the decoder's packed weights, kept fresh by the caller
-    (`PackedWeights.refresh`). conv_features: see `folded_hq_masks`."""
+    token_bias [P, token_bias_columns(K)] (model dtype): 0 in the columns of real tokens
+    (`real_token_columns`), -inf elsewhere. multimask_output, hq_token_only: 0-dim bool tensors, so
+    that one compiled graph serves every combination of the two. packed: the decoder's packed
+    weights, kept fresh by the caller (`PackedWeights.refresh`). conv_features: see `folded_hq_masks`."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
-    sparse, sparse_mask, dense = embed_padded_prompts(model, coords, labels, has_point, boxes, has_box, masks, has_mask)
+    sparse, dense = embed_padded_prompts(model, coords, labels, boxes, masks, has_mask)
+    # [P, 1, 1, 6 + K + 3], a view whose rows keep their aligned pitch (SDPA reads it in place)
+    token_mask = token_bias.view(token_bias.shape[0], 1, 1, -1)[..., : OUTPUT_TOKENS + sparse.shape[1]]
     decoder = model.mask_decoder
     upscale = functools.partial(upscaled_by_matmuls, decoder.output_upscaling)
     transformer = functools.partial(packed_two_way_transformer, decoder.transformer, packed)
-    iou_token, mask_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, sparse_mask, upscale, transformer)
+    iou_token, mask_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, token_mask, upscale, transformer)
     hyper = stacked_hypernetworks(packed, mask_tokens)  # [P, 5, 32]
     iou = decoder.iou_prediction_head(iou_token)  # [P, 4]
     # The output rule before the masks: the IoU scores do not depend on them, so only the chosen SAM
@@ -395,18 +417,20 @@ class PromptDecoder:
             self._constants[key] = torch.full(shape, fill, dtype=dtype, device=self.model.device)
         return self._constants[key]
 
-    def _point_slots(self, rows: int, k_pad: int, points: int) -> torch.Tensor:
-        """has_point [rows, k_pad] bool, True in the first `points` slots of every row: made once per
-        shape and point count, as `_constant`."""
-        key = ("has_point", (rows, k_pad), points)
+    def _token_bias(self, rows: int, k_pad: int, points: int, box: bool) -> torch.Tensor:
+        """token_bias [rows, token_bias_columns(k_pad)] (see decode_padded) of `rows` prompts with
+        `points` points in k_pad slots and a box or not: made once per shape and kind, as `_constant`."""
+        key = ("token_bias", (rows, k_pad), (points, box))
         if key not in self._constants:
-            slots = torch.arange(k_pad, device=self.model.device) < points
-            self._constants[key] = slots.expand(rows, k_pad).contiguous()  # contiguous, as a staged buffer (Dynamo guards on strides)
+            bias = torch.full((token_bias_columns(k_pad),), float("-inf"), dtype=self.model.dtype, device=self.model.device)
+            for columns in real_token_columns(k_pad, points, box):
+                bias[columns] = 0
+            self._constants[key] = bias.expand(rows, -1).contiguous()  # contiguous, as a staged buffer (Dynamo guards on strides)
         return self._constants[key]
 
     def _fill_slots(self, values: torch.Tensor, k_pad: int, role: str) -> torch.Tensor:
         """values [rows, K, ...] (point coords or labels) in k_pad >= K slots per row, float32, zeros in
-        the empty slots (has_point is False there: never read): one concatenation with a constant, no
+        the empty slots (masked by the token bias: never read): one concatenation with a constant, no
         zero-filled buffer per call (integer labels become float32 in it)."""
         rows, points = values.shape[:2]
         if points < k_pad:
@@ -415,7 +439,7 @@ class PromptDecoder:
         return as_decoder_input(values, torch.float32)
 
     def _padded_batch(self, decoded_sets: list, rows: int, k_pad: int, any_mask: bool, one_image: bool) -> tuple:
-        """(index, coords, labels, has_point, box, has_box, masks, has_mask): the prompt sets laid out
+        """(index, coords, labels, box, token_bias, masks, has_mask): the prompt sets laid out
         as `rows` padded rows (see decode_padded; masks / has_mask None without mask prompts). index
         [rows] says which image each row reads (empty rows: image 0), None for one_image. One set
         that fills every row (one box, one prompt of any number of points, 4 boxes...) is used as given
@@ -429,9 +453,8 @@ class PromptDecoder:
                 None,  # one set: one image
                 self._constant("coords", (rows, k_pad, 2), torch.float32, 0) if no_points else self._fill_slots(point_coords, k_pad, "coords"),
                 self._constant("labels", (rows, k_pad), torch.float32, 0) if no_points else self._fill_slots(point_labels, k_pad, "labels"),
-                self._point_slots(rows, k_pad, 0 if no_points else point_coords.shape[1]),
                 self._constant("box", (rows, 4), torch.float32, 0) if no_box else as_decoder_input(boxes, torch.float32),
-                self._constant("has_box", (rows,), torch.bool, not no_box),
+                self._token_bias(rows, k_pad, 0 if no_points else point_coords.shape[1], not no_box),
                 None if not any_mask else as_decoder_input(mask_input, dtype),
                 None if not any_mask else self._constant("has_mask", (rows,), torch.bool, True),
             )
@@ -440,9 +463,8 @@ class PromptDecoder:
         index = None if one_image else torch.zeros(rows, dtype=torch.int64, device=device)
         coords = torch.zeros(rows, k_pad, 2, device=device)
         labels = torch.zeros(rows, k_pad, device=device)  # float: an int buffer would round a label of 0.5 to 0
-        has_point = torch.zeros(rows, k_pad, dtype=torch.bool, device=device)
         box = torch.zeros(rows, 4, device=device)
-        has_box = torch.zeros(rows, dtype=torch.bool, device=device)
+        token_bias = self._token_bias(1, k_pad, 0, False).expand(rows, -1).contiguous()  # empty rows: the output tokens alone
         masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=dtype) if any_mask else None
         has_mask = torch.zeros(rows, dtype=torch.bool, device=device) if any_mask else None
         start = 0
@@ -453,19 +475,18 @@ class PromptDecoder:
             if point_coords is not None:
                 coords[set_rows, : point_coords.shape[1]] = point_coords
                 labels[set_rows, : point_coords.shape[1]] = point_labels
-                has_point[set_rows, : point_coords.shape[1]] = True
             if boxes is not None:
                 box[set_rows] = boxes
-                has_box[set_rows] = True
+            token_bias[set_rows] = self._token_bias(1, k_pad, 0 if point_coords is None else point_coords.shape[1], boxes is not None)
             if mask_input is not None:
                 masks[set_rows] = mask_input
                 has_mask[set_rows] = True
             start += n
-        return index, coords, labels, has_point, box, has_box, masks, has_mask
+        return index, coords, labels, box, token_bias, masks, has_mask
 
     def _run(self, *args):
         """decode_padded(model, *args) through the compiled function / its graphs."""
-        image_embeddings, _, _, image_index, coords, _, _, _, _, masks, _, _, _ = args
+        image_embeddings, _, _, image_index, coords, _, _, _, masks, _, _, _ = args
         shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None, masks is not None)
         call = self._decode if self._graphs is None else (lambda *a: self._graphs(shape, *a))  # noqa: E731
         if not self.compiled:
@@ -540,11 +561,11 @@ class PromptDecoder:
         k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
         rows = padded_rows(sum(counts))
         any_mask = any(prompt[4] is not None for prompt, _ in decoded_sets)  # else no mask buffers: a shape of its own
-        index, coords, labels, has_point, box, has_box, masks, has_mask = self._padded_batch(decoded_sets, rows, k_pad, any_mask, one_image)
+        index, coords, labels, box, token_bias, masks, has_mask = self._padded_batch(decoded_sets, rows, k_pad, any_mask, one_image)
         total = sum(counts)
         output_rule = (self._constant("multimask_output", (), torch.bool, bool(multimask_output)),
                        self._constant("hq_token_only", (), torch.bool, bool(hq_token_only)))
-        padded = (index, coords, labels, has_point, box, has_box, masks, has_mask)
+        padded = (index, coords, labels, box, token_bias, masks, has_mask)
         chunk_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows

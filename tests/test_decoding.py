@@ -166,7 +166,7 @@ def test_packed_transformer_equals_the_module(tiny_model, num, image_batch, mask
     image = torch.randn(image_batch, 256, 5, 7, generator=gen, dtype=torch.float64)
     image_pe = torch.randn(1, 256, 5, 7, generator=gen, dtype=torch.float64)
     tokens = torch.randn(num, 9, 256, generator=gen, dtype=torch.float64)
-    token_mask = (torch.rand(num, 9, generator=gen) < 0.7) | (torch.arange(9) < 6) if masked else None
+    token_mask = ((torch.rand(num, 9, generator=gen) < 0.7) | (torch.arange(9) < 6))[:, None, None] if masked else None
     packed = decoding.PackedWeights(decoder)
     for change in (False, True):
         if change:
@@ -360,20 +360,22 @@ def test_given_and_staged_batches_share_a_compiled_shape(tiny_model, image_state
 
 
 def test_padded_point_slots_are_invisible(tiny_model, image_state):
-    """Point slots padded by hand, with has_point False and any label, give the unpadded result,
-    while the same slots marked as points with label -1 (SAM's "not a point", which IS attended to)
-    change it: the mask is doing the work."""
+    """Point slots padded by hand, masked by the token bias and with any label, give the unpadded
+    result, while the same slots unmasked as points with label -1 (SAM's "not a point", which IS
+    attended to) change it: the bias is doing the work."""
     embeddings, hq_features = image_state
     prompts = make_prompts("points", 2, 3, seed=3)
     base = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=False, hq_token_only=True)[0]
     coords = torch.cat([prompts["point_coords"], 100 * torch.rand(2, 2, 2)], dim=1)
     labels = torch.cat([prompts["point_labels"], torch.full((2, 2), -1)], dim=1)
-    no_box, no_mask = torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    no_mask = torch.zeros(2, dtype=torch.bool)
     for padded_slots_are_points in (False, True):
-        has_point = torch.tensor([[True] * 3 + [padded_slots_are_points] * 2] * 2)
+        token_bias = torch.full((2, decoding.token_bias_columns(5)), float("-inf"))
+        for columns in decoding.real_token_columns(5, 5 if padded_slots_are_points else 3, box=False):
+            token_bias[:, columns] = 0
         with torch.inference_mode():
             got, _ = decoding.decode_padded(tiny_model, embeddings, tiny_model.prompt_encoder.get_dense_pe(), hq_features,
-                                            None, coords, labels, has_point, torch.zeros(2, 4), no_box,
+                                            None, coords, labels, torch.zeros(2, 4), token_bias,
                                             torch.zeros(2, 1, 4 * G, 4 * G), no_mask, torch.tensor(False), torch.tensor(True),
                                             packed=decoding.PackedWeights(tiny_model.mask_decoder))
         assert torch.allclose(got, base, atol=1e-5 * base.abs().max().item()) != padded_slots_are_points

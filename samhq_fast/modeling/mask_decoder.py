@@ -66,15 +66,16 @@ class MaskDecoderHQ(nn.Module):
         mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
         return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.hypernetwork_mlps)], dim=1)
 
-    def decode_tokens(self, image_embeddings, image_pe, sparse, dense, sparse_mask=None, upscale=None, transformer=None
+    def decode_tokens(self, image_embeddings, image_pe, sparse, dense, token_mask=None, upscale=None, transformer=None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The part every output head reads: the two-way transformer over output + prompt tokens and
         the image, then the image's upscaling.
 
         image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
         dense [1 or P, 256, h, w] (1: the same for every prompt; with one image, the transformer's
-        first image projections then run once, not per prompt); sparse_mask [P, T] bool marks the
-        real sparse tokens when prompts are padded to a fixed T (None: all are real).
+        first image projections then run once, not per prompt); token_mask [P, 1, 1, 6 + T] drops the
+        empty slots of prompts padded to a fixed T, over all tokens, the 6 output tokens (always real)
+        first (SDPA's attn_mask: see `Attention.forward`; None: all are real).
         upscale: computes `output_upscaling` some other way (`decoding.upscaled_by_matmuls`), from the
         image tokens as pixels [P, h, w, 256] (channels-last); transformer: computes `self.transformer`
         (same arguments) some other way (`decoding.packed_two_way_transformer`). None runs the modules.
@@ -85,18 +86,15 @@ class MaskDecoderHQ(nn.Module):
         tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
         src = image_embeddings + dense  # [1 or P, C, h, w]: broadcasts one image over all its prompts
         c, h, w = src.shape[1:]
-        token_mask = None
-        if sparse_mask is not None:  # the 6 output tokens are always real
-            token_mask = torch.cat([sparse_mask.new_ones(num_prompts, output_tokens.shape[0]), sparse_mask], dim=1)
         hs, src = (transformer or self.transformer)(src, image_pe, tokens, token_mask)
         pixels = src.reshape(num_prompts, h, w, c)  # [P, hw, C] -> [P, h, w, C], a view
         upscaled_sam = upscale(pixels) if upscale else self.output_upscaling(pixels.permute(0, 3, 1, 2))
         return hs[:, 0], hs[:, 1:6], upscaled_sam
 
-    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, sparse_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features) -> tuple[torch.Tensor, torch.Tensor]:
         """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
         hq_features [1 or P, 32, 4h, 4w]; the rest as `decode_tokens`."""
-        iou_token, mask_tokens, upscaled_sam = self.decode_tokens(image_embeddings, image_pe, sparse, dense, sparse_mask)
+        iou_token, mask_tokens, upscaled_sam = self.decode_tokens(image_embeddings, image_pe, sparse, dense)
         hyper_in = self.hypernetworks(mask_tokens)  # [P, 5, 32]
         masks_sam = hyper_in[:, :4] @ upscaled_sam.flatten(2)
         masks_hq = self.hq_masks(upscaled_sam, hq_features, hyper_in[:, 4])

@@ -25,8 +25,9 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q [B or 1, Nq, C], k and v [B or 1, Nk, C] -> [B, Nq, C]. A batch of 1 serves every prompt:
-        one image's tokens are projected once, not once per prompt. key_mask [B, Nk] bool (True =
-        attend) drops padded prompt slots; None attends to all keys."""
+        one image's tokens are projected once, not once per prompt. key_mask [B, 1, 1, Nk] drops
+        padded prompt slots, as SDPA's attn_mask: bool (True = attend) or added to the scores (0 or
+        -inf); None attends to all keys."""
         return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v), key_mask)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,7 +36,7 @@ class Attention(nn.Module):
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         batch = max(q.shape[0], k.shape[0])
         q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))  # views: SDPA takes equal batch sizes
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_mask is None else key_mask[:, None, None, :])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
@@ -55,7 +56,7 @@ class TwoWayAttentionBlock(nn.Module):
 
     def forward(self, queries, keys, query_pe, key_pe, token_mask=None):
         """queries [B, T, C] (tokens), keys [B, HW, C] (image) -> updated (queries, keys).
-        token_mask [B, T] bool: False marks padding slots, which no other token or pixel attends to."""
+        token_mask [B, 1, 1, T] (see `Attention.forward`) drops padding slots: no other token or pixel attends to them."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries, token_mask)
         else:
@@ -83,8 +84,8 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """image [B or 1, C, h, w], image_pe [B or 1, C, h, w], tokens [B, T, C] -> (tokens [B, T, C],
-        image [B, hw, C]). token_mask [B, T] bool (None: every token is real) lets fixed-size prompt
-        batches carry padding. An image of batch 1 is shared by all B prompts until the first block's
+        image [B, hw, C]). token_mask [B, 1, 1, T] (None: every token is real; see `Attention.forward`)
+        lets fixed-size prompt batches carry padding. An image of batch 1 is shared by all B prompts until the first block's
         image-to-token attention makes it per prompt (its projections before that run once)."""
         keys = image.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
