@@ -10,8 +10,8 @@ prompt (the order of prompt tokens does not matter to the decoder, which has no 
 Which slots are real is said by a token bias (`real_token_columns`) made outside the compiled
 function: a constant for a prompt set that fills its rows.
 The same function as the eager decoder, computed with less work and fewer kernels: weights packed
-once (`PackedWeights`) let the five hypernetwork MLPs run as three batched matmuls
-(`stacked_hypernetworks`) and the transformer's projections that read one input run as one matmul
+once (`PackedWeights`) let the IoU head and the five hypernetwork MLPs run as three batched matmuls
+(`stacked_output_mlps`) and the transformer's projections that read one input run as one matmul
 (`packed_two_way_transformer`), the output upscaling's transposed convolutions run as matmuls
 (`upscaled_by_matmuls`), the HQ token's dot is folded into the last
 convolution (`folded_hq_masks`: a 32x smaller convolution), without mask prompts one image's
@@ -96,20 +96,29 @@ def embed_padded_prompts(model: SamHQ, coords, labels, boxes, masks, has_mask):
     return sparse, dense
 
 
+def stack_zero_padded(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.stack of tensors whose first dims (a layer's outputs) differ, each zero-padded to the
+    largest: zero weight rows and biases give outputs of 0, which no one reads."""
+    rows = max(t.shape[0] for t in tensors)
+    return torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.shape[0])) for t in tensors], out=out)
+
+
 def packing_recipes(decoder: MaskDecoderHQ) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
-    """What `PackedWeights` packs: name -> (torch.stack or torch.cat, the source tensors).
-      hypernetworks.{i}.weight / .bias   the five hypernetwork MLPs' layer i, stacked ([5, out, in] /
-                                         [5, out], `hypernetwork_mlps` order): `stacked_hypernetworks`
+    """What `PackedWeights` packs: name -> (how: stacked or concatenated, the source tensors).
+      output_mlps.{i}.weight / .bias     the six output tokens' MLPs' layer i, stacked ([6, out, in] /
+                                         [6, out], `output_token_mlps` order; the IoU head's last
+                                         layer zero-padded to the hypernetworks' 32 outputs):
+                                         `stacked_output_mlps`
       layers.{i}.self_attn.weight / .bias  block i's self-attention q | k projections (q | k | v in
                                          the first block, which adds no positional encoding)
       layers.{i}.image.weight / .bias    block i's token-to-image keys | image-to-token queries: both
                                          project image + positional encoding
     (`packed_two_way_transformer`)."""
-    mlps = decoder.hypernetwork_mlps
+    mlps = decoder.output_token_mlps
     recipes: dict[str, tuple[Callable, list[torch.Tensor]]] = {}
     for i in range(len(mlps[0].layers)):
         for name in ("weight", "bias"):
-            recipes[f"hypernetworks.{i}.{name}"] = (torch.stack, [getattr(mlp.layers[i], name) for mlp in mlps])
+            recipes[f"output_mlps.{i}.{name}"] = (stack_zero_padded, [getattr(mlp.layers[i], name) for mlp in mlps])
     for i, layer in enumerate(decoder.transformer.layers):
         attn = layer.self_attn
         self_projections = [attn.q_proj, attn.k_proj] + ([attn.v_proj] if layer.skip_first_layer_pe else [])
@@ -130,7 +139,7 @@ class PackedWeights:
 
     def __init__(self, decoder: MaskDecoderHQ):
         self._recipes = packing_recipes(decoder)
-        self.hypernetwork_layers = len(decoder.hypernetwork_mlps[0].layers)
+        self.output_mlp_layers = len(decoder.output_token_mlps[0].layers)
         self._sources = [t for _, sources in self._recipes.values() for t in sources]
         self._tracked = not any(t.is_inference() for t in self._sources)
         with torch.inference_mode():
@@ -155,17 +164,19 @@ class PackedWeights:
             self._versions = versions
 
 
-def stacked_hypernetworks(packed: PackedWeights, mask_tokens: torch.Tensor) -> torch.Tensor:
-    """`decoder.hypernetworks` as three batched matmuls over the five MLPs (same shapes, one weight
-    set per token) instead of 15 small ones: fewer kernels per decoder call, which is what a single
-    prompt's latency is made of.
+def stacked_output_mlps(packed: PackedWeights, output_tokens: torch.Tensor) -> torch.Tensor:
+    """The IoU head and `decoder.hypernetworks` as three batched matmuls over the six output tokens'
+    MLPs (same shapes but the IoU head's 4 outputs, padded to 32; one weight set per token) instead
+    of 18 small ones: fewer kernels per decoder call, which is what a single prompt's latency is
+    made of.
 
-    mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32].
+    output_tokens [P, 6, 256] -> [P, 6, 32]: the IoU scores in [:, 0, :4] (the rest of row 0 is
+    padding), the hypernetwork vectors in [:, 1:].
     """
-    x = mask_tokens.transpose(0, 1)  # [5, P, 256]: one matmul batch per token
-    depth = packed.hypernetwork_layers
+    x = output_tokens.transpose(0, 1)  # [6, P, 256]: one matmul batch per token
+    depth = packed.output_mlp_layers
     for i in range(depth):
-        weight, bias = packed[f"hypernetworks.{i}.weight"], packed[f"hypernetworks.{i}.bias"]
+        weight, bias = packed[f"output_mlps.{i}.weight"], packed[f"output_mlps.{i}.bias"]
         x = torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
         if i < depth - 1:
             x = torch.relu(x)
@@ -282,9 +293,9 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     decoder = model.mask_decoder
     upscale = functools.partial(upscaled_by_matmuls, decoder.output_upscaling)
     transformer = functools.partial(packed_two_way_transformer, decoder.transformer, packed)
-    iou_token, mask_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, token_mask, upscale, transformer)
-    hyper = stacked_hypernetworks(packed, mask_tokens)  # [P, 5, 32]
-    iou = decoder.iou_prediction_head(iou_token)  # [P, 4]
+    output_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, token_mask, upscale, transformer)
+    outputs = stacked_output_mlps(packed, output_tokens)  # [P, 6, 32]
+    iou, hyper = outputs[:, 0, : decoder.num_mask_tokens], outputs[:, 1:]  # [P, 4], [P, 5, 32]
     # The output rule before the masks: the IoU scores do not depend on them, so only the chosen SAM
     # token's mask is computed (one matmul row per prompt instead of four).
     _, best = iou[:, 1:4].max(dim=1, keepdim=True)  # [P, 1]: the first of the best multimask tokens, as select_masks

@@ -128,13 +128,14 @@ def test_weights_loaded_in_place_are_used(tiny_model, image_state, compile):
 
 
 @pytest.mark.parametrize("num", [1, 3, 0])
-def test_stacked_hypernetworks_equal_the_five_mlps(tiny_model, num):
-    """The compiled decoder's three batched matmuls against the decoder's own five MLPs in float64,
-    token by token (each token must meet its own MLP: a swapped pair of weight sets fails); then
-    with one MLP's weight and another's bias changed in place: the stacks are kept between calls,
-    and `refresh` must restack them (before it, they still hold the old weights)."""
+def test_stacked_output_mlps_equal_the_six_mlps(tiny_model, num):
+    """The compiled decoder's three batched matmuls against the decoder's own IoU head and five
+    hypernetwork MLPs in float64, token by token (each token must meet its own MLP: a swapped pair of
+    weight sets fails); then with one MLP's weight and others' biases changed in place (the IoU
+    head's last, zero-padded layer among them): the stacks are kept between calls, and `refresh`
+    must restack them (before it, they still hold the old weights)."""
     decoder = copy.deepcopy(tiny_model.mask_decoder)
-    tokens = torch.randn(num, 5, 256, generator=torch.Generator().manual_seed(num))
+    tokens = torch.randn(num, 6, 256, generator=torch.Generator().manual_seed(num))
     reference = copy.deepcopy(decoder).double()
     packed = decoding.PackedWeights(decoder)
     for change in (False, True):
@@ -143,14 +144,17 @@ def test_stacked_hypernetworks_equal_the_five_mlps(tiny_model, num):
                 for model in (decoder, reference):
                     model.hf_mlp.layers[1].weight.mul_(-2.0)
                     model.output_hypernetworks_mlps[0].layers[2].bias.add_(1.0)
-            assert not torch.equal(packed["hypernetworks.1.weight"][4], decoder.hf_mlp.layers[1].weight)
+                    model.iou_prediction_head.layers[2].bias.sub_(0.5)
+            assert not torch.equal(packed["output_mlps.1.weight"][5], decoder.hf_mlp.layers[1].weight)
             packed.refresh()
         with torch.inference_mode():
-            got = decoding.stacked_hypernetworks(packed, tokens)
-            expected = reference.hypernetworks(tokens.double())
-        assert got.shape == (num, 5, 32) and got.dtype == torch.float32
-        scale = expected.abs().max().item() if num else 1.0
-        torch.testing.assert_close(got.double(), expected, atol=1e-5 * scale, rtol=0)
+            got = decoding.stacked_output_mlps(packed, tokens)
+            expected_iou = reference.iou_prediction_head(tokens[:, 0].double())
+            expected_hyper = reference.hypernetworks(tokens[:, 1:].double())
+        assert got.shape == (num, 6, 32) and got.dtype == torch.float32
+        for g, e in ((got[:, 0, :4], expected_iou), (got[:, 1:], expected_hyper)):
+            scale = e.abs().max().item() if num else 1.0
+            torch.testing.assert_close(g.double(), e, atol=1e-5 * scale, rtol=0)
 
 
 @pytest.mark.parametrize("num, image_batch, masked", [(3, 1, True), (2, 2, False), (1, 1, True)])
@@ -191,7 +195,7 @@ def test_packed_inference_weights_are_taken_once(tiny_model):
             p.data = p.data.clone()  # inference tensors
     packed = decoding.PackedWeights(decoder)
     packed.refresh()
-    assert torch.equal(packed["hypernetworks.0.weight"][2], decoder.output_hypernetworks_mlps[2].layers[0].weight)
+    assert torch.equal(packed["output_mlps.0.weight"][3], decoder.output_hypernetworks_mlps[2].layers[0].weight)
 
 
 @pytest.mark.parametrize("num, height, width, hq_batch", [(3, 9, 14, 1), (2, 16, 16, 2), (1, 5, 7, 1), (0, 8, 8, 1)])

@@ -61,13 +61,18 @@ class MaskDecoderHQ(nn.Module):
         """The five output mask tokens' 3-layer MLPs, in token order: the 4 SAM tokens', then hf_mlp (HQ)."""
         return [*self.output_hypernetworks_mlps, self.hf_mlp]
 
+    @property
+    def output_token_mlps(self) -> list[MLP]:
+        """The six output tokens' 3-layer MLPs, in token order: the IoU head, then `hypernetwork_mlps`."""
+        return [self.iou_prediction_head, *self.hypernetwork_mlps]
+
     def hypernetworks(self, mask_tokens: torch.Tensor) -> torch.Tensor:
         """Each output mask token through its own MLP (`hypernetwork_mlps`):
         mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
         return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.hypernetwork_mlps)], dim=1)
 
     def decode_tokens(self, image_embeddings, image_pe, sparse, dense, token_mask=None, upscale=None, transformer=None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The part every output head reads: the two-way transformer over output + prompt tokens and
         the image, then the image's upscaling.
 
@@ -79,7 +84,7 @@ class MaskDecoderHQ(nn.Module):
         upscale: computes `output_upscaling` some other way (`decoding.upscaled_by_matmuls`), from the
         image tokens as pixels [P, h, w, 256] (channels-last); transformer: computes `self.transformer`
         (same arguments) some other way (`decoding.packed_two_way_transformer`). None runs the modules.
-        -> (IoU token [P, 256], the five mask tokens [P, 5, 256] (4 SAM + HQ), upscaled image [P, 32, 4h, 4w]).
+        -> (the six output tokens [P, 6, 256]: IoU, 4 SAM masks, HQ; upscaled image [P, 32, 4h, 4w]).
         """
         num_prompts = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
@@ -89,17 +94,17 @@ class MaskDecoderHQ(nn.Module):
         hs, src = (transformer or self.transformer)(src, image_pe, tokens, token_mask)
         pixels = src.reshape(num_prompts, h, w, c)  # [P, hw, C] -> [P, h, w, C], a view
         upscaled_sam = upscale(pixels) if upscale else self.output_upscaling(pixels.permute(0, 3, 1, 2))
-        return hs[:, 0], hs[:, 1:6], upscaled_sam
+        return hs[:, : output_tokens.shape[0]], upscaled_sam
 
     def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features) -> tuple[torch.Tensor, torch.Tensor]:
         """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
         hq_features [1 or P, 32, 4h, 4w]; the rest as `decode_tokens`."""
-        iou_token, mask_tokens, upscaled_sam = self.decode_tokens(image_embeddings, image_pe, sparse, dense)
-        hyper_in = self.hypernetworks(mask_tokens)  # [P, 5, 32]
+        output_tokens, upscaled_sam = self.decode_tokens(image_embeddings, image_pe, sparse, dense)
+        hyper_in = self.hypernetworks(output_tokens[:, 1:])  # [P, 5, 32]
         masks_sam = hyper_in[:, :4] @ upscaled_sam.flatten(2)
         masks_hq = self.hq_masks(upscaled_sam, hq_features, hyper_in[:, 4])
         masks = torch.cat([masks_sam, masks_hq], dim=1).view(sparse.shape[0], 5, *upscaled_sam.shape[-2:])
-        return masks, self.iou_prediction_head(iou_token)
+        return masks, self.iou_prediction_head(output_tokens[:, 0])
 
     def forward(
         self,
