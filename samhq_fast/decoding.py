@@ -475,7 +475,7 @@ class PromptDecoder:
         coords = torch.zeros(rows, k_pad, 2, device=device)
         labels = torch.zeros(rows, k_pad, device=device)  # float: an int buffer would round a label of 0.5 to 0
         box = torch.zeros(rows, 4, device=device)
-        token_bias = self._token_bias(1, k_pad, 0, False).repeat(rows, 1)  # a new tensor; empty rows: the output tokens alone
+        token_bias = self._token_bias(1, k_pad, 0, False).expand(rows, -1).clone(memory_format=torch.contiguous_format)  # empty rows: the output tokens alone
         masks = torch.zeros(rows, 1, low_res, low_res, device=device, dtype=dtype) if any_mask else None
         has_mask = torch.zeros(rows, dtype=torch.bool, device=device) if any_mask else None
         start = 0
