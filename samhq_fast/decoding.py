@@ -86,8 +86,10 @@ def embed_padded_prompts(model: SamHQ, coords, labels, boxes, masks, has_mask):
     """
     enc = model.prompt_encoder
     dtype = enc.no_mask_embed.weight.dtype
+    k = coords.shape[1]
+    encoding = enc.encode_coords(torch.cat([coords, boxes.reshape(-1, 2, 2)], dim=1))  # [P, K + 2, C]: one Fourier matmul
     no_box = enc.not_a_point_embed.weight.float().expand(coords.shape[0], 1, -1)
-    sparse = torch.cat([enc.embed_points(coords, labels), no_box, enc.embed_boxes(boxes)], dim=1).to(dtype)
+    sparse = torch.cat([enc.label_points(encoding[:, :k], labels), no_box, enc.label_corners(encoding[:, k:])], dim=1).to(dtype)
     g = enc.image_embedding_size
     no_mask = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *g)
     if masks is None:

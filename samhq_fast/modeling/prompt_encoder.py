@@ -89,21 +89,31 @@ class PromptEncoder(nn.Module):
         """Positional encoding of the image-embedding grid -> [1, C, h, w]."""
         return self.pe_layer.grid(self.image_embedding_size)[None].to(self.no_mask_embed.weight.dtype)
 
+    def encode_coords(self, coords: torch.Tensor) -> torch.Tensor:
+        """Positional encoding of points and box corners: coords [..., 2] (input-frame pixels) -> [..., C] fp32."""
+        return self.pe_layer.points(coords + 0.5, self.input_image_size)  # +0.5: centre of the pixel
+
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Point tokens: coords [B, N, 2] (input-frame pixels), labels [B, N] -> [B, N, C] fp32.
-        Label 1 / 0 add the foreground / background embedding, -1 is "not a point"; any other
-        label leaves the bare positional encoding (as in the original)."""
-        embedding = self.pe_layer.points(coords + 0.5, self.input_image_size)  # +0.5: centre of the pixel
+        """Point tokens: coords [B, N, 2] (input-frame pixels), labels [B, N] -> [B, N, C] fp32."""
+        return self.label_points(self.encode_coords(coords), labels)
+
+    def label_points(self, encoding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Point tokens from the points' `encode_coords` [B, N, C] and labels [B, N]. Label 1 / 0 add
+        the foreground / background embedding, -1 is "not a point"; any other label leaves the bare
+        positional encoding (as in the original)."""
         labels = labels[..., None].float()  # (compared as numbers: in uint8, 255 == -1 would hold)
-        embedding = torch.where(labels == -1, self.not_a_point_embed.weight.float(), embedding)
-        embedding = embedding + (labels == 0) * self.point_embeddings[0].weight.float()
-        return embedding + (labels == 1) * self.point_embeddings[1].weight.float()
+        encoding = torch.where(labels == -1, self.not_a_point_embed.weight.float(), encoding)
+        encoding = encoding + (labels == 0) * self.point_embeddings[0].weight.float()
+        return encoding + (labels == 1) * self.point_embeddings[1].weight.float()
 
     def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """Box corner tokens: boxes [B, 4] (x1, y1, x2, y2) -> [B, 2, C] fp32."""
-        corners = self.pe_layer.points(boxes.reshape(-1, 2, 2) + 0.5, self.input_image_size)
+        return self.label_corners(self.encode_coords(boxes.reshape(-1, 2, 2)))
+
+    def label_corners(self, encoding: torch.Tensor) -> torch.Tensor:
+        """Box corner tokens from the corners' `encode_coords` [B, 2, C]: top-left, bottom-right."""
         corner_tokens = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
-        return corners + corner_tokens.float()
+        return encoding + corner_tokens.float()
 
     def check_prompts(self, point_coords, point_labels, boxes, mask_input, mask_name: str = "mask_input") -> tuple:
         """Checks input-frame prompt tensors with a prompt axis N (point_coords [N, K, 2], point_labels
