@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import fused_available, triton_conv_features
+from .fused import fused_available, triton_conv_taps
 from .graphs import GraphCache, weights_state
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ
@@ -249,27 +249,32 @@ def upscaled_by_matmuls(upscaling: nn.Sequential, pixels: torch.Tensor) -> torch
 
 
 def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor,
-                    conv_features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    conv_taps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """`decoder.hq_masks` with the HQ token's dot folded into the last 3x3 convolution. The dot over
     that convolution's 32 output channels is linear, so per prompt
         hyper . (conv(f, W) + b + hq) = conv(f, hyper . W) + hyper . b + hyper . hq,
     a 3x3 filter with one output channel instead of 32 (at 256 x 256: 2.4 GFLOP -> 75 MFLOP per
-    prompt, and the 32-channel map is never written). That filter runs as one batched matmul (each
-    of its 9 taps' channel sums at every pixel) and a sum of the 9 shifted tap maps.
+    prompt, and the 32-channel map is never written). That filter runs as 9 per-prompt projections
+    of the 64 channels (each tap's channel sums at every pixel) and a sum of the 9 shifted tap maps.
 
     upscaled_sam [P, 32, H, W], hq_features [1 or P, 32, H, W], hyper_hq [P, 32] -> [P, 1, H*W].
-    conv_features: computes the first convolution + LayerNorm2d + GELU, [P, 64, H, W] (any layout),
-    some other way (`fused.triton_conv_features`); None for the decoder's own modules.
+    conv_taps: computes the first convolution + LayerNorm2d + GELU and projects its 64 channels by
+    the tap filters [P, 9, 64] -> [P, 9, H, W] some other way (`fused.triton_conv_taps`: one kernel,
+    the 64-channel map never written); None for the decoder's own modules.
     """
     first_conv, norm, gelu, last_conv = decoder.embedding_maskfeature
-    features = (conv_features or (lambda x: gelu(norm(first_conv(x)))))(upscaled_sam)  # [P, 64, H, W]
-    p, c, h, w = features.shape
+    p, _, h, w = upscaled_sam.shape
     size = 3  # the last conv is 3x3 with padding 1: output pixel (y, x) reads (y + i - 1, x + j - 1)
     filters = torch.einsum("po,oct->ptc", hyper_hq, last_conv.weight.flatten(2))  # [P, 9 taps, 64]
-    if features.is_contiguous(memory_format=torch.channels_last):  # [P, H*W, 64] pixels is a view
-        taps = (features.permute(0, 2, 3, 1).reshape(p, h * w, c) @ filters.transpose(1, 2)).transpose(1, 2)
+    if conv_taps is not None:
+        taps = conv_taps(upscaled_sam, filters)  # [P, 9, H, W]
     else:
-        taps = filters @ features.flatten(2)  # [P, 9, H*W]
+        features = gelu(norm(first_conv(upscaled_sam)))  # [P, 64, H, W]
+        c = features.shape[1]
+        if features.is_contiguous(memory_format=torch.channels_last):  # [P, H*W, 64] pixels is a view
+            taps = (features.permute(0, 2, 3, 1).reshape(p, h * w, c) @ filters.transpose(1, 2)).transpose(1, 2)
+        else:
+            taps = filters @ features.flatten(2)  # [P, 9, H*W]
     taps = F.pad(taps.reshape(p, size, size, h, w), (1, 1, 1, 1))  # zeros outside the map, as the conv's padding
     masks = sum(taps[:, i, j, i : i + h, j : j + w] for i in range(size) for j in range(size))  # [P, H, W]
     masks = masks + (hyper_hq @ last_conv.bias)[:, None, None]
@@ -277,7 +282,7 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
 
 
 def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, boxes, token_bias, masks, has_mask,
-                  multimask_output, hq_token_only, *, packed: PackedWeights, conv_features=None):
+                  multimask_output, hq_token_only, *, packed: PackedWeights, conv_taps=None):
     """-> the mask logits [P, 1, 4G, 4G] and IoU scores [P, 1] that the output rule (`select_masks`)
     picks, the eager decoder's, computed with less work (see the module docstring).
 
@@ -286,7 +291,7 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     token_bias [P, token_bias_columns(K)] (model dtype): 0 in the columns of real tokens
     (`real_token_columns`), -inf elsewhere. multimask_output, hq_token_only: 0-dim bool tensors, so
     that one compiled graph serves every combination of the two. packed: the decoder's packed
-    weights, kept fresh by the caller (`PackedWeights.refresh`). conv_features: see `folded_hq_masks`."""
+    weights, kept fresh by the caller (`PackedWeights.refresh`). conv_taps: see `folded_hq_masks`."""
     if image_index is not None:
         image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
     sparse, dense = embed_padded_prompts(model, coords, labels, boxes, masks, has_mask)
@@ -304,7 +309,7 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     token = torch.where(multimask_output, best + 1, 0)  # [P, 1]: the SAM token whose mask is output
     hyper_sam = hyper.gather(1, token[:, :, None].expand(-1, -1, hyper.shape[2]))  # [P, 1, 32]
     sam_masks = hyper_sam @ upscaled_sam.flatten(2)  # [P, 1, 16 G^2]
-    hq = folded_hq_masks(decoder, upscaled_sam, hq_features, hyper[:, 4], conv_features)  # [P, 1, 16 G^2]
+    hq = folded_hq_masks(decoder, upscaled_sam, hq_features, hyper[:, 4], conv_taps)  # [P, 1, 16 G^2]
     logits = torch.where(hq_token_only, hq, sam_masks + hq)
     return logits.view(-1, 1, *upscaled_sam.shape[-2:]), iou.gather(1, token)
 
@@ -344,10 +349,11 @@ class PromptDecoder:
       "trees": torch.compile(mode="reduce-overhead"), Inductor's CUDA-graph trees;
       False: no graphs. Graphs need compile=True and a CUDA model.
     The HQ branch's last convolution is folded with the HQ token's dot (`folded_hq_masks`).
-    conv_kernels=True runs its first 3x3 convolution + LayerNorm2d + GELU as the Triton kernel of
-      `kernels/conv3x3.py` (`fused.triton_conv_features`) instead of cuDNN + Inductor's code; off by
-      default until a GPU run has timed it (bench/NOTES.md, predictions 20 and 23). Needs the
-      Triton kernels (a CUDA model, or the interpreter).
+    conv_kernels=True runs its first 3x3 convolution + LayerNorm2d + GELU, projected by the folded
+      tap filters, as one Triton kernel of `kernels/conv3x3.py` (`fused.triton_conv_taps`: the
+      64-channel map is never written) instead of cuDNN + Inductor's code; off by default until a
+      GPU run has timed it (bench/NOTES.md, predictions 20, 23 and 28). Needs the Triton kernels (a
+      CUDA model, or the interpreter).
     Shapes compiled: one per (prompt bucket, point bucket, images set, whether any prompt has a mask);
     each compiles on its first call.
     """
@@ -384,14 +390,14 @@ class PromptDecoder:
             raise ValueError(f"cuda_graphs={cuda_graphs!r} needs a compiled decoder on a CUDA model, but {why}")
         graphs = ("manual" if on_cuda and compile else False) if cuda_graphs is None else "manual" if cuda_graphs is True else cuda_graphs
         self.cuda_graphs = graphs
-        conv_features = None
+        conv_taps = None
         if self.conv_kernels:
             ok, why = fused_available(model.device, model.dtype)
             if not ok:
                 raise ValueError(f"conv_kernels=True needs the Triton kernels, which cannot run here: {why}")
-            conv_features = functools.partial(triton_conv_features, model.mask_decoder)
+            conv_taps = functools.partial(triton_conv_taps, model.mask_decoder)
         self._packed = packed = PackedWeights(model.mask_decoder)
-        fn = lambda *args: decode_padded(model, *args, packed=packed, conv_features=conv_features)  # noqa: E731  (compile a closure, not the module)
+        fn = lambda *args: decode_padded(model, *args, packed=packed, conv_taps=conv_taps)  # noqa: E731  (compile a closure, not the module)
         self._uncompiled = fn  # for shapes past the recompile limit
         if compile:
             mode = "reduce-overhead" if graphs == "trees" else None

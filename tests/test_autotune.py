@@ -236,7 +236,7 @@ def test_tuning_keys_tell_dtypes_apart(tuning_keys):
         fused_linear.fused_linear(x, w, b)
         attention.rel_pos_attention(x.new_zeros(1, 3, 4, 96), x.new_zeros(96), x.new_zeros(5, 16), x.new_zeros(7, 16), 2, 0)
         layer_norm.layer_norm(x, x.new_ones(32), x.new_zeros(32), 1e-6)
-        conv3x3.conv3x3_dot(x.new_zeros(2, 3, 4, 4), x.new_zeros(5, 3, 3, 3), x.new_zeros(5), x.new_zeros(1, 5, 4, 4), x.new_zeros(2, 5))
+        conv3x3.conv3x3_ln_gelu(x.new_zeros(2, 3, 4, 4), x.new_zeros(5, 3, 3, 3), x.new_zeros(5), x.new_ones(5), x.new_zeros(5), 1e-6)
     assert all(len(family) == 2 and family[0] != family[1] for family in tuning_keys.values()), tuning_keys
 
 
@@ -253,7 +253,7 @@ def test_tuning_keys_tell_launch_variants_apart(tuning_keys):
         attention.rel_pos_attention(qkv, x.new_zeros(96), x.new_zeros(11, 16), x.new_zeros(11, 16), 2, window)
     conv_args = (x.new_zeros(2, 3, 4, 4), x.new_zeros(5, 3, 3, 3), x.new_zeros(5))
     conv3x3.conv3x3_ln_gelu(*conv_args, x.new_ones(5), x.new_zeros(5), 1e-6)
-    conv3x3.conv3x3_dot(*conv_args, x.new_zeros(1, 5, 4, 4), x.new_zeros(2, 5))
+    conv3x3.conv3x3_ln_gelu_project(*conv_args, x.new_ones(5), x.new_zeros(5), 1e-6, x.new_zeros(2, 9, 5))
     assert len(set(tuning_keys["fused_linear"])) == 3 and len(set(tuning_keys["rel_pos_attention"])) == 2, tuning_keys
     assert len(set(tuning_keys["conv3x3"])) == 2, tuning_keys
 

@@ -273,7 +273,7 @@ def test_decoder_profile_smoke(tmp_path):
     for count in (1, 3):
         section = text.split(f"\n## {count} box prompts (wall ms per call: eager ")[1].split("\n## ")[0]
         assert "### eager" in section and "### compiled" in section
-        assert "`samhq_fast::conv3x3_ln_gelu`" in section.split("### compiled-conv")[1]  # the interpreter runs the Triton convolutions
+        assert "`samhq_fast::conv3x3_ln_gelu_project`" in section.split("### compiled-conv")[1]  # the interpreter runs the Triton convolutions
         eager_rows = section.split("### eager")[1].split("### compiled")[0]
         assert "`aten::_convolution`" in eager_rows
         shares = [float(line.rsplit("|", 2)[-2].strip().rstrip("%")) for line in eager_rows.splitlines() if line.startswith("| `")]

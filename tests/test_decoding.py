@@ -199,24 +199,23 @@ def test_packed_inference_weights_are_taken_once(tiny_model):
 
 
 @pytest.mark.parametrize("num, height, width, hq_batch", [(3, 9, 14, 1), (2, 16, 16, 2), (1, 5, 7, 1), (0, 8, 8, 1)])
-@pytest.mark.parametrize("layout", ["modules", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_folded_hq_masks_equal_the_hq_branch(tiny_model, num, height, width, hq_batch, layout):
     """The HQ token's dot folded into the last 3x3 convolution (one output channel per prompt, tap
     sums shifted into place) against the decoder's own convolutions, HQ features and dot in float64:
     non-square maps that end mid-row, every border pixel (the padding), HQ features of one image or
-    one per prompt; the first convolution's output given NCHW (the modules) or channels-last (as the
-    Triton kernel writes it)."""
+    one per prompt; the upscaled map NCHW or channels-last (as the compiled decoder makes it: the
+    first convolution's output then is too, and its taps are summed by another matmul)."""
     decoder = copy.deepcopy(tiny_model.mask_decoder).double()
     gen = torch.Generator().manual_seed(num + height)
     upscaled = torch.randn(num, 32, height, width, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        upscaled = upscaled.contiguous(memory_format=torch.channels_last)
     hq_features = torch.randn(hq_batch, 32, height, width, generator=gen, dtype=torch.float64)
     hyper = torch.randn(num, 32, generator=gen, dtype=torch.float64)
-    first_conv = None
-    if layout == "channels_last":
-        first_conv = lambda x: decoder.embedding_maskfeature[:3](x).contiguous(memory_format=torch.channels_last)  # noqa: E731
     with torch.inference_mode():
         expected = decoder.hq_masks(upscaled, hq_features, hyper)
-        got = decoding.folded_hq_masks(decoder, upscaled, hq_features, hyper, conv_features=first_conv)
+        got = decoding.folded_hq_masks(decoder, upscaled, hq_features, hyper)
     assert got.shape == expected.shape == (num, 1, height * width)
     scale = expected.abs().max().item() if num else 1.0
     torch.testing.assert_close(got, expected, atol=1e-12 * scale, rtol=0)
@@ -699,7 +698,8 @@ def test_conv_kernels_tuned_on_the_first_graphed_call_gpu(tiny_model, image_stat
     """What the benchmark runs (conftest turns tuning off for the rest of the suite): the conv3x3
     tuner times its candidates inside the first call, before the graph is recorded (graph trees'
     warm-up run, GraphCache's warm-up calls), then the graph replays the chosen configs: outputs
-    right on every call, choices cached for both kernels."""
+    right on every call, the choice cached for the one convolution kernel the decoder runs (its last
+    convolution is folded into a matmul)."""
     from samhq_fast.kernels import autotune
 
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
@@ -716,7 +716,7 @@ def test_conv_kernels_tuned_on_the_first_graphed_call_gpu(tiny_model, image_stat
         torch.testing.assert_close(got[0], expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=0)
     assert_graphs_not_skipped()
     entries = json.loads((tmp_path / autotune.CACHE_FILE).read_text())
-    assert sorted(key.split(" | ")[3].split("/")[1] for key in entries if " | conv3x3 | " in key) == ["dot", "ln_gelu"]
+    assert [key.split(" | ")[3].split("/")[1] for key in entries if " | conv3x3 | " in key] == ["ln_gelu_project"]
 
 
 def assert_graphs_not_skipped():

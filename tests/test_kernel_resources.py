@@ -95,7 +95,7 @@ def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):
         assert sorted(norm_rows, key=str) == sorted(((f"{v} norm", c) for v in kernel_resources.SHAPE_VARIANTS for c in norms), key=str)
         convs = [c for c in conv3x3.candidate_configs(getattr(torch, dtype)) if c is not conv3x3.TORCH_OP]
         conv_rows = [(row["shape"], row["config"]) for row in rows if row["family"] == "conv3x3"]
-        assert sorted(conv_rows, key=str) == sorted(((label, c) for label in ("hq conv1 ln_gelu", "hq conv2 dot") for c in convs), key=str)
+        assert sorted(conv_rows, key=str) == sorted(((label, c) for label in ("hq conv1 ln_gelu", "hq conv1 ln_gelu_project") for c in convs), key=str)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
 """kernels/conv3x3.py: 3x3 convolutions with fused epilogues against an fp64 reference built from the
-model's own modules (nn.Conv2d, LayerNorm2d, nn.GELU) and a plain einsum for the HQ token's dot.
+model's own modules (nn.Conv2d, LayerNorm2d, nn.GELU) and a plain einsum for the per-image projection.
 
 CPU tests run the kernel in the Triton interpreter (conftest sets TRITON_INTERPRET=1) in fp32 and
 fp16 at small odd shapes; bf16 and the decoder's real shapes run compiled in the GPU-marked tests.
@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from samhq_fast.kernels import conv3x3 as conv3x3_module
-from samhq_fast.kernels.conv3x3 import conv3x3_dot, conv3x3_ln_gelu, pack_weight
+from samhq_fast.kernels.conv3x3 import conv3x3_ln_gelu, conv3x3_ln_gelu_project, pack_weight
 from samhq_fast.modeling.common import LayerNorm2d
 
 # (dtype, atol, rtol) against fp64 from the same rounded inputs: fp32 covers the accumulation order
-# over K = 9 * C_in products, 16-bit the final rounding (outputs are O(1) after the LayerNorm, O(10)
-# after the dot).
+# over K = 9 * C_in products, 16-bit the roundings of the map and of the output (outputs are O(1)
+# after the LayerNorm; the projections are scaled by their largest value).
 CPU_DTYPES = [pytest.param(torch.float32, 1e-4, 1e-4, id="fp32"), pytest.param(torch.float16, 2e-2, 1e-2, id="fp16")]
 GPU_DTYPES = CPU_DTYPES + [pytest.param(torch.bfloat16, 1e-1, 2e-2, id="bf16")]
 EPS = 1e-6  # LayerNorm2d's
@@ -46,9 +46,15 @@ def ln_gelu_reference(x, weight, bias, norm_weight, norm_bias) -> torch.Tensor:
         return nn.GELU()(norm(conv_reference(x, weight, bias)))
 
 
-def dot_reference(x, weight, bias, residual, vector) -> torch.Tensor:
-    summed = conv_reference(x, weight, bias) + residual.double().cpu()
-    return torch.einsum("bc,bchw->bhw", vector.double().cpu(), summed).flatten(1)
+def project_reference(x, weight, bias, norm_weight, norm_bias, projection) -> torch.Tensor:
+    return torch.einsum("btc,bchw->bthw", projection.double().cpu(), ln_gelu_reference(x, weight, bias, norm_weight, norm_bias))
+
+
+def make_projection(B, T, C_out, dtype, device="cpu", seed=1) -> torch.Tensor:
+    """[B, T, C_out], a strided view (every other channel of a wider tensor, as the decoder's filters
+    come out of an einsum in whatever layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, 2 * C_out, generator=gen).to(device=device, dtype=dtype)[..., ::2]
 
 
 def assert_close(out, expected, atol, rtol):
@@ -74,32 +80,31 @@ def test_ln_gelu_awkward_shapes(B, C_in, C_out, H, W, dtype, atol, rtol):
     assert out.shape == (B, C_out, H, W) and out.dtype == dtype
     assert out.permute(0, 2, 3, 1).is_contiguous()  # channels-last, as documented
     assert_close(out, expected, atol, rtol)
-    small = conv3x3_module._conv3x3(x, weight, bias, norm_weight, norm_bias, EPS, None, None, "ln_gelu", SMALL_TILES)
+    small = conv3x3_module._conv3x3(x, weight, bias, norm_weight, norm_bias, EPS, None, SMALL_TILES)
     assert_close(small, expected, atol, rtol)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
 @pytest.mark.parametrize("B, C_in, C_out, H, W", SHAPES, ids=SHAPE_IDS)
-def test_dot_awkward_shapes(B, C_in, C_out, H, W, dtype, atol, rtol):
-    """The dot epilogue with a residual per image and one broadcast over the batch; the vector a
-    strided slice (as the decoder's hypernetwork output row is)."""
-    x, weight, bias, _, _ = make_conv(B, C_in, C_out, H, W, dtype)
-    gen = torch.Generator().manual_seed(1)
-    vectors = torch.randn(B, 5, C_out, generator=gen).to(dtype)
-    for residual in (torch.randn(B, C_out, H, W, generator=gen).to(dtype), torch.randn(1, C_out, H, W, generator=gen).to(dtype)):
-        expected = dot_reference(x, weight, bias, residual.expand(B, -1, -1, -1), vectors[:, 4])
-        scale = expected.abs().max().item()
-        out = conv3x3_dot(x, weight, bias, residual, vectors[:, 4])
-        assert out.shape == (B, H * W) and out.dtype == dtype
-        assert_close(out, expected, atol * scale, rtol)
-        small = conv3x3_module._conv3x3(x, weight, bias, None, None, EPS, residual, vectors[:, 4], "dot", SMALL_TILES)
-        assert_close(small, expected, atol * scale, rtol)
+@pytest.mark.parametrize("T", [1, 9, 16])
+def test_project_awkward_shapes(B, C_in, C_out, H, W, T, dtype, atol, rtol):
+    """The projected epilogue: one row, the decoder's 9 tap filters, the most rows a launch takes
+    (padded projection rows and output channels must stay out of the sums), a strided projection."""
+    x, weight, bias, norm_weight, norm_bias = make_conv(B, C_in, C_out, H, W, dtype)
+    projection = make_projection(B, T, C_out, dtype)
+    expected = project_reference(x, weight, bias, norm_weight, norm_bias, projection)
+    scale = expected.abs().max().item()
+    out = conv3x3_ln_gelu_project(x, weight, bias, norm_weight, norm_bias, EPS, projection)
+    assert out.shape == (B, T, H, W) and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, expected, atol * scale, rtol)
+    small = conv3x3_module._conv3x3(x, weight, bias, norm_weight, norm_bias, EPS, projection, SMALL_TILES)
+    assert_close(small, expected, atol * scale, rtol)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
 def test_any_input_and_weight_layout(dtype, atol, rtol):
     """Channels-last and channels-first inputs, nn.Conv2d's weight layout and `pack_weight`'s (same
-    values, other strides), a residual that is a channel slice: all read through their strides."""
+    values, other strides), a transposed projection: all read through their strides."""
     x, weight, bias, norm_weight, norm_bias = make_conv(2, 12, 20, 9, 7, dtype)
     expected = ln_gelu_reference(x, weight, bias, norm_weight, norm_bias)
     packed = pack_weight(weight)
@@ -108,10 +113,10 @@ def test_any_input_and_weight_layout(dtype, atol, rtol):
     for xs in (x, channels_last):
         for w in (weight, packed):
             assert_close(conv3x3_ln_gelu(xs, w, bias, norm_weight, norm_bias, EPS), expected, atol, rtol)
-    wide = torch.randn(2, 40, 9, 7).to(dtype)
-    residual, vector = wide[:, 10:30], torch.randn(2, 20).to(dtype)  # channel slice: gaps between images
-    expected = dot_reference(channels_last, packed, bias, residual, vector)
-    assert_close(conv3x3_dot(channels_last, packed, bias, residual, vector), expected, atol * expected.abs().max().item(), rtol)
+    projection = torch.randn(2, 20, 9).to(dtype).transpose(1, 2)  # [2, 9, 20], channels at stride 9
+    expected = project_reference(x, weight, bias, norm_weight, norm_bias, projection)
+    got = conv3x3_ln_gelu_project(channels_last, packed, bias, norm_weight, norm_bias, EPS, projection)
+    assert_close(got, expected, atol * expected.abs().max().item(), rtol)
 
 
 def test_constant_outputs_normalize_to_the_bias():
@@ -128,12 +133,13 @@ def test_every_candidate(config):
     """Every config the tuner may pick (tiles of 32 to 256 pixels; torch's conv) computes the same
     functions, both epilogues, at an image no tile fits exactly."""
     x, weight, bias, norm_weight, norm_bias = make_conv(2, 33, 20, 9, 17, torch.float32)
-    residual, vector = torch.randn(1, 20, 9, 17), torch.randn(2, 20)
-    out = conv3x3_module._conv3x3(x, weight, bias, norm_weight, norm_bias, EPS, None, None, "ln_gelu", config)
+    projection = make_projection(2, 9, 20, torch.float32)
+    out = conv3x3_module._conv3x3(x, weight, bias, norm_weight, norm_bias, EPS, None, config)
     assert out.permute(0, 2, 3, 1).is_contiguous()  # the torch candidate too: the custom op's declared layout
     assert_close(out, ln_gelu_reference(x, weight, bias, norm_weight, norm_bias), 1e-4, 1e-4)
-    expected = dot_reference(x, weight, bias, residual.expand(2, -1, -1, -1), vector)
-    out = conv3x3_module._conv3x3(x, weight, bias, None, None, EPS, residual, vector, "dot", config)
+    expected = project_reference(x, weight, bias, norm_weight, norm_bias, projection)
+    out = conv3x3_module._conv3x3(x, weight, bias, norm_weight, norm_bias, EPS, projection, config)
+    assert out.shape == (2, 9, 9, 17) and out.is_contiguous()
     assert_close(out, expected, 1e-4 * expected.abs().max().item(), 1e-4)
 
 
@@ -143,23 +149,24 @@ def test_custom_ops_declare_what_they_return():
     x, weight, bias, norm_weight, norm_bias = make_conv(2, 6, 10, 5, 7, torch.float32)
     opcheck_tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.samhq_fast.conv3x3_ln_gelu, (x, pack_weight(weight), bias, norm_weight, norm_bias, EPS), test_utils=opcheck_tests)
-    torch.library.opcheck(torch.ops.samhq_fast.conv3x3_dot, (x, weight, bias, torch.randn(1, 10, 5, 7), torch.randn(2, 10)), test_utils=opcheck_tests)
+    torch.library.opcheck(torch.ops.samhq_fast.conv3x3_ln_gelu_project, (x, weight, bias, norm_weight, norm_bias, EPS, make_projection(2, 9, 10, torch.float32)),
+                          test_utils=opcheck_tests)
 
 
 def test_compiled_with_the_custom_ops():
     """torch.compile(fullgraph=True) traces through both ops (no graph break), with the weight packing
-    and the ops' inputs computed in the graph, to the same result."""
+    and the ops' inputs computed in the graph, to the same results."""
     x, weight, bias, norm_weight, norm_bias = make_conv(2, 6, 10, 5, 7, torch.float32)
-    _, weight2, bias2, _, _ = make_conv(2, 10, 4, 5, 7, torch.float32, seed=1)
-    residual, vector = torch.randn(1, 4, 5, 7), torch.randn(2, 4)
+    projection = make_projection(2, 9, 10, torch.float32)
 
     def branch(x):
-        features = torch.ops.samhq_fast.conv3x3_ln_gelu(x * 2, pack_weight(weight), bias, norm_weight, norm_bias, EPS)
-        return torch.ops.samhq_fast.conv3x3_dot(features, pack_weight(weight2), bias2, residual, vector)
+        args = (x * 2, pack_weight(weight), bias, norm_weight, norm_bias, EPS)
+        return torch.ops.samhq_fast.conv3x3_ln_gelu(*args), torch.ops.samhq_fast.conv3x3_ln_gelu_project(*args, projection * 0.5)
 
-    compiled = torch.compile(branch, fullgraph=True, backend="inductor")
-    expected = dot_reference(ln_gelu_reference(x * 2, weight, bias, norm_weight, norm_bias), weight2, bias2, residual, vector)
-    assert_close(compiled(x), expected, 1e-4 * expected.abs().max().item(), 1e-4)
+    features, projected = torch.compile(branch, fullgraph=True, backend="inductor")(x)
+    assert_close(features, ln_gelu_reference(x * 2, weight, bias, norm_weight, norm_bias), 1e-4, 1e-4)
+    expected = project_reference(x * 2, weight, bias, norm_weight, norm_bias, projection * 0.5)
+    assert_close(projected, expected, 1e-4 * expected.abs().max().item(), 1e-4)
 
 
 def test_empty_batch():
@@ -167,7 +174,7 @@ def test_empty_batch():
     x, weight, bias, norm_weight, norm_bias = make_conv(0, 6, 10, 5, 7, torch.float32)
     out = conv3x3_ln_gelu(x, weight, bias, norm_weight, norm_bias, EPS)
     assert out.shape == (0, 10, 5, 7) and out.permute(0, 2, 3, 1).is_contiguous()
-    assert conv3x3_dot(x, weight, bias, torch.zeros(1, 10, 5, 7), torch.zeros(0, 10)).shape == (0, 35)
+    assert conv3x3_ln_gelu_project(x, weight, bias, norm_weight, norm_bias, EPS, torch.zeros(0, 9, 10)).shape == (0, 9, 5, 7)
     assert conv3x3_ln_gelu(torch.zeros(2, 6, 0, 7), weight, bias, norm_weight, norm_bias, EPS).shape == (2, 10, 0, 7)
 
 
@@ -182,12 +189,17 @@ def test_empty_batch():
         (lambda x, w, b, n: conv3x3_ln_gelu(x.int(), w, b, n, n, EPS), TypeError, "dtype torch.int32"),
         (lambda x, w, b, n: conv3x3_ln_gelu(x, w, b, n, n, 0.0), ValueError, "eps must be a positive"),
         (lambda x, w, b, n: conv3x3_ln_gelu(x, w.tolist(), b, n, n, EPS), TypeError, "weight must be a torch.Tensor"),
-        (lambda x, w, b, n: conv3x3_dot(x, w, b, torch.zeros(2, 10, 5, 7), n[None].expand(2, -1)), ValueError, r"residual must be \[3 or 1, 10, 5, 7\]"),
-        (lambda x, w, b, n: conv3x3_dot(x, w, b, torch.zeros(1, 10, 5, 6), n[None].expand(3, -1)), ValueError, r"residual must be \[3 or 1, 10, 5, 7\]"),
-        (lambda x, w, b, n: conv3x3_dot(x, w, b, torch.zeros(1, 10, 5, 7), n), ValueError, r"vector must have shape \[3, 10\]"),
+        (lambda x, w, b, n: conv3x3_ln_gelu_project(x, w, b, n, n, EPS, torch.zeros(2, 9, 10)), ValueError, r"projection must be \[3, T, 10\]"),
+        (lambda x, w, b, n: conv3x3_ln_gelu_project(x, w, b, n, n, EPS, torch.zeros(3, 9, 11)), ValueError, r"projection must be \[3, T, 10\]"),
+        (lambda x, w, b, n: conv3x3_ln_gelu_project(x, w, b, n, n, EPS, torch.zeros(3, 17, 10)), ValueError, r"1 <= T <= 16, got \[3, 17, 10\]"),
+        (lambda x, w, b, n: conv3x3_ln_gelu_project(x, w, b, n, n, EPS, torch.zeros(3, 0, 10)), ValueError, r"1 <= T <= 16, got \[3, 0, 10\]"),
+        (lambda x, w, b, n: conv3x3_ln_gelu_project(x, w, b, n, n, EPS, torch.zeros(3, 9, 10).half()), ValueError, "projection is torch.float16"),
+        (lambda x, w, b, n: conv3x3_ln_gelu_project(x, w, b, n, n, EPS, None), TypeError, "projection must be a torch.Tensor"),
+        (lambda x, w, b, n: conv3x3_ln_gelu_project(x, w, b, n, n, -1.0, torch.zeros(3, 9, 10)), ValueError, "eps must be a positive"),
     ],
     ids=["x_3d", "weight_channels", "weight_kernel", "bias_shape", "norm_dtype", "int_x", "eps_zero", "weight_list",
-         "residual_batch", "residual_size", "vector_shape"],
+         "projection_batch", "projection_channels", "projection_too_many_rows", "projection_no_rows", "projection_dtype",
+         "projection_none", "project_eps"],
 )
 def test_bad_input_is_named(call, error, match):
     x, weight, bias, norm_weight, _ = make_conv(3, 6, 10, 5, 7, torch.float32)
@@ -201,16 +213,14 @@ def test_bad_input_is_named(call, error, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
 def test_decoder_shapes_gpu(dtype, atol, rtol, tf32_off):
-    """Every candidate at the HQ decoder's shapes (4 prompts, 256 x 256, 32 -> 64 -> 32 channels, the
-    HQ features of one image broadcast) in fp32 / fp16 / bf16."""
+    """Every candidate at the HQ decoder's shapes (4 prompts, 256 x 256, 32 -> 64 channels, 9 tap
+    filters per prompt) in fp32 / fp16 / bf16."""
     x, weight, bias, norm_weight, norm_bias = make_conv(4, 32, 64, 256, 256, dtype, device="cuda")
     features = ln_gelu_reference(x, weight, bias, norm_weight, norm_bias)
-    _, weight2, bias2, _, _ = make_conv(4, 64, 32, 256, 256, dtype, device="cuda", seed=1)
-    residual, vector = torch.randn(1, 32, 256, 256, device="cuda", dtype=dtype), torch.randn(4, 32, device="cuda", dtype=dtype)
-    features_in = features.to(device="cuda", dtype=dtype)
-    masks = dot_reference(features_in, weight2, bias2, residual.expand(4, -1, -1, -1), vector)
+    projection = make_projection(4, 9, 64, dtype, device="cuda")
+    taps = project_reference(x, weight, bias, norm_weight, norm_bias, projection)
     for config in conv3x3_module.candidate_configs(dtype):
-        out = conv3x3_module._conv3x3(x, pack_weight(weight), bias, norm_weight, norm_bias, EPS, None, None, "ln_gelu", config)
+        out = conv3x3_module._conv3x3(x, pack_weight(weight), bias, norm_weight, norm_bias, EPS, None, config)
         assert_close(out, features, atol, rtol)
-        out = conv3x3_module._conv3x3(features_in, pack_weight(weight2), bias2, None, None, EPS, residual, vector, "dot", config)
-        assert_close(out, masks, atol * masks.abs().max().item(), rtol)
+        out = conv3x3_module._conv3x3(x, pack_weight(weight), bias, norm_weight, norm_bias, EPS, projection, config)
+        assert_close(out, taps, atol * taps.abs().max().item(), rtol)

@@ -14,8 +14,8 @@ one random image through model.encode_image per variant) and are NOT in the timi
   graphed   PromptDecoder(model, cuda_graphs="trees"): the same compiled function replayed as
             Inductor's CUDA-graph trees (mode="reduce-overhead")
   graphed-conv  PromptDecoder(model, conv_kernels=True): graphed, with the HQ branch's first 3x3
-            convolution (+ LayerNorm2d, GELU) as the Triton kernel of kernels/conv3x3.py instead of
-            cuDNN + Inductor's code (the experiment of NOTES predictions 20 and 23)
+            convolution (+ LayerNorm2d, GELU, the folded tap filters) as the Triton kernel of
+            kernels/conv3x3.py instead of cuDNN + Inductor's code (NOTES predictions 20, 23, 28)
   graphed-manual  PromptDecoder(model) (cuda_graphs="manual", the default): the compiled function
             captured by hand in a torch.cuda.CUDAGraph per bucket shape (samhq_fast.graphs.GraphCache),
             what predict_torch runs with the fused backend
@@ -158,7 +158,7 @@ TIMED_CALLS = {
     "graphed": "PromptDecoder(model, cuda_graphs='trees')(..., multimask_output=True): pad to the prompt bucket, graph "
                "trees' replay (chunks of 256 prompts, mask selection inside), copy out",
     "graphed-conv": "PromptDecoder(model, cuda_graphs='trees', conv_kernels=True)(..., multimask_output=True): as graphed, the HQ "
-                    "branch's first 3x3 convolution (+ LayerNorm2d, GELU) by kernels/conv3x3.py",
+                    "branch's first 3x3 convolution (+ LayerNorm2d, GELU, the folded tap filters) by kernels/conv3x3.py",
     "graphed-manual": "PromptDecoder(model) (cuda_graphs='manual', the default)(..., multimask_output=True): pad to the prompt "
                       "bucket, copy into the graph's static inputs, torch.cuda.CUDAGraph replay (chunks of 256, mask selection "
                       "inside), copy out",

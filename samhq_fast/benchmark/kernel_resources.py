@@ -195,16 +195,14 @@ def layer_norm_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict
 
 
 def conv3x3_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
-    """(shape label, config, args, kwargs) of every Triton conv3x3 candidate at the HQ decoder's two
-    convolutions (64 prompts at 256 x 256: 32 -> 64 + LayerNorm + GELU, then 64 -> 32 + the dot)."""
+    """(shape label, config, args, kwargs) of every Triton conv3x3 candidate at the HQ decoder's
+    first convolution (64 prompts at 256 x 256: 32 -> 64 + LayerNorm + GELU), with both epilogues:
+    the map, and its projection by the 9 tap filters of the folded last convolution."""
     launches, hw, prompts = [], 256, 64
-    weights_1 = (conv3x3.pack_weight(_meta(64, 32, 3, 3, dtype=dtype)), _meta(64, dtype=dtype))  # the layout the decoder passes
-    weights_2 = (conv3x3.pack_weight(_meta(32, 64, 3, 3, dtype=dtype)), _meta(32, dtype=dtype))
-    features = _meta(prompts, hw, hw, 64, dtype=dtype).permute(0, 3, 1, 2)  # the first kernel's channels-last output
-    calls = (("hq conv1 ln_gelu", lambda config: conv3x3._conv3x3(_meta(prompts, 32, hw, hw, dtype=dtype), *weights_1, *weights_1, 1e-6,
-                                                                 None, None, "ln_gelu", config)),
-             ("hq conv2 dot", lambda config: conv3x3._conv3x3(features, *weights_2, None, None, 1e-6, _meta(1, 32, hw, hw, dtype=dtype),
-                                                             _meta(prompts, 32, dtype=dtype), "dot", config)))
+    weights = (conv3x3.pack_weight(_meta(64, 32, 3, 3, dtype=dtype)), _meta(64, dtype=dtype))  # the layout the decoder passes
+    x = _meta(prompts, 32, hw, hw, dtype=dtype)
+    calls = (("hq conv1 ln_gelu", lambda config: conv3x3._conv3x3(x, *weights, *weights, 1e-6, None, config)),
+             ("hq conv1 ln_gelu_project", lambda config: conv3x3._conv3x3(x, *weights, *weights, 1e-6, _meta(prompts, 9, 64, dtype=dtype), config)))
     for label, call in calls:
         for config in conv3x3.candidate_configs(dtype):
             if config is conv3x3.TORCH_OP:

@@ -9,8 +9,8 @@ prompts with multimask_output=True, in each mode:
   compiled  PromptDecoder(model, cuda_graphs=False): the padded function the fused backend's CUDA
             graphs record, so its kernels and their GPU times are the graphs', without the replay;
   compiled-conv  the same with conv_kernels=True: the HQ branch's first 3x3 convolution (+ LayerNorm2d
-            + GELU) by kernels/conv3x3.py (only where the Triton kernels run: a CUDA GPU, or the
-            interpreter).
+            + GELU, projected by the folded last convolution's tap filters) by kernels/conv3x3.py
+            (only where the Triton kernels run: a CUDA GPU, or the interpreter).
 Per kernel: launches and GPU time per call, and its share of the call's GPU time. Each section's
 title also gives the wall-clock time per call (synchronized): above the GPU time by the host's
 launch work, which a CUDA graph replay removes (the graphed decoder's own wall time is in the
