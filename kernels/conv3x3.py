@@ -148,14 +148,14 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def _torch_conv3x3(x, weight, bias, norm_weight, norm_bias, eps, projection, epilogue: str) -> torch.Tensor:
+def _torch_conv3x3(x, weight, bias, norm_weight, norm_bias, eps, projection) -> torch.Tensor:
     """The same function from torch ops (the eager model's computation, in x's dtype)."""
     y = F.conv2d(x, weight, bias, padding=1)
     mean = y.mean(1, keepdim=True)
     var = (y - mean).pow(2).mean(1, keepdim=True)
     y = (y - mean) / torch.sqrt(var + eps)
     y = F.gelu(norm_weight[:, None, None] * y + norm_bias[:, None, None])
-    if epilogue == "ln_gelu":
+    if projection is None:  # "ln_gelu"
         return y.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last, as the kernel's output
     return (projection @ y.flatten(2)).view(projection.shape[0], projection.shape[1], *y.shape[2:])
 
@@ -172,9 +172,8 @@ def _empty_output(x: torch.Tensor, c_out: int, projection: torch.Tensor | None) 
 
 def _conv3x3(x, weight, bias, norm_weight, norm_bias, eps, projection, config: dict) -> torch.Tensor:
     """One launch with one config (inputs checked by the callers); projection None: "ln_gelu"."""
-    epilogue = "ln_gelu" if projection is None else "ln_gelu_project"
     if config.get("impl") == "torch":
-        return _torch_conv3x3(x, weight, bias, norm_weight, norm_bias, eps, projection, epilogue)
+        return _torch_conv3x3(x, weight, bias, norm_weight, norm_bias, eps, projection)
     B, C_in, H, W = x.shape
     C_out = weight.shape[0]
     out = _empty_output(x, C_out, projection)
@@ -187,7 +186,7 @@ def _conv3x3(x, weight, bias, norm_weight, norm_bias, eps, projection, config: d
         out, H, W, C_in, C_out, rows,
         *x.stride(), *weight.stride(), *(projection.stride() if projection is not None else (0, 0, 0)), *out.stride(),
         float(eps),
-        EPILOGUE=epilogue, INPUT_PRECISION=dot_precision(x.dtype),
+        EPILOGUE="ln_gelu" if projection is None else "ln_gelu_project", INPUT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=max(16, triton.next_power_of_2(C_out)), BLOCK_K=block_k,
         BLOCK_T=max(16, triton.next_power_of_2(rows)),
         num_warps=config["num_warps"], num_stages=config["num_stages"],

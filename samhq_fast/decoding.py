@@ -233,19 +233,23 @@ def conv_transpose_2x2(pixels: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.
 def upscaled_by_matmuls(upscaling: nn.Sequential, pixels: torch.Tensor) -> torch.Tensor:
     """`upscaling` (ConvT 2x2 s2 -> LayerNorm2d -> GELU -> ConvT 2x2 s2 [-> GELU], the decoder's
     `output_upscaling`) with each transposed convolution as a matmul (`conv_transpose_2x2`). The
-    first one's output blocks feed the second as they are; the image is assembled at the end.
+    first one's output blocks feed the second as they are; the image is assembled at the end, after
+    the trailing GELU (elementwise: where the pixels are does not matter to it), so that the one
+    copy that assembles it is the output, channels-last: a GELU after it would be a pass of its own,
+    which Inductor writes in the default (NCHW) layout.
 
     pixels [P, h, w, C] (channels-last) -> [P, C_out, 4h, 4w] (channels-last in memory).
     """
     first, norm, gelu, second, *rest = upscaling
+    if not all(isinstance(module, nn.GELU) for module in rest):
+        raise ValueError(f"upscaled_by_matmuls: the modules after the second transposed convolution must be GELUs, got {rest}")
     p, h, w, _ = pixels.shape
     x = conv_transpose_2x2(pixels, first)  # [P, h, w, 2, 2, C/4]: pixel (2y + i, 2x + j)
     x = gelu(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))  # LayerNorm2d: over channels
     x = conv_transpose_2x2(x, second)  # [P, h, w, 2, 2, 2, 2, C_out]: pixel (4y + 2i + i', 4x + 2j + j')
-    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(p, 4 * h, 4 * w, second.out_channels).permute(0, 3, 1, 2)
     for module in rest:
         x = module(x)
-    return x
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(p, 4 * h, 4 * w, second.out_channels).permute(0, 3, 1, 2)
 
 
 def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor,

@@ -253,6 +253,14 @@ def test_conv_transpose_as_matmul_refuses_other_convolutions(conv):
         decoding.conv_transpose_2x2(torch.zeros(1, 3, 3, 4), conv)
 
 
+def test_upscaling_by_matmuls_refuses_a_trailing_module_that_is_not_elementwise(tiny_model):
+    """It applies the trailing modules before the pixels are reordered, which is only right for an
+    elementwise one (the decoder's GELU)."""
+    modules = torch.nn.Sequential(*tiny_model.mask_decoder.output_upscaling, torch.nn.Softmax(dim=1))
+    with pytest.raises(ValueError, match="must be GELUs"):
+        decoding.upscaled_by_matmuls(modules, torch.zeros(1, 3, 3, modules[0].in_channels))
+
+
 @pytest.mark.parametrize("n, buckets, expected", [(1, decoding.PROMPT_BUCKETS, 1), (4, decoding.PROMPT_BUCKETS, 4),
                                                    (5, decoding.PROMPT_BUCKETS, 16), (256, decoding.PROMPT_BUCKETS, 256),
                                                    (64, decoding.POINT_BUCKETS, 64), (65, decoding.POINT_BUCKETS, 128),
