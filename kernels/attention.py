@@ -13,7 +13,9 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
   (`rel_pos_terms`: [B, heads, H, W, window] each, fp32, times log2(e) for the base-2 softmax); the
   N x N bias and score matrices never exist in memory.
   Key tiles are laid over the window's rows (see `_rel_pos_attention_kernel`), so a tile needs one
-  rel_h value per query and row, and a contiguous run of rel_w: no per-element gathers;
+  rel_h value per query and row, and a contiguous run of rel_w: no per-element gathers. In windowed
+  blocks the bias can also be added by the tensor cores (REL_DOT: the terms times one-hot key
+  matrices, two more dots per key tile), which the tuner weighs against adding it per score;
 - head_dim 64 and 80 (vit_h) without padding: 80 is computed as a 64 part and a 16 part (two dots
   each for q.k and p.v), so the attention kernel holds no head dim padded to 128, in memory or in
   registers (only the small rel-pos pre-pass pads it, in registers, with masked loads).
@@ -58,6 +60,9 @@ def _rel_pos_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REL_W_ONCE: tl.constexpr,  # load the rel_w term once, before the key loop (needs BLOCK_N >= KEY_COLS)
+    # The bias added by the tensor cores, as two more dots into the scores (needs BLOCK_N >= KEY_COLS,
+    # KEY_COLS <= 16 and TILE_ROWS <= 16: windowed blocks): see the key loop. Overrides REL_W_ONCE.
+    REL_DOT: tl.constexpr,
     # False: the launch covers the top-left WINDOWS_Y x WINDOWS_X windows: all of a grid the windows
     # tile exactly, or the interior of one they pass (all but the last row and column of windows).
     # True: the last row and column of a WINDOWS_Y x WINDOWS_X grid of windows that pass the token
@@ -98,6 +103,10 @@ def _rel_pos_attention_kernel(
         offs_t = D_MAIN + tl.arange(0, D_TAIL)
         q_t = tl.load(head_base + q_offs[:, None] + offs_t[None, :], mask=q_real[:, None], other=0.0)
         acc_t = tl.zeros([BLOCK_M, D_TAIL], tl.float32)
+    if REL_DOT:  # the scores come out of the dots in log2 units (see the key loop), as from (q * scale) @ k^T in the original
+        q = (q * qk_scale).to(q.dtype)
+        if D_TAIL > 0:
+            q_t = (q_t * qk_scale).to(q_t.dtype)
     if PADDED_GRID:
         # Every padded key is k_bias: its q . k is one value per query ([BLOCK_M], fp32). Padded key
         # slots load as zeros and take this score instead; their value v_bias is added once, after
@@ -115,7 +124,21 @@ def _rel_pos_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     offs_j = tl.arange(0, BLOCK_N)
-    if REL_W_ONCE:
+    if REL_DOT:
+        # The bias rel_h[q, row(slot)] + rel_w[q, col(slot)] (pre-pass terms, already in log2 units) is
+        # a product of [BLOCK_M, 16] terms and one-hot [16, BLOCK_N] matrices, the same for every tile:
+        # rel_w[q, :] @ (c == slot % KEY_COLS) and, for a tile whose first window row is r0,
+        # rel_h[q, r0 : r0 + 16] @ (c == slot // KEY_COLS). Two more dots into the scores on the tensor
+        # cores, instead of a bias tile built by selects and adds per score. Slots outside the window
+        # (columns past WIN_W, rows past WIN_H) take the term OUTSIDE: their exp2 is 0, no select per score.
+        tl.static_assert(BLOCK_N >= KEY_COLS and KEY_COLS <= 16 and TILE_ROWS <= 16, "REL_DOT needs whole window rows of <= 16 slots per key tile")
+        OUTSIDE: tl.constexpr = -65504.0 if q.dtype == tl.float16 else -1.0e30  # finite in q's dtype: 0 * OUTSIDE = 0
+        offs_c = tl.arange(0, 16)
+        rel_w_terms = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + offs_c[None, :], mask=q_real[:, None] & (offs_c < WIN_W)[None, :], other=0.0)
+        rel_w_terms = tl.where((offs_c < WIN_W)[None, :], rel_w_terms, OUTSIDE).to(q.dtype)  # [BLOCK_M, 16]
+        col_onehot = (offs_c[:, None] == (offs_j % KEY_COLS)[None, :]).to(q.dtype)  # [16, BLOCK_N]
+        row_onehot = (offs_c[:, None] == (offs_j // KEY_COLS)[None, :]).to(q.dtype)  # [16, BLOCK_N]
+    if REL_W_ONCE and not REL_DOT:
         # Tiles of whole window rows all see the columns kx_win = j % KEY_COLS: one rel_w tile serves
         # the whole loop. Per tile it is more bytes than k and v together (fp32 [BLOCK_M, BLOCK_N]),
         # read 64 times in a global block; held, it costs ~32 more registers per thread.
@@ -140,32 +163,40 @@ def _rel_pos_attention_kernel(
         if PADDED_GRID:
             s = tl.where(k_real[None, :], s, q_dot_k_pad[:, None])  # padded keys score q . k_bias
 
-        if REL_W_ONCE:
-            bias = rel_w_tile  # slots past WIN_H hold real rel_w values here: they are set to -inf below
+        if REL_DOT:
+            row = start // KEY_COLS + offs_c  # [16] the tile's window rows (only TILE_ROWS of them are read)
+            rel_h_terms = tl.load(rel_h_ptr + rel_row[:, None] * WIN_H + row[None, :],
+                                  mask=q_real[:, None] & ((offs_c < TILE_ROWS) & (row < WIN_H))[None, :], other=0.0)
+            rel_h_terms = tl.where((row < WIN_H)[None, :], rel_h_terms, OUTSIDE).to(q.dtype)
+            s = tl.dot(rel_h_terms, row_onehot, s, input_precision=DOT_PRECISION)
+            s = tl.dot(rel_w_terms, col_onehot, s, input_precision=DOT_PRECISION)
         else:
-            bias = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=q_real[:, None] & k_in[None, :], other=0.0)
-        # The rel_h term: one value per query and window row of the tile, one add per score (adding
-        # where(row == r, rel_h, 0.0) for every row costs TILE_ROWS adds: x + 0.0 does not fold away).
-        # A freshly loaded rel_w tile takes the add in place; a held one (REL_W_ONCE) is not rewritten:
-        # the rows' values are selected into one tile, added once. Each form issues the fewer
-        # instructions per key tile in its case (sm_90 SASS, Triton 3.6 and 3.9).
-        for r in tl.static_range(TILE_ROWS):
-            row = tl.minimum(start // KEY_COLS + r, WIN_H - 1)  # rows past WIN_H: slots are -inf anyway
-            rel_h = tl.load(rel_h_ptr + rel_row * WIN_H + row, mask=q_real, other=0.0)[:, None]  # [BLOCK_M, 1]
-            in_row = (offs_j // KEY_COLS == r)[None, :]
-            if TILE_ROWS == 1:
-                bias += rel_h
-            elif REL_W_ONCE:
-                if r == 0:
-                    rel_h_tile = rel_h
-                else:
-                    rel_h_tile = tl.where(in_row, rel_h, rel_h_tile)
+            if REL_W_ONCE:
+                bias = rel_w_tile  # slots past WIN_H hold real rel_w values here: they are set to -inf below
             else:
-                bias = tl.where(in_row, bias + rel_h, bias)
-        if REL_W_ONCE and TILE_ROWS > 1:
-            bias += rel_h_tile
-        s = s * qk_scale + bias
-        s = tl.where(k_in[None, :], s, float("-inf"))  # slots outside the window
+                bias = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=q_real[:, None] & k_in[None, :], other=0.0)
+            # The rel_h term: one value per query and window row of the tile, one add per score (adding
+            # where(row == r, rel_h, 0.0) for every row costs TILE_ROWS adds: x + 0.0 does not fold away).
+            # A freshly loaded rel_w tile takes the add in place; a held one (REL_W_ONCE) is not rewritten:
+            # the rows' values are selected into one tile, added once. Each form issues the fewer
+            # instructions per key tile in its case (sm_90 SASS, Triton 3.6 and 3.9).
+            for r in tl.static_range(TILE_ROWS):
+                row = tl.minimum(start // KEY_COLS + r, WIN_H - 1)  # rows past WIN_H: slots are -inf anyway
+                rel_h = tl.load(rel_h_ptr + rel_row * WIN_H + row, mask=q_real, other=0.0)[:, None]  # [BLOCK_M, 1]
+                in_row = (offs_j // KEY_COLS == r)[None, :]
+                if TILE_ROWS == 1:
+                    bias += rel_h
+                elif REL_W_ONCE:
+                    if r == 0:
+                        rel_h_tile = rel_h
+                    else:
+                        rel_h_tile = tl.where(in_row, rel_h, rel_h_tile)
+                else:
+                    bias = tl.where(in_row, bias + rel_h, bias)
+            if REL_W_ONCE and TILE_ROWS > 1:
+                bias += rel_h_tile
+            s = s * qk_scale + bias
+            s = tl.where(k_in[None, :], s, float("-inf"))  # slots outside the window
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -209,8 +240,8 @@ def batch_chunks(batch: int, num_heads: int) -> list[slice]:
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
-def _config(m: int, n: int, warps: int, stages: int, rel_w_once: bool = False) -> dict:
-    return dict(BLOCK_M=m, BLOCK_N=n, REL_W_ONCE=rel_w_once, num_warps=warps, num_stages=stages)
+def _config(m: int, n: int, warps: int, stages: int, rel_w_once: bool = False, rel_dot: bool = False) -> dict:
+    return dict(BLOCK_M=m, BLOCK_N=n, REL_W_ONCE=rel_w_once, REL_DOT=rel_dot, num_warps=warps, num_stages=stages)
 
 
 def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[dict]:
@@ -234,14 +265,20 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     # in one program (k, v and the rel-pos terms read once per window and head, not once per query
     # tile; 222-255 registers, no stack); 256 x 64 spills.
     configs = [_config(128, 64, 8, 2), _config(128, 64, 8, 2, rel_w_once=True), _config(128, 64, 8, 3),
-               _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
-               _config(64, 32, 4, 3), _config(64, 64, 4, 3), _config(256, 32, 8, 2)]
+               _config(128, 64, 8, 3, rel_w_once=True), _config(64, 64, 4, 2), _config(64, 64, 4, 3), _config(256, 32, 8, 2)]
     if global_block:
-        # Key tiles of two grid rows (half the loop trips): 223-236 registers, no stack (Triton 3.9;
-        # 3.6: 254-255, 24 bytes of stack at vit_h) and 145-165 KiB. Windowed blocks, which also
-        # score padded keys, spill with them (24-390 bytes).
-        configs.append(_config(128, 128, 8, 2))
-    return configs
+        # Half-row key tiles (64 x 32 won vit_b's global shape on the H200), and key tiles of two grid
+        # rows (half the loop trips): 223-236 registers, no stack (Triton 3.9; 3.6: 254-255, 24 bytes
+        # of stack at vit_h) and 145-165 KiB. Windowed blocks, which also score padded keys, spill
+        # with those unless the bias is a dot (below).
+        return configs + [_config(128, 32, 8, 2), _config(64, 32, 4, 3), _config(128, 128, 8, 2)]
+    # Windowed blocks (rows of 16 key slots): the bias by two more dots (REL_DOT), which frees the
+    # registers of the bias tile (vit_h 128x64: 185-219 instead of 226-250) and issues 12-30% fewer
+    # instructions per key-loop trip than REL_W_ONCE at the same tile (sm_90 SASS, bench/NOTES.md
+    # prediction 29). Without the bias tile 128 x 128 fits (a window's 224 key slots in 2 trips, not
+    # 4): 228-255 registers, no stack.
+    return configs + [_config(128, 64, 8, 2, rel_dot=True), _config(128, 64, 8, 3, rel_dot=True), _config(64, 64, 4, 3, rel_dot=True),
+                      _config(128, 128, 8, 2, rel_dot=True), _config(256, 32, 8, 2, rel_dot=True)]
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -386,9 +423,9 @@ def rel_pos_attention(
     to 2 * win - 1 rows when L differs, as the original does).
     window_size: 0 for a global block, else the window side (the grid is padded to a multiple).
     config: launch config {BLOCK_M, BLOCK_N (powers of two >= 16), num_warps, num_stages, optional
-    REL_W_ONCE (used where a key tile holds whole window rows: BLOCK_N >= window width rounded up to
-    a power of two)}; None picks one (tuned per GPU and shape, see `candidate_configs`;
-    INTERPRETER_CONFIG in the interpreter).
+    REL_W_ONCE and REL_DOT (used where a key tile holds whole window rows: BLOCK_N >= window width
+    rounded up to a power of two; REL_DOT also needs that width and the tile's rows <= 16)}; None
+    picks one (tuned per GPU and shape, see `candidate_configs`; INTERPRETER_CONFIG in the interpreter).
     Returns the head-merged attention output [B, H, W, C] (before `proj`), in qkv's dtype.
     """
     qkv, head_dim, interpreted = _checked_qkv(qkv, rel_pos_h, rel_pos_w, num_heads, "rel_pos_attention")
@@ -417,7 +454,9 @@ def rel_pos_attention(
         window_sets = [(windows_y - 1, windows_x - 1, False), (windows_y, windows_x, True)]
 
     def launch(config: dict) -> None:
-        kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and config["BLOCK_N"] >= key_cols}
+        whole_rows = config["BLOCK_N"] >= key_cols
+        kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and whole_rows,
+                         "REL_DOT": config.get("REL_DOT", False) and whole_rows and key_cols <= 16 and config["BLOCK_N"] // key_cols <= 16}
         for rows, cols, padded_grid in window_sets:
             windows = rows + cols - 1 if padded_grid else rows * cols
             if windows == 0:  # one row or column of windows: no interior

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+import triton
 import torch.nn.functional as F
 
 from samhq_fast.kernels import attention
@@ -79,26 +80,34 @@ def test_kernel_matches_eager(shape, dtype, atol, rtol):
 # The kernel visits keys as slots of a [window rows, next_pow2(window cols)] grid, BLOCK_N slots per
 # tile, and splits the head dim into power-of-two pieces (80 = 64 + 16, 48 = 32 + 16) or pads it in
 # registers (40 -> 64, 24 -> 32). The shapes above run the interpreter's 64-slot tiles; these force
-# one row, part of a row and rows past the window per tile, each with and without REL_W_ONCE (one
-# rel_w tile for the whole key loop), which the launcher uses only where a tile holds whole rows.
+# one row, part of a row and rows past the window per tile, each with the three ways to add the bias:
+# rel_w loaded per tile, once for the whole key loop (REL_W_ONCE), or by two dots with one-hot key
+# matrices (REL_DOT). The launcher uses REL_W_ONCE only where a tile holds whole rows, REL_DOT only
+# where they are also at most 16 slots wide, at most 16 of them.
 LAYOUTS = {
-    # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N), whole rows per tile
-    "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16), True),  # 13 cols -> 16 slots: one row a tile
-    "quarter_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16), False),  # 33 -> 64 slots: 48..63 all padding
-    "one_row_per_tile_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16), True),  # 10 -> 16 slots, windows padded
-    "rows_past_the_window_hd80": (1, (10, 10), 160, 2, 5, (32, 64), True),  # 5 -> 8 slots: 8 rows a tile, 3 past the window
-    "two_rows_per_tile_padded_windows": (1, (9, 9), 64, 1, 7, (32, 16), True),  # 7 -> 8 slots: 2 rows a tile, the last 1 past
+    # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N)
+    "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16)),  # 13 cols -> 16 slots: one row a tile
+    "quarter_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16)),  # 33 -> 64 slots: 48..63 all padding
+    "one_row_per_tile_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16)),  # 10 -> 16 slots, windows padded
+    "rows_past_the_window_hd80": (1, (10, 10), 160, 2, 5, (32, 64)),  # 5 -> 8 slots: 8 rows a tile, 3 past the window
+    "two_rows_per_tile_padded_windows": (1, (9, 9), 64, 1, 7, (32, 16)),  # 7 -> 8 slots: 2 rows a tile, the last 1 past
+    "rows_wider_than_16_slots": (1, (3, 20), 64, 1, 0, (32, 32)),  # 20 -> 32 slots: one row a tile, too wide for REL_DOT
+    "more_than_16_rows_per_tile": (1, (6, 6), 64, 1, 3, (16, 128)),  # 3 -> 4 slots: 32 rows a tile
 }
+BIAS_MODES = {"rel_w_per_tile": {}, "rel_w_once": dict(REL_W_ONCE=True), "rel_dot": dict(REL_DOT=True)}
 
 
-@pytest.mark.parametrize("rel_w_once", [False, True], ids=["rel_w_per_tile", "rel_w_once"])
+@pytest.mark.parametrize("bias_mode", list(BIAS_MODES))
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, rel_w_once, kernel_spies):
-    *shape, (block_m, block_n), whole_rows = LAYOUTS[layout]
-    check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, REL_W_ONCE=rel_w_once))
+def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, bias_mode, kernel_spies):
+    batch, (grid_h, grid_w), dim, heads, window, (block_m, block_n) = LAYOUTS[layout]
+    check(batch, (grid_h, grid_w), dim, heads, window, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, **BIAS_MODES[bias_mode]))
+    key_cols = triton.next_power_of_2(window or grid_w)
+    whole_rows = block_n >= key_cols
+    expected = (bias_mode == "rel_w_once" and whole_rows, bias_mode == "rel_dot" and whole_rows and key_cols <= 16 and block_n // key_cols <= 16)
     launches = kernel_spies["attention"].launches  # padded windows: interior and border windows apart
-    assert launches and all((launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"]) == (block_m, block_n, rel_w_once and whole_rows)
+    assert launches and all((launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"], launch["REL_DOT"]) == (block_m, block_n, *expected)
                             for launch in launches)  # the config asked for is the one that ran
 
 
