@@ -175,31 +175,39 @@ def _rel_pos_attention_kernel(
                 bias = rel_w_tile  # slots past WIN_H hold real rel_w values here: they are set to -inf below
             else:
                 bias = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + kx_win[None, :], mask=q_real[:, None] & k_in[None, :], other=0.0)
-            # The rel_h term: one value per query and window row of the tile, one add per score (adding
-            # where(row == r, rel_h, 0.0) for every row costs TILE_ROWS adds: x + 0.0 does not fold away).
-            # A freshly loaded rel_w tile takes the add in place; a held one (REL_W_ONCE) is not rewritten:
-            # the rows' values are selected into one tile, added once. Each form issues the fewer
-            # instructions per key tile in its case (sm_90 SASS, Triton 3.6 and 3.9).
+            # The rel_h term: one value per query and window row of the tile. With a held rel_w tile
+            # (REL_W_ONCE) and one row per tile (global blocks), it is added to the row max and
+            # subtracted from the max the exponent takes, not added to every score. Otherwise one
+            # add per score (adding where(row == r, rel_h, 0.0) for every row costs TILE_ROWS adds:
+            # x + 0.0 does not fold away): a freshly loaded rel_w tile takes the add in place; a held
+            # one is not rewritten: the rows' values are selected into one tile, added once. Each
+            # form issues the fewer instructions per key tile in its case (sm_90 SASS, Triton 3.6 and 3.9).
             for r in tl.static_range(TILE_ROWS):
                 row = tl.minimum(start // KEY_COLS + r, WIN_H - 1)  # rows past WIN_H: slots are -inf anyway
-                rel_h = tl.load(rel_h_ptr + rel_row * WIN_H + row, mask=q_real, other=0.0)[:, None]  # [BLOCK_M, 1]
+                rel_h = tl.load(rel_h_ptr + rel_row * WIN_H + row, mask=q_real, other=0.0)  # [BLOCK_M]
                 in_row = (offs_j // KEY_COLS == r)[None, :]
-                if TILE_ROWS == 1:
-                    bias += rel_h
+                if TILE_ROWS == 1 and REL_W_ONCE:
+                    row_term = rel_h
+                elif TILE_ROWS == 1:
+                    bias += rel_h[:, None]
                 elif REL_W_ONCE:
                     if r == 0:
-                        rel_h_tile = rel_h
+                        rel_h_tile = rel_h[:, None]
                     else:
-                        rel_h_tile = tl.where(in_row, rel_h, rel_h_tile)
+                        rel_h_tile = tl.where(in_row, rel_h[:, None], rel_h_tile)
                 else:
-                    bias = tl.where(in_row, bias + rel_h, bias)
+                    bias = tl.where(in_row, bias + rel_h[:, None], bias)
             if REL_W_ONCE and TILE_ROWS > 1:
                 bias += rel_h_tile
             s = s * qk_scale + bias
             s = tl.where(k_in[None, :], s, float("-inf"))  # slots outside the window
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        if TILE_ROWS == 1 and REL_W_ONCE and not REL_DOT:  # the scores still lack row_term
+            m_new = tl.maximum(m_i, tl.max(s, 1) + row_term)
+            p = tl.exp2(s - (m_new - row_term)[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PADDED_GRID:
