@@ -14,8 +14,9 @@ writes the head-merged [B, H, W, C] layout the `proj` linear wants:
   N x N bias and score matrices never exist in memory.
   Key tiles are laid over the window's rows (see `_rel_pos_attention_kernel`), so a tile needs one
   rel_h value per query and row, and a contiguous run of rel_w: no per-element gathers. In windowed
-  blocks the bias can also be added by the tensor cores (REL_DOT: the terms times one-hot key
-  matrices, two more dots per key tile), which the tuner weighs against adding it per score;
+  blocks the tuner also weighs REL_DOT tiles: the kernel computes its queries' terms itself (q times
+  the tables, then a gather along each row: no pre-pass) and adds the bias on the tensor cores (the
+  terms times one-hot key matrices, two more dots per key tile);
 - head_dim 64 and 80 (vit_h) without padding: 80 is computed as a 64 part and a 16 part (two dots
   each for q.k and p.v), so the attention kernel holds no head dim padded to 128, in memory or in
   registers (only the small rel-pos pre-pass pads it, in registers, with masked loads).
@@ -37,11 +38,35 @@ LOG2E = math.log2(math.e)  # the attention kernel's softmax is in base 2: exp(x)
 
 
 @triton.jit
+def _window_rel_terms(q, q_t, table_ptr, q_win, WIN: tl.constexpr, HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+                      TABLE_PAD: tl.constexpr, OUTSIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One decomposed-bias term of a tile of queries, for REL_DOT: [BLOCK_M, 16] in q's dtype, column c
+    = (q . R[q_win - c + WIN - 1]) * log2(e) for the key row (or column) c < WIN of the window, OUTSIDE
+    past it. q / q_t: the unscaled q's head-dim pieces; q_win [BLOCK_M]: the query's row (column) in
+    its window; table: [2 * WIN - 1, HEAD_DIM]."""
+    offs_table = tl.arange(0, TABLE_PAD)
+    offs_c = tl.arange(0, 16)
+    offs_d = tl.arange(0, D_MAIN)
+    table_in = (offs_table < 2 * WIN - 1)[None, :]
+    table_t = tl.load(table_ptr + offs_table[None, :] * HEAD_DIM + offs_d[:, None], mask=table_in & (offs_d < HEAD_DIM)[:, None], other=0.0)
+    g = tl.dot(q, table_t, input_precision=DOT_PRECISION)  # [BLOCK_M, TABLE_PAD]: q . R[i] for every relative offset i
+    if D_TAIL > 0:
+        offs_t = D_MAIN + tl.arange(0, D_TAIL)
+        table_tail = tl.load(table_ptr + offs_table[None, :] * HEAD_DIM + offs_t[:, None], mask=table_in, other=0.0)
+        g = tl.dot(q_t, table_tail, g, input_precision=DOT_PRECISION)
+    offset = tl.minimum(tl.maximum(q_win[:, None] - offs_c[None, :] + WIN - 1, 0), TABLE_PAD - 1)  # [BLOCK_M, 16]
+    terms = tl.gather(g, offset, 1) * 1.4426950408889634  # log2(e): the softmax is in base 2
+    return tl.where((offs_c < WIN)[None, :], terms, OUTSIDE).to(q.dtype)
+
+
+@triton.jit
 def _rel_pos_attention_kernel(
     qkv_ptr,  # [B, H, W, 3 * C]: q | k | v, each head-major (head * HEAD_DIM + d)
     qkv_bias_ptr,  # [3 * C]: the q | k | v of a padded (all-zero) token
-    rel_h_ptr,  # [B, heads, H, W, WIN_H] fp32: (q . Rh[y % WIN_H, ky]) * log2(e)
+    rel_h_ptr,  # [B, heads, H, W, WIN_H] fp32: (q . Rh[y % WIN_H, ky]) * log2(e) (the pre-pass; not read with REL_DOT)
     rel_w_ptr,  # [B, heads, H, W, WIN_W] fp32: (q . Rw[x % WIN_W, kx]) * log2(e)
+    table_h_ptr,  # [2 * WIN_H - 1, HEAD_DIM] in q's dtype: the rel-pos tables, resized (read with REL_DOT only)
+    table_w_ptr,  # [2 * WIN_W - 1, HEAD_DIM]
     out_ptr,  # [B, H, W, C]
     qk_scale,  # head_dim ** -0.5 * log2(e): scores and bias both in base 2, one FMA per score
     H, W,  # real token grid
@@ -60,9 +85,11 @@ def _rel_pos_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REL_W_ONCE: tl.constexpr,  # load the rel_w term once, before the key loop (needs BLOCK_N >= KEY_COLS)
-    # The bias added by the tensor cores, as two more dots into the scores (needs BLOCK_N >= KEY_COLS,
-    # KEY_COLS <= 16 and TILE_ROWS <= 16: windowed blocks): see the key loop. Overrides REL_W_ONCE.
+    # The bias terms computed here, not by the pre-pass, and added by the tensor cores, as two more
+    # dots into the scores (needs whole rows of <= 16 slots per key tile and <= 16 rows visited:
+    # windowed blocks): see the key loop. Overrides REL_W_ONCE.
     REL_DOT: tl.constexpr,
+    TABLE_PAD: tl.constexpr,  # 2 * max(WIN_H, WIN_W) - 1 rounded up to a power of two >= 16 (REL_DOT)
     # False: the launch covers the top-left WINDOWS_Y x WINDOWS_X windows: all of a grid the windows
     # tile exactly, or the interior of one they pass (all but the last row and column of windows).
     # True: the last row and column of a WINDOWS_Y x WINDOWS_X grid of windows that pass the token
@@ -103,10 +130,6 @@ def _rel_pos_attention_kernel(
         offs_t = D_MAIN + tl.arange(0, D_TAIL)
         q_t = tl.load(head_base + q_offs[:, None] + offs_t[None, :], mask=q_real[:, None], other=0.0)
         acc_t = tl.zeros([BLOCK_M, D_TAIL], tl.float32)
-    if REL_DOT:  # the scores come out of the dots in log2 units (see the key loop), as from (q * scale) @ k^T in the original
-        q = (q * qk_scale).to(q.dtype)
-        if D_TAIL > 0:
-            q_t = (q_t * qk_scale).to(q_t.dtype)
     if PADDED_GRID:
         # Every padded key is k_bias: its q . k is one value per query ([BLOCK_M], fp32). Padded key
         # slots load as zeros and take this score instead; their value v_bias is added once, after
@@ -125,19 +148,28 @@ def _rel_pos_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     offs_j = tl.arange(0, BLOCK_N)
     if REL_DOT:
-        # The bias rel_h[q, row(slot)] + rel_w[q, col(slot)] (pre-pass terms, already in log2 units) is
-        # a product of [BLOCK_M, 16] terms and one-hot [16, BLOCK_N] matrices, the same for every tile:
-        # rel_w[q, :] @ (c == slot % KEY_COLS) and, for a tile whose first window row is r0,
-        # rel_h[q, r0 : r0 + 16] @ (c == slot // KEY_COLS). Two more dots into the scores on the tensor
-        # cores, instead of a bias tile built by selects and adds per score. Slots outside the window
-        # (columns past WIN_W, rows past WIN_H) take the term OUTSIDE: their exp2 is 0, no select per score.
-        tl.static_assert(BLOCK_N >= KEY_COLS and KEY_COLS <= 16 and TILE_ROWS <= 16, "REL_DOT needs whole window rows of <= 16 slots per key tile")
+        # The bias rel_h[q, ky] + rel_w[q, kx] of a key slot is [BLOCK_M, 16] terms times one-hot
+        # [16, BLOCK_N] matrices (c == ky, c == kx): two more dots into the scores on the tensor cores,
+        # instead of a bias tile built by selects and adds per score. The terms come from the
+        # unscaled q: g = q @ table^T ([BLOCK_M, TABLE_PAD], every relative offset), then
+        # rel_h[q, ky] = g_h[q, qy - ky + WIN_H - 1] (get_rel_pos of a window with itself), a gather
+        # along the row. Slots outside the window (rows past WIN_H, columns past WIN_W) take the term
+        # OUTSIDE: their exp2 is 0, no select per score.
+        tl.static_assert(BLOCK_N >= KEY_COLS and KEY_COLS <= 16 and (WIN_H + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS <= 16,
+                         "REL_DOT needs whole window rows of <= 16 slots per key tile, and <= 16 rows visited")
         OUTSIDE: tl.constexpr = -65504.0 if q.dtype == tl.float16 else -1.0e30  # finite in q's dtype: 0 * OUTSIDE = 0
         offs_c = tl.arange(0, 16)
-        rel_w_terms = tl.load(rel_w_ptr + rel_row[:, None] * WIN_W + offs_c[None, :], mask=q_real[:, None] & (offs_c < WIN_W)[None, :], other=0.0)
-        rel_w_terms = tl.where((offs_c < WIN_W)[None, :], rel_w_terms, OUTSIDE).to(q.dtype)  # [BLOCK_M, 16]
+        q_win_y, q_win_x = offs_m // WIN_W, offs_m % WIN_W  # the query's place in its window
+        q_tail = q_t if D_TAIL > 0 else q  # (not read without a tail)
+        rel_h_terms = _window_rel_terms(q, q_tail, table_h_ptr, q_win_y, WIN_H, HEAD_DIM, D_MAIN, D_TAIL, TABLE_PAD, OUTSIDE, DOT_PRECISION)
+        rel_w_terms = _window_rel_terms(q, q_tail, table_w_ptr, q_win_x, WIN_W, HEAD_DIM, D_MAIN, D_TAIL, TABLE_PAD, OUTSIDE, DOT_PRECISION)
         col_onehot = (offs_c[:, None] == (offs_j % KEY_COLS)[None, :]).to(q.dtype)  # [16, BLOCK_N]
-        row_onehot = (offs_c[:, None] == (offs_j // KEY_COLS)[None, :]).to(q.dtype)  # [16, BLOCK_N]
+        # the scores come out of the dots in log2 units, as from (q * scale) @ k^T in the original
+        q = (q * qk_scale).to(q.dtype)
+        if D_TAIL > 0:
+            q_t = (q_t * qk_scale).to(q_t.dtype)
+        if PADDED_GRID:
+            q_dot_k_pad *= qk_scale
     if REL_W_ONCE and not REL_DOT:
         # Tiles of whole window rows all see the columns kx_win = j % KEY_COLS: one rel_w tile serves
         # the whole loop. Per tile it is more bytes than k and v together (fp32 [BLOCK_M, BLOCK_N]),
@@ -164,11 +196,7 @@ def _rel_pos_attention_kernel(
             s = tl.where(k_real[None, :], s, q_dot_k_pad[:, None])  # padded keys score q . k_bias
 
         if REL_DOT:
-            row = start // KEY_COLS + offs_c  # [16] the tile's window rows (only TILE_ROWS of them are read)
-            rel_h_terms = tl.load(rel_h_ptr + rel_row[:, None] * WIN_H + row[None, :],
-                                  mask=q_real[:, None] & ((offs_c < TILE_ROWS) & (row < WIN_H))[None, :], other=0.0)
-            rel_h_terms = tl.where((row < WIN_H)[None, :], rel_h_terms, OUTSIDE).to(q.dtype)
-            s = tl.dot(rel_h_terms, row_onehot, s, input_precision=DOT_PRECISION)
+            s = tl.dot(rel_h_terms, (offs_c[:, None] == ky_win[None, :]).to(q.dtype), s, input_precision=DOT_PRECISION)
             s = tl.dot(rel_w_terms, col_onehot, s, input_precision=DOT_PRECISION)
         else:
             if REL_W_ONCE:
@@ -280,13 +308,14 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
         # of stack at vit_h) and 145-165 KiB. Windowed blocks, which also score padded keys, spill
         # with those unless the bias is a dot (below).
         return configs + [_config(128, 32, 8, 2), _config(64, 32, 4, 3), _config(128, 128, 8, 2)]
-    # Windowed blocks (rows of 16 key slots): the bias by two more dots (REL_DOT), which frees the
-    # registers of the bias tile (vit_h 128x64: 185-219 instead of 226-250) and issues 12-30% fewer
-    # instructions per key-loop trip than REL_W_ONCE at the same tile (sm_90 SASS, bench/NOTES.md
-    # prediction 29). Without the bias tile 128 x 128 fits (a window's 224 key slots in 2 trips, not
-    # 4): 228-255 registers, no stack.
+    # Windowed blocks (rows of 16 key slots): the bias terms computed in the kernel and added by two
+    # more dots (REL_DOT; no pre-pass launches), which frees the registers of the bias tile (vit_h
+    # 128x64: 177-230 instead of 226-250) and issues 19-40% fewer instructions per key-loop trip than
+    # REL_W_ONCE at the same tile, ~400 more once per program (sm_90 SASS, bench/NOTES.md prediction
+    # 29). Without the bias tile 128 x 128 fits (a window's 224 key slots in 2 trips, not 4): 220-255
+    # registers, no stack. 256 x 32 spills with REL_DOT.
     return configs + [_config(128, 64, 8, 2, rel_dot=True), _config(128, 64, 8, 3, rel_dot=True), _config(64, 64, 4, 3, rel_dot=True),
-                      _config(128, 128, 8, 2, rel_dot=True), _config(256, 32, 8, 2, rel_dot=True)]
+                      _config(128, 128, 8, 2, rel_dot=True)]
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -448,7 +477,6 @@ def rel_pos_attention(
     win_h, win_w = (h, w) if window_size == 0 else (window_size, window_size)
     windows_y, windows_x = triton.cdiv(h, win_h), triton.cdiv(w, win_w)
 
-    rel_h, rel_w = _launch_rel_pos_terms(qkv, head_dim, rel_pos_h, rel_pos_w, num_heads, (win_h, win_w), LOG2E)
     bias = qkv_bias.to(qkv.dtype).contiguous()
     out = torch.empty((b, h, w, c), device=qkv.device, dtype=qkv.dtype)
     if b == 0:
@@ -462,9 +490,16 @@ def rel_pos_attention(
         window_sets = [(windows_y - 1, windows_x - 1, False), (windows_y, windows_x, True)]
 
     def launch(config: dict) -> None:
+        tile_rows = max(1, config["BLOCK_N"] // key_cols)
         whole_rows = config["BLOCK_N"] >= key_cols
-        kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and whole_rows,
-                         "REL_DOT": config.get("REL_DOT", False) and whole_rows and key_cols <= 16 and config["BLOCK_N"] // key_cols <= 16}
+        rel_dot = config.get("REL_DOT", False) and whole_rows and key_cols <= 16 and triton.cdiv(win_h, tile_rows) * tile_rows <= 16
+        kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and whole_rows, "REL_DOT": rel_dot}
+        if rel_dot:  # the kernel computes the terms from the tables; no pre-pass
+            tables = [resize_rel_pos(t, 2 * win - 1).to(qkv.dtype).contiguous() for t, win in ((rel_pos_h, win_h), (rel_pos_w, win_w))]
+            rel_h = rel_w = qkv  # not read
+        else:  # run per launch, so that the tuner times it with the candidates that need it
+            rel_h, rel_w = _launch_rel_pos_terms(qkv, head_dim, rel_pos_h, rel_pos_w, num_heads, (win_h, win_w), LOG2E)
+            tables = [qkv, qkv]  # not read
         for rows, cols, padded_grid in window_sets:
             windows = rows + cols - 1 if padded_grid else rows * cols
             if windows == 0:  # one row or column of windows: no interior
@@ -472,12 +507,13 @@ def rel_pos_attention(
             for images in batch_chunks(b, num_heads):
                 grid = (triton.cdiv(win_h * win_w, config["BLOCK_M"]), windows, (images.stop - images.start) * num_heads)
                 _rel_pos_attention_kernel[grid](
-                    qkv[images], bias, rel_h[images], rel_w[images], out[images], head_dim ** -0.5 * LOG2E, h, w,
+                    qkv[images], bias, rel_h[images], rel_w[images], *tables, out[images], head_dim ** -0.5 * LOG2E, h, w,
                     qkv.stride(0), qkv.stride(1), qkv.stride(2),
                     out.stride(0), out.stride(1), out.stride(2),
                     NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
                     WIN_H=win_h, WIN_W=win_w, WINDOWS_Y=rows, WINDOWS_X=cols,
-                    KEY_COLS=key_cols, TILE_ROWS=max(1, config["BLOCK_N"] // key_cols), PADDED_GRID=padded_grid,
+                    KEY_COLS=key_cols, TILE_ROWS=tile_rows, PADDED_GRID=padded_grid,
+                    TABLE_PAD=max(16, triton.next_power_of_2(2 * max(win_h, win_w) - 1)),
                     DOT_PRECISION=dot_precision(qkv.dtype),
                     **kernel_config,
                 )

@@ -81,9 +81,10 @@ def test_kernel_matches_eager(shape, dtype, atol, rtol):
 # tile, and splits the head dim into power-of-two pieces (80 = 64 + 16, 48 = 32 + 16) or pads it in
 # registers (40 -> 64, 24 -> 32). The shapes above run the interpreter's 64-slot tiles; these force
 # one row, part of a row and rows past the window per tile, each with the three ways to add the bias:
-# rel_w loaded per tile, once for the whole key loop (REL_W_ONCE), or by two dots with one-hot key
-# matrices (REL_DOT). The launcher uses REL_W_ONCE only where a tile holds whole rows, REL_DOT only
-# where they are also at most 16 slots wide, at most 16 of them.
+# rel_w loaded per tile, once for the whole key loop (REL_W_ONCE), or terms computed in the kernel and
+# added by two dots with one-hot key matrices (REL_DOT: no pre-pass). The launcher uses REL_W_ONCE
+# only where a tile holds whole rows, REL_DOT only where they are also at most 16 slots wide and the
+# key loop visits at most 16 rows.
 LAYOUTS = {
     # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N)
     "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16)),  # 13 cols -> 16 slots: one row a tile
@@ -104,11 +105,13 @@ def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, bias_mode, ker
     batch, (grid_h, grid_w), dim, heads, window, (block_m, block_n) = LAYOUTS[layout]
     check(batch, (grid_h, grid_w), dim, heads, window, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, **BIAS_MODES[bias_mode]))
     key_cols = triton.next_power_of_2(window or grid_w)
-    whole_rows = block_n >= key_cols
-    expected = (bias_mode == "rel_w_once" and whole_rows, bias_mode == "rel_dot" and whole_rows and key_cols <= 16 and block_n // key_cols <= 16)
+    whole_rows, tile_rows = block_n >= key_cols, max(1, block_n // key_cols)
+    rel_dot = bias_mode == "rel_dot" and whole_rows and key_cols <= 16 and triton.cdiv(window or grid_h, tile_rows) * tile_rows <= 16
     launches = kernel_spies["attention"].launches  # padded windows: interior and border windows apart
-    assert launches and all((launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"], launch["REL_DOT"]) == (block_m, block_n, *expected)
+    assert launches and all((launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"], launch["REL_DOT"])
+                            == (block_m, block_n, bias_mode == "rel_w_once" and whole_rows, rel_dot)
                             for launch in launches)  # the config asked for is the one that ran
+    assert len(kernel_spies["rel_pos_terms"].launches) == (0 if rel_dot else 2)  # REL_DOT computes the terms itself
 
 
 # (PADDED_GRID, windows) per launch: windows that pass the grid (2 x 3 of 7 over 9 x 20) run the
