@@ -461,8 +461,9 @@ def rel_pos_attention(
     window_size: 0 for a global block, else the window side (the grid is padded to a multiple).
     config: launch config {BLOCK_M, BLOCK_N (powers of two >= 16), num_warps, num_stages, optional
     REL_W_ONCE and REL_DOT (used where a key tile holds whole window rows: BLOCK_N >= window width
-    rounded up to a power of two; REL_DOT also needs that width and the tile's rows <= 16)}; None
-    picks one (tuned per GPU and shape, see `candidate_configs`; INTERPRETER_CONFIG in the interpreter).
+    rounded up to a power of two; REL_DOT also needs that at most 16, and the key loop to visit at
+    most 16 rows)}; None picks one (tuned per GPU and shape, see `candidate_configs`;
+    INTERPRETER_CONFIG in the interpreter).
     Returns the head-merged attention output [B, H, W, C] (before `proj`), in qkv's dtype.
     """
     qkv, head_dim, interpreted = _checked_qkv(qkv, rel_pos_h, rel_pos_w, num_heads, "rel_pos_attention")
