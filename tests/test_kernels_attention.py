@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-import triton
 import torch.nn.functional as F
 
 from samhq_fast.kernels import attention
@@ -86,14 +85,14 @@ def test_kernel_matches_eager(shape, dtype, atol, rtol):
 # only where a tile holds whole rows, REL_DOT only where they are also at most 16 slots wide and the
 # key loop visits at most 16 rows.
 LAYOUTS = {
-    # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N)
-    "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16)),  # 13 cols -> 16 slots: one row a tile
-    "quarter_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16)),  # 33 -> 64 slots: 48..63 all padding
-    "one_row_per_tile_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16)),  # 10 -> 16 slots, windows padded
-    "rows_past_the_window_hd80": (1, (10, 10), 160, 2, 5, (32, 64)),  # 5 -> 8 slots: 8 rows a tile, 3 past the window
-    "two_rows_per_tile_padded_windows": (1, (9, 9), 64, 1, 7, (32, 16)),  # 7 -> 8 slots: 2 rows a tile, the last 1 past
-    "rows_wider_than_16_slots": (1, (3, 20), 64, 1, 0, (32, 32)),  # 20 -> 32 slots: one row a tile, too wide for REL_DOT
-    "more_than_16_rows_per_tile": (1, (6, 6), 64, 1, 3, (16, 128)),  # 3 -> 4 slots: 32 rows a tile
+    # batch, (grid h, w), dim, heads, window, (BLOCK_M, BLOCK_N), the bias modes the launcher uses there
+    "one_row_per_tile_hd48": (1, (5, 13), 96, 2, 0, (32, 16), {"rel_w_once", "rel_dot"}),  # 13 cols -> 16 slots: one row a tile
+    "quarter_rows_last_tile_empty_hd40": (1, (3, 33), 40, 1, 0, (64, 16), set()),  # 33 -> 64 slots: 48..63 all padding
+    "one_row_per_tile_padded_windows_hd24": (1, (11, 11), 48, 2, 10, (32, 16), {"rel_w_once", "rel_dot"}),  # 10 -> 16 slots, windows padded
+    "rows_past_the_window_hd80": (1, (10, 10), 160, 2, 5, (32, 64), {"rel_w_once", "rel_dot"}),  # 5 -> 8 slots: 8 rows a tile, 3 past the window
+    "two_rows_per_tile_padded_windows": (1, (9, 9), 64, 1, 7, (32, 16), {"rel_w_once", "rel_dot"}),  # 7 -> 8 slots: 2 rows a tile, the last 1 past
+    "rows_wider_than_16_slots": (1, (3, 20), 64, 1, 0, (32, 32), {"rel_w_once"}),  # 20 -> 32 slots: one row a tile, too wide for REL_DOT
+    "more_than_16_rows_per_tile": (1, (6, 6), 64, 1, 3, (16, 128), {"rel_w_once"}),  # 3 -> 4 slots: 32 rows a tile, too many for REL_DOT
 }
 BIAS_MODES = {"rel_w_per_tile": {}, "rel_w_once": dict(REL_W_ONCE=True), "rel_dot": dict(REL_DOT=True)}
 
@@ -102,14 +101,11 @@ BIAS_MODES = {"rel_w_per_tile": {}, "rel_w_once": dict(REL_W_ONCE=True), "rel_do
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_key_tile_and_head_dim_layouts(layout, dtype, atol, rtol, bias_mode, kernel_spies):
-    batch, (grid_h, grid_w), dim, heads, window, (block_m, block_n) = LAYOUTS[layout]
-    check(batch, (grid_h, grid_w), dim, heads, window, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, **BIAS_MODES[bias_mode]))
-    key_cols = triton.next_power_of_2(window or grid_w)
-    whole_rows, tile_rows = block_n >= key_cols, max(1, block_n // key_cols)
-    rel_dot = bias_mode == "rel_dot" and whole_rows and key_cols <= 16 and triton.cdiv(window or grid_h, tile_rows) * tile_rows <= 16
+    *shape, (block_m, block_n), modes_used = LAYOUTS[layout]
+    check(*shape, dtype, atol, rtol, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, **BIAS_MODES[bias_mode]))
+    rel_w_once, rel_dot = (bias_mode == mode and mode in modes_used for mode in ("rel_w_once", "rel_dot"))
     launches = kernel_spies["attention"].launches  # padded windows: interior and border windows apart
-    assert launches and all((launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"], launch["REL_DOT"])
-                            == (block_m, block_n, bias_mode == "rel_w_once" and whole_rows, rel_dot)
+    assert launches and all((launch["BLOCK_M"], launch["BLOCK_N"], launch["REL_W_ONCE"], launch["REL_DOT"]) == (block_m, block_n, rel_w_once, rel_dot)
                             for launch in launches)  # the config asked for is the one that ran
     assert len(kernel_spies["rel_pos_terms"].launches) == (0 if rel_dot else 2)  # REL_DOT computes the terms itself
 
