@@ -35,6 +35,7 @@ from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
 from samhq_fast.modeling.image_encoder import resize_rel_pos
 
 LOG2E = math.log2(math.e)  # the attention kernel's softmax is in base 2: exp(x) = exp2(x * log2(e))
+_LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # the same, readable inside @triton.jit functions
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def _window_rel_terms(q, q_t, table_ptr, q_win, WIN: tl.constexpr, HEAD_DIM: tl.
         table_tail = tl.load(table_ptr + offs_table[None, :] * HEAD_DIM + offs_t[:, None], mask=table_in, other=0.0)
         g = tl.dot(q_t, table_tail, g, input_precision=DOT_PRECISION)
     offset = tl.minimum(tl.maximum(q_win[:, None] - offs_c[None, :] + WIN - 1, 0), TABLE_PAD - 1)  # [BLOCK_M, 16]
-    terms = tl.gather(g, offset, 1) * 1.4426950408889634  # log2(e): the softmax is in base 2
+    terms = tl.gather(g, offset, 1) * _LOG2E_IN_KERNEL  # the softmax is in base 2
     return tl.where((offs_c < WIN)[None, :], terms, OUTSIDE).to(q.dtype)
 
 
