@@ -3,14 +3,14 @@
 Each kernel family gives a short list of candidate configs for a shape (a pruned space, its
 default first; a candidate may also be "use the torch / cuBLAS op instead", so the measurement,
 not taste, decides where a Triton kernel pays). The first launch of a new (GPU name, Triton
-version, kernel, shape key) times every candidate and keeps the fastest; the choice is written to
+version, kernel, shape key, candidate list) times every candidate and keeps the fastest; the choice is written to
 a JSON file so later processes skip the timing:
 
   $SAMHQ_FAST_CACHE_DIR/autotune.json   (default ~/.cache/samhq_fast/autotune.json)
 
 Every candidate of the four families compiles offline for sm_90 (Hopper) with Triton 3.6 and 3.9, with
 the divisibility specializations of a real launch, within the 227 KiB shared-memory limit (the
-largest takes 165 KiB); one that fails on some other GPU is skipped by `pick`, not fatal.
+largest takes 176 KiB); one that fails on some other GPU is skipped by `pick`, not fatal.
 
 SAMHQ_FAST_AUTOTUNE=0 (or "false", "no", "off") skips the timing and uses each family's default. Nothing is timed in the
 Triton interpreter (its timings mean nothing) or while a CUDA graph is being captured (timing
@@ -22,6 +22,7 @@ candidate in the list (`run`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -81,8 +82,12 @@ def _write_cache(path: Path, key: str, config: dict) -> None:
         warnings.warn(f"could not write the autotune cache {path} ({e}); the choice is kept for this process only", stacklevel=3)
 
 
-def file_key(device_name: str, kernel: str, shape_key: tuple) -> str:
-    return f"{device_name} | triton {triton.__version__} | {kernel} | {'/'.join(map(str, shape_key))}"
+def file_key(device_name: str, kernel: str, shape_key: tuple, candidates: list[dict]) -> str:
+    """The disk cache's key. It names the candidate list by a digest: a release that offers other
+    candidates (a new kernel, other tiles) times them again instead of keeping an older choice that
+    is still among them."""
+    digest = hashlib.sha1(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{device_name} | triton {triton.__version__} | {kernel} | {'/'.join(map(str, shape_key))} | candidates {digest}"
 
 
 def tuning_enabled(device: torch.device) -> bool:
@@ -105,7 +110,7 @@ def pick(kernel: str, shape_key: tuple, candidates: list[dict], time_ms: Callabl
     memory_key = (device, kernel, shape_key)
     if memory_key in _chosen:
         return _chosen[memory_key]
-    path, key = cache_path(), file_key(device_name(device), kernel, shape_key)
+    path, key = cache_path(), file_key(device_name(device), kernel, shape_key, candidates)
     cached = _read_cache(path).get(key)
     # The entry picks one of the candidates, whose own values are launched (a hand-edited 64.0 or 1
     # compares equal to 64 or True); a stale entry (a config no longer offered) is timed again.

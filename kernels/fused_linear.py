@@ -10,16 +10,24 @@ Where the ViT block uses it (x is channels-last tokens [B, H, W, C] or [B, L, C]
 Fusing the bias, the activation and the residual into the matmul epilogue saves one full
 read + write of the [M, N] output per fused op compared with eager PyTorch.
 
-Layout: kernel -> ``_linear`` (one launch with a given config) -> ``fused_linear`` (checks, and the
-config tuned per shape among a few tiles and the plain cuBLAS op, see ``autotune``) -> tiny
-``FusedLinear`` module wrapper. Inference only: no backward is defined, the output carries no autograd history.
+Two kernels share the tile order and the epilogue: ``_fused_linear_kernel`` (a program per output
+tile, pointer loads; any GPU Triton supports) and ``_fused_linear_tma_kernel`` (Hopper: tiles copied by
+the tensor-memory accelerator, a persistent grid of one program per multiprocessor looping over the
+output tiles), for 16-bit operands whose layout the TMA can read.
+
+Layout: kernels -> ``_linear`` (one launch with a given config) -> ``fused_linear`` (checks, and the
+config tuned per shape among a few tiles of each kernel and the plain cuBLAS op, see ``autotune``) ->
+tiny ``FusedLinear`` module wrapper. Inference only: no backward is defined, the output carries no
+autograd history.
 
 Triton API use is restricted to what both triton 3.6 (GPU image) and 3.9 (CPU dev box) have:
-plain pointer arithmetic, masked tl.load/tl.store, tl.dot(..., input_precision=...), tl.erf.
+plain pointer arithmetic, masked tl.load/tl.store, host-side TensorDescriptor loads,
+tl.range(..., flatten=True), tl.dot(..., input_precision=...), tl.erf.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,13 +35,52 @@ import triton
 import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
+from samhq_fast.switches import triton_interpreter_on
 
 __all__ = ["fused_linear", "FusedLinear", "ACTIVATIONS"]
 
 ACTIVATIONS = ("none", "gelu")
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile number `tile` in grouped ("swizzled") order:
+    consecutive tiles sweep GROUP_M row blocks for one column block before moving right, so a group
+    re-reads the same weight tiles and x rows while they are still in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((tile % num_pid_in_group) % group_size_m), (tile % num_pid_in_group) // group_size_m
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 of rows offs_m, columns offs_n: bias -> activation -> residual
+    (the ViT block's order), all in fp32, then stored in the output's dtype (rows >= M and columns
+    >= N are not stored)."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+        acc += bias[None, :]
+    if ACTIVATION == "gelu":
+        # Exact (erf) GELU as nn.GELU(): 0.5 * x * (1 + erf(x / sqrt(2))).
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+
+    mask = mask_m[:, None] & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
+    offs_m64 = offs_m.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_ptrs = r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -63,24 +110,11 @@ def _fused_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ("swizzled") program order: consecutive programs sweep GROUP_M row-blocks for one
-    # column-block before moving right, so a group re-reads the same weight tiles and x rows
-    # while they are still in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
 
     # Rows/columns past the M/N edge are wrapped back in range (% M, % N) instead of masked:
     # the main-loop loads then only need the K mask; the wrapped rows/columns are computed and
@@ -99,22 +133,51 @@ def _fused_linear_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue, all in fp32: bias -> activation -> residual (the ViT block's order).
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        acc += bias[None, :]
-    if ACTIVATION == "gelu":
-        # Exact (erf) GELU as nn.GELU(): 0.5 * x * (1 + erf(x / sqrt(2))).
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+              HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
 
-    mask = mask_m[:, None] & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
-    offs_m64 = offs_m.to(tl.int64)
-    if HAS_RESIDUAL:
-        r_ptrs = r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn
-        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+@triton.jit
+def _fused_linear_tma_kernel(
+    x_desc,  # tensor descriptor of x [M, K], blocks [BLOCK_M, BLOCK_K]
+    w_desc,  # tensor descriptor of weight [N, K], blocks [BLOCK_N, BLOCK_K]
+    b_ptr,  # [N]     (dummy pointer when HAS_BIAS is False)
+    r_ptr,  # [M, N]  (dummy pointer when HAS_RESIDUAL is False)
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    num_programs,  # the grid: one program per multiprocessor, each looping over output tiles
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "none" | "gelu"
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Hopper's tensor-memory accelerator (TMA) copies the x and weight tiles to shared memory: no
+    # per-thread addresses or masks (it zero-fills past the M, N and K edges), and the loads of the
+    # next tile overlap this one's dots and epilogue in the flattened, pipelined tile loop of a
+    # persistent grid. Same function as _fused_linear_kernel.
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(k_steps):
+            a = x_desc.load([row0, step * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+            w = w_desc.load([col0, step * BLOCK_K])  # [BLOCK_N, BLOCK_K]
+            acc = tl.dot(a, w.T, acc, input_precision=INPUT_PRECISION)
+        _epilogue(acc, row0 + tl.arange(0, BLOCK_M), col0 + tl.arange(0, BLOCK_N), M, N, b_ptr, r_ptr, out_ptr,
+                  stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
 
 
 # The interpreter pays per program and per op: few 64x64 tiles keep the tests fast, and the test
@@ -125,12 +188,14 @@ INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4, num_war
 TORCH_OP = {"impl": "torch"}
 
 
-def _tile(m: int, n: int, k: int, warps: int, stages: int) -> dict:
-    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
+def _tile(m: int, n: int, k: int, warps: int, stages: int, tma: bool = False) -> dict:
+    config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return dict(config, TMA=True) if tma else config
 
 
-def candidate_configs(dtype: torch.dtype) -> list[dict]:
-    """The pruned GPU config space, the untuned default first (see samhq_fast.kernels.autotune)."""
+def candidate_configs(dtype: torch.dtype, tma: bool = True) -> list[dict]:
+    """The pruned GPU config space, the untuned default first (see samhq_fast.kernels.autotune).
+    `tma`: offer the persistent TMA kernel's tiles (16-bit dtypes; GPUs of compute capability 9.0+)."""
     if dtype == torch.float32:
         # "ieee" fp32 dots run on the FMA units, not tensor cores: small tiles keep the fp32
         # operand tiles and the accumulator within registers / shared memory.
@@ -140,14 +205,38 @@ def candidate_configs(dtype: torch.dtype) -> list[dict]:
     # with the GELU + residual epilogue, all but 128x256 run without register spills; 128x256 spills
     # ~400 B per thread in the epilogue only and stays as the large-tile option. (256x128 and
     # 128x128x32 with 4 warps, which spill, were dropped.)
-    return [
+    # The TMA kernel's tiles (sm_90, vit_h's four GEMMs): 128x128 s4 without spills (Triton 3.6: 134-218
+    # registers, 160 KiB shared); 128x256 s3 spills 64-88 B (3.6) / 136-160 B (3.9) per thread in the
+    # GELU / residual epilogue, as the pointer kernel's 128x256 does, with the next tile's loads in flight.
+    pointer_tiles = [
         _tile(128, 128, 64, 8, 3), _tile(128, 256, 64, 8, 3), _tile(128, 128, 64, 8, 4),
-        _tile(64, 128, 64, 4, 4), _tile(128, 64, 64, 4, 4), _tile(64, 256, 64, 8, 3), TORCH_OP,
+        _tile(64, 128, 64, 4, 4), _tile(128, 64, 64, 4, 4), _tile(64, 256, 64, 8, 3),
     ]
+    tma_tiles = [_tile(128, 256, 64, 8, 3, tma=True), _tile(128, 128, 64, 8, 4, tma=True)] if tma else []
+    return pointer_tiles + tma_tiles + [TORCH_OP]
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Whether the TMA kernel can run on `device`: Hopper or newer, or the Triton interpreter."""
+    return triton_interpreter_on() or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def _tma_operands(*tensors: torch.Tensor) -> bool:
+    """Whether 2-D tensors meet the TMA's layout rules: unit stride along the last dim, the base
+    address and the row pitch 16-byte aligned."""
+    return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per multiprocessor (a few in the interpreter, so that
+    each program still loops over several tiles)."""
+    return 3 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _linear(x2, weight, bias, r2, activation: str, config: dict) -> torch.Tensor:
-    """[M, K] x [N, K]^T (+ bias, activation, + [M, N] residual) -> [M, N] with one config."""
+    """[M, K] x [N, K]^T (+ bias, activation, + [M, N] residual) -> [M, N] with one config. A TMA
+    config on operands the TMA cannot read (misaligned views) runs the pointer kernel's same tile."""
     if config.get("impl") == "torch":
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         if activation == "gelu":
@@ -155,29 +244,23 @@ def _linear(x2, weight, bias, r2, activation: str, config: dict) -> torch.Tensor
         return out.add_(r2) if r2 is not None else out
     (M, K), N = x2.shape, weight.shape[0]
     out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    tile = {key: value for key, value in config.items() if key != "TMA"}
+    bias_arg = bias if bias is not None else x2  # dummy pointers: never read, the constexpr flag is False
+    r_arg, (stride_rm, stride_rn) = (r2, r2.stride()) if r2 is not None else (x2, (0, 0))
+    flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=activation,
+                 INPUT_PRECISION=dot_precision(x2.dtype), **tile)
+    if config.get("TMA") and _tma_operands(x2, weight):
+        block_m, block_n, block_k = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+        programs = min(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), _persistent_programs(x2.device))
+        _fused_linear_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(x2, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+            bias_arg, r_arg, out, M, N, K, stride_rm, stride_rn, out.stride(0), out.stride(1), programs, **flags,
+        )
+        return out
+    grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
     _fused_linear_kernel[grid](
-        x2,
-        weight,
-        bias if bias is not None else x2,  # dummy pointers: never read, the constexpr flag is False
-        r2 if r2 is not None else x2,
-        out,
-        M,
-        N,
-        K,
-        x2.stride(0),
-        x2.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        r2.stride(0) if r2 is not None else 0,
-        r2.stride(1) if r2 is not None else 0,
-        out.stride(0),
-        out.stride(1),
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=r2 is not None,
-        ACTIVATION=activation,
-        INPUT_PRECISION=dot_precision(x2.dtype),
-        **config,
+        x2, weight, bias_arg, r_arg, out, M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+        stride_rm, stride_rn, out.stride(0), out.stride(1), **flags,
     )
     return out
 
@@ -249,7 +332,7 @@ def fused_linear(
         if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
             shape_key += ("tf32",)
         out = autotune.run(
-            "fused_linear", shape_key, candidate_configs(x.dtype),
+            "fused_linear", shape_key, candidate_configs(x.dtype, tma=tma_supported(x.device)),
             lambda config: _linear(x2, weight, bias, r2, activation, config), x.device,
         )
         return out.view(out_shape)

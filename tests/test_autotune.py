@@ -47,7 +47,7 @@ def test_picks_the_fastest_and_caches_it_on_disk(fresh_cache, monkeypatch):
     best = autotune.pick("k", KEY, CANDIDATES, timer({64: 3.0, 128: 1.0, 256: 2.0}, calls), CPU)
     assert best == {"tile": 128} and calls == [64, 128, 256]
     entries = json.loads((fresh_cache / autotune.CACHE_FILE).read_text())
-    assert entries == {autotune.file_key("cpu", "k", KEY): {"tile": 128}}
+    assert entries == {autotune.file_key("cpu", "k", KEY, CANDIDATES): {"tile": 128}}
     assert "triton" in next(iter(entries)) and "4096/1280/5120" in next(iter(entries))
     # same process: from memory; a new process (empty memory): from the file; neither times again
     assert autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU) == {"tile": 128}
@@ -138,18 +138,29 @@ def test_corrupt_or_stale_cache_is_timed_again(fresh_cache, monkeypatch):
         assert autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 3.0}, calls), CPU) == {"tile": 128}
     assert json.loads(path.read_text())  # rewritten as valid JSON
     # an entry naming a config that is no longer a candidate is not trusted
-    path.write_text(json.dumps({autotune.file_key("cpu", "k", KEY): {"tile": 32}}))
+    path.write_text(json.dumps({autotune.file_key("cpu", "k", KEY, CANDIDATES): {"tile": 32}}))
     monkeypatch.setattr(autotune, "_chosen", {})
     calls.clear()
     assert autotune.pick("k", KEY, CANDIDATES, timer({64: 1.0, 128: 2.0, 256: 3.0}, calls), CPU) == {"tile": 64}
     assert calls == [64, 128, 256]
     # a hand-edited 256.0 selects the candidate 256, whose own (int) value is launched: Triton would
     # take a float as a different constexpr
-    path.write_text(json.dumps({autotune.file_key("cpu", "k", KEY): {"tile": 256.0}}))
+    path.write_text(json.dumps({autotune.file_key("cpu", "k", KEY, CANDIDATES): {"tile": 256.0}}))
     monkeypatch.setattr(autotune, "_chosen", {})
     chosen = autotune.pick("k", KEY, CANDIDATES, timer({}, calls), CPU)
     assert chosen == {"tile": 256} and type(chosen["tile"]) is int
 
+
+
+def test_a_new_candidate_list_is_timed_again(fresh_cache, monkeypatch):
+    """A choice cached among fewer candidates (an older release) is not kept when a faster candidate
+    joins the list, though that choice is still among the candidates."""
+    calls = []
+    assert autotune.pick("k", KEY, CANDIDATES[:2], timer({64: 2.0, 128: 1.0}, calls), CPU) == {"tile": 128}
+    monkeypatch.setattr(autotune, "_chosen", {})  # a new process, with the same cache file
+    assert autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 0.5}, calls), CPU) == {"tile": 256}
+    assert calls == [64, 128, 64, 128, 256]
+    assert len(json.loads((fresh_cache / autotune.CACHE_FILE).read_text())) == 2
 
 def test_unwritable_cache_folder_warns_and_keeps_the_choice(fresh_cache, monkeypatch):
     blocker = fresh_cache / "a_file"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from samhq_fast import kernels
+from samhq_fast.kernels import fused_linear as fused_linear_module
 from samhq_fast.kernels.fused_linear import FusedLinear, fused_linear
 
 # (dtype, atol, rtol). The reference is fp64 computed from the same (rounded) inputs, so the
@@ -101,6 +102,49 @@ def test_non_contiguous_inputs():
     out = fused_linear(x, w, b, activation="gelu", residual=r)
     assert_matches(out, reference(x, w, b, "gelu", r), torch.float32, 1e-5, 1e-5)
 
+
+
+class _LaunchSpy:
+    """Wraps a @triton.jit kernel: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+# The persistent TMA kernel's own tile in the interpreter: 200 x 240 outputs are 16 tiles of 64 x 64,
+# which its 3 interpreter programs loop over (fused_linear._persistent_programs); K = 80 ends in a
+# half-filled K tile the TMA zero-fills, and the M and N edges in partial tiles.
+TMA_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, TMA=True)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
+def test_tma_kernel_loops_over_tiles(dtype, atol, rtol, monkeypatch):
+    tma_spy = _LaunchSpy(fused_linear_module._fused_linear_tma_kernel)
+    monkeypatch.setattr(fused_linear_module, "_fused_linear_tma_kernel", tma_spy)
+    x, w, b, r = make_inputs((200,), 80, 240, dtype, residual=True)
+    out = fused_linear_module._linear(x, w, b, r, "gelu", TMA_TILE)
+    assert tma_spy.grids == [(3,)]
+    assert_matches(out, reference(x, w, b, "gelu", r), dtype, atol, rtol)
+
+
+def test_tma_config_on_operands_the_tma_cannot_read_runs_the_pointer_kernel(monkeypatch):
+    # x starts 4 bytes past an aligned address, and the weight's rows are 33 fp32 = 132 bytes apart:
+    # neither is a TMA operand (16-byte aligned base and row pitch), so the same tile runs through
+    # the pointer kernel, with the same result.
+    tma_spy = _LaunchSpy(fused_linear_module._fused_linear_tma_kernel)
+    pointer_spy = _LaunchSpy(fused_linear_module._fused_linear_kernel)
+    monkeypatch.setattr(fused_linear_module, "_fused_linear_tma_kernel", tma_spy)
+    monkeypatch.setattr(fused_linear_module, "_fused_linear_kernel", pointer_spy)
+    for k, offset in ((80, 1), (33, 0)):
+        x, w, b, _ = make_inputs((37,), k, 100, torch.float32)
+        x = torch.cat([torch.zeros(offset), x.flatten()])[offset:].view(37, k)  # same values, shifted storage
+        out = fused_linear_module._linear(x, w, b, None, "gelu", TMA_TILE)
+        assert_matches(out, reference(x, w, b, "gelu"), torch.float32, 1e-5, 1e-5)
+    assert tma_spy.grids == [] and len(pointer_spy.grids) == 2
 
 def test_empty_rows():
     w = torch.randn(48, 33)

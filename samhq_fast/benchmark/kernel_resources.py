@@ -27,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..kernels import attention, conv3x3, fused_linear, layer_norm
 from ..modeling.sam_hq import VARIANTS
@@ -77,7 +78,9 @@ def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dic
     constexprs = {k: v for k, v in kwargs.items() if k not in options}
     signature, attrs = {}, {}
     for i, (name, value) in enumerate(zip(kernel.arg_names, args)):
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, TensorDescriptor):  # a TMA descriptor: its element type and block shape
+            signature[name] = f"tensordesc<{_POINTER_TYPES[value.base.dtype][1:]}{list(value.block_shape)}>"
+        elif isinstance(value, torch.Tensor):
             signature[name] = _POINTER_TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # fresh allocations: 16-byte aligned
         elif isinstance(value, float):
@@ -170,9 +173,9 @@ def linear_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
         for config in fused_linear.candidate_configs(dtype):
             if config is fused_linear.TORCH_OP:
                 continue
-            with recorded_launches(fused_linear, "_fused_linear_kernel") as (rec,):
+            with recorded_launches(fused_linear, "_fused_linear_kernel", "_fused_linear_tma_kernel") as (pointer_rec, tma_rec):
                 fused_linear._linear(x, w, b, r, activation, config)
-            (args, kwargs), = rec.launches
+            (args, kwargs), = pointer_rec.launches + tma_rec.launches
             launches.append((f"vit_h {name}", config, args, kwargs))
     return launches
 
@@ -216,14 +219,15 @@ def conv3x3_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
 
 def candidate_usage(arch: int = 90, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
     rows = []
-    for family, launches_of, kernel in (("attention", attention_launches, attention._rel_pos_attention_kernel),
-                                        ("rel_pos_terms", rel_pos_terms_launches, attention._rel_pos_terms_kernel),
-                                        ("fused_linear", linear_launches, fused_linear._fused_linear_kernel),
-                                        ("layer_norm", layer_norm_launches, layer_norm._layer_norm_kernel),
-                                        ("conv3x3", conv3x3_launches, conv3x3._conv3x3_kernel)):
+    linear_kernel = lambda config: fused_linear._fused_linear_tma_kernel if config.get("TMA") else fused_linear._fused_linear_kernel  # noqa: E731
+    for family, launches_of, kernel_of in (("attention", attention_launches, lambda _: attention._rel_pos_attention_kernel),
+                                           ("rel_pos_terms", rel_pos_terms_launches, lambda _: attention._rel_pos_terms_kernel),
+                                           ("fused_linear", linear_launches, linear_kernel),
+                                           ("layer_norm", layer_norm_launches, lambda _: layer_norm._layer_norm_kernel),
+                                           ("conv3x3", conv3x3_launches, lambda _: conv3x3._conv3x3_kernel)):
         for dtype in dtypes:
             for shape, config, args, kwargs in launches_of(dtype):
-                usage = compile_usage(kernel, args, kwargs, arch)
+                usage = compile_usage(kernel_of(config), args, kwargs, arch)
                 rows.append(dict(family=family, dtype=str(dtype).replace("torch.", ""), shape=shape, config=config, **vars(usage)))
     return rows
 
