@@ -59,11 +59,27 @@ def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
-              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 of rows offs_m, columns offs_n: bias -> activation -> residual
-    (the ViT block's order), all in fp32, then stored in the output's dtype (rows >= M and columns
-    >= N are not stored)."""
+def _epilogue(acc, row0, col0, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Finishes and stores the output tile acc [BLOCK_M, BLOCK_N] (fp32) at rows row0..., columns
+    col0..., in two halves of BLOCK_N // 2 columns: the GELU's and the residual's fp32 temporaries
+    of half a tile at a time keep the 128 x 256 tiles free of register spills (sm_90, Triton 3.6
+    and 3.9)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))  # columns [:half], [half:]
+    _epilogue_part(left, rows, col0 + tl.arange(0, BLOCK_N // 2), M, N, b_ptr, r_ptr, out_ptr,
+                   stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    _epilogue_part(right, rows, col0 + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), M, N, b_ptr, r_ptr, out_ptr,
+                   stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+
+
+@triton.jit
+def _epilogue_part(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """acc [rows, cols] fp32 of rows offs_m, columns offs_n: bias -> activation -> residual (the ViT
+    block's order), all in fp32, then stored in the output's dtype (rows >= M and columns >= N are
+    not stored)."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     if HAS_BIAS:
@@ -133,8 +149,8 @@ def _fused_linear_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
-              HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+    _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+              HAS_BIAS, HAS_RESIDUAL, ACTIVATION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -176,8 +192,8 @@ def _fused_linear_tma_kernel(
             a = x_desc.load([row0, step * BLOCK_K])  # [BLOCK_M, BLOCK_K]
             w = w_desc.load([col0, step * BLOCK_K])  # [BLOCK_N, BLOCK_K]
             acc = tl.dot(a, w.T, acc, input_precision=INPUT_PRECISION)
-        _epilogue(acc, row0 + tl.arange(0, BLOCK_M), col0 + tl.arange(0, BLOCK_N), M, N, b_ptr, r_ptr, out_ptr,
-                  stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+        _epilogue(acc, row0, col0, M, N, b_ptr, r_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, BLOCK_M, BLOCK_N)
 
 
 # The interpreter pays per program and per op: few 64x64 tiles keep the tests fast, and the test
@@ -201,13 +217,10 @@ def candidate_configs(dtype: torch.dtype, tma: bool = True) -> list[dict]:
         # operand tiles and the accumulator within registers / shared memory.
         return [_tile(64, 128, 32, 4, 3), _tile(64, 64, 32, 4, 3), _tile(32, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2), TORCH_OP]
     # fp16 / bf16 on Hopper (wgmma): 3-4 stage pipelines, at most 3 * (128*64 + 64*256) * 2 B =
-    # 144 KiB of shared memory (Hopper has 227 KiB). Compiled offline for sm_90 (Triton 3.6 and 3.9)
-    # with the GELU + residual epilogue, all but 128x256 run without register spills; 128x256 spills
-    # ~400 B per thread in the epilogue only and stays as the large-tile option. (256x128 and
-    # 128x128x32 with 4 warps, which spill, were dropped.)
-    # The TMA kernel's tiles (sm_90, vit_h's four GEMMs): 128x128 s4 without spills (Triton 3.6: 134-218
-    # registers, 160 KiB shared); 128x256 s3 spills 64-88 B (3.6) / 136-160 B (3.9) per thread in the
-    # GELU / residual epilogue, as the pointer kernel's 128x256 does, with the next tile's loads in flight.
+    # 144 KiB of shared memory for the pointer kernel, 176 KiB for the TMA kernel's 128x256 tile
+    # (Hopper has 227 KiB). Compiled offline for sm_90 (Triton 3.6 and 3.9) at vit_h's four GEMMs,
+    # none spills (the split epilogue: before it, both kernels' 128x256 tiles spilled 48-160 B per
+    # thread). (256x128 and 128x128x32 with 4 warps, which spilled, were dropped.)
     pointer_tiles = [
         _tile(128, 128, 64, 8, 3), _tile(128, 256, 64, 8, 3), _tile(128, 128, 64, 8, 4),
         _tile(64, 128, 64, 4, 4), _tile(128, 64, 64, 4, 4), _tile(64, 256, 64, 8, 3),

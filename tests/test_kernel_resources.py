@@ -39,9 +39,10 @@ def test_every_candidate_fits_in_shared_memory(usage_rows):
 
 
 def test_no_register_cliffs(usage_rows):
-    """Attention (16-bit and fp32), the rel-pos pre-pass, the LayerNorm and the 3x3 convolutions never spill, except the global-only
-    128x128 tile at vit_h under Triton 3.6 (24 bytes); each GEMM's default (first) tile never
-    spills, the 128x256 option only a few hundred bytes in its epilogue."""
+    """Attention (16-bit and fp32), the rel-pos pre-pass, the GEMMs (pointer and TMA kernels; the
+    128x256 tiles finish their epilogue in two halves for this), the LayerNorm and the 3x3
+    convolutions never spill, except the global-only attention 128x128 tile at vit_h under Triton
+    3.6 (24 bytes)."""
     def stack(family, dtype=None, config=None):
         return [row["stack_bytes"] for row in usage_rows if row["family"] == family
                 and dtype in (None, row["dtype"]) and config in (None, row["config"])]
@@ -50,13 +51,8 @@ def test_no_register_cliffs(usage_rows):
         if row["family"] == "attention":
             global_128x128 = row["shape"].endswith("global") and (row["config"]["BLOCK_M"], row["config"]["BLOCK_N"]) == (128, 128)
             assert row["stack_bytes"] <= (32 if global_128x128 else 0), row
-    for dtype in ("bfloat16", "float32"):
-        default = fused_linear.candidate_configs(getattr(torch, dtype))[0]
-        assert max(stack("fused_linear", dtype, default)) == 0
-    assert max(stack("rel_pos_terms")) == 0
-    assert max(stack("layer_norm")) == 0
-    assert max(stack("conv3x3")) == 0
-    assert max(stack("fused_linear")) <= 512
+    for family in ("rel_pos_terms", "fused_linear", "layer_norm", "conv3x3"):
+        assert max(stack(family)) == 0, family
 
 
 def test_16_bit_dots_use_hoppers_tensor_cores_and_fp32_dots_stay_exact(usage_rows):
