@@ -47,6 +47,21 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _gelu(x):
+    """Exact (erf) GELU in fp32, as nn.GELU(): 0.5 * x * (1 + erf(x / sqrt(2)))."""
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_inplace_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    """x[:n] = gelu(x[:n]), in fp32, rounded to x's dtype: lin1's epilogue where cuBLAS does the GEMM."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]; n passes 2**31 at batch 64
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(x_ptr + offs, _gelu(x).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row block, column block) of output tile number `tile` in grouped ("swizzled") order:
     consecutive tiles sweep GROUP_M row blocks for one column block before moving right, so a group
@@ -86,8 +101,7 @@ def _epilogue_part(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, out_ptr, stride_rm, 
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
         acc += bias[None, :]
     if ACTIVATION == "gelu":
-        # Exact (erf) GELU as nn.GELU(): 0.5 * x * (1 + erf(x / sqrt(2))).
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        acc = _gelu(acc)
 
     mask = mask_m[:, None] & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
     offs_m64 = offs_m.to(tl.int64)
@@ -202,6 +216,11 @@ INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4, num_war
 # cuBLAS matmul with bias (addmm), then GELU / residual as separate torch ops: the eager model's own
 # computation, offered to the tuner so a shape where cuBLAS wins keeps cuBLAS.
 TORCH_OP = {"impl": "torch"}
+# The same with the GELU as a Triton kernel, in place on the GEMM's output: torch's GELU ran at
+# ~2.7 TB/s on the H200 (31 us per vit_h image and block, bench/results/block-profile-vit_h-*.md),
+# under the ~4 TB/s a copy reaches. Offered for activation="gelu" only.
+TORCH_GEMM_TRITON_GELU = {"impl": "torch", "gelu": "triton"}
+GELU_BLOCK, GELU_WARPS = 4096, 8  # 16 elements per thread: two 16-byte loads of a 16-bit dtype
 
 
 def _tile(m: int, n: int, k: int, warps: int, stages: int, tma: bool = False) -> dict:
@@ -209,13 +228,15 @@ def _tile(m: int, n: int, k: int, warps: int, stages: int, tma: bool = False) ->
     return dict(config, TMA=True) if tma else config
 
 
-def candidate_configs(dtype: torch.dtype, tma: bool = True) -> list[dict]:
-    """The pruned GPU config space, the untuned default first (see samhq_fast.kernels.autotune).
-    `tma`: offer the persistent TMA kernel's tiles (16-bit dtypes; GPUs of compute capability 9.0+)."""
+def candidate_configs(dtype: torch.dtype, activation: str = "none", tma: bool = True) -> list[dict]:
+    """The pruned GPU config space for `activation`, the untuned default first (see
+    samhq_fast.kernels.autotune). `tma`: offer the persistent TMA kernel's tiles (16-bit dtypes;
+    GPUs of compute capability 9.0+)."""
+    torch_ops = [TORCH_OP, TORCH_GEMM_TRITON_GELU] if activation == "gelu" else [TORCH_OP]
     if dtype == torch.float32:
         # "ieee" fp32 dots run on the FMA units, not tensor cores: small tiles keep the fp32
         # operand tiles and the accumulator within registers / shared memory.
-        return [_tile(64, 128, 32, 4, 3), _tile(64, 64, 32, 4, 3), _tile(32, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2), TORCH_OP]
+        return [_tile(64, 128, 32, 4, 3), _tile(64, 64, 32, 4, 3), _tile(32, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2), *torch_ops]
     # fp16 / bf16 on Hopper (wgmma): 3-4 stage pipelines, at most 3 * (128*64 + 64*256) * 2 B =
     # 144 KiB of shared memory for the pointer kernel, 176 KiB for the TMA kernel's 128x256 tile
     # (Hopper has 227 KiB). Compiled offline for sm_90 (Triton 3.6 and 3.9) at vit_h's four GEMMs,
@@ -226,7 +247,7 @@ def candidate_configs(dtype: torch.dtype, tma: bool = True) -> list[dict]:
         _tile(64, 128, 64, 4, 4), _tile(128, 64, 64, 4, 4), _tile(64, 256, 64, 8, 3),
     ]
     tma_tiles = [_tile(128, 256, 64, 8, 3, tma=True), _tile(128, 128, 64, 8, 4, tma=True)] if tma else []
-    return pointer_tiles + tma_tiles + [TORCH_OP]
+    return pointer_tiles + tma_tiles + torch_ops
 
 
 def tma_supported(device: torch.device) -> bool:
@@ -252,7 +273,9 @@ def _linear(x2, weight, bias, r2, activation: str, config: dict) -> torch.Tensor
     config on operands the TMA cannot read (misaligned views) runs the pointer kernel's same tile."""
     if config.get("impl") == "torch":
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        if activation == "gelu":
+        if activation == "gelu" and config.get("gelu") == "triton":
+            _gelu_inplace_kernel[(triton.cdiv(out.numel(), GELU_BLOCK),)](out, out.numel(), BLOCK=GELU_BLOCK, num_warps=GELU_WARPS)
+        elif activation == "gelu":
             out = F.gelu(out)
         return out.add_(r2) if r2 is not None else out
     (M, K), N = x2.shape, weight.shape[0]
@@ -345,7 +368,7 @@ def fused_linear(
         if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
             shape_key += ("tf32",)
         out = autotune.run(
-            "fused_linear", shape_key, candidate_configs(x.dtype, tma=tma_supported(x.device)),
+            "fused_linear", shape_key, candidate_configs(x.dtype, activation, tma=tma_supported(x.device)),
             lambda config: _linear(x2, weight, bias, r2, activation, config), x.device,
         )
         return out.view(out_shape)

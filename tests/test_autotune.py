@@ -294,9 +294,9 @@ def test_global_blocks_are_offered_their_own_candidates(monkeypatch):
 
 
 LINEAR_CANDIDATES = [
-    pytest.param(dtype, atol, config, id=f"{name}-" + ("torch" if "impl" in config else "x".join(str(config[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))))
+    pytest.param(dtype, atol, config, id=f"{name}-" + ("-".join(map(str, config.values())) if "impl" in config else "x".join(str(config[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + ("-tma" if config.get("TMA") else "")))
     for dtype, atol, name in ((torch.float32, 1e-5, "fp32"), (torch.float16, 1e-2, "fp16"))
-    for config in fused_linear.candidate_configs(dtype)
+    for config in fused_linear.candidate_configs(dtype, activation="gelu")  # every candidate of either activation
 ]
 
 
@@ -331,7 +331,7 @@ def test_every_candidate_at_real_shapes_gpu(dtype, atol, rtol, monkeypatch):
     x, w, b, r = make_inputs((4096,), 1280, 5120, dtype, device="cuda", residual=True)
     expected = reference(x, w, b, "gelu", r)
     ran = 0
-    for config in fused_linear.candidate_configs(dtype):
+    for config in fused_linear.candidate_configs(dtype, activation="gelu"):
         try:
             got = fused_linear._linear(x, w, b, r, "gelu", config)
         except triton.runtime.errors.OutOfResources as e:
@@ -363,7 +363,7 @@ def test_tuned_launch_on_the_gpu(fresh_cache, monkeypatch):
     torch.testing.assert_close(got.double(), reference(x, w, b, "gelu", r), atol=1e-2, rtol=1e-2)
     entries = json.loads((fresh_cache / autotune.CACHE_FILE).read_text())
     (key, config), = entries.items()
-    assert key.startswith(torch.cuda.get_device_name()) and config in fused_linear.candidate_configs(torch.float16)
+    assert key.startswith(torch.cuda.get_device_name()) and config in fused_linear.candidate_configs(torch.float16, activation="gelu")
 
 
 @pytest.mark.gpu
@@ -373,7 +373,7 @@ def test_untuned_default_that_does_not_fit_falls_back_gpu(monkeypatch):
     (T4) gets from the real 96 KiB default with SAMHQ_FAST_AUTOTUNE=0."""
     too_big = dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     real_candidates = fused_linear.candidate_configs
-    monkeypatch.setattr(fused_linear, "candidate_configs", lambda dtype: [too_big, *real_candidates(dtype)])
+    monkeypatch.setattr(fused_linear, "candidate_configs", lambda *args, **kwargs: [too_big, *real_candidates(*args, **kwargs)])
     x, w, b, r = make_inputs((300,), 256, 384, torch.float16, device="cuda", residual=True)
     got = fused_linear.fused_linear(x, w, b, activation="gelu", residual=r)
     torch.testing.assert_close(got.double(), reference(x, w, b, "gelu", r), atol=1e-2, rtol=1e-2)

@@ -170,8 +170,8 @@ def linear_launches(dtype: torch.dtype) -> list[tuple[str, dict, tuple, dict]]:
     for name, n, k, activation, residual in gemms:
         x, w, b = _meta(tokens, k, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, dtype=dtype)
         r = _meta(tokens, n, dtype=dtype) if residual else None
-        for config in fused_linear.candidate_configs(dtype):
-            if config is fused_linear.TORCH_OP:
+        for config in fused_linear.candidate_configs(dtype, activation):
+            if "impl" in config:  # cuBLAS
                 continue
             with recorded_launches(fused_linear, "_fused_linear_kernel", "_fused_linear_tma_kernel") as (pointer_rec, tma_rec):
                 fused_linear._linear(x, w, b, r, activation, config)
