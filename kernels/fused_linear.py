@@ -38,7 +38,6 @@ from torch.nn import functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
-from samhq_fast.switches import triton_interpreter_on
 
 __all__ = ["fused_linear", "FusedLinear", "ACTIVATIONS"]
 
@@ -98,12 +97,12 @@ def _epilogue_part(acc, offs_m, offs_n, M, N, b_ptr, r_ptr, out_ptr, stride_rm, 
     mask_m = offs_m < M
     mask_n = offs_n < N
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [cols]
         acc += bias[None, :]
     if ACTIVATION == "gelu":
         acc = _gelu(acc)
 
-    mask = mask_m[:, None] & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
+    mask = mask_m[:, None] & mask_n[None, :]  # [rows, cols]
     offs_m64 = offs_m.to(tl.int64)
     if HAS_RESIDUAL:
         r_ptrs = r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn
@@ -251,8 +250,8 @@ def candidate_configs(dtype: torch.dtype, activation: str = "none", tma: bool = 
 
 
 def tma_supported(device: torch.device) -> bool:
-    """Whether the TMA kernel can run on `device`: Hopper or newer, or the Triton interpreter."""
-    return triton_interpreter_on() or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
+    """Whether the TMA kernel can run on `device` compiled: a GPU of compute capability 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _tma_operands(*tensors: torch.Tensor) -> bool:

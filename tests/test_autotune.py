@@ -151,7 +151,6 @@ def test_corrupt_or_stale_cache_is_timed_again(fresh_cache, monkeypatch):
     assert chosen == {"tile": 256} and type(chosen["tile"]) is int
 
 
-
 def test_a_new_candidate_list_is_timed_again(fresh_cache, monkeypatch):
     """A choice cached among fewer candidates (an older release) is not kept when a faster candidate
     joins the list, though that choice is still among the candidates."""
@@ -161,6 +160,7 @@ def test_a_new_candidate_list_is_timed_again(fresh_cache, monkeypatch):
     assert autotune.pick("k", KEY, CANDIDATES, timer({64: 2.0, 128: 1.0, 256: 0.5}, calls), CPU) == {"tile": 256}
     assert calls == [64, 128, 64, 128, 256]
     assert len(json.loads((fresh_cache / autotune.CACHE_FILE).read_text())) == 2
+
 
 def test_unwritable_cache_folder_warns_and_keeps_the_choice(fresh_cache, monkeypatch):
     blocker = fresh_cache / "a_file"

@@ -103,7 +103,6 @@ def test_non_contiguous_inputs():
     assert_matches(out, reference(x, w, b, "gelu", r), torch.float32, 1e-5, 1e-5)
 
 
-
 class _LaunchSpy:
     """Wraps a @triton.jit kernel: records each launch's grid, then launches it."""
 
@@ -145,6 +144,7 @@ def test_tma_config_on_operands_the_tma_cannot_read_runs_the_pointer_kernel(monk
         out = fused_linear_module._linear(x, w, b, None, "gelu", TMA_TILE)
         assert_matches(out, reference(x, w, b, "gelu"), torch.float32, 1e-5, 1e-5)
     assert tma_spy.grids == [] and len(pointer_spy.grids) == 2
+
 
 def test_empty_rows():
     w = torch.randn(48, 33)
