@@ -42,10 +42,19 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision for operands of `dtype`: fp32 in full IEEE precision (the fused fp32
-    path must match the eager reference to ~1e-4, which TF32's 10-bit mantissa would not); for 16-bit
-    operands the setting changes nothing."""
+    """tl.dot's input_precision for operands of `dtype` where a config does not name one: fp32 in full
+    IEEE precision on the FMA units (the fused fp32 path must match the eager reference to ~1e-4,
+    which TF32's 10-bit mantissa would not); for 16-bit operands the setting changes nothing."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# The fp32 GEMM and attention candidates' tl.dot input_precision: each operand split into a TF32
+# part and a TF32 remainder, three tensor-core products (the remainders' product dropped), fp32
+# accumulation. fp32's accuracy at tensor-core rates: the vit_b / vit_h encoders (1024 x 1024,
+# random weights) with every linear, rel-pos and attention dot emulated so on the CPU
+# (bench/fp32_dot_emulation.py) are 1.2e-6 / 1.8e-6 (max error / max) from fp64, as the fp32 ones
+# (1.1e-6 / 1.8e-6); with plain "tf32" (one product) 2.6e-3 / 3.8e-3, never used for fp32.
+FP32_PRECISION = "tf32x3"
 
 
 def interpreter_set_too_late() -> str | None:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
+from samhq_fast.kernels import FP32_PRECISION, autotune, dot_precision, interpreting, on_device
 from samhq_fast.modeling.image_encoder import resize_rel_pos
 
 LOG2E = math.log2(math.e)  # the attention kernel's softmax is in base 2: exp(x) = exp2(x * log2(e))
@@ -96,7 +96,7 @@ def _rel_pos_attention_kernel(
     # True: the last row and column of a WINDOWS_Y x WINDOWS_X grid of windows that pass the token
     # grid (H % WIN_H or W % WIN_W): the only windows that can hold padded keys (work per score).
     PADDED_GRID: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), "tf32" (ignored) for 16-bit inputs
+    DOT_PRECISION: tl.constexpr,  # fp32: "tf32x3" (tuned candidates) or "ieee"; 16-bit: "tf32" (ignored)
 ):
     # Keys are visited as slots of a [WIN_H, KEY_COLS] grid, BLOCK_N slots per tile: a tile is
     # TILE_ROWS whole window rows (BLOCK_N >= KEY_COLS) or a piece of one row; slots past WIN_W or
@@ -277,8 +277,11 @@ def batch_chunks(batch: int, num_heads: int) -> list[slice]:
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
-def _config(m: int, n: int, warps: int, stages: int, rel_w_once: bool = False, rel_dot: bool = False) -> dict:
-    return dict(BLOCK_M=m, BLOCK_N=n, REL_W_ONCE=rel_w_once, REL_DOT=rel_dot, num_warps=warps, num_stages=stages)
+def _config(m: int, n: int, warps: int, stages: int, rel_w_once: bool = False, rel_dot: bool = False, precision: str | None = None) -> dict:
+    config = dict(BLOCK_M=m, BLOCK_N=n, REL_W_ONCE=rel_w_once, REL_DOT=rel_dot, num_warps=warps, num_stages=stages)
+    if precision is not None:  # tl.dot's input_precision, else `dot_precision` of the dtype
+        config["DOT_PRECISION"] = precision
+    return config
 
 
 def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[dict]:
@@ -287,15 +290,22 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
     Compiled offline for sm_90 with Triton 3.6 and 3.9 (with a real launch's 16-divisibility
     specializations) at vit_b / vit_h windowed and global shapes, every candidate offered runs
     without a stack (no spilled registers; the global-only tile aside, see its comment): the 16-bit
-    ones take 110-255 registers and at most 148 KiB of shared memory, the fp32 ones 64-125 registers.
-    REL_W_ONCE (the rel_w tile held in registers through the key loop, 16-bit only) takes 182-250
+    ones take 110-255 registers and at most 148 KiB of shared memory, the fp32 ones 159-255 registers.
+    REL_W_ONCE (the rel_w tile held in registers through the key loop) takes 182-250
     registers in the 8-warp 128x64 tiles (one CTA per SM either way). The 4-warp 64x64 tiles could
     hold it too (194-251 registers) but are not offered it, to keep first-call tuning short.
     """
     if dtype == torch.float32:
-        # "ieee" fp32 dots run on the FMA units. Larger tiles spill: 64x32 with 4 warps and 3 stages
-        # 330-960 bytes per thread, and 64x64 falls off a cliff (32 registers, 6-13 KB of stack).
-        return [_config(64, 16, 8, 2), _config(32, 16, 4, 2), _config(16, 32, 4, 2)]
+        # fp32 dots as "tf32x3" (`FP32_PRECISION`: three tensor-core products per dot): q, the
+        # probabilities and their TF32 remainders take registers, so the tiles are narrow. Compiled
+        # offline for sm_90 (Triton 3.6 and 3.9), these have no stack at vit_b / vit_h shapes
+        # (159-255 registers); 32-key tiles spill at vit_h's windows (8-64 bytes), 64-key ones
+        # hundreds of bytes. Global blocks also take 32-key tiles (no stack there).
+        configs = [_config(128, 16, 8, 2, precision=FP32_PRECISION), _config(64, 16, 4, 2, precision=FP32_PRECISION),
+                   _config(128, 16, 8, 2, rel_w_once=True, precision=FP32_PRECISION)]
+        if global_block:
+            return configs[:2] + [_config(128, 32, 8, 2, precision=FP32_PRECISION), _config(64, 32, 4, 2, precision=FP32_PRECISION)]
+        return configs
     # 16-bit inputs on Hopper (wgmma). A 14x14 window is 2 query tiles of 128 or 4 of 64; its keys
     # are 4 tiles of 64 slots (4 rows of 16) or 7 of 32; a global 64x64 grid is 4,096 queries and
     # 64 key tiles of one row (BLOCK_N 64) or 128 of half a row (32). 256 x 32 holds a whole window
@@ -495,7 +505,8 @@ def rel_pos_attention(
         tile_rows = max(1, config["BLOCK_N"] // key_cols)
         whole_rows = config["BLOCK_N"] >= key_cols
         rel_dot = config.get("REL_DOT", False) and whole_rows and key_cols <= 16 and triton.cdiv(win_h, tile_rows) * tile_rows <= 16
-        kernel_config = {**config, "REL_W_ONCE": config.get("REL_W_ONCE", False) and whole_rows, "REL_DOT": rel_dot}
+        kernel_config = {"DOT_PRECISION": dot_precision(qkv.dtype), **config,
+                         "REL_W_ONCE": config.get("REL_W_ONCE", False) and whole_rows, "REL_DOT": rel_dot}
         if rel_dot:  # the kernel computes the terms from the tables; no pre-pass
             tables = [resize_rel_pos(t, 2 * win - 1).to(qkv.dtype).contiguous() for t, win in ((rel_pos_h, win_h), (rel_pos_w, win_w))]
             rel_h = rel_w = qkv  # not read
@@ -516,7 +527,6 @@ def rel_pos_attention(
                     WIN_H=win_h, WIN_W=win_w, WINDOWS_Y=rows, WINDOWS_X=cols,
                     KEY_COLS=key_cols, TILE_ROWS=tile_rows, PADDED_GRID=padded_grid,
                     TABLE_PAD=max(16, triton.next_power_of_2(2 * max(win_h, win_w) - 1)),
-                    DOT_PRECISION=dot_precision(qkv.dtype),
                     **kernel_config,
                 )
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from samhq_fast.kernels import autotune, dot_precision, interpreting, on_device
+from samhq_fast.kernels import FP32_PRECISION, autotune, dot_precision, interpreting, on_device
 
 __all__ = ["fused_linear", "FusedLinear", "ACTIVATIONS"]
 
@@ -133,7 +133,7 @@ def _fused_linear_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none" | "gelu"
-    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 (exact, TF32 off); "tf32" = default for 16-bit
+    INPUT_PRECISION: tl.constexpr,  # fp32: "tf32x3" (tuned candidates) or "ieee"; 16-bit: "tf32" (ignored)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -222,20 +222,27 @@ TORCH_GEMM_TRITON_GELU = {"impl": "torch", "gelu": "triton"}
 GELU_BLOCK, GELU_WARPS = 4096, 8  # 16 elements per thread: two 16-byte loads of a 16-bit dtype
 
 
-def _tile(m: int, n: int, k: int, warps: int, stages: int, tma: bool = False) -> dict:
+def _tile(m: int, n: int, k: int, warps: int, stages: int, tma: bool = False, precision: str | None = None) -> dict:
     config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    if precision is not None:  # tl.dot's input_precision, else `dot_precision` of the dtype
+        config["INPUT_PRECISION"] = precision
     return dict(config, TMA=True) if tma else config
 
 
 def candidate_configs(dtype: torch.dtype, activation: str = "none", tma: bool = True) -> list[dict]:
     """The pruned GPU config space for `activation`, the untuned default first (see
-    samhq_fast.kernels.autotune). `tma`: offer the persistent TMA kernel's tiles (16-bit dtypes;
-    GPUs of compute capability 9.0+)."""
+    samhq_fast.kernels.autotune). `tma`: offer the persistent TMA kernel's tiles (GPUs of compute
+    capability 9.0+)."""
     torch_ops = [TORCH_OP, TORCH_GEMM_TRITON_GELU] if activation == "gelu" else [TORCH_OP]
     if dtype == torch.float32:
-        # "ieee" fp32 dots run on the FMA units, not tensor cores: small tiles keep the fp32
-        # operand tiles and the accumulator within registers / shared memory.
-        return [_tile(64, 128, 32, 4, 3), _tile(64, 64, 32, 4, 3), _tile(32, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2), *torch_ops]
+        # fp32 dots as "tf32x3" (`FP32_PRECISION`): tensor-core tiles with fp32 operands (twice the
+        # shared memory of 16-bit ones per stage: BLOCK_K 32). Compiled offline for sm_90 (Triton 3.6
+        # and 3.9) at vit_h's four GEMMs: wgmma, no stack, 130-251 registers, at most 128 KiB.
+        # (128x256x32 spills 224-376 bytes per thread.)
+        tiles = [_tile(128, 128, 32, 8, 3, precision=FP32_PRECISION), _tile(128, 64, 32, 8, 3, precision=FP32_PRECISION),
+                 _tile(64, 128, 32, 4, 3, precision=FP32_PRECISION), _tile(64, 64, 32, 4, 3, precision=FP32_PRECISION)]
+        tma_tiles = [_tile(128, 128, 32, 8, 3, tma=True, precision=FP32_PRECISION)] if tma else []
+        return tiles + tma_tiles + torch_ops
     # fp16 / bf16 on Hopper (wgmma): 3-4 stage pipelines, at most 3 * (128*64 + 64*256) * 2 B =
     # 144 KiB of shared memory for the pointer kernel, 176 KiB for the TMA kernel's 128x256 tile
     # (Hopper has 227 KiB). Compiled offline for sm_90 (Triton 3.6 and 3.9) at vit_h's four GEMMs,
@@ -283,7 +290,7 @@ def _linear(x2, weight, bias, r2, activation: str, config: dict) -> torch.Tensor
     bias_arg = bias if bias is not None else x2  # dummy pointers: never read, the constexpr flag is False
     r_arg, (stride_rm, stride_rn) = (r2, r2.stride()) if r2 is not None else (x2, (0, 0))
     flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=activation,
-                 INPUT_PRECISION=dot_precision(x2.dtype), **tile)
+                 INPUT_PRECISION=dot_precision(x2.dtype)) | tile
     if config.get("TMA") and _tma_operands(x2, weight):
         block_m, block_n, block_k = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
         programs = min(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), _persistent_programs(x2.device))
@@ -317,8 +324,9 @@ def fused_linear(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x @ weight.T + bias) [+ residual]`` in x's dtype. The Triton kernels accumulate and
-    apply the epilogue in fp32; where the tuner keeps cuBLAS (``TORCH_OP``), torch's matmul precision
-    settings apply and GELU / residual run on its rounded output, as in the eager model.
+    apply the epilogue in fp32 (fp32 operands multiply as "tf32x3": `FP32_PRECISION`); where the
+    tuner keeps cuBLAS (``TORCH_OP``), torch's matmul precision settings apply and GELU / residual
+    run on its rounded output, as in the eager model.
 
     x: [..., K] (any leading dims, e.g. [B, H, W, C] channels-last tokens); weight: [N, K]
     (nn.Linear layout); bias: [N] or None; activation: "none" | "gelu" (exact erf GELU);

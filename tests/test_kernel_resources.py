@@ -1,7 +1,7 @@
 """Every tuning candidate of the four kernel families, and the rel-pos pre-pass's fixed config, compiled
 offline for Hopper (sm_90) exactly as a real vit_b / vit_h (or HQ decoder) launch specializes it, fits in shared
-memory, does not fall off a register cliff and runs its 16-bit dots on Hopper's tensor cores
-(samhq_fast.benchmark.kernel_resources; no GPU needed, Triton's own cuobjdump reads the cubin).
+memory, does not fall off a register cliff and runs its 16-bit dots, and the fp32 GEMM and attention
+dots as tf32x3, on Hopper's tensor cores (samhq_fast.benchmark.kernel_resources; no GPU needed, Triton's own cuobjdump reads the cubin).
 
 A candidate over the shared-memory limit could never launch on the GPU (the tuner would only skip
 it); spilled registers (stack) usually make a kernel slow. Bounds checked with Triton 3.6 and 3.9.
@@ -54,17 +54,24 @@ def test_no_register_cliffs(usage_rows):
         assert max(stack(family)) == 0, family
 
 
-def test_16_bit_dots_use_hoppers_tensor_cores_and_fp32_dots_stay_exact(usage_rows):
+def test_dots_use_hoppers_tensor_cores_and_fp32_dots_never_round_to_tf32(usage_rows):
     """Every bf16 config of the kernels with dots compiles them to wgmma (Hopper's warpgroup MMA: an
-    Ampere-style mma.sync fallback would leave much of the tensor-core rate unused); every fp32 one
-    has none: its "ieee" dots run on the FMA units, so no TF32 rounding creeps in."""
+    Ampere-style mma.sync fallback would leave much of the tensor-core rate unused). An fp32 config
+    either names "tf32x3" and then runs wgmma on operands it splits (cvt.rna.tf32: a TF32 part and
+    its remainder), or has no wgmma at all ("ieee" dots on the FMA units): no fp32 dot is a single
+    TF32 product. The GEMM and attention candidates are the tf32x3 ones."""
     for row in usage_rows:
-        if row["family"] == "layer_norm":  # no dots: only the fp32 rule applies
-            assert row["wgmma"] == 0, row
+        tf32x3 = row["config"].get("INPUT_PRECISION", row["config"].get("DOT_PRECISION")) == "tf32x3"
+        if row["family"] == "layer_norm":  # no dots
+            assert row["wgmma"] == 0 and not tf32x3, row
         elif row["dtype"] == "bfloat16":
-            assert row["wgmma"] > 0, row
+            assert row["wgmma"] > 0 and row["tf32_splits"] == 0, row
+        elif tf32x3:
+            assert row["wgmma"] > 0 and row["tf32_splits"] > 0, row
         else:
             assert row["wgmma"] == 0, row
+    fp32_tuned = [row for row in usage_rows if row["dtype"] == "float32" and row["family"] in ("attention", "fused_linear")]
+    assert fp32_tuned and all(row["tf32_splits"] > 0 for row in fp32_tuned)
 
 
 def test_rows_cover_every_candidate_at_both_head_dims(usage_rows):

@@ -10,7 +10,8 @@ pointers, integers equal to 1 or divisible by 16), and `cuobjdump -res-usage` (b
 reads the cubin. A candidate over the shared-memory limit cannot launch; one with a stack (spilled
 registers) is usually slow; a 16-bit one whose dots compile to Ampere's mma.sync instead of
 Hopper's asynchronous warpgroup MMA (wgmma, counted in the PTX) leaves much of an H100 / H200's
-tensor-core rate unused. This checks resources, not speed: timings need the GPU (`bench/`).
+tensor-core rate unused; an fp32 one on the tensor cores must split its operands for "tf32x3"
+(`cvt.rna.tf32.f32`, counted in the PTX), or its dots would round to TF32. This checks resources, not speed: timings need the GPU (`bench/`).
 """
 
 import argparse
@@ -43,6 +44,7 @@ class Usage:
     stack_bytes: int  # local memory per thread: spilled registers
     shared_bytes: int
     wgmma: int  # wgmma.mma_async instructions in the PTX (Hopper tensor cores; 0 on other targets)
+    tf32_splits: int  # cvt.rna.tf32.f32 instructions in the PTX: fp32 operands split for "tf32x3" dots
 
 
 class _LaunchRecorder:
@@ -115,8 +117,9 @@ def compile_usage(kernel, args: tuple, kwargs: dict, arch: int = 90) -> Usage:
         f.flush()
         report = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK):(\d+)", report))
-    wgmma = len(re.findall(r"\bwgmma\.mma_async\b", compiled.asm["ptx"]))
-    return Usage(int(fields["REG"]), int(fields["STACK"]), compiled.metadata.shared, wgmma)
+    ptx = compiled.asm["ptx"]
+    wgmma, tf32_splits = len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bcvt\.rna\.tf32\.f32\b", ptx))
+    return Usage(int(fields["REG"]), int(fields["STACK"]), compiled.metadata.shared, wgmma, tf32_splits)
 
 
 def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -244,11 +247,11 @@ def main(argv=None) -> None:
         return
     limit = SHARED_MEMORY_LIMIT[args.arch]
     print(f"triton {triton.__version__}, sm_{args.arch}, shared-memory limit {limit} B\n")
-    print("| kernel | dtype | shape | config | registers | stack B | shared B | wgmma |\n|---|---|---|---|---|---|---|---|")
+    print("| kernel | dtype | shape | config | registers | stack B | shared B | wgmma | tf32 splits |\n|---|---|---|---|---|---|---|---|---|")
     for row in candidate_usage(args.arch):
         config = " ".join(f"{k}={v}" for k, v in row["config"].items())
         flag = " (over the limit)" if row["shared_bytes"] > limit else ""
-        print(f"| {row['family']} | {row['dtype']} | {row['shape']} | {config} | {row['registers']} | {row['stack_bytes']} | {row['shared_bytes']}{flag} | {row['wgmma']} |")
+        print(f"| {row['family']} | {row['dtype']} | {row['shape']} | {config} | {row['registers']} | {row['stack_bytes']} | {row['shared_bytes']}{flag} | {row['wgmma']} | {row['tf32_splits']} |")
 
 
 if __name__ == "__main__":
