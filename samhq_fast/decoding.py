@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import fused_available, triton_conv_taps
-from .graphs import GraphCache, weights_state
+from .graphs import GraphCache, weights_state, write_versions
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ
 from .modeling.prompt_encoder import prompt_count
@@ -143,22 +143,18 @@ class PackedWeights:
         self._recipes = packing_recipes(decoder)
         self.output_mlp_layers = len(decoder.output_token_mlps[0].layers)
         self._sources = [t for _, sources in self._recipes.values() for t in sources]
-        self._tracked = not any(t.is_inference() for t in self._sources)
         with torch.inference_mode():
             self.tensors = {name: pack(sources) for name, (pack, sources) in self._recipes.items()}
         for t in self.tensors.values():
             torch._dynamo.mark_static_address(t)  # read in place by graph trees' replays, never copied in
-        self._versions = self._source_versions()
+        self._versions = write_versions(self._sources)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
-    def _source_versions(self) -> tuple | None:
-        return tuple(t._version for t in self._sources) if self._tracked else None
-
     def refresh(self) -> None:
         """Repack (in place) if any source weight was written since the last packing."""
-        versions = self._source_versions()
+        versions = write_versions(self._sources)
         if versions != self._versions:
             with torch.inference_mode():
                 for name, (pack, sources) in self._recipes.items():
@@ -416,13 +412,11 @@ class PromptDecoder:
         self._constants = {}  # (role, shape, fill) -> a tensor of the model's device, never written
         self._weights = weights_state(model)
 
-    def _basis_version(self) -> int | None:
-        """The Fourier basis's version counter. Loading weights in place (model.load_state_dict) keeps
+    def _basis_version(self) -> tuple | None:
+        """The Fourier basis's `write_versions`. Loading weights in place (model.load_state_dict) keeps
         every tensor's address, so only this tells that image_pe is stale (the compiled function and
-        its graphs read the new weights where they were). None for an inference tensor, which cannot
-        change in place."""
-        basis = self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-        return None if basis.is_inference() else basis._version
+        its graphs read the new weights where they were)."""
+        return write_versions([self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix])
 
     def _encode_dense_pe(self) -> None:
         """image_pe [1, 256, G, G], the same for every call, and the basis version it comes from."""

@@ -22,6 +22,14 @@ def weights_state(model: torch.nn.Module) -> tuple:
     return weight.device, weight.dtype, weight.data_ptr()
 
 
+def write_versions(tensors: list[torch.Tensor]) -> tuple | None:
+    """The tensors' version counters, which every in-place write bumps (model.load_state_dict keeps
+    each weight's address and writes into it): compare two readings to tell whether anything computed
+    from them is stale. None when one is an inference tensor, which tracks no version and cannot be
+    written in place outside inference mode."""
+    return None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
+
+
 def copy_into(buffers: list, sources) -> None:
     """buffer.copy_(source) for every buffer that is not None, as one multi-tensor copy per dtype
     (a launch each, not one per tensor: the prompt decoder's graphs take a dozen small inputs)."""
