@@ -25,6 +25,7 @@ Register use and shared memory per candidate config were checked offline (compil
 the launch's real specializations, `cuobjdump -res-usage`): see `candidate_configs`.
 """
 
+import functools
 import math
 
 import torch
@@ -301,11 +302,11 @@ def candidate_configs(dtype: torch.dtype, global_block: bool = False) -> list[di
         # offline for sm_90 (Triton 3.6 and 3.9), these have no stack at vit_b / vit_h shapes
         # (159-255 registers); 32-key tiles spill at vit_h's windows (8-64 bytes), 64-key ones
         # hundreds of bytes. Global blocks also take 32-key tiles (no stack there).
-        configs = [_config(128, 16, 8, 2, precision=FP32_PRECISION), _config(64, 16, 4, 2, precision=FP32_PRECISION),
-                   _config(128, 16, 8, 2, rel_w_once=True, precision=FP32_PRECISION)]
-        if global_block:
-            return configs[:2] + [_config(128, 32, 8, 2, precision=FP32_PRECISION), _config(64, 32, 4, 2, precision=FP32_PRECISION)]
-        return configs
+        fp32 = functools.partial(_config, precision=FP32_PRECISION)
+        narrow = [fp32(128, 16, 8, 2), fp32(64, 16, 4, 2)]
+        if global_block:  # (REL_W_ONCE needs whole window rows: 64 keys there)
+            return narrow + [fp32(128, 32, 8, 2), fp32(64, 32, 4, 2)]
+        return narrow + [fp32(128, 16, 8, 2, rel_w_once=True)]
     # 16-bit inputs on Hopper (wgmma). A 14x14 window is 2 query tiles of 128 or 4 of 64; its keys
     # are 4 tiles of 64 slots (4 rows of 16) or 7 of 32; a global 64x64 grid is 4,096 queries and
     # 64 key tiles of one row (BLOCK_N 64) or 128 of half a row (32). 256 x 32 holds a whole window

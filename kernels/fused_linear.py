@@ -13,7 +13,7 @@ read + write of the [M, N] output per fused op compared with eager PyTorch.
 Two kernels share the tile order and the epilogue: ``_fused_linear_kernel`` (a program per output
 tile, pointer loads; any GPU Triton supports) and ``_fused_linear_tma_kernel`` (Hopper: tiles copied by
 the tensor-memory accelerator, a persistent grid of one program per multiprocessor looping over the
-output tiles), for 16-bit operands whose layout the TMA can read.
+output tiles), for operands whose layout the TMA can read.
 
 Layout: kernels -> ``_linear`` (one launch with a given config) -> ``fused_linear`` (checks, and the
 config tuned per shape among a few tiles of each kernel and the plain cuBLAS op, see ``autotune``) ->
@@ -239,10 +239,9 @@ def candidate_configs(dtype: torch.dtype, activation: str = "none", tma: bool = 
         # shared memory of 16-bit ones per stage: BLOCK_K 32). Compiled offline for sm_90 (Triton 3.6
         # and 3.9) at vit_h's four GEMMs: wgmma, no stack, 130-251 registers, at most 128 KiB.
         # (128x256x32 spills 224-376 bytes per thread.)
-        tiles = [_tile(128, 128, 32, 8, 3, precision=FP32_PRECISION), _tile(128, 64, 32, 8, 3, precision=FP32_PRECISION),
-                 _tile(64, 128, 32, 4, 3, precision=FP32_PRECISION), _tile(64, 64, 32, 4, 3, precision=FP32_PRECISION)]
-        tma_tiles = [_tile(128, 128, 32, 8, 3, tma=True, precision=FP32_PRECISION)] if tma else []
-        return tiles + tma_tiles + torch_ops
+        fp32 = functools.partial(_tile, precision=FP32_PRECISION)
+        tma_tiles = [fp32(128, 128, 32, 8, 3, tma=True)] if tma else []
+        return [fp32(128, 128, 32, 8, 3), fp32(128, 64, 32, 8, 3), fp32(64, 128, 32, 4, 3), fp32(64, 64, 32, 4, 3), *tma_tiles, *torch_ops]
     # fp16 / bf16 on Hopper (wgmma): 3-4 stage pipelines, at most 3 * (128*64 + 64*256) * 2 B =
     # 144 KiB of shared memory for the pointer kernel, 176 KiB for the TMA kernel's 128x256 tile
     # (Hopper has 227 KiB). Compiled offline for sm_90 (Triton 3.6 and 3.9) at vit_h's four GEMMs,
