@@ -284,6 +284,40 @@ def test_image_features_are_broadcast_not_copied_per_prompt(tiny_model, image_st
     assert expected[0].shape == got[0].shape == (3, 1, 4 * G, 4 * G)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_query_batches_attend_to_shared_keys_as_one_batch(masked, monkeypatch):
+    """Attention of 3 query batches to one batch of keys (one image's prompts to its pixels) runs as
+    one SDPA batch of 3 x 5 queries, k and v not expanded per batch, each batch still its own
+    softmax rows: against a float64 softmax per batch. With a key mask (one per batch) it stays
+    per batch."""
+    from samhq_fast.modeling.transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, downsample_rate=2)  # inner width 16: 4 heads of 4
+    q, k, v = torch.randn(3, 5, 16), torch.randn(1, 11, 16), torch.randn(1, 11, 16)
+    bias = torch.zeros(3, 1, 1, 11)
+    bias[1, ..., 7:] = float("-inf")  # batch 1 drops its last 4 keys
+    key_mask = bias if masked else None
+    batches = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        batches.append((q.shape[0], q.shape[2], k.shape[0]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    with torch.no_grad():
+        got = attn.attend(q, k, v, key_mask)
+    monkeypatch.undo()
+    assert batches == ([(3, 5, 3)] if masked else [(1, 15, 1)])
+
+    heads = lambda t: t.double().reshape(t.shape[0], t.shape[1], 4, 4).transpose(1, 2)  # noqa: E731  [B, 4 heads, N, 4]
+    scores = heads(q) @ heads(k).transpose(2, 3) / 2 + (bias.double() if masked else 0)  # scale 1/sqrt(4)
+    out = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(3, 5, 16)
+    expected = out @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind, shared", [("points+box", True), ("box+mask", False)])
 def test_first_image_projections_run_once_per_image(tiny_model, image_state, kind, shared, monkeypatch):
     """Without mask prompts every prompt's dense embedding is the same, so (one image) the first

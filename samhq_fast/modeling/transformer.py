@@ -33,6 +33,12 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` after the q / k / v projections: q [B or 1, Nq, inner], k and v [B or 1, Nk, inner]
         (already projected) -> [B, Nq, C]."""
+        if q.shape[0] > 1 and k.shape[0] == v.shape[0] == 1 and key_mask is None:
+            # Every batch's queries attend to the same keys (the prompts of one image, to its pixels):
+            # as one batch of B * Nq queries, the same rows of the same softmax, SDPA reads k and v
+            # once instead of a per-batch copy of them ([B, heads, HW, d] each, materialized).
+            b, n, _ = q.shape
+            return self.attend(q.reshape(1, b * n, -1), k, v).view(b, n, -1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         batch = max(q.shape[0], k.shape[0])
         q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))  # views: SDPA takes equal batch sizes
