@@ -142,9 +142,12 @@ def candidate_configs(dtype: torch.dtype) -> list[dict]:
     return [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(256, 32, 8, 3), _config(64, 32, 4, 4), _config(128, 32, 8, 4), TORCH_OP]
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """nn.Conv2d's [C_out, C_in, 3, 3] weight with output channels contiguous in memory (a view of
-    a [3, 3, C_in, C_out] copy): the same tensor values, laid out for coalesced weight tiles."""
+    a [3, 3, C_in, C_out] copy): the same tensor values, laid out for coalesced weight tiles.
+    out: an earlier packing of a weight of this shape, written in place (its layout kept)."""
+    if out is not None:
+        return out.copy_(weight)
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 

@@ -105,7 +105,7 @@ def stack_zero_padded(tensors: list[torch.Tensor], out: torch.Tensor | None = No
     return torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.shape[0])) for t in tensors], out=out)
 
 
-def packing_recipes(decoder: MaskDecoderHQ) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
+def packing_recipes(decoder: MaskDecoderHQ, conv_kernels: bool = False) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
     """What `PackedWeights` packs: name -> (how: stacked or concatenated, the source tensors).
       output_mlps.{i}.weight / .bias     the six output tokens' MLPs' layer i, stacked ([6, out, in] /
                                          [6, out], `output_token_mlps` order; the IoU head's last
@@ -115,7 +115,10 @@ def packing_recipes(decoder: MaskDecoderHQ) -> dict[str, tuple[Callable, list[to
                                          the first block, which adds no positional encoding)
       layers.{i}.image.weight / .bias    block i's token-to-image keys | image-to-token queries: both
                                          project image + positional encoding
-    (`packed_two_way_transformer`)."""
+    (`packed_two_way_transformer`);
+      hq_conv.weight                     with conv_kernels: the HQ branch's first convolution's
+                                         weight in `kernels.conv3x3.pack_weight`'s layout
+                                         (`fused.triton_conv_taps`)."""
     mlps = decoder.output_token_mlps
     recipes: dict[str, tuple[Callable, list[torch.Tensor]]] = {}
     for i in range(len(mlps[0].layers)):
@@ -128,19 +131,23 @@ def packing_recipes(decoder: MaskDecoderHQ) -> dict[str, tuple[Callable, list[to
         for name in ("weight", "bias"):
             recipes[f"layers.{i}.self_attn.{name}"] = (torch.cat, [getattr(p, name) for p in self_projections])
             recipes[f"layers.{i}.image.{name}"] = (torch.cat, [getattr(p, name) for p in image_projections])
+    if conv_kernels:
+        from samhq_fast.kernels.conv3x3 import pack_weight
+
+        recipes["hq_conv.weight"] = (lambda sources, out=None: pack_weight(*sources, out=out), [decoder.embedding_maskfeature[0].weight])
     return recipes
 
 
 class PackedWeights:
     """Decoder weights stacked or concatenated for the padded decoder (`packing_recipes`): fewer,
-    larger matmuls. Packed once and kept (packed per call, each would be a copy kernel in every
+    larger matmuls (and, with conv_kernels, a convolution weight laid out for the Triton kernel). Packed once and kept (packed per call, each would be a copy kernel in every
     decoder call); `refresh` repacks them in place when a source weight has changed since (weights
     loaded in place), so that a compiled function or a CUDA graph reading these tensors reads the
     new weights. Inference-tensor weights track no versions: they are packed as they are at
     construction."""
 
-    def __init__(self, decoder: MaskDecoderHQ):
-        self._recipes = packing_recipes(decoder)
+    def __init__(self, decoder: MaskDecoderHQ, conv_kernels: bool = False):
+        self._recipes = packing_recipes(decoder, conv_kernels)
         self.output_mlp_layers = len(decoder.output_token_mlps[0].layers)
         self._sources = [t for _, sources in self._recipes.values() for t in sources]
         with torch.inference_mode():
@@ -395,8 +402,9 @@ class PromptDecoder:
             ok, why = fused_available(model.device, model.dtype)
             if not ok:
                 raise ValueError(f"conv_kernels=True needs the Triton kernels, which cannot run here: {why}")
-            conv_taps = functools.partial(triton_conv_taps, model.mask_decoder)
-        self._packed = packed = PackedWeights(model.mask_decoder)
+        self._packed = packed = PackedWeights(model.mask_decoder, self.conv_kernels)
+        if self.conv_kernels:
+            conv_taps = functools.partial(triton_conv_taps, model.mask_decoder, packed["hq_conv.weight"])
         fn = lambda *args: decode_padded(model, *args, packed=packed, conv_taps=conv_taps)  # noqa: E731  (compile a closure, not the module)
         self._uncompiled = fn  # for shapes past the recompile limit
         if compile:

@@ -115,18 +115,17 @@ def apply_fused_backend(model: SamHQ) -> SamHQ:
     return model
 
 
-def triton_conv_taps(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+def triton_conv_taps(decoder: MaskDecoderHQ, packed_weight: torch.Tensor, upscaled_sam: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """The HQ branch's first 3x3 convolution + LayerNorm2d + GELU (`decoder.embedding_maskfeature[:3]`),
     projected by each prompt's tap filters of the folded last convolution (`decoding.folded_hq_masks`),
     as one Triton kernel (kernels/conv3x3.py) that never writes the 64-channel map, called through a
     custom op so that torch.compile keeps it whole.
 
-    upscaled_sam [P, 32, H, W], filters [P, 9, 64] -> [P, 9, H, W].
+    packed_weight: the convolution's weight as `kernels.conv3x3.pack_weight` lays it out (output
+    channels contiguous, for coalesced weight tiles), packed once by the caller
+    (`decoding.PackedWeights`), not per call. upscaled_sam [P, 32, H, W], filters [P, 9, 64] -> [P, 9, H, W].
     """
-    from samhq_fast.kernels.conv3x3 import pack_weight  # importing it registers torch.ops.samhq_fast.conv3x3_*
+    import samhq_fast.kernels.conv3x3  # noqa: F401  (importing it registers torch.ops.samhq_fast.conv3x3_*)
 
     conv, norm, _, _ = decoder.embedding_maskfeature  # conv, LayerNorm2d, GELU, conv
-    # pack_weight: output channels contiguous, for coalesced weight tiles (a copy per call, so weights
-    # loaded in place are read)
-    return torch.ops.samhq_fast.conv3x3_ln_gelu_project(upscaled_sam, pack_weight(conv.weight), conv.bias, norm.weight, norm.bias,
-                                                        norm.eps, filters)
+    return torch.ops.samhq_fast.conv3x3_ln_gelu_project(upscaled_sam, packed_weight, conv.bias, norm.weight, norm.bias, norm.eps, filters)

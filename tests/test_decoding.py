@@ -660,7 +660,7 @@ def test_conv_kernels_decoder_matches_eager(tiny_model, image_state, compile):
     """conv_kernels=True: the HQ branch through the Triton convolutions (interpreter), uncompiled and
     inside the compiled function (custom ops, fullgraph), against the eager reference for one box and
     a full bucket of point + mask prompts, every multimask / hq_token_only combination; then with the
-    convolutions' weights loaded in place (the kernels read the model's weights, not a copy)."""
+    convolutions' weights loaded in place (the Triton convolution's weight, packed once, is repacked)."""
     model = copy.deepcopy(tiny_model)
     decoder = PromptDecoder(model, compile=compile, conv_kernels=True)
     for kind, num in (("box", 1), ("points+mask", 4)):
