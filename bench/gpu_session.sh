@@ -2,11 +2,13 @@
 # A GPU session's work in as few device calls as possible: install, the GPU tests, the encoder and
 # decoder benchmarks. One device call runs at most 10 minutes and a session has 30 device minutes,
 # start-ups included, so run the stages in three calls, each straight after the last (the machine
-# stays warm ~30 s; a cold start costs 1-2 minutes), ~23 minutes of commands in all:
+# stays warm ~30 s; a cold start costs 1-2 minutes), ~26 minutes of commands in all:
 #   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR tests,profile     (<= 5 + 4.5 min)
 #   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR encoder           (<= 7 min)
-#   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR decoder           (<= 4.5 + 2 min of automatic masks)
-# (STAGES is required: all four do not fit one call.) The device's copy of the tree has no .git:
+#   SAMHQ_FAST_COMMIT=<sha> bash bench/gpu_session.sh OUT_DIR decoder,fp32      (<= 4.5 + 2 min of automatic masks + 2.5)
+# (STAGES is required: all five do not fit one call.) fp32: the encoder in float32, eager vs fused
+# (bench/NOTES.md prediction 31: whether backend="auto" should pick fused in fp32 too), vit_b then vit_h
+# at batch 8, as far as 2.5 minutes go. The device's copy of the tree has no .git:
 # SAMHQ_FAST_COMMIT (`git rev-parse HEAD` here, written into the command) names the code in every JSON.
 # torch.compile(max-autotune) runs last in the encoder stage and only while 150 s of its budget are
 # left, so it may get few configurations (vit_h first); with device time to spare, a fourth call:
@@ -33,7 +35,7 @@
 # here first, `pip download segment-anything-hq==0.3 --no-deps -d .whl`, and name .whl in carry too;
 # without it that test skips.
 set -uo pipefail
-usage="usage: bench/gpu_session.sh OUT_DIR STAGES (a comma list of tests, profile, encoder, decoder; at most ~10 minutes of them)"
+usage="usage: bench/gpu_session.sh OUT_DIR STAGES (a comma list of tests, profile, encoder, decoder, fp32; at most ~10 minutes of them)"
 out=${1:?$usage}
 stages=",${2:?$usage},"
 day=$(date +%F)  # once: a session running past midnight still names its files alike
@@ -42,17 +44,17 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export SAMHQ_FAST_CACHE_DIR=${SAMHQ_FAST_CACHE_DIR:-$PWD/.gpu_cache}
 mkdir -p "$SAMHQ_FAST_CACHE_DIR"
 # Saved after every stage (and at exit): a call cut off by the device's time limit still hands on its tuning.
-save_tuning() { cp "$SAMHQ_FAST_CACHE_DIR/autotune.json" "$out/" 2>/dev/null; }
+save_tuning() { cp "$SAMHQ_FAST_CACHE_DIR/autotune.json" "$out/" 2>/dev/null || true; }  # none yet: nothing to save
 # finish STAGE STATUS [MERGED_JSON], after each stage: its exit status (the script's own is not a
 # test result), and no file that can be made again left to crowd the 8 files a call returns: the
 # tables (.md) and temporaries, and the part files once the merged JSON holds their rows.
 finish() {
     echo "[gpu_session] $1 exit $2" | tee -a "$out/gpu.txt"
-    rm -f "$out"/*.tmp "$out"/*-bf16.md
+    rm -f "$out"/*.tmp "$out"/*-bf16.md "$out"/*-fp32.md
     if [[ -n ${3:-} ]]; then
         rm -f "${3%.json}.md"
         if [[ -f $3 ]]; then
-            rm -f "${3%.json}".*-bf16.json
+            rm -f "${3%.json}".*-bf16.json "${3%.json}".*-fp32.json
         else
             echo "[gpu_session] $1: no $(basename "$3"): its part JSON is kept" | tee -a "$out/gpu.txt"
         fi
@@ -124,3 +126,8 @@ if [[ $stages == *,decoder,* ]]; then  # budgeted to finish in < 4.5 min (--time
     fi
 fi
 
+if [[ $stages == *,fp32,* ]]; then  # budgeted to end itself (merged JSON written) inside its 2.5 minutes
+    timeout -s INT -k 20 150 python3 -m samhq_fast.cli bench --what encoder --variant vit_b,vit_h --batch 8 --dtype fp32 \
+        --backends eager,fused --time-budget-s 110 --output "$out/encoder-fp32-$day.json" 2>&1 | tee "$out/encoder-fp32.log"
+    finish encoder-fp32 "$?" "$out/encoder-fp32-$day.json"
+fi

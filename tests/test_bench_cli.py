@@ -425,7 +425,7 @@ def test_gpu_session_command_lines_parse(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     bench_lines = gpu_session_commands("samhq_fast.cli")
-    assert [argv[0] for argv in bench_lines] == ["bench", "bench"]  # the encoder stage, then the decoder stage
+    assert [argv[0] for argv in bench_lines] == ["bench"] * 3  # the encoder, decoder and fp32 stages
     stages = []
     for argv in bench_lines:
         args = build_parser().parse_args(argv)
@@ -434,9 +434,10 @@ def test_gpu_session_command_lines_parse(monkeypatch):
         for what, run_argv in _bench_runs(args, backends, device):
             parsed = {"encoder": encoder, "decoder": decoder}[what].parse_args([*run_argv, "--output", "OUT/part.json"])
             stages.append((what, parsed))
-    (_, enc), (_, dec) = stages
+    (_, enc), (_, dec), (_, enc_fp32) = stages
     assert enc.variant_list == ["vit_h", "vit_b"] and set(enc.backend_list) == {"eager", "fused", "fused-graphed", "hf", "hf-eager", "compile"}
     assert {"graphed", "graphed-manual", "eager", "compiled"} <= set(dec.mode_list) and dec.e2e_list == ["eager", "fused"]
+    assert enc_fp32.dtype == "fp32" and enc_fp32.backend_list == ["eager", "fused"]
     (profile,) = gpu_session_commands("samhq_fast.benchmark.profile_block")
     assert profile_block.parse_args(profile).batches == [1, 8]
     (decoder_profile,) = gpu_session_commands("samhq_fast.benchmark.profile_decoder")
@@ -460,9 +461,10 @@ case "$1" in
   -c) [[ $2 == *"import torch"* ]] && echo "torch stub triton stub" && exit 0; exit 1 ;;
   -m) [[ $2 == pip ]] && exit 0 ;;
 esac
-prev=""; out=""; for arg in "$@"; do [[ $prev == --output ]] && out=$arg; prev=$arg; done
+prev=""; out=""; dtype=""
+for arg in "$@"; do [[ $prev == --output ]] && out=$arg; [[ $prev == --dtype ]] && dtype=$arg; prev=$arg; done
 [[ $out == */* ]] || exit 1  # not a benchmark run (pytest of the tests stage...): nothing to write
-echo '{}' > "${out%.json}.encoder-bf16.json"; echo table > "${out%.json}.encoder-bf16.md"
+echo '{}' > "${out%.json}.encoder-$dtype.json"; echo table > "${out%.json}.encoder-$dtype.md"
 [[ $STUB_FINISHES == 1 ]] || exit 137
 echo '{}' > "$out"; echo table > "${out%.json}.md"
 """
@@ -481,24 +483,25 @@ def run_gpu_session(tmp_path, stages: list[str], finishes: bool):
     return done, out
 
 
+@pytest.mark.parametrize("stage, name, dtype", [("encoder", "encoder", "bf16"), ("fp32", "encoder-fp32", "fp32")])
 @pytest.mark.parametrize("finishes", [True, False], ids=["merged", "killed"])
-def test_gpu_session_keeps_the_results_of_a_killed_run(tmp_path, finishes):
-    """The encoder stage leaves what the device should return: the merged JSON when the run wrote it
-    (its part files and the .md tables deleted: the device returns at most 8 files), the part JSON
-    when the run was killed before merging (deleting it would lose every finished configuration)."""
-    done, out = run_gpu_session(tmp_path, ["encoder"], finishes)
+def test_gpu_session_keeps_the_results_of_a_killed_run(tmp_path, finishes, stage, name, dtype):
+    """The encoder stages (bf16, fp32) leave what the device should return: the merged JSON when the
+    run wrote it (its part files and the .md tables deleted: the device returns at most 8 files), the
+    part JSON when the run was killed before merging (deleting it would lose every finished configuration)."""
+    done, out = run_gpu_session(tmp_path, [stage], finishes)
     assert done.returncode == 0, done.stderr
     names = {p.name for p in out.iterdir()}
-    day = next(n for n in names if n.startswith("encoder-")).removeprefix("encoder-")[:10]
-    kept = f"encoder-{day}.json" if finishes else f"encoder-{day}.encoder-bf16.json"
-    assert names == {"gpu.txt", "encoder.log", kept}
+    day = next(n for n in names if n.startswith(f"{name}-2")).removeprefix(f"{name}-")[:10]
+    kept = f"{name}-{day}.json" if finishes else f"{name}-{day}.encoder-{dtype}.json"
+    assert names == {"gpu.txt", f"{name}.log", kept}
     log = (out / "gpu.txt").read_text()
-    assert "samhq-fast commit 0123abcd" in log and f"encoder exit {0 if finishes else 137}" in log
+    assert "samhq-fast commit 0123abcd" in log and f"{name} exit {0 if finishes else 137}" in log
     assert ("its part JSON is kept" in log) is not finishes
 
 
 def test_gpu_session_needs_its_stages(tmp_path):
-    """All four stages take ~20 minutes, a device call at most 10: STAGES is not optional."""
+    """All five stages take ~25 minutes, a device call at most 10: STAGES is not optional."""
     done, out = run_gpu_session(tmp_path, [], finishes=True)
     assert done.returncode != 0 and "usage: bench/gpu_session.sh OUT_DIR STAGES" in done.stderr
     assert not out.exists()
