@@ -106,7 +106,7 @@ def stack_zero_padded(tensors: list[torch.Tensor], out: torch.Tensor | None = No
 
 
 def packing_recipes(decoder: MaskDecoderHQ, conv_kernels: bool = False) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
-    """What `PackedWeights` packs: name -> (how: stacked or concatenated, the source tensors).
+    """What `PackedWeights` packs: name -> (how: stacked, concatenated or laid out, the source tensors).
       output_mlps.{i}.weight / .bias     the six output tokens' MLPs' layer i, stacked ([6, out, in] /
                                          [6, out], `output_token_mlps` order; the IoU head's last
                                          layer zero-padded to the hypernetworks' 32 outputs):
@@ -140,11 +140,11 @@ def packing_recipes(decoder: MaskDecoderHQ, conv_kernels: bool = False) -> dict[
 
 class PackedWeights:
     """Decoder weights stacked or concatenated for the padded decoder (`packing_recipes`): fewer,
-    larger matmuls (and, with conv_kernels, a convolution weight laid out for the Triton kernel). Packed once and kept (packed per call, each would be a copy kernel in every
-    decoder call); `refresh` repacks them in place when a source weight has changed since (weights
-    loaded in place), so that a compiled function or a CUDA graph reading these tensors reads the
-    new weights. Inference-tensor weights track no versions: they are packed as they are at
-    construction."""
+    larger matmuls (and, with conv_kernels, a convolution weight laid out for the Triton kernel).
+    Packed once and kept (packed per call, each would be a copy kernel in every decoder call);
+    `refresh` repacks them in place when a source weight has changed since (weights loaded in
+    place), so that a compiled function or a CUDA graph reading these tensors reads the new
+    weights. Inference-tensor weights track no versions: they are packed as they are at construction."""
 
     def __init__(self, decoder: MaskDecoderHQ, conv_kernels: bool = False):
         self._recipes = packing_recipes(decoder, conv_kernels)

@@ -35,8 +35,9 @@ class Attention(nn.Module):
         (already projected) -> [B, Nq, C]."""
         if q.shape[0] > 1 and k.shape[0] == v.shape[0] == 1 and key_mask is None:
             # Every batch's queries attend to the same keys (the prompts of one image, to its pixels):
-            # as one batch of B * Nq queries, the same rows of the same softmax, SDPA reads k and v
-            # once instead of a per-batch copy of them ([B, heads, HW, d] each, materialized).
+            # as one batch of B * Nq queries (the same softmax rows), SDPA fills whole query tiles
+            # instead of B tiles of Nq rows each, and k and v are not expanded to [B, heads, HW, d]
+            # (which Inductor's CPU code copies).
             b, n, _ = q.shape
             return self.attend(q.reshape(1, b * n, -1), k, v).view(b, n, -1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
