@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import fused_available, triton_conv_taps
-from .graphs import GraphCache, weights_state, write_versions
+from .graphs import GraphCache, WeightsWatch, write_versions
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ
 from .modeling.prompt_encoder import prompt_count
@@ -384,12 +384,14 @@ class PromptDecoder:
         self.model = model
         self._options = compile, backend, cuda_graphs
         self.conv_kernels = bool(conv_kernels)
+        self._weights = WeightsWatch(model)
         self._bind()
 
     def _bind(self) -> None:
         """Everything that depends on the model's device, dtype and weight tensors: the graph mode,
-        the compiled function, its graphs, the positional encoding. Done again when the model has
-        been moved or cast since (its graphs would replay the old weights' addresses)."""
+        the compiled function, its graphs, the positional encoding. Done again when the model's
+        tensors have been replaced, moved or cast since (`graphs.WeightsWatch`: its graphs would
+        replay the old weights' addresses, its packed weights hold the old values)."""
         model, (compile, backend, cuda_graphs) = self.model, self._options
         on_cuda = model.device.type == "cuda"
         if cuda_graphs and not (compile and on_cuda):
@@ -418,7 +420,6 @@ class PromptDecoder:
         self._graphs = GraphCache(fn) if graphs == "manual" else None
         self._shapes_seen, self._uncompiled_shapes = set(), set()
         self._constants = {}  # (role, shape, fill) -> a tensor of the model's device, never written
-        self._weights = weights_state(model)
 
     def _basis_version(self) -> tuple | None:
         """The Fourier basis's `write_versions`. Loading weights in place (model.load_state_dict) keeps
@@ -470,7 +471,6 @@ class PromptDecoder:
         that fills every row (one box, one prompt of any number of points, 4 boxes...) is used as given
         (`as_decoder_input`), its point lists padded to k_pad slots by one concatenation each: no
         staging buffers; otherwise the sets are copied into zero-filled ones."""
-        device, dtype = self.model.device, self.model.dtype
         (_, point_coords, point_labels, boxes, mask_input), n = decoded_sets[0]
         if len(decoded_sets) == 1 and n == rows:
             no_points, no_box = point_coords is None, boxes is None
@@ -480,10 +480,11 @@ class PromptDecoder:
                 self._constant("labels", (rows, k_pad), torch.float32, 0) if no_points else self._fill_slots(point_labels, k_pad, "labels"),
                 self._constant("box", (rows, 4), torch.float32, 0) if no_box else as_decoder_input(boxes, torch.float32),
                 self._token_bias(rows, k_pad, 0 if no_points else point_coords.shape[1], not no_box),
-                None if not any_mask else as_decoder_input(mask_input, dtype),
+                None if not any_mask else as_decoder_input(mask_input, self.model.dtype),
                 None if not any_mask else self._constant("has_mask", (rows,), torch.bool, True),
             )
         # The padded batch: empty rows are all padding (no point, no box, no mask) and read image 0.
+        device, dtype = self.model.device, self.model.dtype
         low_res = 4 * self.model.config.embedding_size
         index = None if one_image else torch.zeros(rows, dtype=torch.int64, device=device)
         coords = torch.zeros(rows, k_pad, 2, device=device)
@@ -537,7 +538,6 @@ class PromptDecoder:
         self._shapes_seen.add(shape)
         return out
 
-    @torch.inference_mode()
     def __call__(
         self,
         image_embeddings: torch.Tensor,
@@ -571,7 +571,7 @@ class PromptDecoder:
         counts = [prompt_count(coords, boxes, masks) for _, coords, _, boxes, masks in prompt_sets]
         if not any(counts):  # nothing to decode (e.g. frames without detections): no graph replay
             return [no_prompt_outputs(hq_features) for _ in prompt_sets]
-        if weights_state(self.model) != self._weights:
+        if self._weights.changed():
             self._bind()
         if self._basis_version() != self._pe_version:
             self._encode_dense_pe()
@@ -579,7 +579,7 @@ class PromptDecoder:
         decoded_sets = [(prompt, n) for prompt, n in zip(prompt_sets, counts) if n]  # sets with N = 0 take no rows
         images = {prompt[0] for prompt, _ in decoded_sets}
         one_image = len(images) == 1
-        if one_image:  # broadcast its features, no per-prompt index
+        if one_image and image_embeddings.shape[0] > 1:  # broadcast its features, no per-prompt index
             one = images.pop()
             image_embeddings, hq_features = image_embeddings[one : one + 1], hq_features[one : one + 1]
         most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt, _ in decoded_sets)

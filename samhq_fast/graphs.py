@@ -7,6 +7,8 @@ copied into that graph's static buffers before each replay (a replay never reads
 its outputs are overwritten by the next replay: callers copy them out first.
 """
 
+import operator
+import weakref
 from collections.abc import Callable, Hashable
 
 import torch
@@ -14,12 +16,64 @@ import torch
 from .modeling import SamHQ
 
 
-def weights_state(model: torch.nn.Module) -> tuple:
-    """(device, dtype, address) of the model's first weight. Moving or casting a model (.to, .half)
-    replaces every weight tensor, so this changes: graphs captured before replay the old weights'
-    addresses (freed memory), and anything computed from them is stale."""
-    weight = next(model.parameters())
-    return weight.device, weight.dtype, weight.data_ptr()
+# Replacing a weight tensor (load_state_dict(assign=True), `module.weight = nn.Parameter(...)`, a new
+# submodule) registers it on its module through torch.nn's registration hooks. Counting the
+# registrations on watched modules lets `WeightsWatch` tell, per call and without walking the model,
+# that nothing can have been replaced (modules built elsewhere are not counted).
+_watched_modules: weakref.WeakSet = weakref.WeakSet()  # every module of a watched model
+_registrations = 0  # parameters, buffers and submodules registered on watched modules so far
+_counting = False  # whether the hook is installed (by the first WeightsWatch)
+
+
+def _count_registration(module: torch.nn.Module, name: str, value) -> None:
+    global _registrations
+    if module in _watched_modules:
+        _registrations += 1
+
+
+def _count_registrations() -> None:
+    global _counting
+    if not _counting:
+        nn_hooks = torch.nn.modules.module
+        for register in (nn_hooks.register_module_parameter_registration_hook, nn_hooks.register_module_buffer_registration_hook,
+                         nn_hooks.register_module_module_registration_hook):
+            register(_count_registration)
+        _counting = True
+
+
+class WeightsWatch:
+    """Tells whether a module's parameters or buffers were replaced, moved or cast since the last look:
+    anything computed from them before is then stale (captured CUDA graphs replay the old tensors'
+    addresses, packed weights hold copies of their values). Cheap per call: the full comparison (every
+    tensor's identity, address, dtype and device; ~0.5 ms for vit_h) runs only when the module's
+    first weight moved or was cast (as .to / .half do to every weight) or something was registered
+    on one of its submodules (as every replacement is) since the last look. In-place writes keep all
+    of that: `write_versions` tells those."""
+
+    def __init__(self, module: torch.nn.Module):
+        _count_registrations()
+        self.module = module
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        modules = list(self.module.modules())
+        _watched_modules.update(modules)
+        tensors = [t for m in modules for t in m._parameters.values() if t is not None]  # parameters first: .to casts them all
+        tensors += [t for m in modules for t in m._buffers.values() if t is not None]
+        self._registrations, self._first = _registrations, tensors[0]
+        self._first_state = self._quick_state()
+        self._state = [(id(t), t.data_ptr(), t.dtype, t.device) for t in tensors]
+
+    def _quick_state(self) -> tuple:
+        return self._first.data_ptr(), self._first.dtype, self._first.device
+
+    def changed(self) -> bool:
+        """Whether anything changed since the watch was made or last returned True."""
+        if self._registrations == _registrations and self._quick_state() == self._first_state:
+            return False
+        state = self._state
+        self._snapshot()
+        return self._state != state
 
 
 def write_versions(tensors: list[torch.Tensor]) -> tuple | None:
@@ -27,7 +81,10 @@ def write_versions(tensors: list[torch.Tensor]) -> tuple | None:
     each weight's address and writes into it): compare two readings to tell whether anything computed
     from them is stale. None when one is an inference tensor, which tracks no version and cannot be
     written in place outside inference mode."""
-    return None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
+    try:
+        return tuple(map(operator.attrgetter("_version"), tensors))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 def copy_into(buffers: list, sources) -> None:
@@ -119,7 +176,7 @@ class GraphedEncoder:
             raise ValueError(f"GraphedEncoder needs a model on a CUDA device, got {model.device}")
         self.model = model
         self._graphs = GraphCache(model.encode_image)
-        self._weights = weights_state(model)
+        self._weights = WeightsWatch(model)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +185,7 @@ class GraphedEncoder:
             raise ValueError(f"images must be [B, 3, {size}, {size}] (preprocessed), got {list(images.shape)}")
         if images.device != self.model.device:
             raise ValueError(f"images are on {images.device}, the model on {self.model.device}")
-        if weights_state(self.model) != self._weights:  # moved or cast since the capture: capture again
-            self._graphs, self._weights = GraphCache(self.model.encode_image), weights_state(self.model)
+        if self._weights.changed():  # weights replaced, moved or cast since the capture: capture again
+            self._graphs = GraphCache(self.model.encode_image)
         outputs = self._graphs((tuple(images.shape), images.dtype), images)
         return tuple(t.clone() for t in outputs)

@@ -127,6 +127,29 @@ def test_weights_loaded_in_place_are_used(tiny_model, image_state, compile):
         torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_weights_assigned_to_the_decoder_are_used(tiny_model, image_state, compile):
+    """load_state_dict(assign=True) on the mask decoder alone replaces its weight tensors (new objects,
+    new addresses) and leaves the model's first weight (the image encoder's) as it was: the decoder's
+    packed weights must be packed again from the new tensors. Building unrelated modules in between
+    must not make the decoder bind (and compile) again."""
+    model = copy.deepcopy(tiny_model)
+    decoder = PromptDecoder(model, compile=compile)
+    prompts = make_prompts("points+box", 2, 2, seed=4)
+    decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    compiled = decoder._decode
+    torch.nn.Linear(3, 3), torch.nn.Sequential(torch.nn.LayerNorm(3))
+    decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    assert decoder._decode is compiled
+    new_weights = {name: -t for name, t in model.mask_decoder.state_dict().items()}  # new tensors
+    model.mask_decoder.load_state_dict(new_weights, assign=True)
+    expected = eager_decode(model, image_state, prompts, False, False)
+    got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
+    assert decoder._decode is not compiled
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+
+
 @pytest.mark.parametrize("num", [1, 3, 0])
 def test_stacked_output_mlps_equal_the_six_mlps(tiny_model, num):
     """The compiled decoder's three batched matmuls against the decoder's own IoU head and five

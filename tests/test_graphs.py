@@ -166,18 +166,18 @@ def test_graphs_are_captured_and_replayed_on_the_inputs_device(fake_cuda):
     assert FakeGraph.device is None  # restored after each call
 
 
-class StubModel:
+class StubModel(torch.nn.Module):
     """Stands in for a SamHQ model in GraphedEncoder: encode_image is three scaled_sum 'kernels'
-    (each output 2 x images); one weight, whose replacement (like a .to() / .half()) must re-capture."""
+    (each output 2 x images); a weight and a submodule's, whose replacement (like a .to() / .half(),
+    or load_state_dict(assign=True)) must re-capture."""
 
     def __init__(self):
+        super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(1))
+        self.head = torch.nn.Linear(1, 1)
         self.config = types.SimpleNamespace(img_size=4)
         self.device = torch.device("cuda")
         self.calls = []
-
-    def parameters(self):
-        yield self.weight
 
     def encode_image(self, images):
         return tuple(scaled_sum(images, None, self.calls) for _ in range(3))
@@ -212,7 +212,7 @@ def test_graphed_encoder_one_graph_per_batch_size(graphed_stub):
 def test_graphed_encoder_captures_again_after_a_cast(graphed_stub):
     model, encoder = graphed_stub
     encoder(torch.ones(1, 3, 4, 4))
-    model.weight = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))  # what model.double() does to a weight
+    model.double()  # new tensors for the same Parameter objects (param.data = ...): nothing is registered
     encoder(torch.ones(1, 3, 4, 4))
     assert model.calls.count("capture") == 2 * 3
 
@@ -226,3 +226,16 @@ def test_graphed_encoder_captures_again_after_new_weights_of_the_same_dtype(grap
     model.weight = torch.nn.Parameter(torch.ones(1))
     encoder(torch.ones(1, 3, 4, 4))
     assert old.dtype == model.weight.dtype and model.calls.count("capture") == 2 * 3
+
+
+def test_graphed_encoder_captures_again_after_a_submodule_s_weights_are_assigned(graphed_stub):
+    """load_state_dict(assign=True) on a submodule replaces its weights and leaves the model's first
+    weight as it was; modules built elsewhere meanwhile register weights too, but not on this model."""
+    model, encoder = graphed_stub
+    encoder(torch.ones(1, 3, 4, 4))
+    torch.nn.Linear(1, 1)
+    encoder(torch.ones(1, 3, 4, 4))
+    assert model.calls.count("capture") == 3
+    model.head.load_state_dict({"weight": torch.full((1, 1), 2.0), "bias": torch.zeros(1)}, assign=True)
+    encoder(torch.ones(1, 3, 4, 4))
+    assert model.calls.count("capture") == 2 * 3
