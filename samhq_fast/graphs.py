@@ -8,7 +8,6 @@ its outputs are overwritten by the next replay: callers copy them out first.
 """
 
 import operator
-import weakref
 from collections.abc import Callable, Hashable
 
 import torch
@@ -20,14 +19,16 @@ from .modeling import SamHQ
 # submodule) registers it on its module through torch.nn's registration hooks. Counting the
 # registrations on watched modules lets `WeightsWatch` tell, per call and without walking the model,
 # that nothing can have been replaced (modules built elsewhere are not counted).
-_watched_modules: weakref.WeakSet = weakref.WeakSet()  # every module of a watched model
+# id() of every module of a watched model: ids, as the hook sees every module built anywhere, and some
+# are unhashable (__eq__ without __hash__). An id outliving its module costs at most a spurious full check.
+_watched_modules: set[int] = set()
 _registrations = 0  # parameters, buffers and submodules registered on watched modules so far
 _counting = False  # whether the hook is installed (by the first WeightsWatch)
 
 
 def _count_registration(module: torch.nn.Module, name: str, value) -> None:
     global _registrations
-    if module in _watched_modules:
+    if id(module) in _watched_modules:
         _registrations += 1
 
 
@@ -57,7 +58,7 @@ class WeightsWatch:
 
     def _snapshot(self) -> None:
         modules = list(self.module.modules())
-        _watched_modules.update(modules)
+        _watched_modules.update(map(id, modules))
         tensors = [t for m in modules for t in m._parameters.values() if t is not None]  # parameters first: .to casts them all
         tensors += [t for m in modules for t in m._buffers.values() if t is not None]
         self._registrations, self._first = _registrations, tensors[0]

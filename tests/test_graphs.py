@@ -239,3 +239,17 @@ def test_graphed_encoder_captures_again_after_a_submodule_s_weights_are_assigned
     model.head.load_state_dict({"weight": torch.full((1, 1), 2.0), "bias": torch.zeros(1)}, assign=True)
     encoder(torch.ones(1, 3, 4, 4))
     assert model.calls.count("capture") == 2 * 3
+
+
+def test_modules_built_after_a_watch_may_be_unhashable(graphed_stub):
+    """The watch's hook sees every module registration in the process, also of modules that define
+    __eq__ without __hash__ (dataclass-style): it must not fail on them."""
+
+    class Unhashable(torch.nn.Module):
+        __hash__ = None
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+    assert Unhashable().weight.shape == (1,)
