@@ -248,12 +248,23 @@ def test_decoder_latency_is_the_median_of_lone_calls(monkeypatch):
     monkeypatch.setattr(common, "first_call", lambda fn, args, device, keep: (order.append("first") or 1.5, None))
     monkeypatch.setattr(common, "warm_up", lambda fn, arg_sets, count, device: (order.append(("warm_up", count)) or 0.25))
     monkeypatch.setattr(common, "reset_peak_memory", lambda device: order.append("reset"))
-    monkeypatch.setattr(common, "wall_latencies", lambda fn, calls, device, max_s: (order.append(("timed", len(calls))) or [0.4, 0.1, 0.3, 0.2, 9.0]))
+    monkeypatch.setattr(common, "wall_latencies", lambda fn, calls, device, max_s: (
+        order.append(("timed", len(calls))) or ([0.4, 0.1, 0.3, 0.2, 9.0], [0.05, 0.02, 0.01, 0.04, 0.03])))
     result = decoder_bench.measure_latency(None, [("a",), ("b",)], torch.device("cpu"), types.SimpleNamespace(warmup=7), calls=5)
     assert order == ["first", ("warm_up", 7), "reset", ("timed", 5)]
     assert result["first_call_s"] == 1.5 and result["warmup_s"] == 0.25
     latency = result["latency"]
     assert latency["p50_ms"] == latency["median_ms"] == 0.3 and latency["max_ms"] == 9.0 and latency["repeats"] == 5
+    assert latency["host_p50_ms"] == 0.03  # the median of the host times, not the host time of the median call
+
+
+def test_wall_latencies_split_off_the_host_part(monkeypatch):
+    """Each call's total runs to the synchronize after it; its host part stops where fn returned."""
+    monkeypatch.setattr(common, "synchronize", lambda device: time.sleep(0.02))
+    times, host_times = common.wall_latencies(lambda: time.sleep(0.002), [()] * 3, torch.device("cpu"))
+    assert len(times) == len(host_times) == 3
+    for total, host in zip(times, host_times):
+        assert 2.0 <= host < 20.0 <= total
 
 
 @pytest.mark.parametrize("neck_scale, filed_under", [(1.0, "speed"), (1.5, "invalid_speed")])
@@ -328,12 +339,12 @@ def test_decoder_run_markdown_cells():
              "speed": {"median_ms": 40.7593, "prompts_per_s": 25123.4, "us_per_prompt": 39.8, "speedup_vs_eager": 3.456}},
             {"test": "latency", "variant": "vit_b", "mode": "eager", "status": "ok", "first_call_s": 0.1234, "peak_memory_gb": 1.26,
              "numerics": {"rel_l2_vs_eager": None, "rel_l2_vs_fp32": 4.4e-3},
-             "speed": {"p50_ms": 1.2345, "p99_ms": 2.5, "repeats": 200, "speedup_vs_eager": 1.0}},
+             "speed": {"p50_ms": 1.2345, "p99_ms": 2.5, "host_p50_ms": 0.4567, "repeats": 200, "speedup_vs_eager": 1.0}},
         ],
     }
     table = decoder_bench.markdown_table(report)
     assert ("- vit_b: best 25,123 prompts/s (graphed, 1024 box prompts; target met: True), best single-prompt p50 0.432 ms "
             "(graphed; target met: False)") in table
     assert "| vit_b | graphed | box | 1024 | 40.759 | 25,123 | 39.8 | 3.46 | 1.2e-03 / 4.5e-03 | 12.35 | 0.50 | - |" in table
-    assert "| vit_b | latency | eager | 1.234 | 2.500 | 200 | 1.00 | ref / 4.4e-03 | 0.12 | 1.3 |" in table
+    assert "| vit_b | latency | eager | 1.234 | 2.500 | 0.457 | 200 | 1.00 | ref / 4.4e-03 | 0.12 | 1.3 |" in table
     assert "set_image of a 720x1280 uint8 frame" in table

@@ -273,22 +273,26 @@ def time_calls(fn, args_list: list, device: torch.device) -> list[float]:
     return times
 
 
-def wall_latencies(fn, args_list: list, device: torch.device, max_s: float = math.inf) -> list[float]:
+def wall_latencies(fn, args_list: list, device: torch.device, max_s: float = math.inf) -> tuple[list[float], list[float]]:
     """Milliseconds of each call of fn(*args), alone: synchronize, wall clock around the call and a
     synchronize after it (what a caller waiting for one result sees: CPU launch work + GPU time + the
-    sync). Stops early once max_s has passed."""
-    times = []
+    sync); and of the same calls until fn returned, before the synchronize (the host's part: Python,
+    launches or a graph replay; on a GPU the kernels run on meanwhile, unless fn waits for them).
+    Stops early once max_s has passed."""
+    times, host_times = [], []
     t_end = time.perf_counter() + max_s
     for args in args_list:
         synchronize(device)
         t0 = time.perf_counter()
         fn(*args)
+        t_host = time.perf_counter()
         synchronize(device)
         t1 = time.perf_counter()
         times.append(1e3 * (t1 - t0))
+        host_times.append(1e3 * (t_host - t0))
         if t1 > t_end:
             break
-    return times
+    return times, host_times
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
