@@ -61,6 +61,13 @@ def eager_decode(model, image_state, prompts, multimask_output, hq_token_only):
                                   multimask_output, hq_token_only)
 
 
+def assert_like_eager(got, expected):
+    """Decoder outputs (logits, scores) against the reference's: same shapes, within 1e-5 of the
+    larger of the reference's largest magnitude and 1."""
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+
+
 KINDS = ["points", "box", "points+box", "mask", "points+mask", "box+mask", "points+box+mask"]
 
 
@@ -72,9 +79,7 @@ def test_padded_decoder_equals_eager(tiny_model, image_state, kind, num, points,
     expected = eager_decode(tiny_model, image_state, prompts, multimask_output, hq_token_only)
     got = PromptDecoder(tiny_model, compile=False)(*image_state, **prompts, multimask_output=multimask_output,
                                                    hq_token_only=hq_token_only)
-    for g, e in zip(got, expected):
-        assert g.shape == e.shape
-        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)  # scores: 1e-5
+    assert_like_eager(got, expected)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
@@ -104,8 +109,7 @@ def test_a_reused_decoder_never_reads_stale_prompt_slots(tiny_model, image_state
     prompts = make_prompts("points", 3, 3, seed=2)
     expected = eager_decode(tiny_model, image_state, prompts, False, False)
     got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+    assert_like_eager(got, expected)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
@@ -123,8 +127,7 @@ def test_weights_loaded_in_place_are_used(tiny_model, image_state, compile):
         model.mask_decoder.transformer.layers[0].self_attn.v_proj.weight.mul_(-1.0)
     expected = eager_decode(model, image_state, prompts, False, False)
     got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+    assert_like_eager(got, expected)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
@@ -146,8 +149,7 @@ def test_weights_assigned_to_the_decoder_are_used(tiny_model, image_state, compi
     expected = eager_decode(model, image_state, prompts, False, False)
     got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
     assert decoder._decode is not compiled
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+    assert_like_eager(got, expected)
 
 
 @pytest.mark.parametrize("num", [1, 3, 0])
@@ -363,8 +365,7 @@ def test_first_image_projections_run_once_per_image(tiny_model, image_state, kin
     got = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
     monkeypatch.undo()
     assert rows == [1 if shared else 16] * 2  # 5 prompts pad to the bucket of 16
-    for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, True, False)):
-        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+    assert_like_eager(got, eager_decode(tiny_model, image_state, prompts, True, False))
 
 
 class FillCounter(TorchDispatchMode):
@@ -407,8 +408,7 @@ def test_a_batch_without_padding_needs_no_staging_buffers(tiny_model, image_stat
     with counter:
         got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
     assert counter.fills == 0
-    for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, False, False)):
-        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+    assert_like_eager(got, eager_decode(tiny_model, image_state, prompts, False, False))
     assert all(torch.equal(decoder._constants[key], t) for key, t in constants.items())
 
 
@@ -422,8 +422,7 @@ def test_given_and_staged_batches_share_a_compiled_shape(tiny_model, image_state
     for num, points in ((3, 3), (4, 4), (4, 3), (3, 3)):
         prompts = make_prompts("points", num, points, seed=points)
         got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
-        for g, e in zip(got, eager_decode(tiny_model, image_state, prompts, False, False)):
-            torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+        assert_like_eager(got, eager_decode(tiny_model, image_state, prompts, False, False))
     assert counter.frame_count == 1
 
 
