@@ -734,6 +734,24 @@ def test_default_graph_mode_on_cuda_gpu(tiny_model):
 
 
 @pytest.mark.gpu
+def test_graphed_decoder_follows_weights_assigned_to_the_decoder_gpu(tiny_model, image_state, tf32_off):
+    """Hand-captured graphs replay the addresses they recorded: after load_state_dict(assign=True)
+    on the mask decoder (new tensors; the model's first weight unchanged) the decoder must bind and
+    capture again, not replay the old weights (kept alive here, so no address can be reused)."""
+    model = copy.deepcopy(tiny_model).cuda()
+    state = tuple(t.cuda() for t in image_state)
+    decoder = PromptDecoder(model)
+    prompts = {k: None if v is None else v.cuda() for k, v in make_prompts("points+box", 2, 2, seed=4).items()}
+    decoder(*state, **prompts, multimask_output=False, hq_token_only=False)
+    old_weights = model.mask_decoder.state_dict()
+    model.mask_decoder.load_state_dict({name: -t for name, t in old_weights.items()}, assign=True)
+    expected = eager_decode(model, state, prompts, False, False)
+    got = decoder(*state, **prompts, multimask_output=False, hq_token_only=False)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", ["trees", "manual"])
 @pytest.mark.parametrize("conv_kernels", [False, True], ids=["inductor_convs", "triton_convs"])
 def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs, conv_kernels, tf32_off):

@@ -375,6 +375,23 @@ def test_graphed_encoder_follows_a_model_cast_gpu(tiny_model):
 
 
 @pytest.mark.gpu
+def test_graphed_encoder_follows_weights_assigned_to_a_block_gpu(tiny_model):
+    """load_state_dict(assign=True) on one block's MLP gives it new weight tensors and leaves the
+    model's first weight as it was: the encoder must be captured again, not replayed on the old ones."""
+    model = apply_fused_backend(copy.deepcopy(tiny_model).cuda())
+    graphed = GraphedEncoder(model)
+    images = torch.randn(1, 3, 256, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    graphed(images)
+    mlp = model.image_encoder.blocks[-1].mlp
+    old_weights = mlp.state_dict()  # kept alive: no new tensor can take an old one's address
+    mlp.load_state_dict({name: 2 * t for name, t in old_weights.items()}, assign=True)
+    with torch.inference_mode():
+        expected = model.encode_image(images)
+    for g, e in zip(graphed(images), expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
 def test_predictor_with_encoder_graphs_gpu(tiny_checkpoints):
     """SamHQPredictor(encoder_graphs=True) gives what the plain predictor gives, for frames that
     alternate through one graph (a stale replay would repeat the previous frame's masks) and for a
