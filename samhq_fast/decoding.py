@@ -15,7 +15,9 @@ once (`PackedWeights`) let the IoU head and the five hypernetwork MLPs run as th
 (`packed_two_way_transformer`), the output upscaling's transposed convolutions run as matmuls
 (`upscaled_by_matmuls`), the HQ token's dot is folded into the last
 convolution (`folded_hq_masks`: a 32x smaller convolution), without mask prompts one image's
-tokens enter the two-way transformer once for all its prompts (`embed_padded_prompts`), and the
+tokens enter the two-way transformer once for all its prompts (`embed_padded_prompts`), and what
+the transformer does before any prompt token is read (`image_side`) is done once per image, not per
+call (`PromptDecoder.prepare_images`), and the
 output rule (multimask_output, hq_token_only) picks the SAM token before its mask is computed, inside
 the compiled function (the flags are tensors: one graph serves every combination). On CUDA the
 compiled function runs as CUDA graphs, one per bucket shape (hand-captured ones, or Inductor's
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import fused_available, triton_conv_taps
-from .graphs import GraphCache, WeightsWatch, write_versions
+from .graphs import GraphCache, WeightsWatch, write_version, write_versions
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ
 from .modeling.prompt_encoder import prompt_count
@@ -188,12 +190,32 @@ def stacked_output_mlps(packed: PackedWeights, output_tokens: torch.Tensor) -> t
     return x.transpose(0, 1)
 
 
-def packed_two_way_transformer(transformer: TwoWayTransformer, packed: PackedWeights, image, image_pe, tokens, token_mask=None):
-    """`transformer(image, image_pe, tokens, token_mask)` with the projections that read one input
-    run as one matmul each (`packing_recipes`): per block, self-attention's q and k (and v in the
-    first block), and the image side's token-to-image keys with the image-to-token queries. Same
-    shapes in and out as the module's forward."""
-    keys = image.flatten(2).transpose(1, 2)  # [B or 1, hw, C]
+def image_projections(transformer: TwoWayTransformer, packed: PackedWeights, i: int, keys, key_pe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block i's projections of the image tokens keys [B, hw, C] (positional encoding key_pe [1, hw, C])
+    -> (its token-to-image keys | image-to-token queries [B, hw, 2 C'], one packed matmul; its
+    token-to-image values [B, hw, C'])."""
+    weight, bias = packed[f"layers.{i}.image.weight"], packed[f"layers.{i}.image.bias"]
+    return F.linear(keys + key_pe, weight, bias), transformer.layers[i].cross_attn_token_to_image.v_proj(keys)
+
+
+def image_side(transformer: TwoWayTransformer, packed: PackedWeights, image, image_pe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two-way transformer's work that reads no prompt token: the image tokens and the first
+    block's projections of them (`image_projections`). Without mask prompts, its input is one
+    image's embeddings plus the no-mask embedding for all its prompts: done once per image
+    (`PromptDecoder.prepare_images`), not once per call.
+
+    image [B, C, G, G] (image embeddings + dense prompt embeddings), image_pe [1, C, G, G]
+    -> (keys [B, G*G, C], projections [B, G*G, 2 C'], values [B, G*G, C'])."""
+    keys = image.flatten(2).transpose(1, 2)
+    return keys, *image_projections(transformer, packed, 0, keys, image_pe.flatten(2).transpose(1, 2))
+
+
+def packed_two_way_transformer(transformer: TwoWayTransformer, packed: PackedWeights, side, image_pe, tokens, token_mask=None):
+    """`transformer(image, image_pe, tokens, token_mask)` from `image_side(transformer, packed, image,
+    image_pe)`, with the projections that read one input run as one matmul each (`packing_recipes`):
+    per block, self-attention's q and k (and v in the first block), and the image side's
+    token-to-image keys with the image-to-token queries. Same outputs as the module's forward."""
+    keys, projections, values = side  # [B or 1, hw, C], the first block's [B or 1, hw, 2 C'] and [B or 1, hw, C']
     key_pe = image_pe.flatten(2).transpose(1, 2)
     queries = tokens
     for i, layer in enumerate(transformer.layers):
@@ -206,9 +228,10 @@ def packed_two_way_transformer(transformer: TwoWayTransformer, packed: PackedWei
             q, k = F.linear(queries + tokens, weight, bias).split(self_attn.q_proj.out_features, dim=-1)
             queries = queries + self_attn.attend(q, k, self_attn.v_proj(queries), token_mask)
         queries = layer.norm1(queries)
-        weight, bias = packed[f"layers.{i}.image.weight"], packed[f"layers.{i}.image.bias"]
-        image_keys, image_queries = F.linear(keys + key_pe, weight, bias).split(to_image.k_proj.out_features, dim=-1)
-        queries = layer.norm2(queries + to_image.attend(to_image.q_proj(queries + tokens), image_keys, to_image.v_proj(keys)))
+        if i > 0:  # the first block's came with the image side
+            projections, values = image_projections(transformer, packed, i, keys, key_pe)
+        image_keys, image_queries = projections.split(to_image.k_proj.out_features, dim=-1)
+        queries = layer.norm2(queries + to_image.attend(to_image.q_proj(queries + tokens), image_keys, values))
         queries = layer.norm3(queries + layer.mlp(queries))
         attended = to_tokens.attend(image_queries, to_tokens.k_proj(queries + tokens), to_tokens.v_proj(queries), token_mask)
         keys = layer.norm4(keys + attended)
@@ -288,26 +311,46 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
     return masks.reshape(p, 1, h * w) + hyper_hq[:, None] @ hq_features.flatten(2)
 
 
-def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_index, coords, labels, boxes, token_bias, masks, has_mask,
-                  multimask_output, hq_token_only, *, packed: PackedWeights, conv_taps=None):
+def joined_image_side(transformer: TwoWayTransformer, packed: PackedWeights, image, image_pe) -> torch.Tensor:
+    """`image_side` as one tensor [B, G*G, C + 3 C'] (one argument of the compiled decoder, one gather per prompt)."""
+    return torch.cat(image_side(transformer, packed, image, image_pe), dim=-1)
+
+
+def split_image_side(transformer: TwoWayTransformer, joined: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`joined_image_side`'s output -> `image_side`'s three parts (views)."""
+    inner = transformer.layers[0].cross_attn_token_to_image.v_proj.out_features
+    return joined.split([joined.shape[-1] - 3 * inner, 2 * inner, inner], dim=-1)
+
+
+def decode_padded(model: SamHQ, image_embeddings, joined_side, image_pe, hq_features, image_index, coords, labels, boxes, token_bias, masks,
+                  has_mask, multimask_output, hq_token_only, *, packed: PackedWeights, conv_taps=None):
     """-> the mask logits [P, 1, 4G, 4G] and IoU scores [P, 1] that the output rule (`select_masks`)
     picks, the eager decoder's, computed with less work (see the module docstring).
 
-    image_embeddings [B, 256, G, G] / hq_features [B, 32, 4G, 4G] of B images; image_index [P] (long)
-    says which image each prompt reads, or None when B = 1 (broadcast, no per-prompt copy).
+    The images: without mask prompts (masks None), joined_side [B, G*G, C + 3 C']
+    (`joined_image_side` of each image plus the no-mask embedding: the same for all its prompts,
+    computed once per image) and image_embeddings None; with mask prompts, whose dense embeddings
+    differ per prompt, image_embeddings [B, 256, G, G] and joined_side None. hq_features [B, 32, 4G, 4G]
+    of the same B images; image_index [P] (long) says which image each prompt reads, or None when
+    B = 1 (broadcast, no per-prompt copy).
     token_bias [P, token_bias_columns(K)] (model dtype): 0 in the columns of real tokens
     (`real_token_columns`), -inf elsewhere. multimask_output, hq_token_only: 0-dim bool tensors, so
     that one compiled graph serves every combination of the two. packed: the decoder's packed
     weights, kept fresh by the caller (`PackedWeights.refresh`). conv_taps: see `folded_hq_masks`."""
+    decoder = model.mask_decoder
     if image_index is not None:
-        image_embeddings, hq_features = image_embeddings[image_index], hq_features[image_index]
+        hq_features = hq_features[image_index]
     sparse, dense = embed_padded_prompts(model, coords, labels, boxes, masks, has_mask)
+    if masks is None:
+        side = split_image_side(decoder.transformer, joined_side if image_index is None else joined_side[image_index])
+    else:
+        image = image_embeddings if image_index is None else image_embeddings[image_index]
+        side = image_side(decoder.transformer, packed, image + dense, image_pe)
     # [P, 1, 1, 6 + K + 3], a view whose rows keep their aligned pitch (SDPA reads it in place)
     token_mask = token_bias.view(token_bias.shape[0], 1, 1, -1)[..., : OUTPUT_TOKENS + sparse.shape[1]]
-    decoder = model.mask_decoder
-    upscale = functools.partial(upscaled_by_matmuls, decoder.output_upscaling)
-    transformer = functools.partial(packed_two_way_transformer, decoder.transformer, packed)
-    output_tokens, upscaled_sam = decoder.decode_tokens(image_embeddings, image_pe, sparse, dense, token_mask, upscale, transformer)
+    hs, keys = packed_two_way_transformer(decoder.transformer, packed, side, image_pe, decoder.prompt_tokens(sparse), token_mask)
+    output_tokens = hs[:, :OUTPUT_TOKENS]
+    upscaled_sam = upscaled_by_matmuls(decoder.output_upscaling, keys.reshape(sparse.shape[0], *image_pe.shape[-2:], keys.shape[-1]))
     outputs = stacked_output_mlps(packed, output_tokens)  # [P, 6, 32]
     iou, hyper = outputs[:, 0, : decoder.num_mask_tokens], outputs[:, 1:]  # [P, 4], [P, 5, 32]
     # The output rule before the masks: the IoU scores do not depend on them, so only the chosen SAM
@@ -319,6 +362,31 @@ def decode_padded(model: SamHQ, image_embeddings, image_pe, hq_features, image_i
     hq = folded_hq_masks(decoder, upscaled_sam, hq_features, hyper[:, 4], conv_taps)  # [P, 1, 16 G^2]
     logits = torch.where(hq_token_only, hq, sam_masks + hq)
     return logits.view(-1, 1, *upscaled_sam.shape[-2:]), iou.gather(1, token)
+
+
+class PreparedImages:
+    """B images as the decoder reads them (`PromptDecoder.prepare_images`): their embeddings
+    [B, 256, G, G] and HQ features [B, 32, 4G, 4G] as given, their `joined_image_side` with the
+    no-mask embedding [B, G*G, C + 3 C'], and what that was made from (weights' and images' write
+    versions)."""
+
+    def __init__(self, embeddings: torch.Tensor, hq_features: torch.Tensor, joined_side: torch.Tensor, made_from: tuple):
+        self.embeddings, self.hq_features, self.joined_side, self.made_from = embeddings, hq_features, joined_side, made_from
+        self._single: dict[int, tuple] = {}
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embeddings, joined side, HQ features) of all B images."""
+        return self.embeddings, self.joined_side, self.hq_features
+
+    def image(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`tensors` of image i alone (batch 1): views made once, so that the CUDA graphs, which skip
+        copying a tensor they were given last time, get the same ones every call."""
+        if len(self.embeddings) == 1:
+            return self.tensors
+        if i not in self._single:
+            self._single[i] = tuple(t[i : i + 1] for t in self.tensors)
+        return self._single[i]
 
 
 def as_decoder_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -363,6 +431,8 @@ class PromptDecoder:
       CUDA model, or the interpreter).
     Shapes compiled: one per (prompt bucket, point bucket, images set, whether any prompt has a mask);
     each compiles on its first call.
+    Per-image work is kept for the last images given (`prepare_images`): calls on the same
+    embeddings and HQ feature tensors skip it, and their graph replays copy in only the prompts.
     """
 
     GRAPH_MODES = (None, False, True, "trees", "manual")
@@ -417,7 +487,15 @@ class PromptDecoder:
         self.compiled = compile
         self._encode_dense_pe()
         self._decode = fn
-        self._graphs = GraphCache(fn) if graphs == "manual" else None
+        # The image arguments (embeddings, image side, positional encoding, HQ features) come from
+        # `PreparedImages` or the decoder itself, which never write them: a replay copies in only prompts.
+        self._graphs = GraphCache(fn, kept_positions=(0, 1, 2, 3)) if graphs == "manual" else None
+        self._images = None  # the last PreparedImages: image sides made with these weights
+        # What an image side is computed from besides the image: the first block's image projections
+        # and the no-mask embedding (the positional encoding is a new tensor when it changes)
+        first = model.mask_decoder.transformer.layers[0]
+        side_modules = (first.cross_attn_token_to_image.k_proj, first.cross_attn_image_to_token.q_proj, first.cross_attn_token_to_image.v_proj)
+        self._side_sources = [t for m in side_modules for t in (m.weight, m.bias)] + [model.prompt_encoder.no_mask_embed.weight]
         self._shapes_seen, self._uncompiled_shapes = set(), set()
         self._constants = {}  # (role, shape, fill) -> a tensor of the model's device, never written
 
@@ -431,6 +509,41 @@ class PromptDecoder:
         """image_pe [1, 256, G, G], the same for every call, and the basis version it comes from."""
         self._pe_version = self._basis_version()
         self.image_pe = self.model.prompt_encoder.get_dense_pe()
+        self._images = None  # their image sides read the old one
+
+    @torch.inference_mode()
+    def prepare_images(self, image_embeddings: torch.Tensor, hq_features: torch.Tensor) -> "PreparedImages":
+        """The decoder's per-image work on these images, done now (SamHQPredictor.set_image calls it)
+        rather than in the first decoder call: `image_side` of each image with the no-mask
+        embedding. Calls given these same tensors again reuse it, until the decoder's weights or the
+        tensors themselves are written (tensors that track versions: an inference-mode tensor written
+        in place under inference mode is not noticed; give a new tensor then). Their CUDA-graph
+        replays copy in the prompts alone (`graphs.GraphCache`'s kept positions).
+        image_embeddings [B, 256, G, G], hq_features [B, 32, 4G, 4G] (the model's dtype and device)."""
+        return self._prepared_images(image_embeddings, hq_features)
+
+    def _prepared_images(self, image_embeddings: torch.Tensor, hq_features: torch.Tensor) -> "PreparedImages":
+        """`prepare_images` (under inference mode), after bringing everything that depends on the
+        weights up to date."""
+        if self._weights.changed():
+            self._bind()
+        if self._basis_version() != self._pe_version:
+            self._encode_dense_pe()
+        self._packed.refresh()
+        made_from = (write_versions(self._side_sources), write_version(image_embeddings), write_version(hq_features))
+        images = self._images
+        if images is None or images.embeddings is not image_embeddings or images.hq_features is not hq_features or images.made_from != made_from:
+            no_mask = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the dense embedding without a mask prompt
+            side = joined_image_side(self.model.mask_decoder.transformer, self._packed, image_embeddings + no_mask, self.image_pe)
+            self._images = images = PreparedImages(image_embeddings, hq_features, side, made_from)
+        return images
+
+    def forget_images(self) -> None:
+        """Drops what the decoder keeps of the last images it was given (their prepared image side,
+        the graphs' hold on their tensors): memory, when they are done with."""
+        self._images = None
+        if self._graphs is not None:
+            self._graphs.forget_kept()
 
     def _constant(self, role: str, shape: tuple, dtype: torch.dtype, fill) -> torch.Tensor:
         """A tensor of `shape` all `fill`, made once per role and shape: the padded batch's parts that
@@ -512,8 +625,8 @@ class PromptDecoder:
 
     def _run(self, *args):
         """decode_padded(model, *args) through the compiled function / its graphs."""
-        image_embeddings, _, _, image_index, coords, _, _, _, masks, _, _, _ = args
-        shape = (coords.shape[0], coords.shape[1], image_embeddings.shape[0], image_index is None, masks is not None)
+        _, _, _, hq_features, image_index, coords, _, _, _, masks, _, _, _ = args
+        shape = (coords.shape[0], coords.shape[1], hq_features.shape[0], image_index is None, masks is not None)
         call = self._decode if self._graphs is None else (lambda *a: self._graphs(shape, *a))  # noqa: E731
         if not self.compiled:
             return call(*args)
@@ -564,6 +677,7 @@ class PromptDecoder:
         (image index < B, point_coords [N, K, 2] | None, point_labels [N, K] | None, boxes [N, 4] | None,
         mask_input [N, 1, 4G, 4G] | None) in the input frame; N (0 too) and K may differ between sets.
         -> per set, (logits [N, 1, 4G, 4G], scores [N, 1]), as `__call__` on that set's image alone.
+        The per-image work is done on the first call given these tensors (or by `prepare_images`).
         """
         images = {prompt[0] for prompt in prompt_sets}
         if not all(isinstance(i, int) and 0 <= i < image_embeddings.shape[0] for i in images):
@@ -571,17 +685,12 @@ class PromptDecoder:
         counts = [prompt_count(coords, boxes, masks) for _, coords, _, boxes, masks in prompt_sets]
         if not any(counts):  # nothing to decode (e.g. frames without detections): no graph replay
             return [no_prompt_outputs(hq_features) for _ in prompt_sets]
-        if self._weights.changed():
-            self._bind()
-        if self._basis_version() != self._pe_version:
-            self._encode_dense_pe()
-        self._packed.refresh()
+        prepared = self._prepared_images(image_embeddings, hq_features)  # (kept from an earlier call on these images)
         decoded_sets = [(prompt, n) for prompt, n in zip(prompt_sets, counts) if n]  # sets with N = 0 take no rows
         images = {prompt[0] for prompt, _ in decoded_sets}
         one_image = len(images) == 1
-        if one_image and image_embeddings.shape[0] > 1:  # broadcast its features, no per-prompt index
-            one = images.pop()
-            image_embeddings, hq_features = image_embeddings[one : one + 1], hq_features[one : one + 1]
+        # one image of several: its own tensors, broadcast over its prompts (no per-prompt index)
+        image_embeddings, joined_side, hq_features = prepared.image(images.pop()) if one_image else prepared.tensors
         most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt, _ in decoded_sets)
         k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
         rows = padded_rows(sum(counts))
@@ -591,12 +700,13 @@ class PromptDecoder:
         output_rule = (self._constant("multimask_output", (), torch.bool, bool(multimask_output)),
                        self._constant("hq_token_only", (), torch.bool, bool(hq_token_only)))
         padded = (index, coords, labels, box, token_bias, masks, has_mask)
+        image_args = (image_embeddings, None) if any_mask else (None, joined_side)  # see decode_padded
         chunk_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for chunk_start in range(0, rows, PROMPT_BUCKETS[-1]):
             chunk = slice(chunk_start, min(chunk_start + PROMPT_BUCKETS[-1], rows))  # a bucket size, by padded_rows
             # One chunk (up to 256 rows) is the whole batch: no views, which cost host time on every call.
             chunk_index, *chunk_prompts = padded if rows <= PROMPT_BUCKETS[-1] else (None if t is None else t[chunk] for t in padded)
-            chunk_logits, chunk_scores = self._run(image_embeddings, self.image_pe, hq_features, chunk_index, *chunk_prompts, *output_rule)
+            chunk_logits, chunk_scores = self._run(*image_args, self.image_pe, hq_features, chunk_index, *chunk_prompts, *output_rule)
             real = total - chunk_start  # padding rows only in the last chunk
             if real < chunk_logits.shape[0]:
                 chunk_logits, chunk_scores = chunk_logits[:real], chunk_scores[:real]

@@ -88,6 +88,12 @@ def write_versions(tensors: list[torch.Tensor]) -> tuple | None:
         return None
 
 
+def write_version(tensor: torch.Tensor) -> int | None:
+    """One tensor's `write_versions` (None for an inference tensor), without raising: cheaper per
+    call for tensors that are often inference tensors (image features made under inference mode)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def copy_into(buffers: list, sources) -> None:
     """buffer.copy_(source) for every buffer that is not None, as one multi-tensor copy per dtype
     (a launch each, not one per tensor: the prompt decoder's graphs take a dozen small inputs)."""
@@ -109,25 +115,47 @@ class GraphCache:
     graph of one cache shares one memory pool, and graphs whose arguments at one position have the
     same shape, dtype and strides read them from one static buffer (the prompt decoder's graphs of
     every prompt and point bucket share one copy of the image features, not one each).
+    kept_positions: argument positions whose tensors the caller does not write once given, other
+    than in ways that bump their version counter (inference tensors: not at all), e.g. per-image
+    features given again for every prompt: the same tensor given again is not copied again into a
+    buffer that still holds it.
     The first call per key runs fn `warmup` times on a side stream before the capture, so lazy
     work (Triton compiles and autotuning, torch.compile, cuBLAS workspaces) happens outside it.
     """
 
-    def __init__(self, fn: Callable, warmup: int = 2):
-        self.fn, self.warmup = fn, warmup
+    def __init__(self, fn: Callable, warmup: int = 2, kept_positions: tuple[int, ...] = ()):
+        self.fn, self.warmup, self.kept_positions = fn, warmup, frozenset(kept_positions)
         self.graphs = {}  # key -> (graph, static args, static outputs)
         self.input_buffers: dict[tuple, torch.Tensor] = {}  # (position, shape, dtype, strides) -> the static buffer graphs read there
+        self._held: dict[int, tuple] = {}  # id(buffer) at a kept position -> (the tensor it holds a copy of, its write version)
         self.pool = None
 
     def __call__(self, key: Hashable, *args):
         # Streams, pools and captures belong to the current device: make it the inputs' (cuda:1 too).
         with torch.cuda.device(next(arg.device for arg in args if arg is not None)):
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(args)
-            graph, static_args, outputs = self.graphs[key]
-            copy_into(static_args, args)
+            if key in self.graphs:
+                graph, static_args, outputs = self.graphs[key]
+                self._copy_in(static_args, args)
+            else:  # (the capture copies args in, and records the graph without running it)
+                graph, static_args, outputs = self.graphs[key] = self._capture(args)
             graph.replay()
         return outputs
+
+    def _copy_in(self, static_args: list, args) -> None:
+        """Copies args into the static buffers, but for kept positions' tensors that a buffer holds already."""
+        buffers, sources = [], []
+        for position, (buffer, arg) in enumerate(zip(static_args, args)):
+            if buffer is None:
+                continue
+            if position in self.kept_positions:
+                version = write_version(arg)
+                held, held_version = self._held.get(id(buffer), (None, None))
+                if held is arg and held_version == version:
+                    continue
+                self._held[id(buffer)] = arg, version  # keeps arg alive: no other tensor can take its id
+            buffers.append(buffer)
+            sources.append(arg)
+        copy_into(buffers, sources)
 
     def _capture(self, args) -> tuple:
         if self.pool is None:
@@ -135,7 +163,7 @@ class GraphCache:
         static_args = [None if arg is None else self._input_buffer(i, arg) for i, arg in enumerate(args)]
         # A shared buffer holds an earlier call's values (another graph's inputs): the warm-up runs
         # must see this call's (an image index valid for more images would read out of bounds).
-        copy_into(static_args, args)
+        self._copy_in(static_args, args)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -153,13 +181,18 @@ class GraphCache:
         in before the replay, and a capture before its warm-up runs)."""
         key = (position, tuple(arg.shape), arg.dtype, arg.stride())
         if key not in self.input_buffers:
-            self.input_buffers[key] = arg.clone()  # clone keeps the strides of a dense tensor
+            self.input_buffers[key] = torch.empty_like(arg)  # empty_like keeps the strides of a dense tensor; filled by the copy in
         return self.input_buffers[key]
+
+    def forget_kept(self) -> None:
+        """Drop the references to the tensors kept positions last held (the next call copies them in)."""
+        self._held.clear()
 
     def clear(self) -> None:
         """Drop every graph, its input buffers and the memory pool."""
         self.graphs.clear()
         self.input_buffers.clear()
+        self.forget_kept()
         self.pool = None
 
 

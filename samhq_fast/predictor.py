@@ -121,6 +121,8 @@ class SamHQPredictor:
 
     def reset_image(self) -> None:
         """Forget the current image(s) and their features."""
+        if self._prompt_decoder is not None:
+            self._prompt_decoder.forget_images()
         self.is_image_set = False
         self.features = None  # [B, 256, G, G] (B = 1 after set_image)
         self.hq_features = None  # [B, 32, 4G, 4G], computed once per image
@@ -248,6 +250,14 @@ class SamHQPredictor:
         if len(self.original_sizes) == 1:
             self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
         self.is_image_set = True
+        self._prepare_decoder()
+
+    def _prepare_decoder(self) -> None:
+        """On the fused backend, the compiled decoder's per-image work on the images set, done once,
+        here rather than in the first predict (`PromptDecoder.prepare_images`)."""
+        current = self.is_image_set and (self.features.dtype, self.features.device) == (self.model.dtype, self.model.device)
+        if self.model.backend == "fused" and current:  # (a model cast since set_image: predict says so)
+            self._fused_decoder().prepare_images(self.features, self.hq_features)
 
     @torch.inference_mode()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
@@ -302,6 +312,9 @@ class SamHQPredictor:
                     prompt_sets = [(i, torch.zeros(m, k, 2, device=self.device), torch.ones(m, k, dtype=torch.int64, device=self.device),
                                     None, None) for i, m in enumerate(per_image)]
                     self._fused_decoder().decode_images(features, hq_features, prompt_sets, False, False)
+        if self._prompt_decoder is not None:  # it holds the blank images: back to the ones set
+            self._prompt_decoder.forget_images()
+            self._prepare_decoder()
 
     def get_image_embedding(self) -> torch.Tensor:
         """Image embeddings [B, 256, G, G] of the images set (B = 1 after set_image; G = 64 for a 1024

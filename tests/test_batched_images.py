@@ -168,7 +168,7 @@ def test_fused_predict_batch_is_one_padded_decoder_call(tiny_model, photos, sing
     fused.set_images(photos)
     calls = []
     run = fused._prompt_decoder._decode
-    fused._prompt_decoder._decode = lambda *args: calls.append(args[4].shape[0]) or run(*args)
+    fused._prompt_decoder._decode = lambda *args: calls.append(args[5].shape[0]) or run(*args)
     prompts = mixed_prompts(singles)
     results = fused.predict_batch(prompts, return_logits=True)
     assert calls == [16]  # 7 prompts -> the 16-prompt bucket, one call
@@ -258,10 +258,11 @@ NO_PROMPTS = {
 
 
 def refuse_decoding(model, monkeypatch) -> None:
-    """Both decoder paths run mask_decoder.decode_tokens: make any call to it fail the test."""
+    """Both decoder paths make the two-way transformer's tokens with mask_decoder.prompt_tokens: make
+    any call to it fail the test."""
     def decode(*args, **kwargs):
         raise AssertionError("the mask decoder ran for no prompts")
-    monkeypatch.setattr(model.mask_decoder, "decode_tokens", decode)
+    monkeypatch.setattr(model.mask_decoder, "prompt_tokens", decode)
 
 
 @pytest.mark.parametrize("kind", list(NO_PROMPTS))

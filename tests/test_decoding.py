@@ -5,6 +5,7 @@ every attention over prompt tokens. The compiled decoder must not recompile whil
 counts stay within their buckets.
 """
 
+import contextlib
 import copy
 import json
 import warnings
@@ -61,11 +62,11 @@ def eager_decode(model, image_state, prompts, multimask_output, hq_token_only):
                                   multimask_output, hq_token_only)
 
 
-def assert_like_eager(got, expected):
-    """Decoder outputs (logits, scores) against the reference's: same shapes, within 1e-5 of the
+def assert_like_eager(got, expected, atol: float = 1e-5):
+    """Decoder outputs (logits, scores) against the reference's: same shapes, within atol of the
     larger of the reference's largest magnitude and 1."""
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, atol=1e-5 * max(e.abs().max().item(), 1.0), rtol=0)
+        torch.testing.assert_close(g, e, atol=atol * max(e.abs().max().item(), 1.0), rtol=0)
 
 
 KINDS = ["points", "box", "points+box", "mask", "points+mask", "box+mask", "points+box+mask"]
@@ -205,7 +206,8 @@ def test_packed_transformer_equals_the_module(tiny_model, num, image_batch, mask
             packed.refresh()
         with torch.inference_mode():
             expected = transformer(image, image_pe, tokens, token_mask)
-            got = decoding.packed_two_way_transformer(transformer, packed, image, image_pe, tokens, token_mask)
+            side = decoding.image_side(transformer, packed, image, image_pe)
+            got = decoding.packed_two_way_transformer(transformer, packed, side, image_pe, tokens, token_mask)
         for g, e in zip(got, expected):
             assert g.shape == e.shape
             torch.testing.assert_close(g, e, atol=1e-10 * e.abs().max().item(), rtol=0)
@@ -343,29 +345,105 @@ def test_query_batches_attend_to_shared_keys_as_one_batch(masked, monkeypatch):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind, shared", [("points+box", True), ("box+mask", False)])
-def test_first_image_projections_run_once_per_image(tiny_model, image_state, kind, shared, monkeypatch):
-    """Without mask prompts every prompt's dense embedding is the same, so (one image) the first
-    block's projections of the image tokens (token-to-image keys and image-to-token queries, one
-    packed matmul; token-to-image values) run on one image, not on each of the 5 prompts; with mask
-    prompts they run per prompt. Either way the outputs are the eager decoder's."""
-    decoder = PromptDecoder(tiny_model, compile=False)
-    block = tiny_model.mask_decoder.transformer.layers[0]
-    image_weights = (decoder._packed["layers.0.image.weight"], block.cross_attn_token_to_image.v_proj.weight)
-    rows = []
+@contextlib.contextmanager
+def recorded_image_projections(decoder: PromptDecoder, rows: list):
+    """Appends to rows the batch size of every matmul of the first block's image projections
+    (`decoding.image_projections`: the packed token-to-image keys | image-to-token queries, the
+    token-to-image values) that the (uncompiled) decoder runs inside the block."""
+    block = decoder.model.mask_decoder.transformer.layers[0]
+    weights = (decoder._packed["layers.0.image.weight"], block.cross_attn_token_to_image.v_proj.weight)
     linear = torch.nn.functional.linear
 
     def recording_linear(x, weight, bias=None):
-        if any(weight is w for w in image_weights):
+        if any(weight is w for w in weights):
             rows.append(x.shape[0])
         return linear(x, weight, bias)
 
-    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
-    prompts = make_prompts(kind, 5, 2, seed=6)
-    got = decoder(*image_state, **prompts, multimask_output=True, hq_token_only=False)
-    monkeypatch.undo()
-    assert rows == [1 if shared else 16] * 2  # 5 prompts pad to the bucket of 16
-    assert_like_eager(got, eager_decode(tiny_model, image_state, prompts, True, False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "linear", recording_linear)
+        yield
+
+
+def test_the_image_side_is_computed_once_per_image(tiny_model):
+    """Without mask prompts every prompt's dense embedding is the same, so the first block's
+    projections of the image tokens run once per image, when it is prepared, and in no decoder call
+    on it after; with mask prompts they run per prompt, in the call. They run again, on one image,
+    after a weight they read or the image embeddings are written in place, and for new embeddings.
+    The outputs are always the eager decoder's."""
+    model = copy.deepcopy(tiny_model)
+    embeddings, hq_features = encoded_images(model, 1, seed=4)
+    embeddings = embeddings.clone()  # a tensor that tracks its writes (not an inference tensor)
+    decoder = PromptDecoder(model, compile=False)
+    block = model.mask_decoder.transformer.layers[0]
+    rows = []
+
+    def decode_and_check(kind):
+        prompts = make_prompts(kind, 5, 2, seed=6)
+        with recorded_image_projections(decoder, rows):
+            got = decoder(embeddings, hq_features, **prompts, multimask_output=True, hq_token_only=False)
+        assert_like_eager(got, eager_decode(model, (embeddings, hq_features), prompts, True, False))
+
+    with recorded_image_projections(decoder, rows):
+        decoder.prepare_images(embeddings, hq_features)
+    assert rows == [1, 1]
+    for kind in ("points+box", "box", "points+box"):
+        decode_and_check(kind)
+    assert rows == [1, 1]
+    decode_and_check("box+mask")
+    assert rows == [1, 1] + [16, 16]  # 5 prompts pad to the bucket of 16
+    rows.clear()
+    with torch.no_grad():
+        block.cross_attn_token_to_image.v_proj.bias.add_(0.25)
+        model.prompt_encoder.no_mask_embed.weight.mul_(-2)
+    decode_and_check("points+box")
+    assert rows == [1, 1]
+    with torch.inference_mode():
+        embeddings[:, :, :2] *= 3  # version counters tick under inference mode too
+    decode_and_check("box")
+    assert rows == [1, 1] * 2
+    embeddings = embeddings.clone()
+    decode_and_check("box")
+    decode_and_check("points+box")
+    assert rows == [1, 1] * 3
+
+
+def test_the_predictor_prepares_the_decoder_at_set_image(tiny_model, monkeypatch):
+    """On the fused backend set_image / set_images do the decoder's per-image work (the first block's
+    image projections), so predict and predict_batch run none of it, and give the eager predictor's
+    masks; features replaced by hand are prepared again, once."""
+    fused = SamHQPredictor(apply_fused_backend(copy.deepcopy(tiny_model)))
+    fused._prompt_decoder = decoder = PromptDecoder(fused.model, compile=False)
+    monkeypatch.setattr(fused, "_encode", tiny_model.encode_image)  # (the eager encoder: the interpreter's is slow)
+    eager = SamHQPredictor(tiny_model)
+    photos = [make_photo(60, 90, seed=3), make_photo(50, 40, seed=4)]
+    boxes = np.array([[5.0, 5.0, 30.0, 40.0], [20.0, 10.0, 35.0, 30.0]])
+    rows = []
+    with recorded_image_projections(decoder, rows):
+        fused.set_image(photos[0])
+    assert rows == [1, 1]
+    eager.set_image(photos[0])
+    for multimask_output in (False, True):
+        with recorded_image_projections(decoder, rows):
+            got = fused.predict(box=boxes, multimask_output=multimask_output, return_logits=True)
+        expected = eager.predict(box=boxes, multimask_output=multimask_output, return_logits=True)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, atol=1e-5 * max(np.abs(e).max(), 1), rtol=0)
+    assert rows == [1, 1]
+    with recorded_image_projections(decoder, rows):
+        fused.set_images(photos)
+        got = fused.predict_batch([dict(box=boxes[0]), dict(box=boxes)], return_logits=True)  # both images' prompts
+        got += fused.predict_batch([{}, dict(box=boxes)], return_logits=True)  # one image of two
+    assert rows == [1, 1] + [2, 2]
+    eager.set_images(photos)
+    expected = eager.predict_batch([dict(box=boxes[0]), dict(box=boxes)], return_logits=True) + eager.predict_batch([{}, dict(box=boxes)], return_logits=True)
+    for got_image, expected_image in zip(got, expected):
+        for g, e in zip(got_image, expected_image):
+            np.testing.assert_allclose(g, e, atol=1e-5 * max(np.abs(e).max(), 1), rtol=0)
+    fused.features = fused.features.clone()
+    with recorded_image_projections(decoder, rows):
+        fused.predict_batch([dict(box=boxes[0]), {}])
+        fused.predict_batch([dict(box=boxes[1]), {}])
+    assert rows == [1, 1] + [2, 2] + [2, 2]
 
 
 class FillCounter(TorchDispatchMode):
@@ -441,7 +519,7 @@ def test_padded_point_slots_are_invisible(tiny_model, image_state):
         for columns in decoding.real_token_columns(5, 5 if padded_slots_are_points else 3, box=False):
             token_bias[:, columns] = 0
         with torch.inference_mode():
-            got, _ = decoding.decode_padded(tiny_model, embeddings, tiny_model.prompt_encoder.get_dense_pe(), hq_features,
+            got, _ = decoding.decode_padded(tiny_model, embeddings, None, tiny_model.prompt_encoder.get_dense_pe(), hq_features,
                                             None, coords, labels, torch.zeros(2, 4), token_bias,
                                             torch.zeros(2, 1, 4 * G, 4 * G), no_mask, torch.tensor(False), torch.tensor(True),
                                             packed=decoding.PackedWeights(tiny_model.mask_decoder))
@@ -624,7 +702,7 @@ def test_decode_images_equals_one_image_at_a_time(tiny_model, two_images_state, 
     decoder = PromptDecoder(tiny_model, compile=False)
     calls = []
     run = decoder._decode
-    decoder._decode = lambda *args: calls.append(args[4].shape[0]) or run(*args)
+    decoder._decode = lambda *args: calls.append(args[5].shape[0]) or run(*args)
     prompt_sets = [(image, *prompts.values()) for image, prompts in sets]
     for flags in ((True, False), (False, True)):
         calls.clear()
@@ -652,7 +730,7 @@ def test_decode_images_of_one_image_broadcasts(tiny_model, two_images_state):
     decoder = PromptDecoder(tiny_model, compile=False)
     seen = []
     run = decoder._decode
-    decoder._decode = lambda *args: seen.append((args[0].shape[0], args[3], args[4].shape[1])) or run(*args)
+    decoder._decode = lambda *args: seen.append((args[1].shape[0], args[4], args[5].shape[1])) or run(*args)
     prompts = make_prompts("box", 2, 1, seed=4)
     no_prompts = make_prompts("points+box", 0, 20)
     (logits, _), (no_logits, no_scores) = decoder.decode_images(embeddings, hq_features, [(1, *prompts.values()), (0, *no_prompts.values())], True, False)
@@ -772,6 +850,32 @@ def test_graphed_decoder_matches_eager_gpu(tiny_model, image_state, cuda_graphs,
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=0)
     assert_graphs_not_skipped()
+
+
+@pytest.mark.gpu
+def test_graphed_decoder_reads_each_call_s_image_gpu(tiny_model, two_images_state, tf32_off):
+    """The hand-captured graphs skip copying image tensors they were given last time: one graph
+    shape fed image 0, image 1 (alone, and as one image of a two-image batch), image 0 again, and
+    image 0's embeddings after an in-place write, must decode each call's image, not the one the
+    graph's buffers held."""
+    model = copy.deepcopy(tiny_model).cuda()
+    embeddings, hq_features = (t.cuda() for t in two_images_state)
+    first = (embeddings[:1].clone(), hq_features[:1].clone())  # tensors that track their writes
+    second = (embeddings[1:].clone(), hq_features[1:].clone())
+    decoder = PromptDecoder(model, cuda_graphs="manual")
+    prompts = {k: None if v is None else v.cuda() for k, v in make_prompts("box", 2, 1, seed=3).items()}
+    for image in (first, second, "second of two", first, "first written"):
+        if image == "first written":
+            with torch.no_grad():
+                first[0].mul_(-1.5)
+            image = first
+        if image == "second of two":
+            got = decoder.decode_images(embeddings, hq_features, [(1, *prompts.values())], True, False)[0]
+            image = second
+        else:
+            got = decoder(*image, **prompts, multimask_output=True, hq_token_only=False)
+        assert_like_eager(got, eager_decode(model, image, prompts, True, False), atol=1e-4)
+    assert len(decoder._graphs.graphs) == 1
 
 
 @pytest.mark.gpu

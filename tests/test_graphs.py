@@ -155,6 +155,36 @@ def test_inputs_are_copied_not_aliased(fake_cuda):
     assert static_args[0] is not x and torch.equal(static_args[0], torch.ones(2))
 
 
+def test_kept_inputs_given_again_are_not_copied_again(fake_cuda, monkeypatch):
+    """At a kept position the same tensor given again is not copied again, while its buffer still
+    holds it; it is after another tensor went into that buffer (another call, or another key's
+    capture sharing the buffer), after an in-place write that bumps its version, and always at other
+    positions. The outputs are right throughout."""
+    copied = []
+    copy = graphs.copy_into
+    monkeypatch.setattr(graphs, "copy_into", lambda buffers, sources: copied.append(len(buffers)) or copy(buffers, sources))
+    cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, []), warmup=0, kept_positions=(0,))
+    image, other, prompt, wide_prompt = torch.arange(3.0), torch.ones(3), torch.ones(3), torch.ones(1)
+
+    def call(key, x, y, copies):
+        copied.clear()
+        torch.testing.assert_close(cache(key, x, y).clone(), 2 * x + y)
+        assert copied == [copies]  # how many arguments were copied in
+
+    call("a", image, prompt, 2)  # capture
+    call("a", image, 2 * prompt, 1)  # the image is held: the prompt alone
+    call("a", other, prompt, 2)
+    call("a", image, prompt, 2)  # the buffer held `other`
+    call("b", image, wide_prompt, 1)  # another key, the same image buffer: its capture copies the prompt alone
+    with torch.no_grad():
+        image.add_(1)  # bumps image's version
+    call("b", image, wide_prompt, 2)
+    call("a", image, prompt, 1)
+    copied.clear()
+    cache.clear()
+    call("a", image, prompt, 2)  # new buffers hold nothing
+
+
 def test_graphs_are_captured_and_replayed_on_the_inputs_device(fake_cuda):
     """torch.cuda's streams, pools and captures use the current device: GraphCache makes it the
     inputs' device (a model on cuda:1 must not be captured on cuda:0)."""

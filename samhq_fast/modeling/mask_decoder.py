@@ -71,30 +71,26 @@ class MaskDecoderHQ(nn.Module):
         mask_tokens [P, 5, 256] -> hypernetwork vectors [P, 5, 32]."""
         return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.hypernetwork_mlps)], dim=1)
 
-    def decode_tokens(self, image_embeddings, image_pe, sparse, dense, token_mask=None, upscale=None, transformer=None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_tokens(self, sparse: torch.Tensor) -> torch.Tensor:
+        """The two-way transformer's tokens: the six output tokens (IoU, 4 SAM masks, HQ) before each
+        prompt's sparse embeddings [P, T, 256] -> [P, 6 + T, 256]."""
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
+        return torch.cat([output_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
+
+    def decode_tokens(self, image_embeddings, image_pe, sparse, dense) -> tuple[torch.Tensor, torch.Tensor]:
         """The part every output head reads: the two-way transformer over output + prompt tokens and
         the image, then the image's upscaling.
 
         image_embeddings [1 or P, 256, h, w], image_pe [1, 256, h, w], sparse [P, T, 256],
         dense [1 or P, 256, h, w] (1: the same for every prompt; with one image, the transformer's
-        first image projections then run once, not per prompt); token_mask [P, 1, 1, 6 + T] drops the
-        empty slots of prompts padded to a fixed T, over all tokens, the 6 output tokens (always real)
-        first (SDPA's attn_mask: see `Attention.forward`; None: all are real).
-        upscale: computes `output_upscaling` some other way (`decoding.upscaled_by_matmuls`), from the
-        image tokens as pixels [P, h, w, 256] (channels-last); transformer: computes `self.transformer`
-        (same arguments) some other way (`decoding.packed_two_way_transformer`). None runs the modules.
+        first image projections then run once, not per prompt).
         -> (the six output tokens [P, 6, 256]: IoU, 4 SAM masks, HQ; upscaled image [P, 32, 4h, 4w]).
         """
-        num_prompts = sparse.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
-        tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
         src = image_embeddings + dense  # [1 or P, C, h, w]: broadcasts one image over all its prompts
         c, h, w = src.shape[1:]
-        hs, src = (transformer or self.transformer)(src, image_pe, tokens, token_mask)
-        pixels = src.reshape(num_prompts, h, w, c)  # [P, hw, C] -> [P, h, w, C], a view
-        upscaled_sam = upscale(pixels) if upscale else self.output_upscaling(pixels.permute(0, 3, 1, 2))
-        return hs[:, : output_tokens.shape[0]], upscaled_sam
+        hs, src = self.transformer(src, image_pe, self.prompt_tokens(sparse))
+        upscaled_sam = self.output_upscaling(src.transpose(1, 2).reshape(sparse.shape[0], c, h, w))
+        return hs[:, : self.num_mask_tokens + 2], upscaled_sam  # the output tokens: IoU, masks, HQ
 
     def predict_masks(self, image_embeddings, image_pe, sparse, dense, hq_features) -> tuple[torch.Tensor, torch.Tensor]:
         """All five masks [P, 5, 4h, 4w] (4 SAM + HQ) and the four IoU scores [P, 4] for P prompts.
