@@ -7,7 +7,9 @@ Timed: prompt encoder + HQ mask decoder for N prompts against ONE image's cached
 SAM-HQ's output rule (multimask_output=True: the best of the 3 multimask masks by predicted IoU,
 plus the HQ mask) -> low-res logits [N, 1, 256, 256] and scores [N, 1]; no upsampling to the image
 (postprocess_masks). The image embeddings and HQ features are computed once per image (set_image:
-one random image through model.encode_image per variant) and are NOT in the timings. Modes:
+one random image through model.encode_image per variant) and are NOT in the timings; nor is the
+compiled decoder's per-image work (PromptDecoder.prepare_images, which set_image runs on the fused
+backend; here the first call on the image does it). Modes:
   eager     model.prompt_encoder + model.mask_decoder, as SamHQPredictor.predict_torch's eager branch
   compiled  samhq_fast.decoding.PromptDecoder(model, cuda_graphs=False): prompts padded to buckets
             (1, 4, 16, 64, 256 prompts; more run in chunks of 256) under torch.compile, no CUDA graphs
