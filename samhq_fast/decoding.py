@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import fused_available, triton_conv_taps
-from .graphs import GraphCache, WeightsWatch, write_version, write_versions
+from .graphs import GraphCache, TensorSet, WeightsWatch, write_version, write_versions
 from .modeling import SamHQ
 from .modeling.mask_decoder import MaskDecoderHQ
 from .modeling.prompt_encoder import prompt_count
@@ -485,11 +485,12 @@ class PromptDecoder:
             options = CPU_HALF_PRECISION_OPTIONS if cpu_half else None
             fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend, options=options)
         self.compiled = compile
+        # Tensors the decoder made or keeps (the images' and their image side, the positional encoding,
+        # constants) are never written: a replay copies in only what changed, the caller's prompts.
+        self._kept = TensorSet()
         self._encode_dense_pe()
         self._decode = fn
-        # The image arguments (embeddings, image side, positional encoding, HQ features) come from
-        # `PreparedImages` or the decoder itself, which never write them: a replay copies in only prompts.
-        self._graphs = GraphCache(fn, kept_positions=(0, 1, 2, 3)) if graphs == "manual" else None
+        self._graphs = GraphCache(fn, kept=self._kept) if graphs == "manual" else None
         self._images = None  # the last PreparedImages: image sides made with these weights
         # What an image side is computed from besides the image: the first block's image projections
         # and the no-mask embedding (the positional encoding is a new tensor when it changes)
@@ -509,6 +510,7 @@ class PromptDecoder:
         """image_pe [1, 256, G, G], the same for every call, and the basis version it comes from."""
         self._pe_version = self._basis_version()
         self.image_pe = self.model.prompt_encoder.get_dense_pe()
+        self._kept.add(self.image_pe)
         self._images = None  # their image sides read the old one
 
     @torch.inference_mode()
@@ -518,7 +520,7 @@ class PromptDecoder:
         embedding. Calls given these same tensors again reuse it, until the decoder's weights or the
         tensors themselves are written (tensors that track versions: an inference-mode tensor written
         in place under inference mode is not noticed; give a new tensor then). Their CUDA-graph
-        replays copy in the prompts alone (`graphs.GraphCache`'s kept positions).
+        replays copy in the prompts alone (`graphs.GraphCache`'s kept tensors).
         image_embeddings [B, 256, G, G], hq_features [B, 32, 4G, 4G] (the model's dtype and device)."""
         return self._prepared_images(image_embeddings, hq_features)
 
@@ -536,6 +538,7 @@ class PromptDecoder:
             no_mask = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the dense embedding without a mask prompt
             side = joined_image_side(self.model.mask_decoder.transformer, self._packed, image_embeddings + no_mask, self.image_pe)
             self._images = images = PreparedImages(image_embeddings, hq_features, side, made_from)
+            self._kept.update(images.tensors)
         return images
 
     def forget_images(self) -> None:
@@ -554,6 +557,7 @@ class PromptDecoder:
         key = (role, shape, fill)
         if key not in self._constants:
             self._constants[key] = torch.full(shape, fill, dtype=dtype, device=self.model.device)
+            self._kept.add(self._constants[key])
         return self._constants[key]
 
     def _token_bias(self, rows: int, k_pad: int, points: int, box: bool) -> torch.Tensor:
@@ -565,6 +569,7 @@ class PromptDecoder:
             for columns in real_token_columns(k_pad, points, box):
                 bias[columns] = 0
             self._constants[key] = bias.expand(rows, -1).contiguous()  # contiguous, as a staged buffer (Dynamo guards on strides)
+            self._kept.add(self._constants[key])
         return self._constants[key]
 
     def _fill_slots(self, values: torch.Tensor, k_pad: int, role: str) -> torch.Tensor:
@@ -691,6 +696,8 @@ class PromptDecoder:
         one_image = len(images) == 1
         # one image of several: its own tensors, broadcast over its prompts (no per-prompt index)
         image_embeddings, joined_side, hq_features = prepared.image(images.pop()) if one_image else prepared.tensors
+        if joined_side not in self._kept:  # one image's views, made once
+            self._kept.update((image_embeddings, joined_side, hq_features))
         most_points = max(0 if prompt[1] is None else prompt[1].shape[1] for prompt, _ in decoded_sets)
         k_pad = bucket(max(most_points, 1), POINT_BUCKETS)
         rows = padded_rows(sum(counts))

@@ -8,6 +8,7 @@ its outputs are overwritten by the next replay: callers copy them out first.
 """
 
 import operator
+import weakref
 from collections.abc import Callable, Hashable
 
 import torch
@@ -94,6 +95,35 @@ def write_version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
+class TensorSet:
+    """A set of tensors by identity that does not keep them alive (a weakref.WeakSet compares
+    tensors with ==, which is elementwise)."""
+
+    def __init__(self, tensors=()):
+        self._refs: dict[int, weakref.ref] = {}
+        self.update(tensors)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+
+        def forget(ref: weakref.ref) -> None:  # (runs as the tensor is freed, before its id can be reused)
+            if self._refs.get(key) is ref:
+                del self._refs[key]
+
+        self._refs[key] = weakref.ref(tensor, forget)
+
+    def update(self, tensors) -> None:
+        for tensor in tensors:
+            self.add(tensor)
+
+    def __contains__(self, tensor) -> bool:
+        ref = self._refs.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
 def copy_into(buffers: list, sources) -> None:
     """buffer.copy_(source) for every buffer that is not None, as one multi-tensor copy per dtype
     (a launch each, not one per tensor: the prompt decoder's graphs take a dozen small inputs)."""
@@ -115,19 +145,20 @@ class GraphCache:
     graph of one cache shares one memory pool, and graphs whose arguments at one position have the
     same shape, dtype and strides read them from one static buffer (the prompt decoder's graphs of
     every prompt and point bucket share one copy of the image features, not one each).
-    kept_positions: argument positions whose tensors the caller does not write once given, other
-    than in ways that bump their version counter (inference tensors: not at all), e.g. per-image
-    features given again for every prompt: the same tensor given again is not copied again into a
-    buffer that still holds it.
+    kept: a `TensorSet` of tensors the caller does not write once given, other than in ways
+    that bump their version counter (inference tensors: not at all), which the caller may add to
+    later; e.g. per-image features given again for every prompt, constants. Such a tensor given
+    again is not copied again into a buffer that still holds it.
     The first call per key runs fn `warmup` times on a side stream before the capture, so lazy
     work (Triton compiles and autotuning, torch.compile, cuBLAS workspaces) happens outside it.
     """
 
-    def __init__(self, fn: Callable, warmup: int = 2, kept_positions: tuple[int, ...] = ()):
-        self.fn, self.warmup, self.kept_positions = fn, warmup, frozenset(kept_positions)
+    def __init__(self, fn: Callable, warmup: int = 2, kept: TensorSet | None = None):
+        self.fn, self.warmup = fn, warmup
+        self.kept = TensorSet() if kept is None else kept
         self.graphs = {}  # key -> (graph, static args, static outputs)
         self.input_buffers: dict[tuple, torch.Tensor] = {}  # (position, shape, dtype, strides) -> the static buffer graphs read there
-        self._held: dict[int, tuple] = {}  # id(buffer) at a kept position -> (the tensor it holds a copy of, its write version)
+        self._held: dict[int, tuple] = {}  # id(buffer) -> (the kept tensor it holds a copy of, its write version)
         self.pool = None
 
     def __call__(self, key: Hashable, *args):
@@ -142,17 +173,19 @@ class GraphCache:
         return outputs
 
     def _copy_in(self, static_args: list, args) -> None:
-        """Copies args into the static buffers, but for kept positions' tensors that a buffer holds already."""
+        """Copies args into the static buffers, but for kept tensors that a buffer holds already."""
         buffers, sources = [], []
-        for position, (buffer, arg) in enumerate(zip(static_args, args)):
+        for buffer, arg in zip(static_args, args):
             if buffer is None:
                 continue
-            if position in self.kept_positions:
+            if arg in self.kept:
                 version = write_version(arg)
                 held, held_version = self._held.get(id(buffer), (None, None))
                 if held is arg and held_version == version:
                     continue
                 self._held[id(buffer)] = arg, version  # keeps arg alive: no other tensor can take its id
+            else:
+                self._held.pop(id(buffer), None)
             buffers.append(buffer)
             sources.append(arg)
         copy_into(buffers, sources)
@@ -185,7 +218,7 @@ class GraphCache:
         return self.input_buffers[key]
 
     def forget_kept(self) -> None:
-        """Drop the references to the tensors kept positions last held (the next call copies them in)."""
+        """Drop the references to the kept tensors the buffers hold (the next call copies them in)."""
         self._held.clear()
 
     def clear(self) -> None:

@@ -155,16 +155,30 @@ def test_inputs_are_copied_not_aliased(fake_cuda):
     assert static_args[0] is not x and torch.equal(static_args[0], torch.ones(2))
 
 
+def test_tensor_set_is_by_identity_and_does_not_keep_tensors_alive():
+    """TensorSet: a tensor is in it by identity (an equal tensor, or a view, is not); a tensor freed
+    leaves it (no entries pile up over a video's frames)."""
+    a, b = torch.ones(3), torch.ones(3)
+    members = graphs.TensorSet([a])
+    assert a in members and b not in members and a[:2] not in members and None not in members
+    for _ in range(100):
+        members.add(torch.zeros(2))  # freed at once
+    assert len(members) == 1
+    del a
+    assert len(members) == 0
+
+
 def test_kept_inputs_given_again_are_not_copied_again(fake_cuda, monkeypatch):
-    """At a kept position the same tensor given again is not copied again, while its buffer still
-    holds it; it is after another tensor went into that buffer (another call, or another key's
-    capture sharing the buffer), after an in-place write that bumps its version, and always at other
-    positions. The outputs are right throughout."""
+    """A kept tensor given again is not copied again, while its buffer still holds it; it is after
+    another tensor went into that buffer (another call, kept or not, or another key's capture sharing
+    the buffer), after an in-place write that bumps its version, and tensors not kept always are.
+    The outputs are right throughout."""
     copied = []
     copy = graphs.copy_into
     monkeypatch.setattr(graphs, "copy_into", lambda buffers, sources: copied.append(len(buffers)) or copy(buffers, sources))
-    cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, []), warmup=0, kept_positions=(0,))
-    image, other, prompt, wide_prompt = torch.arange(3.0), torch.ones(3), torch.ones(3), torch.ones(1)
+    image, other, prompt, wide_prompt, not_kept = torch.arange(3.0), torch.ones(3), torch.ones(3), torch.ones(1), torch.zeros(3)
+    kept = graphs.TensorSet([image, other])
+    cache = graphs.GraphCache(lambda x, y: scaled_sum(x, y, []), warmup=0, kept=kept)
 
     def call(key, x, y, copies):
         copied.clear()
@@ -175,6 +189,9 @@ def test_kept_inputs_given_again_are_not_copied_again(fake_cuda, monkeypatch):
     call("a", image, 2 * prompt, 1)  # the image is held: the prompt alone
     call("a", other, prompt, 2)
     call("a", image, prompt, 2)  # the buffer held `other`
+    call("a", not_kept, prompt, 2)
+    call("a", image, prompt, 2)  # the buffer held a tensor not kept
+    call("a", image, prompt, 1)
     call("b", image, wide_prompt, 1)  # another key, the same image buffer: its capture copies the prompt alone
     with torch.no_grad():
         image.add_(1)  # bumps image's version
