@@ -14,6 +14,7 @@ os.environ.setdefault("SAMHQ_FAST_AUTOTUNE", "0")
 import numpy as np
 import pytest
 import torch
+from original_sam_hq import import_original
 from safetensors.torch import save_file
 
 from samhq_fast.checkpoint import original_to_hf
@@ -149,3 +150,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def original():
+    """The original SAM-HQ package (segment_anything_hq), as `original_sam_hq.import_original` loads it."""
+    return import_original()
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A 150 x 223 RGB photo-like image (smooth gradients + noise): not square, not a multiple of 16."""
+    gen = np.random.default_rng(3)
+    y, x = np.mgrid[0:150, 0:223]
+    base = np.stack([x * 255 / 222, y * 255 / 149, (x + y) * 255 / 371], -1)
+    return np.clip(base + gen.normal(0, 20, base.shape), 0, 255).astype(np.uint8)

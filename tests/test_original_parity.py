@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 import samhq_fast
-from original_sam_hq import import_original
 from samhq_fast.automatic import CROP_EDGE_TOLERANCE, SamHQAutomaticMaskGenerator, rle_to_mask
 from samhq_fast.modeling import SamHQConfig
 from samhq_fast.modeling.image_encoder import decomposed_rel_pos_bias, get_rel_pos
@@ -29,11 +28,6 @@ LOGIT_TOL = 2e-5  # relative to max(1, the largest |logit|)
 SCORE_TOL = 2e-6
 TIE_LOGIT = 1e-3  # a mask pixel may differ only where its logit is this close to the threshold (0)
 MAX_TIE_PIXELS = 4  # per automatic mask, which carries no logits to check the tie against
-
-
-@pytest.fixture(scope="module")
-def original():
-    return import_original()
 
 
 def build_original(original, config: SamHQConfig) -> nn.Module:
@@ -70,15 +64,6 @@ def original_and_ours(original, config: SamHQConfig, folder, seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny_pair(original, tmp_path_factory):
     return original_and_ours(original, TINY_CONFIG, tmp_path_factory.mktemp("original_tiny"))
-
-
-@pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    """A 150 x 223 RGB photo-like image (smooth gradients + noise): not square, not a multiple of 16."""
-    gen = np.random.default_rng(3)
-    y, x = np.mgrid[0:150, 0:223]
-    base = np.stack([x * 255 / 222, y * 255 / 149, (x + y) * 255 / 371], -1)
-    return np.clip(base + gen.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
 
 
 def assert_logits_close(actual, expected) -> None:

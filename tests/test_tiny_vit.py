@@ -23,7 +23,7 @@ from samhq_fast.modeling import ImageEncoderTinyViT, SamHQConfig, TinyViTConfig
 from samhq_fast.modeling.tiny_vit import window_offsets
 from conftest import make_model
 from test_checkpoint import assert_same_model, meta_state_dict, read_tsv, state_dict_of, variant_shapes
-from test_original_parity import assert_predict_matches, original, photo  # noqa: F401 (fixtures)
+from test_original_parity import assert_predict_matches
 
 VIT_TINY = SamHQConfig.from_variant("vit_tiny")
 PROMPTS = {
