@@ -118,9 +118,11 @@ def packing_recipes(decoder: MaskDecoderHQ, conv_kernels: bool = False) -> dict[
       layers.{i}.image.weight / .bias    block i's token-to-image keys | image-to-token queries: both
                                          project image + positional encoding
     (`packed_two_way_transformer`);
-      hq_conv.weight                     with conv_kernels: the HQ branch's first convolution's
-                                         weight in `kernels.conv3x3.pack_weight`'s layout
-                                         (`fused.triton_conv_taps`)."""
+      hq_conv.weight                     the HQ branch's first convolution's weight: channels-last
+                                         (`folded_hq_masks`: under Inductor a channels-last
+                                         convolution copies a weight of another layout per call),
+                                         or with conv_kernels in `kernels.conv3x3.pack_weight`'s
+                                         layout (`fused.triton_conv_taps`)."""
     mlps = decoder.output_token_mlps
     recipes: dict[str, tuple[Callable, list[torch.Tensor]]] = {}
     for i in range(len(mlps[0].layers)):
@@ -133,11 +135,21 @@ def packing_recipes(decoder: MaskDecoderHQ, conv_kernels: bool = False) -> dict[
         for name in ("weight", "bias"):
             recipes[f"layers.{i}.self_attn.{name}"] = (torch.cat, [getattr(p, name) for p in self_projections])
             recipes[f"layers.{i}.image.{name}"] = (torch.cat, [getattr(p, name) for p in image_projections])
+    hq_conv = [decoder.embedding_maskfeature[0].weight]
     if conv_kernels:
         from samhq_fast.kernels.conv3x3 import pack_weight
 
-        recipes["hq_conv.weight"] = (lambda sources, out=None: pack_weight(*sources, out=out), [decoder.embedding_maskfeature[0].weight])
+        recipes["hq_conv.weight"] = (lambda sources, out=None: pack_weight(*sources, out=out), hq_conv)
+    else:
+        recipes["hq_conv.weight"] = (channels_last_copy, hq_conv)
     return recipes
+
+
+def channels_last_copy(sources: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The one source, a convolution weight [O, I, kh, kw], copied channels-last (into out if given)."""
+    (weight,) = sources
+    out = torch.empty_like(weight, memory_format=torch.channels_last) if out is None else out
+    return out.copy_(weight)
 
 
 class PackedWeights:
@@ -279,7 +291,8 @@ def upscaled_by_matmuls(upscaling: nn.Sequential, pixels: torch.Tensor) -> torch
 
 
 def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_features: torch.Tensor, hyper_hq: torch.Tensor,
-                    conv_taps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    conv_taps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                    first_weight: torch.Tensor | None = None) -> torch.Tensor:
     """`decoder.hq_masks` with the HQ token's dot folded into the last 3x3 convolution. The dot over
     that convolution's 32 output channels is linear, so per prompt
         hyper . (conv(f, W) + b + hq) = conv(f, hyper . W) + hyper . b + hyper . hq,
@@ -290,7 +303,8 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
     upscaled_sam [P, 32, H, W], hq_features [1 or P, 32, H, W], hyper_hq [P, 32] -> [P, 1, H*W].
     conv_taps: computes the first convolution + LayerNorm2d + GELU and projects its 64 channels by
     the tap filters [P, 9, 64] -> [P, 9, H, W] some other way (`fused.triton_conv_taps`: one kernel,
-    the 64-channel map never written); None for the decoder's own modules.
+    the 64-channel map never written); None for the decoder's own modules, the first convolution
+    with first_weight if given (its weight in another layout: `packing_recipes`' hq_conv.weight).
     """
     first_conv, norm, gelu, last_conv = decoder.embedding_maskfeature
     p, _, h, w = upscaled_sam.shape
@@ -299,7 +313,8 @@ def folded_hq_masks(decoder: MaskDecoderHQ, upscaled_sam: torch.Tensor, hq_featu
     if conv_taps is not None:
         taps = conv_taps(upscaled_sam, filters)  # [P, 9, H, W]
     else:
-        features = gelu(norm(first_conv(upscaled_sam)))  # [P, 64, H, W]
+        weight = first_conv.weight if first_weight is None else first_weight
+        features = gelu(norm(F.conv2d(upscaled_sam, weight, first_conv.bias, first_conv.stride, first_conv.padding)))  # [P, 64, H, W]
         c = features.shape[1]
         if features.is_contiguous(memory_format=torch.channels_last):  # [P, H*W, 64] pixels is a view
             taps = (features.permute(0, 2, 3, 1).reshape(p, h * w, c) @ filters.transpose(1, 2)).transpose(1, 2)
@@ -359,7 +374,7 @@ def decode_padded(model: SamHQ, image_embeddings, joined_side, image_pe, hq_feat
     token = torch.where(multimask_output, best + 1, 0)  # [P, 1]: the SAM token whose mask is output
     hyper_sam = hyper.gather(1, token[:, :, None].expand(-1, -1, hyper.shape[2]))  # [P, 1, 32]
     sam_masks = hyper_sam @ upscaled_sam.flatten(2)  # [P, 1, 16 G^2]
-    hq = folded_hq_masks(decoder, upscaled_sam, hq_features, hyper[:, 4], conv_taps)  # [P, 1, 16 G^2]
+    hq = folded_hq_masks(decoder, upscaled_sam, hq_features, hyper[:, 4], conv_taps, packed["hq_conv.weight"])  # [P, 1, 16 G^2]
     logits = torch.where(hq_token_only, hq, sam_masks + hq)
     return logits.view(-1, 1, *upscaled_sam.shape[-2:]), iou.gather(1, token)
 

@@ -126,6 +126,7 @@ def test_weights_loaded_in_place_are_used(tiny_model, image_state, compile):
         model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(1.5)
         model.mask_decoder.hf_mlp.layers[0].weight.mul_(-1.0)
         model.mask_decoder.transformer.layers[0].self_attn.v_proj.weight.mul_(-1.0)
+        model.mask_decoder.embedding_maskfeature[0].weight.mul_(-2.0)  # packed channels-last
     expected = eager_decode(model, image_state, prompts, False, False)
     got = decoder(*image_state, **prompts, multimask_output=False, hq_token_only=False)
     assert_like_eager(got, expected)
@@ -232,7 +233,8 @@ def test_folded_hq_masks_equal_the_hq_branch(tiny_model, num, height, width, hq_
     sums shifted into place) against the decoder's own convolutions, HQ features and dot in float64:
     non-square maps that end mid-row, every border pixel (the padding), HQ features of one image or
     one per prompt; the upscaled map NCHW or channels-last (as the compiled decoder makes it: the
-    first convolution's output then is too, and its taps are summed by another matmul)."""
+    first convolution's output then is too, and its taps are summed by another matmul); the first
+    convolution's weight the module's or a channels-last copy (as `PackedWeights` holds it)."""
     decoder = copy.deepcopy(tiny_model.mask_decoder).double()
     gen = torch.Generator().manual_seed(num + height)
     upscaled = torch.randn(num, 32, height, width, generator=gen, dtype=torch.float64)
@@ -243,9 +245,13 @@ def test_folded_hq_masks_equal_the_hq_branch(tiny_model, num, height, width, hq_
     with torch.inference_mode():
         expected = decoder.hq_masks(upscaled, hq_features, hyper)
         got = decoding.folded_hq_masks(decoder, upscaled, hq_features, hyper)
-    assert got.shape == expected.shape == (num, 1, height * width)
+        packed_weight = decoding.channels_last_copy([decoder.embedding_maskfeature[0].weight])
+        got_packed = decoding.folded_hq_masks(decoder, upscaled, hq_features, hyper, first_weight=packed_weight)
+    assert packed_weight.is_contiguous(memory_format=torch.channels_last)
     scale = expected.abs().max().item() if num else 1.0
-    torch.testing.assert_close(got, expected, atol=1e-12 * scale, rtol=0)
+    for g in (got, got_packed):
+        assert g.shape == expected.shape == (num, 1, height * width)
+        torch.testing.assert_close(g, expected, atol=1e-12 * scale, rtol=0)
 
 
 @pytest.mark.parametrize("num, height, width", [(3, 5, 7), (2, 16, 16), (1, 1, 3), (0, 4, 4)])
