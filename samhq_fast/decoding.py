@@ -35,6 +35,7 @@ from torch import nn
 from .fused import fused_available, triton_conv_taps
 from .graphs import GraphCache, TensorSet, WeightsWatch, write_version, write_versions
 from .modeling import SamHQ
+from .modeling.common import MLPBlock
 from .modeling.mask_decoder import MaskDecoderHQ
 from .modeling.prompt_encoder import prompt_count
 from .modeling.sam_hq import no_prompt_outputs
@@ -222,11 +223,23 @@ def image_side(transformer: TwoWayTransformer, packed: PackedWeights, image, ima
     return keys, *image_projections(transformer, packed, 0, keys, image_pe.flatten(2).transpose(1, 2))
 
 
+def relu_mlp(mlp: MLPBlock, x: torch.Tensor) -> torch.Tensor:
+    """`mlp(x)` for a ReLU MLPBlock (lin1 -> ReLU -> lin2) with the ReLU in lin1's matmul: on CUDA
+    cuBLASLt's bias + ReLU epilogue (`torch._addmm_activation`), not a kernel of its own (Inductor
+    keeps the op whole). The same values: ReLU commutes with rounding the matmul's output.
+    x [..., C] -> [..., C]."""
+    if not isinstance(mlp.act, nn.ReLU):
+        raise ValueError(f"relu_mlp needs an MLPBlock with a ReLU, got {mlp.act}")
+    hidden = torch._addmm_activation(mlp.lin1.bias, x.reshape(-1, x.shape[-1]), mlp.lin1.weight.t())  # [rows, hidden]
+    return mlp.lin2(hidden).view(*x.shape[:-1], -1)
+
+
 def packed_two_way_transformer(transformer: TwoWayTransformer, packed: PackedWeights, side, image_pe, tokens, token_mask=None):
     """`transformer(image, image_pe, tokens, token_mask)` from `image_side(transformer, packed, image,
     image_pe)`, with the projections that read one input run as one matmul each (`packing_recipes`):
     per block, self-attention's q and k (and v in the first block), and the image side's
-    token-to-image keys with the image-to-token queries. Same outputs as the module's forward."""
+    token-to-image keys with the image-to-token queries; the MLPs' ReLU in their first matmul
+    (`relu_mlp`). Same outputs as the module's forward."""
     keys, projections, values = side  # [B or 1, hw, C], the first block's [B or 1, hw, 2 C'] and [B or 1, hw, C']
     key_pe = image_pe.flatten(2).transpose(1, 2)
     queries = tokens
@@ -244,7 +257,7 @@ def packed_two_way_transformer(transformer: TwoWayTransformer, packed: PackedWei
             projections, values = image_projections(transformer, packed, i, keys, key_pe)
         image_keys, image_queries = projections.split(to_image.k_proj.out_features, dim=-1)
         queries = layer.norm2(queries + to_image.attend(to_image.q_proj(queries + tokens), image_keys, values))
-        queries = layer.norm3(queries + layer.mlp(queries))
+        queries = layer.norm3(queries + relu_mlp(layer.mlp, queries))
         attended = to_tokens.attend(image_queries, to_tokens.k_proj(queries + tokens), to_tokens.v_proj(queries), token_mask)
         keys = layer.norm4(keys + attended)
     queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(queries + tokens, keys + key_pe, keys))

@@ -214,6 +214,18 @@ def test_packed_transformer_equals_the_module(tiny_model, num, image_batch, mask
             torch.testing.assert_close(g, e, atol=1e-10 * e.abs().max().item(), rtol=0)
 
 
+def test_relu_mlp_refuses_another_activation():
+    """relu_mlp puts a ReLU in the first matmul's epilogue: an MLPBlock with another activation (the
+    ViT's GELU ones) must be refused, not computed with a ReLU."""
+    from samhq_fast.modeling.common import MLPBlock
+
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    relu_block = MLPBlock(8, 16, torch.nn.ReLU).double()
+    torch.testing.assert_close(decoding.relu_mlp(relu_block, x), relu_block(x), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="ReLU"):
+        decoding.relu_mlp(MLPBlock(8, 16), x)
+
+
 def test_packed_inference_weights_are_taken_once(tiny_model):
     """Weights made under inference mode track no versions: the packed weights hold them as they
     were, and refresh neither fails nor repacks."""
