@@ -3,8 +3,9 @@ per batch size, and the prompt decoder per bucket shape (PromptDecoder's default
 alternative is torch.compile's mode="reduce-overhead" graph trees).
 
 A graph replays the kernels it recorded on the buffers it recorded them with, so every input is
-copied into that graph's static buffers before each replay (a replay never reads stale inputs), and
-its outputs are overwritten by the next replay: callers copy them out first.
+copied into that graph's static buffers before each replay (a replay never reads stale inputs;
+only a tensor the caller declared unchanging, and that the buffer holds already, is not copied
+again), and its outputs are overwritten by the next replay: callers copy them out first.
 """
 
 import operator
