@@ -179,14 +179,13 @@ class GraphCache:
         for buffer, arg in zip(static_args, args):
             if buffer is None:
                 continue
+            held = self._held.get(id(buffer))  # (a kept tensor, its version when copied in) or None
+            if held is not None and held[0] is arg and held[1] == write_version(arg):
+                continue
             if arg in self.kept:
-                version = write_version(arg)
-                held, held_version = self._held.get(id(buffer), (None, None))
-                if held is arg and held_version == version:
-                    continue
-                self._held[id(buffer)] = arg, version  # keeps arg alive: no other tensor can take its id
-            else:
-                self._held.pop(id(buffer), None)
+                self._held[id(buffer)] = arg, write_version(arg)  # keeps arg alive: no other tensor can take its id
+            elif held is not None:
+                del self._held[id(buffer)]
             buffers.append(buffer)
             sources.append(arg)
         copy_into(buffers, sources)
